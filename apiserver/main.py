@@ -1,0 +1,87 @@
+"""``shoal-apiserver``: initialise a cluster's PKI, or serve the API.
+
+    shoal-apiserver init  --data-dir D [--server-address HOST:PORT ...] [--san NAME ...]
+    shoal-apiserver serve --data-dir D [--storage etcd --etcd-servers H:P,...]
+                          [--listen 0.0.0.0:6443] [--metrics-listen 127.0.0.1:9090]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from apiserver import pki
+from apiserver.server import ServerConfig, serve
+from shoal import errors, logs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal-apiserver", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create the cluster CA, certificates and admin config")
+    init.add_argument("--data-dir", required=True, type=Path)
+    init.add_argument("--server-address", action="append", default=[],
+                      help="HOST:PORT clients use to reach this apiserver (repeatable)")
+    init.add_argument("--san", action="append", default=[],
+                      help="extra DNS name or IP for the serving certificate (repeatable)")
+    srv = sub.add_parser("serve", help="serve the resource API")
+    srv.add_argument("--data-dir", required=True, type=Path)
+    srv.add_argument("--listen", default="127.0.0.1:6443")
+    srv.add_argument("--storage", choices=["sqlite", "etcd"], default="sqlite")
+    srv.add_argument("--etcd-servers", default="",
+                     help="comma-separated etcd client endpoints, e.g. 127.0.0.1:2379")
+    srv.add_argument("--sqlite-path", default="")
+    srv.add_argument("--metrics-listen", default="127.0.0.1:9090")
+    srv.add_argument("--bookmark-interval", type=float, default=5.0)
+    srv.add_argument("--log-level", default="info")
+    srv.add_argument("--log-format", choices=["json", "text"], default="json")
+    return p
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        out.append(item.split("://", 1)[-1])
+    return tuple(out)
+
+
+async def _serve(config: ServerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    if ns.command == "init":
+        addresses = ns.server_address or ["127.0.0.1:6443"]
+        result = pki.init(ns.data_dir, server_addresses=addresses, extra_sans=ns.san)
+        made = ", ".join(result.created) or "nothing (already initialised)"
+        print(f"created: {made}")
+        print(f"admin client config: {result.admin_config}")
+        print(f"CA cert hash: {pki.CertificateAuthority.load(result.pki_dir).cert_hash()}")
+        return 0
+    logs.setup(level=ns.log_level, fmt=ns.log_format)
+    if not (ns.data_dir / "pki" / "server.crt").exists():
+        print(f"shoal-apiserver: no certificates in {ns.data_dir}/pki; run "
+              f"`shoal-apiserver init --data-dir {ns.data_dir}` first", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        data_dir=ns.data_dir, listen=ns.listen, storage=ns.storage,
+        etcd_servers=_endpoints(ns.etcd_servers), sqlite_path=ns.sqlite_path,
+        metrics_listen=ns.metrics_listen, bookmark_interval=ns.bookmark_interval)
+    try:
+        asyncio.run(_serve(config))
+    except errors.ShoalError as e:
+        print(f"shoal-apiserver: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""Object semantics on top of revisioned storage: what create, update, delete mean.
+
+This is where Kubernetes' rules for a stored object live:
+
+- the server owns ``uid``, ``creationTimestamp``, ``resourceVersion``,
+  ``generation`` and ``deletionTimestamp``;
+- ``resourceVersion`` is the storage ``mod_revision``; an update that carries one
+  is a compare-and-swap (stale -> ``Conflict``); one without it retries its
+  read-modify-write on conflict by itself;
+- ``Update`` never changes status and ``UpdateStatus`` changes only status;
+  ``generation`` goes up when anything outside metadata and status changes;
+- an update that changes nothing writes nothing (same resourceVersion);
+- ``Delete`` of an object with finalizers only sets ``deletionTimestamp``; the
+  update that removes the last finalizer of such an object deletes it;
+- every object is defaulted and validated before it is written, so a write is
+  either whole or absent; ``dry_run`` does everything but the write.
+
+Deletion lifecycle::
+
+    live --Delete, no finalizers----------------------------> gone
+    live --Delete, finalizers--> terminating (deletionTimestamp set)
+    terminating --Update removing the last finalizer--------> gone
+    terminating --Delete again--> terminating (no-op, idempotent)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
+
+from apiserver.storage import Store
+from shoal import errors, validation
+from shoal.kinds import Kind, KindTable
+from shoal.selectors import FieldSelector, LabelSelector
+
+# etcd refuses values above 1.5 MiB by default; Kubernetes uses the same limit.
+MAX_OBJECT_BYTES = 1_572_864
+PROTECTED_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
+PROPAGATION_POLICIES = frozenset({"", "Orphan", "Background", "Foreground"})
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_UPDATE_ATTEMPTS = 16
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[any_pb2.Any]
+    revision: int
+    continue_token: str
+    remaining: int | None
+
+
+def revision_of(obj: Any) -> int:
+    rv = obj.metadata.resource_version
+    if not rv:
+        return 0
+    try:
+        value = int(rv)
+    except ValueError:
+        raise errors.BadRequest(f"invalid resourceVersion {rv!r}: must be a number") from None
+    if value < 0:
+        raise errors.BadRequest(f"invalid resourceVersion {rv!r}")
+    return value
+
+
+def _serialize(obj: Any) -> bytes:
+    """Stored form: the message without its resourceVersion."""
+    rv = obj.metadata.resource_version
+    obj.metadata.resource_version = ""
+    try:
+        return bytes(obj.SerializeToString(deterministic=True))
+    finally:
+        obj.metadata.resource_version = rv
+
+
+def _body_bytes(obj: Any) -> bytes:
+    """Everything but metadata and status: a change here bumps generation."""
+    copy: Any = type(obj)()
+    copy.CopyFrom(obj)
+    copy.ClearField("metadata")
+    if "status" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("status")
+    return bytes(copy.SerializeToString(deterministic=True))
+
+
+def _check_unknown_fields(obj: Message, type_name: str) -> None:
+    before = obj.ByteSize()
+    probe = type(obj)()
+    probe.CopyFrom(obj)
+    probe.DiscardUnknownFields()
+    if probe.ByteSize() != before:
+        raise errors.BadRequest(
+            f"the {type_name} object has fields this server does not know "
+            "(is the client newer than the server?)"
+        )
+
+
+class ObjectStore:
+    """Kubernetes object rules over a :class:`Store`. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        kinds: KindTable,
+        clock: Callable[[], float] = time.time,
+        max_object_bytes: int = MAX_OBJECT_BYTES,
+    ) -> None:
+        self.store = store
+        self.kinds = kinds
+        self.clock = clock
+        self.max_object_bytes = max_object_bytes
+        self._namespace_kind = kinds.by_resource("", "namespaces")
+
+    # -- decoding ---------------------------------------------------------------
+
+    def decode_any(self, packed: any_pb2.Any) -> tuple[Kind, Any]:
+        """The kind and typed object inside a request's Any."""
+        if not packed.type_url:
+            raise errors.BadRequest("the request carries no object")
+        kind = self.kinds.by_type_url(packed.type_url)
+        if len(packed.value) > self.max_object_bytes:
+            raise errors.RequestEntityTooLarge(
+                f"{kind.kind} is {len(packed.value)} bytes; the limit is "
+                f"{self.max_object_bytes} bytes", kind=kind.kind)
+        obj = kind.new()
+        try:
+            obj.ParseFromString(packed.value)
+        except DecodeError as e:
+            raise errors.BadRequest(f"cannot decode {kind.kind}: {e}") from e
+        _check_unknown_fields(obj, kind.kind)
+        return kind, obj
+
+    def _load(self, kind: Kind, raw: bytes, revision: int) -> Any:
+        obj = kind.new()
+        obj.ParseFromString(raw)
+        obj.metadata.resource_version = str(revision)
+        return obj
+
+    def _now(self) -> timestamp_pb2.Timestamp:
+        return timestamp_pb2.Timestamp(seconds=int(self.clock()))
+
+    def _invalid(self, kind: Kind, obj: Any, problems: list[errors.FieldError]) -> errors.Invalid:
+        name = obj.metadata.name or obj.metadata.generate_name
+        return errors.Invalid(f'{kind.kind} "{name}" is invalid', kind=kind.kind,
+                              name=obj.metadata.name, group=kind.group, causes=problems)
+
+    def _check_size(self, kind: Kind, data: bytes) -> None:
+        if len(data) > self.max_object_bytes:
+            raise errors.RequestEntityTooLarge(
+                f"{kind.kind} would be {len(data)} bytes stored; the limit is "
+                f"{self.max_object_bytes} bytes", kind=kind.kind)
+
+    async def _require_namespace(self, kind: Kind, namespace: str) -> None:
+        if not kind.namespaced:
+            return
+        kv = await self.store.get(self._namespace_kind.key("", namespace))
+        if kv is None:
+            raise errors.NotFound(f'namespaces "{namespace}" not found', kind="Namespace",
+                                  name=namespace)
+        ns: Any = self._namespace_kind.new()
+        ns.ParseFromString(kv.value)
+        if ns.metadata.HasField("deletion_timestamp"):
+            raise errors.Forbidden(
+                f'unable to create new content in namespace {namespace} because it is '
+                "being terminated", kind="Namespace", name=namespace)
+
+    # -- reads ------------------------------------------------------------------
+
+    async def get(self, kind: Kind, *, namespace: str, name: str) -> Any:
+        kv = await self.store.get(kind.key(namespace, name))
+        if kv is None:
+            raise errors.NotFound(f'{kind.qualified_resource} "{name}" not found',
+                                  kind=kind.kind, name=name, group=kind.group)
+        return self._load(kind, kv.value, kv.mod_revision)
+
+    async def list_page(
+        self,
+        kind: Kind,
+        *,
+        namespace: str,
+        labels: LabelSelector,
+        fields: FieldSelector,
+        limit: int,
+        continue_token: str,
+    ) -> Page:
+        """One page of a paged list, read from storage at one pinned revision."""
+        prefix = kind.prefix(namespace)
+        revision, start = 0, prefix
+        if continue_token:
+            revision, start = _decode_continue(continue_token, prefix)
+        items: list[any_pb2.Any] = []
+        filtered = not labels.empty or bool(fields.requirements)
+        getters = kind.fields
+        while True:
+            try:
+                res = await self.store.range(prefix, start=start, limit=max(limit, 50),
+                                             revision=revision)
+            except errors.Expired:
+                raise errors.Expired(
+                    "the continue token has expired: the list's revision was compacted; "
+                    "start the list again", kind=kind.kind) from None
+            revision = res.revision
+            for i, kv in enumerate(res.kvs):
+                obj = self._load(kind, kv.value, kv.mod_revision)
+                if filtered:
+                    if not labels.matches(obj.metadata.labels):
+                        continue
+                    if not fields.matches({p: g(obj) for p, g in getters.items()}):
+                        continue
+                items.append(any_pb2.Any(type_url=kind.type_url,
+                                         value=obj.SerializeToString()))
+                if len(items) == limit:
+                    more = res.more or i + 1 < len(res.kvs)
+                    if not more:
+                        return Page(items, revision, "", None)
+                    remaining = None if filtered else res.count - (i + 1)
+                    token = _encode_continue(revision, kv.key + "\x00")
+                    return Page(items, revision, token, remaining)
+            if not res.more or not res.kvs:
+                return Page(items, revision, "", None)
+            start = res.kvs[-1].key + "\x00"
+
+    # -- writes -----------------------------------------------------------------
+
+    async def create(self, kind: Kind, obj: Any, *, dry_run: bool = False) -> Any:
+        meta = obj.metadata
+        if not kind.namespaced:
+            meta.namespace = ""
+        elif not meta.namespace:
+            raise self._invalid(kind, obj, [errors.FieldError(
+                "metadata.namespace", "Required value", "FieldValueRequired")])
+        generated = not meta.name and bool(meta.generate_name)
+        meta.uid = str(uuid.uuid4())
+        meta.resource_version = ""
+        meta.generation = 1
+        meta.creation_timestamp.CopyFrom(self._now())
+        meta.ClearField("deletion_timestamp")
+        meta.ClearField("deletion_grace_period_seconds")
+        if kind.has_status and kind.kind != "Node":
+            obj.ClearField("status")
+        if kind.kind == "Secret":
+            _merge_string_data(obj)
+        for attempt in range(8):
+            if generated:
+                suffix = "".join(random.choices(_NAME_ALPHABET, k=5))
+                meta.name = meta.generate_name[: 63 - 5] + suffix
+            validation.apply_defaults(kind, obj)
+            problems = validation.validate(kind, obj)
+            if problems:
+                raise self._invalid(kind, obj, problems)
+            await self._require_namespace(kind, meta.namespace)
+            data = _serialize(obj)
+            self._check_size(kind, data)
+            key = kind.key(meta.namespace, meta.name)
+            if dry_run:
+                if await self.store.get(key) is not None:
+                    raise self._exists(kind, meta.name)
+                return obj
+            try:
+                revision = await self.store.create(key, data)
+            except errors.AlreadyExists:
+                if generated and attempt < 7:
+                    continue
+                raise self._exists(kind, meta.name) from None
+            meta.resource_version = str(revision)
+            return obj
+        raise self._exists(kind, meta.name)  # pragma: no cover - loop always returns
+
+    def _exists(self, kind: Kind, name: str) -> errors.AlreadyExists:
+        return errors.AlreadyExists(f'{kind.qualified_resource} "{name}" already exists',
+                                    kind=kind.kind, name=name, group=kind.group)
+
+    async def update(
+        self, kind: Kind, obj: Any, *, status_only: bool = False, dry_run: bool = False
+    ) -> Any:
+        """Update (or UpdateStatus). See the module docstring for the rules."""
+        if status_only and not kind.has_status:
+            raise errors.MethodNotAllowed(f"{kind.kind} has no status to update",
+                                          kind=kind.kind)
+        meta = obj.metadata
+        if not kind.namespaced:
+            meta.namespace = ""
+        if not meta.name:
+            raise self._invalid(kind, obj, [errors.FieldError(
+                "metadata.name", "Required value", "FieldValueRequired")])
+        wanted_rv = revision_of(obj)
+        key = kind.key(meta.namespace, meta.name)
+        for _ in range(_UPDATE_ATTEMPTS):
+            current = await self.get(kind, namespace=meta.namespace, name=meta.name)
+            cur_rv = int(current.metadata.resource_version)
+            if wanted_rv and wanted_rv != cur_rv:
+                raise self._conflict(kind, meta.name)
+            if meta.uid and meta.uid != current.metadata.uid:
+                raise errors.Conflict(
+                    f'Precondition failed: UID in object meta: {meta.uid}, UID in storage: '
+                    f'{current.metadata.uid}', kind=kind.kind, name=meta.name)
+            new = self._merge_for_update(kind, obj, current, status_only=status_only)
+            problems = validation.validate_update(kind, new, current)
+            if problems:
+                raise self._invalid(kind, new, problems)
+            data = _serialize(new)
+            self._check_size(kind, data)
+            if data == _serialize(current):
+                return current  # no change, no write
+            if dry_run:
+                return new
+            if current.metadata.HasField("deletion_timestamp") and not new.metadata.finalizers:
+                try:
+                    revision = await self.store.delete(key, expected_revision=cur_rv)
+                except errors.Conflict:
+                    if wanted_rv:
+                        raise self._conflict(kind, meta.name) from None
+                    continue
+                except errors.NotFound:
+                    raise self._gone(kind, meta.name) from None
+                new.metadata.resource_version = str(revision)
+                return new
+            try:
+                revision = await self.store.update(key, data, expected_revision=cur_rv)
+            except errors.Conflict:
+                if wanted_rv:
+                    raise self._conflict(kind, meta.name) from None
+                continue
+            except errors.NotFound:
+                raise self._gone(kind, meta.name) from None
+            new.metadata.resource_version = str(revision)
+            return new
+        raise self._conflict(kind, meta.name)
+
+    def _merge_for_update(self, kind: Kind, obj: Any, current: Any, *, status_only: bool) -> Any:
+        if status_only:
+            new: Any = kind.new()
+            new.CopyFrom(current)
+            new.ClearField("status")
+            if obj.HasField("status"):
+                new.status.CopyFrom(obj.status)
+            return new
+        new = kind.new()
+        new.CopyFrom(obj)
+        meta, cur = new.metadata, current.metadata
+        meta.uid = cur.uid
+        meta.creation_timestamp.CopyFrom(cur.creation_timestamp)
+        meta.generate_name = cur.generate_name
+        meta.ClearField("deletion_timestamp")
+        meta.ClearField("deletion_grace_period_seconds")
+        if cur.HasField("deletion_timestamp"):
+            meta.deletion_timestamp.CopyFrom(cur.deletion_timestamp)
+        if cur.HasField("deletion_grace_period_seconds"):
+            meta.deletion_grace_period_seconds = cur.deletion_grace_period_seconds
+        meta.resource_version = cur.resource_version
+        if kind.has_status:
+            new.ClearField("status")
+            if current.HasField("status"):
+                new.status.CopyFrom(current.status)
+        if kind.kind == "Secret":
+            _merge_string_data(new)
+        validation.apply_defaults(kind, new)
+        meta.generation = cur.generation
+        if _body_bytes(new) != _body_bytes(current):
+            meta.generation = cur.generation + 1
+        return new
+
+    def _conflict(self, kind: Kind, name: str) -> errors.Conflict:
+        return errors.Conflict(
+            f'Operation cannot be fulfilled on {kind.qualified_resource} "{name}": the object '
+            "has been modified; please apply your changes to the latest version and try again",
+            kind=kind.kind, name=name, group=kind.group)
+
+    def _gone(self, kind: Kind, name: str) -> errors.NotFound:
+        return errors.NotFound(f'{kind.qualified_resource} "{name}" not found',
+                               kind=kind.kind, name=name, group=kind.group)
+
+    async def delete(
+        self,
+        kind: Kind,
+        *,
+        namespace: str,
+        name: str,
+        uid: str = "",
+        resource_version: str = "",
+        grace_period: int | None = None,
+        propagation: str = "",
+        dry_run: bool = False,
+    ) -> Any:
+        """Delete, or start a graceful deletion when finalizers remain."""
+        if propagation not in PROPAGATION_POLICIES:
+            raise errors.BadRequest(
+                f'propagationPolicy "{propagation}" is not supported: supported values: '
+                '"Orphan", "Background", "Foreground"')
+        if grace_period is not None and grace_period < 0:
+            raise errors.BadRequest("gracePeriodSeconds must be >= 0")
+        if not kind.namespaced:
+            namespace = ""
+        if kind.kind == "Namespace" and name in PROTECTED_NAMESPACES:
+            raise errors.Forbidden(f'namespace "{name}" is protected and cannot be deleted',
+                                   kind=kind.kind, name=name)
+        key = kind.key(namespace, name)
+        wanted_rv = int(resource_version) if resource_version else 0
+        for _ in range(_UPDATE_ATTEMPTS):
+            current = await self.get(kind, namespace=namespace, name=name)
+            cur_rv = int(current.metadata.resource_version)
+            if uid and uid != current.metadata.uid:
+                raise errors.Conflict(
+                    f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                    f"{current.metadata.uid}", kind=kind.kind, name=name)
+            if wanted_rv and wanted_rv != cur_rv:
+                raise errors.Conflict(
+                    f"Precondition failed: ResourceVersion in precondition: {wanted_rv}, "
+                    f"ResourceVersion in object meta: {cur_rv}", kind=kind.kind, name=name)
+            if current.metadata.finalizers:
+                if current.metadata.HasField("deletion_timestamp"):
+                    return current
+                marked: Any = kind.new()
+                marked.CopyFrom(current)
+                marked.metadata.deletion_timestamp.CopyFrom(self._now())
+                marked.metadata.deletion_grace_period_seconds = self._grace(
+                    kind, current, grace_period)
+                if kind.kind == "Namespace":
+                    marked.status.phase = "Terminating"
+                if dry_run:
+                    return marked
+                try:
+                    revision = await self.store.update(key, _serialize(marked),
+                                                       expected_revision=cur_rv)
+                except errors.Conflict:
+                    if wanted_rv:
+                        raise self._conflict(kind, name) from None
+                    continue
+                marked.metadata.resource_version = str(revision)
+                return marked
+            if dry_run:
+                return current
+            try:
+                await self.store.delete(key, expected_revision=cur_rv)
+            except errors.Conflict:
+                if wanted_rv:
+                    raise self._conflict(kind, name) from None
+                continue
+            return current
+        raise self._conflict(kind, name)
+
+    @staticmethod
+    def _grace(kind: Kind, obj: Any, requested: int | None) -> int:
+        if requested is not None:
+            return requested
+        if kind.kind == "Pod" and obj.spec.HasField("termination_grace_period_seconds"):
+            return int(obj.spec.termination_grace_period_seconds)
+        return 30 if kind.kind == "Pod" else 0
+
+
+def _merge_string_data(secret: Any) -> None:
+    """Secret.stringData is write-only: fold it into data (it wins) and drop it."""
+    for k, v in secret.string_data.items():
+        secret.data[k] = v.encode()
+    secret.ClearField("string_data")
+
+
+def _encode_continue(revision: int, start: str) -> str:
+    raw = json.dumps({"v": 1, "rv": revision, "start": start}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_continue(token: str, prefix: str) -> tuple[int, str]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        revision, start = int(data["rv"]), str(data["start"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.BadRequest(f"invalid continue token: {e}") from None
+    if not start.startswith(prefix) or revision <= 0:
+        raise errors.BadRequest("invalid continue token: it belongs to another list")
+    return revision, start

@@ -1,0 +1,219 @@
+"""Wiring and lifecycle of one apiserver process.
+
+``build(config)`` creates every part and hands each the narrowest handle it
+needs; ``APIServer.start()`` binds every listener (a taken port fails here, not
+later); ``run()`` runs the long-lived parts in one TaskGroup until ``stop()``.
+
+    build -> start (storage connected, ports bound) -> run
+        run: watch cache | bookmark ticker | readiness -> health SERVING
+    stop: health NOT_SERVING -> gRPC drains for the grace period -> tasks cancelled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from apiserver.grpcapi import SERVICE, ResourceAPI
+from apiserver.metrics import Metrics
+from apiserver.objectstore import ObjectStore
+from apiserver.storage import Store
+from apiserver.storage.instrumented import InstrumentedStore
+from apiserver.watchcache import WatchCache
+from shoal import errors
+from shoal.kinds import KindTable, builtin_kinds
+from shoal.monitoring import MonitoringServer, Readiness
+
+log = logging.getLogger(__name__)
+
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+MAX_SEND_BYTES = 512 * 1024 * 1024
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:6443"
+    # "sqlite" (embedded, file under data_dir unless sqlite_path) or "etcd".
+    storage: str = "sqlite"
+    etcd_servers: tuple[str, ...] = ()
+    sqlite_path: str = ""
+    metrics_listen: str = "127.0.0.1:9090"
+    bookmark_interval: float = 5.0
+    history_events: int = 10_000
+    history_revisions: int = 20_000
+    shutdown_grace: float = 5.0
+    tls: bool = True
+    namespaces: tuple[str, ...] = field(default=DEFAULT_NAMESPACES)
+
+
+def _split_hostport(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def make_store(config: ServerConfig) -> Store:
+    if config.storage == "etcd":
+        if not config.etcd_servers:
+            raise errors.BadRequest("--etcd-servers is required with --storage etcd")
+        from apiserver.storage.etcd import EtcdStore
+
+        return EtcdStore(list(config.etcd_servers))
+    if config.storage == "sqlite":
+        from apiserver.storage.sqlite import SqliteStore
+
+        path = config.sqlite_path or str(config.data_dir / "state.db")
+        return SqliteStore(path)
+    raise errors.BadRequest(f"unknown storage {config.storage!r}: use etcd or sqlite")
+
+
+class APIServer:
+    def __init__(self, *, config: ServerConfig, store: Store, kinds: KindTable,
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.kinds = kinds
+        self.store: Store = InstrumentedStore(store, metrics)
+        self.cache = WatchCache(
+            store=self.store, kinds=kinds, history_events=config.history_events,
+            history_revisions=config.history_revisions,
+            on_watchers_changed=metrics.set_watchers)
+        self.objects = ObjectStore(store=self.store, kinds=kinds)
+        self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
+                               metrics=metrics, storage_name=store.name)
+        self.readiness = Readiness("storage", "watch-cache", "bootstrap")
+        self.health = health.aio.HealthServicer()
+        host, port = _split_hostport(config.metrics_listen)
+        self.monitoring = MonitoringServer(host=host, port=port, registry=metrics.registry,
+                                           readiness=self.readiness)
+        metrics.cache_collector(
+            lambda: {name: len(kc.objects) for name, kc in self.cache.caches.items()},
+            lambda: self.cache.revision)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port = 0
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect storage and bind every port. Raises on a taken port."""
+        await self.store.start()
+        self.readiness.set("storage")
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        server.add_generic_rpc_handlers((self.api.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.tls:
+            pki = self.config.data_dir / "pki"
+            creds = grpc.ssl_server_credentials(
+                [((pki / "server.key").read_bytes(), (pki / "server.crt").read_bytes())],
+                root_certificates=(pki / "ca.crt").read_bytes(),
+                require_client_auth=True)
+            self.port = server.add_secure_port(self.config.listen, creds)
+        else:
+            self.port = server.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise errors.Unavailable(f"cannot listen on {self.config.listen}")
+        await server.start()
+        self.grpc_server = server
+        await self.monitoring.start()
+        log.info("apiserver listening on %s (port %d), metrics on %s:%d, storage %s",
+                 self.config.listen, self.port, self.monitoring.host, self.monitoring.port,
+                 self.store.name)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            cache_task = tg.create_task(self.cache.run(), name="watch-cache")
+            ticker = tg.create_task(self._bookmarks(), name="bookmarks")
+            tg.create_task(self._become_ready(), name="readiness")
+            await self._stopping.wait()
+            cache_task.cancel()
+            ticker.cancel()
+
+    async def _become_ready(self) -> None:
+        await self.cache.ready.wait()
+        self.readiness.set("watch-cache")
+        await self._bootstrap()
+        self.readiness.set("bootstrap")
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info("apiserver ready")
+
+    async def _bootstrap(self) -> None:
+        """Create the default namespaces (retrying while storage is unavailable)."""
+        ns_kind = self.kinds.by_resource("", "namespaces")
+        for name in self.config.namespaces:
+            while True:
+                ns = ns_kind.new()
+                ns.metadata.name = name
+                try:
+                    await self.objects.create(ns_kind, ns)
+                except errors.AlreadyExists:
+                    pass
+                except errors.Unavailable as e:
+                    log.warning("bootstrap: %s; retrying", e)
+                    await asyncio.sleep(1)
+                    continue
+                break
+
+    async def _bookmarks(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.bookmark_interval)
+            self.cache.send_bookmarks()
+
+    async def stop(self) -> None:
+        """Stop serving: drain in-flight calls for the grace period, then close."""
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.config.shutdown_grace)
+        self._stopping.set()
+        await self.monitoring.close()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def build(config: ServerConfig, *, store: Store | None = None,
+          kinds: KindTable | None = None) -> APIServer:
+    """Wire one apiserver from its config (a store may be injected for tests)."""
+    return APIServer(config=config, store=store or make_store(config),
+                     kinds=kinds or builtin_kinds(), metrics=Metrics())
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
+    """Start, run until ``stop`` is set (or the task is cancelled), shut down."""
+    server = build(config)
+    await server.start()
+    runner = asyncio.create_task(server.run())
+    try:
+        if stop is None:
+            await runner
+        else:
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                await server.stop()
+                await runner
+            else:
+                waiter.cancel()
+                runner.result()
+    finally:
+        if not runner.done():
+            await server.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        await server.close()

@@ -1,0 +1,463 @@
+"""The Shoal SDK: typed access to the resource API over gRPC with mutual TLS.
+
+    import shoal
+    from shoal.api.core.v1.core_pb2 import Pod
+
+    with shoal.Client.from_config() as c:           # $SHOAL_CONFIG or ~/.shoal/config
+        pod = c.get(Pod, "web-0", namespace="default")
+        for ev in c.watch(Pod, resource_version=pod.metadata.resource_version):
+            print(ev.type, ev.object.metadata.name)
+
+``AsyncClient`` is the asyncio client; ``Client`` runs one on a private event
+loop thread and offers the same methods synchronously.
+
+Errors are ``shoal.errors`` classes (``NotFound``, ``Conflict``, ``Invalid`` with
+field causes, ``Expired``, ``Unavailable``...), never a raw gRPC error. Calls are
+retried by gRPC itself only on ``UNAVAILABLE`` (the service config below);
+watches resume by themselves from the last resourceVersion they saw, and raise
+``Expired`` when that version is gone (relist then; the Informer does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from shoal import config as configmod
+from shoal import errors
+from shoal.api.meta.v1 import meta_pb2
+from shoal.api.resources.v1 import resources_pb2 as pb
+from shoal.backoff import Backoff
+from shoal.config import ClientConfig
+from shoal.kinds import Kind, KindTable, builtin_kinds
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=Message)
+SERVICE = "shoal.resources.v1.Resources"
+STATUS_TRAILER = "shoal-status-bin"
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+EVENT_NAMES = {pb.ADDED: "ADDED", pb.MODIFIED: "MODIFIED", pb.DELETED: "DELETED",
+               pb.BOOKMARK: "BOOKMARK"}
+
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": SERVICE}],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+
+_CODE_ERRORS: dict[grpc.StatusCode, type[errors.ShoalError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.ABORTED: errors.Conflict,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.BadRequest,
+    grpc.StatusCode.OUT_OF_RANGE: errors.Expired,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthorized,
+    grpc.StatusCode.PERMISSION_DENIED: errors.Forbidden,
+    grpc.StatusCode.UNIMPLEMENTED: errors.MethodNotAllowed,
+}
+
+
+def classify(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.ShoalError:
+    """The Shoal error a failed call stands for (the boundary: nothing above sees gRPC)."""
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == STATUS_TRAILER and isinstance(value, bytes):
+            status = meta_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except Exception:  # noqa: BLE001 - a garbled trailer falls through to the code
+                break
+            return errors.from_status(status)
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else "") or str(code)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED):
+        return errors.Unavailable(f"apiserver unavailable: {details}", retry_after=1.0)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "larger than max" in details or "message" in details.lower():
+            return errors.RequestEntityTooLarge(f"request refused: {details}")
+        return errors.TooManyRequests(details, retry_after=1.0)
+    cls = _CODE_ERRORS.get(code, errors.InternalError)
+    return cls(details)
+
+
+@dataclass(frozen=True)
+class WatchEvent(Generic[T]):
+    """``type`` is ADDED, MODIFIED, DELETED or BOOKMARK (object is None then)."""
+
+    type: str
+    object: T | None
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class ObjectList(Generic[T]):
+    items: list[T]
+    resource_version: str
+    continue_token: str = ""
+    remaining_item_count: int | None = None
+
+
+def _target(servers: tuple[str, ...]) -> str:
+    """One gRPC target for the server list: pick_first over IP literals when
+    there are several, else the first server."""
+    if len(servers) > 1:
+        hosts = []
+        for s in servers:
+            host = s.rsplit(":", 1)[0].strip("[]")
+            try:
+                if ipaddress.ip_address(host).version != 4:
+                    raise ValueError
+            except ValueError:
+                return servers[0]
+            hosts.append(s)
+        return "ipv4:" + ",".join(hosts)
+    return servers[0]
+
+
+def _channel(cfg: ClientConfig) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=cfg.ca_pem, private_key=cfg.key_pem, certificate_chain=cfg.cert_pem)
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if cfg.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+    return grpc.aio.secure_channel(_target(cfg.servers), creds, options=options)
+
+
+class AsyncClient:
+    """asyncio client for the resource API. Use ``async with`` or call ``close()``."""
+
+    def __init__(self, config: ClientConfig, *, kinds: KindTable | None = None,
+                 timeout: float = 30.0) -> None:
+        self.config = config
+        self.kinds = kinds or builtin_kinds()
+        self.timeout = timeout
+        self.namespace = config.namespace or "default"
+        self._channel: grpc.aio.Channel | None = None
+
+    @classmethod
+    def from_config(cls, path: str | Path | None = None, **kw: Any) -> AsyncClient:
+        return cls(configmod.load(path), **kw)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = _channel(self.config)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def kind_of(self, kind: type[Message] | Kind | Message) -> Kind:
+        if isinstance(kind, Kind):
+            return kind
+        if isinstance(kind, Message):
+            return self.kinds.by_message(kind)
+        return self.kinds.by_type(kind.DESCRIPTOR.full_name)
+
+    async def _call(self, method: str, request: Message, response_type: type[Message],
+                    timeout: float | None = None) -> Any:
+        rpc = self.channel.unary_unary(
+            f"/{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_type.FromString)
+        try:
+            return await rpc(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
+    def _unpack(self, packed: any_pb2.Any) -> Any:
+        kind = self.kinds.by_type_url(packed.type_url)
+        obj = kind.new()
+        obj.ParseFromString(packed.value)
+        return obj
+
+    def _pack(self, obj: Message) -> any_pb2.Any:
+        kind = self.kind_of(obj)
+        meta = obj.metadata  # type: ignore[attr-defined]
+        if kind.namespaced and not meta.namespace:
+            copy = type(obj)()
+            copy.CopyFrom(obj)
+            copy.metadata.namespace = self.namespace  # type: ignore[attr-defined]
+            obj = copy
+        return any_pb2.Any(type_url=kind.type_url, value=obj.SerializeToString())
+
+    def _ns(self, kind: Kind, namespace: str | None) -> str:
+        if not kind.namespaced:
+            return ""
+        return self.namespace if namespace is None else namespace
+
+    # -- the API ----------------------------------------------------------------
+
+    async def create(self, obj: T, *, dry_run: bool = False) -> T:
+        """Create ``obj`` (namespace defaults to the client's). Returns what was stored."""
+        resp = await self._call("Create", pb.CreateRequest(object=self._pack(obj),
+                                                           dry_run=dry_run), pb.ObjectResponse)
+        return cast(T, self._unpack(resp.object))
+
+    async def get(self, kind: type[T], name: str, *, namespace: str | None = None) -> T:
+        k = self.kind_of(kind)
+        resp = await self._call("Get", pb.GetRequest(
+            group=k.group, resource=k.resource, namespace=self._ns(k, namespace), name=name),
+            pb.ObjectResponse)
+        return cast(T, self._unpack(resp.object))
+
+    async def list(
+        self,
+        kind: type[T],
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+        label_selector: str = "",
+        field_selector: str = "",
+        limit: int = 0,
+        continue_token: str = "",
+        resource_version: str = "",
+    ) -> ObjectList[T]:
+        """One list call; with ``limit``, one page (pass ``continue_token`` on)."""
+        k = self.kind_of(kind)
+        req = pb.ListRequest(
+            group=k.group, resource=k.resource,
+            namespace="" if all_namespaces else self._ns(k, namespace),
+            label_selector=label_selector, field_selector=field_selector, limit=limit,
+            resource_version=resource_version)
+        setattr(req, "continue", continue_token)  # noqa: B010 ('continue' is a keyword)
+        resp = await self._call("List", req, pb.ListResponse, timeout=max(self.timeout, 120))
+        return ObjectList(
+            items=[cast(T, self._unpack(a)) for a in resp.items],
+            resource_version=resp.resource_version,
+            continue_token=getattr(resp, "continue"),
+            remaining_item_count=(resp.remaining_item_count
+                                  if resp.HasField("remaining_item_count") else None))
+
+    async def list_all(self, kind: type[T], *, page_size: int = 500, **kw: Any) -> ObjectList[T]:
+        """Every page of a list, read at one revision."""
+        items: list[T] = []
+        token = ""
+        while True:
+            page = await self.list(kind, limit=page_size, continue_token=token, **kw)
+            items.extend(page.items)
+            token = page.continue_token
+            if not token:
+                return ObjectList(items=items, resource_version=page.resource_version)
+
+    async def update(self, obj: T, *, dry_run: bool = False) -> T:
+        """Replace everything but status. A set resourceVersion must be current."""
+        resp = await self._call("Update", pb.UpdateRequest(object=self._pack(obj),
+                                                           dry_run=dry_run), pb.ObjectResponse)
+        return cast(T, self._unpack(resp.object))
+
+    async def update_status(self, obj: T, *, dry_run: bool = False) -> T:
+        """Replace status only."""
+        resp = await self._call("UpdateStatus", pb.UpdateRequest(
+            object=self._pack(obj), dry_run=dry_run), pb.ObjectResponse)
+        return cast(T, self._unpack(resp.object))
+
+    async def delete(
+        self,
+        kind: type[T],
+        name: str,
+        *,
+        namespace: str | None = None,
+        grace_period: int | None = None,
+        propagation_policy: str = "",
+        uid: str = "",
+        resource_version: str = "",
+        dry_run: bool = False,
+    ) -> T:
+        """Delete (or, with finalizers, mark for deletion). Returns the object."""
+        k = self.kind_of(kind)
+        req = pb.DeleteRequest(
+            group=k.group, resource=k.resource, namespace=self._ns(k, namespace), name=name,
+            preconditions=pb.Preconditions(uid=uid, resource_version=resource_version),
+            propagation_policy=propagation_policy, dry_run=dry_run)
+        if grace_period is not None:
+            req.grace_period_seconds = grace_period
+        resp = await self._call("Delete", req, pb.ObjectResponse)
+        return cast(T, self._unpack(resp.object))
+
+    async def discover(self) -> list[pb.APIResource]:
+        resp = await self._call("Discover", pb.DiscoverRequest(), pb.DiscoverResponse)
+        return list(resp.resources)
+
+    async def version(self) -> pb.VersionResponse:
+        return cast(pb.VersionResponse,
+                    await self._call("Version", pb.VersionRequest(), pb.VersionResponse))
+
+    async def watch(
+        self,
+        kind: type[T],
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+        label_selector: str = "",
+        field_selector: str = "",
+        resource_version: str = "",
+        bookmarks: bool = False,
+    ) -> AsyncIterator[WatchEvent[T]]:
+        """Changes to matching objects after ``resource_version``.
+
+        ``""`` first yields every current object as ADDED. The stream survives
+        server restarts and network failures: it reconnects with back-off and
+        resumes after the last version it yielded (or the last bookmark).
+        Raises ``Expired`` when that version has left the server's history.
+        BOOKMARK events are yielded only when ``bookmarks`` is set.
+        """
+        k = self.kind_of(kind)
+        rv = resource_version
+        backoff = Backoff(base=0.1, cap=5.0)
+        rpc = self.channel.unary_stream(
+            f"/{SERVICE}/Watch", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.WatchEvent.FromString)
+        while True:
+            req = pb.WatchRequest(
+                group=k.group, resource=k.resource,
+                namespace="" if all_namespaces else self._ns(k, namespace),
+                label_selector=label_selector, field_selector=field_selector,
+                resource_version=rv, allow_bookmarks=True)
+            call = rpc(req)
+            try:
+                async for ev in call:
+                    backoff.reset()
+                    if ev.resource_version:
+                        rv = ev.resource_version
+                    if ev.type == pb.BOOKMARK:
+                        if bookmarks:
+                            yield WatchEvent("BOOKMARK", None, ev.resource_version)
+                        continue
+                    obj = cast(T, self._unpack(ev.object))
+                    yield WatchEvent(EVENT_NAMES.get(ev.type, "UNKNOWN"), obj,
+                                     ev.resource_version)
+            except grpc.aio.AioRpcError as e:
+                err = classify(e)
+                if not isinstance(err, errors.Unavailable):
+                    raise err from e
+                delay = backoff.next()
+                log.debug("watch %s: %s; resuming from %s in %.2fs", k.resource, err, rv, delay)
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+
+E = TypeVar("E")
+
+
+class Client:
+    """Synchronous facade over :class:`AsyncClient`, on a private loop thread."""
+
+    def __init__(self, config: ClientConfig, *, kinds: KindTable | None = None,
+                 timeout: float = 30.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="shoal-client",
+                                        daemon=True)
+        self._thread.start()
+        self.aio = AsyncClient(config, kinds=kinds, timeout=timeout)
+        self.kinds = self.aio.kinds
+        self.config = config
+
+    @classmethod
+    def from_config(cls, path: str | Path | None = None, **kw: Any) -> Client:
+        return cls(configmod.load(path), **kw)
+
+    @property
+    def namespace(self) -> str:
+        return self.aio.namespace
+
+    @namespace.setter
+    def namespace(self, value: str) -> None:
+        self.aio.namespace = value
+
+    def _run(self, coro: Awaitable[E]) -> E:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return fut.result()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self.aio.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create(self, obj: T, *, dry_run: bool = False) -> T:
+        return self._run(self.aio.create(obj, dry_run=dry_run))
+
+    def get(self, kind: type[T], name: str, *, namespace: str | None = None) -> T:
+        return self._run(self.aio.get(kind, name, namespace=namespace))
+
+    def list(self, kind: type[T], **kw: Any) -> ObjectList[T]:
+        return self._run(self.aio.list(kind, **kw))
+
+    def list_all(self, kind: type[T], **kw: Any) -> ObjectList[T]:
+        return self._run(self.aio.list_all(kind, **kw))
+
+    def update(self, obj: T, *, dry_run: bool = False) -> T:
+        return self._run(self.aio.update(obj, dry_run=dry_run))
+
+    def update_status(self, obj: T, *, dry_run: bool = False) -> T:
+        return self._run(self.aio.update_status(obj, dry_run=dry_run))
+
+    def delete(self, kind: type[T], name: str, **kw: Any) -> T:
+        return self._run(self.aio.delete(kind, name, **kw))
+
+    def discover(self) -> list[pb.APIResource]:
+        return self._run(self.aio.discover())
+
+    def version(self) -> pb.VersionResponse:
+        return self._run(self.aio.version())
+
+    def watch(self, kind: type[T], **kw: Any) -> Iterator[WatchEvent[T]]:
+        """Blocking iterator over :meth:`AsyncClient.watch`; close it to stop."""
+        agen = self.aio.watch(kind, **kw)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._loop.is_running():
+                self._run(agen.aclose())

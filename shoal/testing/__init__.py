@@ -1,0 +1,1 @@
+"""Test helpers: real external processes and scriptable fakes behind Shoal's Protocols."""

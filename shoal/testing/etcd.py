@@ -1,0 +1,219 @@
+"""A real ``etcd`` process for tests: free loopback ports, a temp data dir, clean stop.
+
+Contract:
+
+- ``start()`` picks free loopback ports for the client and peer URLs, starts
+  ``etcd`` as a single-member cluster in a fresh temporary directory and returns
+  once ``GET /health`` answers ``{"health":"true"}``, polling until
+  ``start_timeout`` (never a fixed sleep). If etcd exits first, or the deadline
+  passes, it raises ``EtcdStartError`` with the tail of etcd's log; a port taken
+  between picking and binding is retried with new ports, a few times.
+- ``stop()`` terminates exactly the process it started (by its PID: never
+  ``pkill``), waits for it (then kills it if it lingers), and removes the temp
+  directory. It is idempotent, and also runs at interpreter exit if forgotten.
+- ``unsafe_no_fsync=True`` adds ``--unsafe-no-fsync`` (faster, loses data on a
+  crash); off by default.
+
+Lifecycle::
+
+    new --start()--> running --stop()--> stopped
+                        |                   ^
+                        +---(GC/exit)-------+
+
+    with EtcdServer() as etcd:   # start() ... stop()
+        store = EtcdStore([etcd.endpoint])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+_DEBIAN_PACKAGE = "etcd-server"
+_PORT_ATTEMPTS = 3
+
+
+class EtcdNotInstalled(RuntimeError):
+    """No ``etcd`` binary on PATH."""
+
+
+class EtcdStartError(RuntimeError):
+    """etcd exited or did not become healthy in time."""
+
+
+def etcd_binary(binary: str = "etcd") -> str | None:
+    """The path of the etcd binary, or None if it is not installed."""
+    return shutil.which(binary)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _terminate(proc: subprocess.Popen[bytes], workdir: str, grace: float) -> None:
+    """Stop exactly ``proc`` and remove ``workdir``. Safe to call twice."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+class EtcdServer:
+    """One single-member etcd cluster on loopback."""
+
+    def __init__(
+        self,
+        *,
+        binary: str = "etcd",
+        unsafe_no_fsync: bool = False,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self._binary = binary
+        self._unsafe_no_fsync = unsafe_no_fsync
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._extra_args = tuple(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: str | None = None
+        self._finalizer: weakref.finalize[..., EtcdServer] | None = None
+        self.client_port = 0
+        self.peer_port = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The client endpoint, ``"127.0.0.1:PORT"``."""
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("etcd is not running")
+        return self._proc.pid
+
+    @property
+    def data_dir(self) -> Path:
+        if self._workdir is None:
+            raise RuntimeError("etcd is not running")
+        return Path(self._workdir) / "data"
+
+    def start(self) -> None:
+        if self._proc is not None:
+            return
+        binary = etcd_binary(self._binary)
+        if binary is None:
+            raise EtcdNotInstalled(
+                f"{self._binary!r} is not on PATH; install the Debian package "
+                f"{_DEBIAN_PACKAGE} (apt-get install {_DEBIAN_PACKAGE})"
+            )
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._start_once(binary)
+                return
+            except EtcdStartError as e:
+                if attempt == _PORT_ATTEMPTS or "address already in use" not in str(e):
+                    raise
+
+    def _start_once(self, binary: str) -> None:
+        self.client_port, self.peer_port = _free_port(), _free_port()
+        workdir = tempfile.mkdtemp(prefix="shoal-etcd-")
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        name = "shoal-test"
+        args = [
+            binary,
+            "--name", name,
+            "--data-dir", str(Path(workdir) / "data"),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"{name}={peer_url}",
+            "--initial-cluster-state", "new",
+            "--logger", "zap",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        if self._unsafe_no_fsync:
+            args.append("--unsafe-no-fsync")
+        args.extend(self._extra_args)
+        log_path = Path(workdir) / "etcd.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._proc, self._workdir = proc, workdir
+        self._finalizer = weakref.finalize(self, _terminate, proc, workdir, self._stop_timeout)
+        try:
+            self._wait_healthy(log_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, log_path: Path) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self._start_timeout
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise EtcdStartError(f"etcd exited with {code}:\n{_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0) as answer:
+                    health = json.loads(answer.read())
+                if health.get("health") == "true":
+                    return
+                last_error = f"health {health!r}"
+            except (OSError, ValueError) as e:
+                last_error = str(e)
+            time.sleep(0.05)
+        raise EtcdStartError(
+            f"etcd not healthy after {self._start_timeout}s ({last_error}):\n{_tail(log_path)}"
+        )
+
+    def stop(self) -> None:
+        """Stop the process this object started and remove its data. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs _terminate once
+        self._proc = None
+        self._workdir = None
+        self._finalizer = None
+
+    def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _tail(path: Path, *, lines: int = 20) -> str:
+    try:
+        return os.linesep.join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Regenerate the checked-in protobuf and gRPC code under shoal/api from proto/.
+
+    python tools/genproto.py          # rewrite shoal/api
+    python tools/genproto.py --check  # exit 1 and name the files if shoal/api is stale
+
+The generator is grpcio-tools (pinned in pyproject.toml) so the output is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+OUT_PACKAGE = Path("shoal") / "api"
+HEADER = '"""Generated from proto/ by tools/genproto.py. Do not edit by hand."""\n'
+
+
+def generate(out_root: Path) -> list[Path]:
+    """Run protoc over every .proto file into out_root; return the files written."""
+    from grpc_tools import protoc  # type: ignore[import-untyped]
+    import grpc_tools
+
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        *protos,
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    pkg = out_root / OUT_PACKAGE
+    for directory in [pkg, *(d for d in pkg.rglob("*") if d.is_dir())]:
+        init = directory / "__init__.py"
+        if not init.exists():
+            init.write_text(HEADER)
+    (out_root / "shoal" / "api" / "py.typed").write_text("")
+    return sorted(p for p in pkg.rglob("*") if p.is_file())
+
+
+def stale_files() -> list[str]:
+    """Names of generated files that differ from, or are missing in, the tree."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = generate(Path(tmp))
+        fresh_rel = {p.relative_to(tmp) for p in fresh}
+        current = {p.relative_to(ROOT) for p in (ROOT / OUT_PACKAGE).rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts}
+        stale = [str(r) for r in sorted(fresh_rel)
+                 if not (ROOT / r).exists() or not filecmp.cmp(Path(tmp) / r, ROOT / r,
+                                                              shallow=False)]
+        stale += [f"{r} (no longer generated)" for r in sorted(current - fresh_rel)]
+        return stale
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale files")
+    ns = parser.parse_args()
+    if ns.check:
+        stale = stale_files()
+        for name in stale:
+            print(f"stale: {name}")
+        if stale:
+            print("run: python tools/genproto.py", file=sys.stderr)
+        return 1 if stale else 0
+    target = ROOT / OUT_PACKAGE
+    if target.exists():
+        shutil.rmtree(target)
+    generate(ROOT)
+    print(f"regenerated {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
