@@ -53,7 +53,7 @@ GRPC_CODES: dict[type[errors.ShoalError], grpc.StatusCode] = {
 
 def grpc_code(error: errors.ShoalError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
-        code = GRPC_CODES.get(cls)  # type: ignore[call-overload]
+        code = GRPC_CODES.get(cls)  # type: ignore[call-overload,unused-ignore]
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
@@ -136,8 +136,8 @@ class ResourceAPI:
         self.storage_name = storage_name
         self.cache_wait = cache_wait
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
                 fn, request_deserializer=req.FromString, response_serializer=_passthrough)
 
@@ -203,27 +203,31 @@ class ResourceAPI:
         namespace = self._namespace(kind, request.namespace)
         if request.limit < 0:
             raise errors.BadRequest("limit must be >= 0")
-        if request.limit or request.__getattribute__("continue"):
-            page = await self.objects.list_page(
-                kind, namespace=namespace, labels=labels, fields=fields,
-                limit=int(request.limit) or 500,
-                continue_token=getattr(request, "continue"))
-            resp = pb.ListResponse(items=page.items, resource_version=str(page.revision))
-            setattr(resp, "continue", page.continue_token)  # noqa: B010 ('continue' is a keyword)
-            if page.remaining is not None:
-                resp.remaining_item_count = page.remaining
-            return resp
-        await self.cache.wait_ready(self.cache_wait)
-        if request.resource_version not in ("", "0"):
-            wanted = _parse_rv(request.resource_version)
-            if not await self.cache.wait_fresh(wanted):
-                raise errors.Unavailable("too large resource version: the cache has not "
-                                         f"reached {wanted} yet", retry_after=1.0)
-        elif request.resource_version == "":
-            await self.cache.consistent_revision()
-        items, revision = self.cache.list(kind, namespace=namespace, labels=labels,
-                                          fields=fields)
-        return pb.ListResponse(items=items, resource_version=str(revision))
+        token = getattr(request, "continue")
+        from_cache = not request.limit and not token
+        if from_cache:
+            await self.cache.wait_ready(self.cache_wait)
+            if request.resource_version not in ("", "0"):
+                wanted = _parse_rv(request.resource_version)
+                if not await self.cache.wait_fresh(wanted):
+                    raise errors.Unavailable("too large resource version: the cache has not "
+                                             f"reached {wanted} yet", retry_after=1.0)
+            elif request.resource_version == "":
+                # Consistent read: from the cache once it has caught up with storage,
+                # else straight from storage.
+                from_cache = await self.cache.caught_up()
+        if from_cache:
+            items, revision = self.cache.list(kind, namespace=namespace, labels=labels,
+                                              fields=fields)
+            return pb.ListResponse(items=items, resource_version=str(revision))
+        page = await self.objects.list_page(
+            kind, namespace=namespace, labels=labels, fields=fields,
+            limit=int(request.limit) or 0, continue_token=token)
+        resp = pb.ListResponse(items=page.items, resource_version=str(page.revision))
+        setattr(resp, "continue", page.continue_token)
+        if page.remaining is not None:
+            resp.remaining_item_count = page.remaining
+        return resp
 
     @_unary("Update")
     async def update(self, request: pb.UpdateRequest,

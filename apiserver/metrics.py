@@ -65,6 +65,9 @@ class Metrics:
                         ) -> None:
         """Have the cache gauges read live values at scrape time."""
         self.cache_revision.set_function(revision)
-        for resource, _ in sizes().items():
-            self.cache_objects.labels(resource).set_function(
-                lambda res=resource: float(sizes().get(res, 0)))
+        for resource in sizes():
+            self.cache_objects.labels(resource).set_function(_size_of(sizes, resource))
+
+
+def _size_of(sizes: Callable[[], dict[str, int]], resource: str) -> Callable[[], float]:
+    return lambda: float(sizes().get(resource, 0))

@@ -192,7 +192,9 @@ class ObjectStore:
         limit: int,
         continue_token: str,
     ) -> Page:
-        """One page of a paged list, read from storage at one pinned revision."""
+        """One page of a paged list, read from storage at one pinned revision.
+
+        ``limit`` 0 reads every matching object (one page, no token)."""
         prefix = kind.prefix(namespace)
         revision, start = 0, prefix
         if continue_token:
@@ -202,7 +204,8 @@ class ObjectStore:
         getters = kind.fields
         while True:
             try:
-                res = await self.store.range(prefix, start=start, limit=max(limit, 50),
+                res = await self.store.range(prefix, start=start,
+                                             limit=max(limit, 50) if limit else 1000,
                                              revision=revision)
             except errors.Expired:
                 raise errors.Expired(
@@ -363,6 +366,10 @@ class ObjectStore:
                 new.status.CopyFrom(current.status)
         if kind.kind == "Secret":
             _merge_string_data(new)
+        if kind.kind == "Service" and not new.spec.cluster_ip:
+            # As Kubernetes: an update that leaves clusterIP out keeps the allocated one.
+            new.spec.cluster_ip = current.spec.cluster_ip
+            new.spec.cluster_ips[:] = current.spec.cluster_ips
         validation.apply_defaults(kind, new)
         meta.generation = cur.generation
         if _body_bytes(new) != _body_bytes(current):

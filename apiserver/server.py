@@ -89,7 +89,7 @@ class APIServer:
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name)
         self.readiness = Readiness("storage", "watch-cache", "bootstrap")
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         host, port = _split_hostport(config.metrics_listen)
         self.monitoring = MonitoringServer(host=host, port=port, registry=metrics.registry,
                                            readiness=self.readiness)

@@ -389,8 +389,7 @@ class WatchCache:
                 prev = kc.objects.get(sev.key)
                 kind = ADDED if prev is None else MODIFIED
                 kc.apply(CacheEvent(kind, obj, prev, sev.revision))
-        if batch.revision > self.revision:
-            self.revision = batch.revision
+        self.revision = max(self.revision, batch.revision)
         if not self.ready.is_set() and self.revision >= getattr(self, "_ready_at", 0):
             self.ready.set()
         if self._fresh_waiters:
@@ -451,13 +450,11 @@ class WatchCache:
         with contextlib.suppress(errors.ShoalError):
             await self._watch.request_progress()
 
-    async def consistent_revision(self) -> int:
-        """The storage's current revision, once the cache has caught up to it."""
+    async def caught_up(self, *, timeout: float = 1.0) -> bool:
+        """True once the cache holds every write storage had when this was called;
+        False if that takes longer than ``timeout`` (read storage instead then)."""
         latest = await self.store.current_revision()
-        if not await self.wait_fresh(latest):
-            raise errors.Unavailable("the watch cache is lagging behind storage",
-                                     retry_after=1.0)
-        return self.revision
+        return await self.wait_fresh(latest, timeout=timeout)
 
     def list(self, kind: Kind, *, namespace: str, labels: LabelSelector,
              fields: FieldSelector) -> tuple[list[any_pb2.Any], int]:
@@ -511,7 +508,7 @@ class WatchCache:
             self._on_watchers_changed(kc.kind.qualified_resource, len(kc.watchers))
 
     def bookmark(self, kc: KindCache) -> bytes:
-        msg: Any = resources_pb2.WatchEvent(type=BOOKMARK,  # type: ignore[arg-type]
+        msg: Any = resources_pb2.WatchEvent(type=BOOKMARK,
                                             resource_version=str(self.revision))
         return bytes(msg.SerializeToString())
 

@@ -21,11 +21,13 @@ watches resume by themselves from the last resourceVersion they saw, and raise
 from __future__ import annotations
 
 import asyncio
+import builtins
+import concurrent.futures
 import ipaddress
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -78,13 +80,13 @@ _CODE_ERRORS: dict[grpc.StatusCode, type[errors.ShoalError]] = {
 
 def classify(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.ShoalError:
     """The Shoal error a failed call stands for (the boundary: nothing above sees gRPC)."""
-    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    trailers: Any = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
     for key, value in trailers or ():
         if key == STATUS_TRAILER and isinstance(value, bytes):
             status = meta_pb2.Status()
             try:
                 status.ParseFromString(value)
-            except Exception:  # noqa: BLE001 - a garbled trailer falls through to the code
+            except Exception:
                 break
             return errors.from_status(status)
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
@@ -176,7 +178,7 @@ class AsyncClient:
     async def close(self) -> None:
         if self._channel is not None:
             channel, self._channel = self._channel, None
-            await channel.close()
+            await channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -258,7 +260,7 @@ class AsyncClient:
             namespace="" if all_namespaces else self._ns(k, namespace),
             label_selector=label_selector, field_selector=field_selector, limit=limit,
             resource_version=resource_version)
-        setattr(req, "continue", continue_token)  # noqa: B010 ('continue' is a keyword)
+        setattr(req, "continue", continue_token)
         resp = await self._call("List", req, pb.ListResponse, timeout=max(self.timeout, 120))
         return ObjectList(
             items=[cast(T, self._unpack(a)) for a in resp.items],
@@ -313,7 +315,7 @@ class AsyncClient:
         resp = await self._call("Delete", req, pb.ObjectResponse)
         return cast(T, self._unpack(resp.object))
 
-    async def discover(self) -> list[pb.APIResource]:
+    async def discover(self) -> builtins.list[pb.APIResource]:
         resp = await self._call("Discover", pb.DiscoverRequest(), pb.DiscoverResponse)
         return list(resp.resources)
 
@@ -331,7 +333,7 @@ class AsyncClient:
         field_selector: str = "",
         resource_version: str = "",
         bookmarks: bool = False,
-    ) -> AsyncIterator[WatchEvent[T]]:
+    ) -> AsyncGenerator[WatchEvent[T], None]:
         """Changes to matching objects after ``resource_version``.
 
         ``""`` first yields every current object as ADDED. The stream survives
@@ -404,8 +406,8 @@ class Client:
     def namespace(self, value: str) -> None:
         self.aio.namespace = value
 
-    def _run(self, coro: Awaitable[E]) -> E:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+    def _run(self, coro: Coroutine[Any, Any, E]) -> E:
+        fut: concurrent.futures.Future[E] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return fut.result()
 
     def close(self) -> None:
@@ -443,7 +445,7 @@ class Client:
     def delete(self, kind: type[T], name: str, **kw: Any) -> T:
         return self._run(self.aio.delete(kind, name, **kw))
 
-    def discover(self) -> list[pb.APIResource]:
+    def discover(self) -> builtins.list[pb.APIResource]:
         return self._run(self.aio.discover())
 
     def version(self) -> pb.VersionResponse:
@@ -455,9 +457,13 @@ class Client:
         try:
             while True:
                 try:
-                    yield self._run(agen.__anext__())
+                    yield self._run(_next(agen))
                 except StopAsyncIteration:
                     return
         finally:
             if self._loop.is_running():
                 self._run(agen.aclose())
+
+
+async def _next(agen: AsyncGenerator[E, None]) -> E:
+    return await agen.__anext__()

@@ -30,6 +30,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -101,7 +102,7 @@ class Informer(Generic[T]):
         """Register handlers. Added after sync, ``on_add`` is replayed for the cache."""
         if on_add:
             self._on_add.append(on_add)
-            for obj in list(self._items.values()):
+            for obj in builtins.list(self._items.values()):
                 self._call(on_add, obj)
         if on_update:
             self._on_update.append(on_update)
@@ -123,13 +124,13 @@ class Informer(Generic[T]):
     def get_by_key(self, key: str) -> T | None:
         return self._items.get(key)
 
-    def list(self) -> list[T]:
-        return list(self._items.values())
+    def list(self) -> builtins.list[T]:
+        return builtins.list(self._items.values())
 
-    def keys(self) -> list[str]:
-        return list(self._items)
+    def keys(self) -> builtins.list[str]:
+        return builtins.list(self._items)
 
-    def by_index(self, index: str, value: str) -> list[T]:
+    def by_index(self, index: str, value: str) -> builtins.list[T]:
         keys = self._indices[index].get(value, set())
         return [self._items[k] for k in sorted(keys) if k in self._items]
 
@@ -160,11 +161,11 @@ class Informer(Generic[T]):
         self._items[key] = obj
         self._index(key, obj, old)
         if old is None:
-            for fn in self._on_add:
-                self._call(fn, obj)
+            for add in self._on_add:
+                self._call(add, obj)
         else:
-            for fn in self._on_update:
-                self._call(fn, old, obj)
+            for update in self._on_update:
+                self._call(update, old, obj)
 
     def _remove(self, obj: T) -> None:
         key = key_of(obj)
@@ -175,7 +176,7 @@ class Informer(Generic[T]):
         for fn in self._on_delete:
             self._call(fn, obj)
 
-    def _replace(self, items: list[T]) -> None:
+    def _replace(self, items: builtins.list[T]) -> None:
         fresh = {key_of(o): o for o in items}
         for key in [k for k in self._items if k not in fresh]:
             self._remove(self._items[key])
@@ -230,7 +231,7 @@ class Informer(Generic[T]):
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.resync_period)
-            for obj in list(self._items.values()):
+            for obj in builtins.list(self._items.values()):
                 for fn in self._on_update:
                     self._call(fn, obj, obj)
 

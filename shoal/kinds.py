@@ -179,10 +179,12 @@ def _event_fields() -> dict[str, FieldGetter]:
     for name in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion",
                  "fieldPath"):
         attr = "".join("_" + c.lower() if c.isupper() else c for c in name)
-        fields[f"involvedObject.{name}"] = (
-            lambda e, a=attr: str(getattr(e.involved_object, a))
-        )
+        fields[f"involvedObject.{name}"] = _involved(attr)
     return fields
+
+
+def _involved(attr: str) -> FieldGetter:
+    return lambda e: str(getattr(e.involved_object, attr))
 
 
 @functools.cache

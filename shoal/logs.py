@@ -19,7 +19,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         when = dt.datetime.fromtimestamp(record.created, tz=dt.UTC)
-        out = {
+        out: dict[str, object] = {
             "ts": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,

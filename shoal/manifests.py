@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 from google.protobuf import duration_pb2, timestamp_pb2
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from shoal import errors, quantity
@@ -79,7 +79,7 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _synthetic(oneof: Any, fd: FieldDescriptor) -> bool:
+def _synthetic(oneof: Any, fd: Any) -> bool:
     """True for the hidden oneof protoc makes for a proto3 ``optional`` field."""
     return len(oneof.fields) == 1 and str(oneof.name) == "_" + fd.name
 
@@ -98,7 +98,7 @@ class _Decoder:
         self.problems.append(FieldError(field=path, message=message, reason=reason))
 
     def message(self, data: object, msg: Message, path: str) -> None:
-        desc: Descriptor = msg.DESCRIPTOR
+        desc: Any = msg.DESCRIPTOR
         special = desc.full_name
         if special in (_TIMESTAMP, _DURATION, _INT_OR_STRING, _QUANTITY):
             self._special(data, msg, path)
@@ -128,7 +128,7 @@ class _Decoder:
                 oneofs_seen[oneof.name] = raw_key
             self.field(value, msg, fd, fpath)
 
-    def field(self, value: object, msg: Message, fd: FieldDescriptor, path: str) -> None:
+    def field(self, value: object, msg: Message, fd: Any, path: str) -> None:
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             self._map(value, msg, fd, path)
         elif fd.is_repeated:
@@ -155,7 +155,7 @@ class _Decoder:
             if ok:
                 setattr(msg, fd.name, scalar)
 
-    def _map(self, value: object, msg: Message, fd: FieldDescriptor, path: str) -> None:
+    def _map(self, value: object, msg: Message, fd: Any, path: str) -> None:
         if not isinstance(value, Mapping):
             self.fail(path, f"expected object, got {_type_name(value)}")
             return
@@ -181,7 +181,7 @@ class _Decoder:
                 if ok:
                     container[key] = scalar
 
-    def scalar(self, value: object, fd: FieldDescriptor, path: str) -> tuple[bool, Any]:
+    def scalar(self, value: object, fd: Any, path: str) -> tuple[bool, Any]:
         t = fd.type
         if t == FieldDescriptor.TYPE_STRING:
             if isinstance(value, str):
@@ -324,6 +324,7 @@ def _encode_message(msg: Message) -> Any:
     if name == _DURATION:
         return format_duration(msg)  # type: ignore[arg-type]
     out: dict[str, Any] = {}
+    fd: Any
     for fd in msg.DESCRIPTOR.fields:
         value = getattr(msg, fd.name)
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
@@ -346,7 +347,7 @@ def _encode_message(msg: Message) -> Any:
     return out
 
 
-def _encode_value(value: Any, fd: FieldDescriptor) -> Any:
+def _encode_value(value: Any, fd: Any) -> Any:
     if fd.message_type is not None:
         return _encode_message(value)
     if fd.type == FieldDescriptor.TYPE_BYTES:
@@ -447,7 +448,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     loader.flatten_mapping(node)
     seen: set[object] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         try:
             duplicate = key in seen
         except TypeError:
@@ -465,7 +466,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping  # type: ignore[arg-type]
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
 )
 _StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
@@ -479,7 +480,7 @@ def load_documents(text: str, *, source: str) -> list[Document]:
     Raises Invalid naming the source and the line of a syntax error.
     """
     try:
-        raw = list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506 (strict safe loader)
+        raw = list(yaml.load_all(text, Loader=_StrictLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

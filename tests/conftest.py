@@ -14,12 +14,15 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from shoal.api.core.v1 import core_pb2
-from shoal.client import AsyncClient
-from shoal.testing.apiserver import InProcessAPIServer
+
+if TYPE_CHECKING:
+    from shoal.client import AsyncClient
+    from shoal.testing.apiserver import InProcessAPIServer
 
 _counter = itertools.count()
 
@@ -46,6 +49,8 @@ def etcd() -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 async def apiserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcessAPIServer]:
+    from shoal.testing.apiserver import InProcessAPIServer
+
     data = tmp_path_factory.mktemp("apiserver")
     async with InProcessAPIServer(data) as api:
         yield api
@@ -54,6 +59,8 @@ async def apiserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[I
 @pytest.fixture(scope="session")
 async def etcd_apiserver(tmp_path_factory: pytest.TempPathFactory,
                          etcd: object) -> AsyncIterator[InProcessAPIServer]:
+    from shoal.testing.apiserver import InProcessAPIServer
+
     data = tmp_path_factory.mktemp("apiserver-etcd")
     async with InProcessAPIServer(data, etcd_endpoint=etcd.endpoint) as api:  # type: ignore[attr-defined]
         yield api

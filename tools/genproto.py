@@ -24,8 +24,8 @@ HEADER = '"""Generated from proto/ by tools/genproto.py. Do not edit by hand."""
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc over every .proto file into out_root; return the files written."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]
     import grpc_tools
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -19,7 +19,10 @@ Contract (on top of the ``Store`` docstring):
   (outside ``/registry``, as Kubernetes does; etcd has no API for the compacted
   revision). That record is a write: it takes a revision of its own.
 - Each watch has its own bidi ``Watch`` stream, created on first use (iteration or
-  ``request_progress``); ``from_revision=0`` means "from then on". The stream
+  ``request_progress``). ``from_revision=0`` means "after the highest revision
+  this store has seen" (from any response, including its own writes), fixed when
+  ``watch()`` is called, so a watch never misses a write that returned before it
+  was opened; it may replay a few older writes of other clients. The stream
   requires a leader (``hasleader``), asks for ``prev_kv``, fragments large
   revisions (reassembled here) and periodic progress notices. Events are grouped
   one :class:`WatchBatch` per revision. A response without events is a progress
@@ -29,15 +32,19 @@ Contract (on top of the ``Store`` docstring):
   when the consumer is slow the reader stops reading, gRPC flow control pushes
   back, and etcd holds (or, if compacted meanwhile, cancels) the watcher.
 
-Progress notices and etcd before 3.4.25 / 3.5.8 (etcd-io/etcd#15220): such a
-server answers a progress request at once, on a side channel, with the store's
-current revision. That notice can overtake events still queued for the watcher
-(a new watcher replaying history, or a slow one), and its revision can even be
-lower than an event already sent. So every notice is raised to the last revision
-delivered (never backwards), and while a watcher may still be replaying history
-on such a server (it started at or below the revision current at its creation
-and no caught-up response has arrived), a requested notice is clamped to what
-has been delivered. Periodic notices travel with the events and are trusted.
+Progress notices and etcd before 3.4.25 / 3.5.8 (etcd-io/etcd#15220; this
+project's Debian etcd is 3.4.23): such a server answers a progress request at
+once, on a side channel, with its current revision. Measured here, that notice
+arrives before a new watcher's replayed history, overtakes live events still
+queued for a busy watcher, and can even name a revision below an event already
+sent. On such a server a requested notice (``watch_id`` -1) is therefore
+reported at the last revision delivered to this watch (true, but it does not
+advance a quiet watch); periodic notices travel in order with the events and are
+trusted: run such an etcd with ``--experimental-watch-progress-notify-interval``
+well below its 10-minute default (e.g. 1s) so quiet watches still advance. Which
+kind of server this is comes from the version ``Status`` reports at ``start()``;
+on fixed servers requested notices are trusted. Either way a notice never goes
+backwards.
 
 Lifecycle::
 
@@ -77,10 +84,9 @@ from shoal.errors import (
 )
 
 # Where the last compaction is recorded (outside /registry, as in Kubernetes).
-COMPACT_REV_KEY = b"compact_rev_key"
-
-# etcd's own limit on the revisions one catch-up response may hold (watchBatchMaxRevs).
-_ETCD_MAX_REVS_PER_RESPONSE = 1000
+# Under /registry/ so the apiserver's one watch on that prefix sees the write,
+# and its idea of "caught up with storage" stays exact after a compaction.
+COMPACT_REV_KEY = b"/registry/compact_rev_key"
 
 _RETRY_AFTER = 1.0
 
@@ -134,6 +140,15 @@ def _classify(e: grpc.aio.AioRpcError) -> ShoalError:
     return InternalError(f"etcd: {code.name}: {details}")
 
 
+def _key(key: str) -> bytes:
+    return key.encode(errors="surrogateescape")
+
+
+def _name(key: bytes) -> str:
+    """etcd keys are bytes; keys not written by Shoal may not be UTF-8."""
+    return key.decode(errors="surrogateescape")
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """etcd's range_end for "every key starting with prefix" (b"\\0": no upper bound)."""
     stripped = prefix.rstrip(b"\xff")
@@ -167,7 +182,7 @@ def progress_is_ordered(version: str) -> bool:
 
 def _key_value(kv: Any) -> KeyValue:
     return KeyValue(
-        key=kv.key.decode(),
+        key=_name(kv.key),
         value=kv.value,
         create_revision=kv.create_revision,
         mod_revision=kv.mod_revision,
@@ -180,7 +195,7 @@ def _event(ev: Any) -> StorageEvent:
     if ev.type == kv_pb2.Event.DELETE:
         return StorageEvent(
             type=EventType.DELETE,
-            key=kv.key.decode(),
+            key=_name(kv.key),
             value=b"",
             prev_value=prev.value if prev is not None else None,
             revision=kv.mod_revision,
@@ -188,7 +203,7 @@ def _event(ev: Any) -> StorageEvent:
         )
     return StorageEvent(
         type=EventType.PUT,
-        key=kv.key.decode(),
+        key=_name(kv.key),
         value=kv.value,
         prev_value=prev.value if prev is not None else None,
         revision=kv.mod_revision,
@@ -236,13 +251,16 @@ class EtcdStore:
     ) -> None:
         if not endpoints:
             raise BadRequest("EtcdStore needs at least one endpoint")
-        self._endpoints = list(endpoints)
+        self._endpoints = [(endpoint, _split_endpoint(endpoint)) for endpoint in endpoints]
         self._dial_timeout = dial_timeout
         self._request_timeout = request_timeout
         self._watch_queue_limit = watch_queue_limit
         self._conn: _Connection | None = None
         self._closed = False
         self._watches: set[_EtcdWatch] = set()
+        # The highest revision any response has shown this store: watch(from_revision=0)
+        # starts after it, so it covers every write this store made or saw before.
+        self._seen_revision = 0
 
     @property
     def endpoint(self) -> str:
@@ -256,19 +274,22 @@ class EtcdStore:
             raise Unavailable("etcd store is closed")
         failures: list[str] = []
         last_error: BaseException | None = None
-        for endpoint in self._endpoints:
+        for endpoint, (host, port) in self._endpoints:
             try:
-                self._conn = await self._dial(endpoint)
+                self._conn, self._seen_revision = await self._dial(endpoint, host=host, port=port)
                 return
-            except (TimeoutError, grpc.aio.AioRpcError, aetcd.ClientError) as e:
+            except TimeoutError as e:
+                failures.append(f"{endpoint}: no answer within {self._dial_timeout}s")
+                last_error = e
+            except (grpc.aio.AioRpcError, aetcd.ClientError) as e:
                 failures.append(f"{endpoint}: {type(e).__name__}: {e}")
                 last_error = e
         raise Unavailable(
             "no etcd endpoint answered: " + "; ".join(failures), retry_after=_RETRY_AFTER
         ) from last_error
 
-    async def _dial(self, endpoint: str) -> _Connection:
-        host, port = _split_endpoint(endpoint)
+    async def _dial(self, endpoint: str, *, host: str, port: int) -> tuple[_Connection, int]:
+        """Connect to ``endpoint``; the connection and the store's revision."""
         client = aetcd.Client(
             host=host, port=port, timeout=self._request_timeout, options=_CHANNEL_OPTIONS
         )
@@ -282,7 +303,7 @@ class EtcdStore:
         except BaseException:
             await client.close()
             raise
-        return _Connection(
+        conn = _Connection(
             client=client,
             kv=rpc.KVStub(client.channel),
             watch=rpc.WatchStub(client.channel),
@@ -290,6 +311,7 @@ class EtcdStore:
             endpoint=endpoint,
             version=status.version,
         )
+        return conn, int(status.header.revision)
 
     async def close(self) -> None:
         if self._closed:
@@ -310,11 +332,13 @@ class EtcdStore:
     async def _unary(self, method: Callable[..., Awaitable[Any]], request: Any) -> Any:
         conn = self._connection()
         try:
-            return await method(request, timeout=self._request_timeout, metadata=conn.metadata)
+            response = await method(request, timeout=self._request_timeout, metadata=conn.metadata)
         except grpc.aio.AioRpcError as e:
             raise _classify(e) from e
         except grpc.aio.UsageError as e:  # the channel was closed under us
             raise Unavailable(f"etcd: {e}", retry_after=_RETRY_AFTER) from e
+        self._seen_revision = max(self._seen_revision, int(response.header.revision))
+        return response
 
     async def _txn(self, *, compare: Any, success: Any, failure: Any = ()) -> Any:
         conn = self._connection()
@@ -329,7 +353,7 @@ class EtcdStore:
 
     async def get(self, key: str) -> KeyValue | None:
         conn = self._connection()
-        response = await self._unary(conn.kv.Range, rpc_pb2.RangeRequest(key=key.encode()))
+        response = await self._unary(conn.kv.Range, rpc_pb2.RangeRequest(key=_key(key)))
         return _key_value(response.kvs[0]) if response.kvs else None
 
     async def range(
@@ -338,8 +362,8 @@ class EtcdStore:
         if limit < 0 or revision < 0:
             raise BadRequest("limit and revision must not be negative")
         conn = self._connection()
-        low = max(prefix.encode(), start.encode())
-        high = _prefix_end(prefix.encode())
+        low = max(_key(prefix), _key(start))
+        high = _prefix_end(_key(prefix))
         if high != b"\0" and low >= high:
             at = revision or await self.current_revision()
             return RangeResult(kvs=(), revision=at, more=False, count=0)
@@ -360,7 +384,7 @@ class EtcdStore:
         )
 
     async def create(self, key: str, value: bytes) -> int:
-        k = key.encode()
+        k = _key(key)
         response = await self._txn(
             compare=rpc_pb2.Compare(
                 key=k,
@@ -377,7 +401,7 @@ class EtcdStore:
     async def update(self, key: str, value: bytes, *, expected_revision: int) -> int:
         if expected_revision <= 0:
             raise BadRequest(f"update of {key} needs an expected revision > 0")
-        k = key.encode()
+        k = _key(key)
         response = await self._txn(
             compare=_mod_revision_is(k, expected_revision),
             success=rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=k, value=value)),
@@ -390,7 +414,7 @@ class EtcdStore:
     async def delete(self, key: str, *, expected_revision: int) -> int:
         if expected_revision < 0:
             raise BadRequest(f"delete of {key}: expected revision must not be negative")
-        k = key.encode()
+        k = _key(key)
         conn = self._connection()
         if expected_revision == 0:
             request = rpc_pb2.DeleteRangeRequest(key=k, prev_kv=True)
@@ -413,9 +437,16 @@ class EtcdStore:
         if from_revision < 0:
             raise BadRequest("from_revision must not be negative")
         watch = _EtcdWatch(
-            self, prefix=prefix, from_revision=from_revision, queue_limit=self._watch_queue_limit
+            self,
+            prefix=prefix,
+            from_revision=from_revision or self._seen_revision + 1,
+            queue_limit=self._watch_queue_limit,
         )
-        self._watches.add(watch)
+        if self._conn is None:
+            # Not started (or closed): "from now" would mean nothing; fail on use.
+            watch._error = Unavailable("etcd store is not connected", retry_after=_RETRY_AFTER)
+        else:
+            self._watches.add(watch)
         return watch
 
     async def compact(self, revision: int) -> None:
@@ -486,7 +517,7 @@ class _EtcdWatch:
         self, store: EtcdStore, *, prefix: str, from_revision: int, queue_limit: int
     ) -> None:
         self._store = store
-        self._prefix = prefix.encode()
+        self._prefix = _key(prefix)
         self._from = from_revision
         self._queue: asyncio.Queue[WatchBatch | ShoalError | None] = asyncio.Queue(queue_limit)
         self._start_lock = asyncio.Lock()
@@ -497,10 +528,9 @@ class _EtcdWatch:
         # The error that ended the watch, raised again to any later iteration.
         self._error: ShoalError | None = None
         # Progress bookkeeping (see the module docstring).
+        # Every event up to this revision has been queued for the consumer.
         self._delivered = max(from_revision - 1, 0)
-        self._progress_ordered = True
-        self._catching_up = False
-        self._created_revision = 0
+        self._trust_requested_progress = True
 
     def __aiter__(self) -> AsyncIterator[WatchBatch]:
         return self._iterate()
@@ -527,7 +557,7 @@ class _EtcdWatch:
             if self._call is not None:
                 return True
             conn = self._store._connection()
-            self._progress_ordered = progress_is_ordered(conn.version)
+            self._trust_requested_progress = progress_is_ordered(conn.version)
             create = rpc_pb2.WatchCreateRequest(
                 key=self._prefix,
                 range_end=_prefix_end(self._prefix),
@@ -541,9 +571,11 @@ class _EtcdWatch:
             try:
                 await self._call.write(rpc_pb2.WatchRequest(create_request=create))
             except grpc.aio.AioRpcError as e:
+                self._call.cancel()
+                self._call = None
                 raise _classify(e) from e
             self._reader = asyncio.get_running_loop().create_task(
-                self._read(), name=f"etcd-watch {self._prefix.decode()}"
+                self._read(), name=f"etcd-watch {_name(self._prefix)}"
             )
             return True
 
@@ -558,6 +590,9 @@ class _EtcdWatch:
             error.__cause__ = e
         except ShoalError as e:
             error = e
+        except Exception as e:  # never leave the consumer waiting on a dead reader
+            error = InternalError(f"etcd watch of {self._prefix!r} failed: {e!r}")
+            error.__cause__ = e
         await self._queue.put(error)
 
     async def _pump(self) -> None:
@@ -568,7 +603,7 @@ class _EtcdWatch:
                 return
             if response.compact_revision:
                 raise Expired(
-                    f"etcd: watch from revision {self._from} of {self._prefix.decode()}: "
+                    f"etcd: watch from revision {self._from} of {_name(self._prefix)}: "
                     f"history compacted to {response.compact_revision}"
                 )
             if response.created:
@@ -593,28 +628,19 @@ class _EtcdWatch:
             for batch in batches:
                 await self._queue.put(batch)
             self._delivered = max(self._delivered, batches[-1].revision)
-            if (
-                self._catching_up
-                and response.header.revision >= self._created_revision
-                and len(batches) < _ETCD_MAX_REVS_PER_RESPONSE
-            ):
-                # A catch-up response covers history up to its header revision.
-                self._catching_up = False
 
     def _on_created(self, revision: int) -> None:
-        self._created_revision = revision
-        if self._from == 0:
-            self._delivered = revision  # the watch covers only what comes after
-        # etcd replays [from, revision] for this watcher before it streams live events.
-        self._catching_up = not self._progress_ordered and 0 < self._from <= revision
+        # Nothing before from_revision is this watch's to deliver; and a notice
+        # never names a revision beyond the store's.
+        self._delivered = min(self._from - 1, revision)
 
     async def _progress(self, response: Any) -> None:
         revision = int(response.header.revision)
-        if response.watch_id != -1:
-            # A periodic notice: sent with the watcher's events, only once caught up.
-            self._catching_up = False
-        elif self._catching_up:
+        if response.watch_id == -1 and not self._trust_requested_progress:
+            # A requested notice from an etcd with etcd#15220: it may have overtaken
+            # events still queued for this watcher, so claim only what was delivered.
             revision = self._delivered
+        # Never backwards (etcd#15220 again: a notice can trail the last event).
         revision = max(revision, self._delivered)
         self._delivered = revision
         await self._queue.put(WatchBatch(revision=revision, events=()))

@@ -40,6 +40,7 @@ Lifecycle::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -135,9 +136,7 @@ class _Database:
     # Reads.
 
     def revision(self) -> int:
-        row = self._conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'kv'"
-        ).fetchone()
+        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'kv'").fetchone()
         return int(row[0]) if row else 0
 
     def compacted(self) -> int:
@@ -170,9 +169,7 @@ class _Database:
         high = _prefix_end(prefix.encode())
         bound, args = ("AND name < ?", [high]) if high is not None else ("", [])
         # For each key in [low, high): its latest row with id <= at.
-        latest = (
-            f"SELECT MAX(id) AS id FROM kv WHERE name >= ? {bound} AND id <= ? GROUP BY name"
-        )
+        latest = f"SELECT MAX(id) AS id FROM kv WHERE name >= ? {bound} AND id <= ? GROUP BY name"
         params = [low, *args, at]
         count = self._conn.execute(
             f"SELECT COUNT(*) FROM kv JOIN ({latest}) m ON kv.id = m.id WHERE kv.deleted = 0",
@@ -308,9 +305,7 @@ def _expect(key: str, expected_revision: int) -> Callable[[_Row | None], None]:
         if prev is None or prev.deleted:
             raise NotFound(f"{key} not found", name=key)
         if expected_revision and prev.id != expected_revision:
-            raise Conflict(
-                f"{key} is at revision {prev.id}, not {expected_revision}", name=key
-            )
+            raise Conflict(f"{key} is at revision {prev.id}, not {expected_revision}", name=key)
 
     return check
 
@@ -355,7 +350,8 @@ class SqliteStore:
         self._watchers.clear()
         if self._db is not None and self._executor is not None and self._loop is not None:
             db = self._db
-            await self._loop.run_in_executor(self._executor, db.close)
+            with contextlib.suppress(sqlite3.Error):  # nothing left to save
+                await self._loop.run_in_executor(self._executor, db.close)
         if self._executor is not None:
             self._executor.shutdown(wait=False)
         self._db = None
@@ -367,7 +363,11 @@ class SqliteStore:
         if self._closed or db is None or executor is None or loop is None:
             raise Unavailable("sqlite store is not open")
         try:
-            return await loop.run_in_executor(executor, job, db)
+            future = loop.run_in_executor(executor, job, db)
+        except RuntimeError as e:  # the executor was shut down under us
+            raise Unavailable("sqlite store is closed") from e
+        try:
+            return await future
         except ShoalError:
             raise
         except sqlite3.OperationalError as e:
@@ -375,8 +375,6 @@ class SqliteStore:
             raise Unavailable(f"sqlite: {e}") from e
         except sqlite3.Error as e:
             raise InternalError(f"sqlite: {e}") from e
-        except RuntimeError as e:  # the executor was shut down under us
-            raise Unavailable("sqlite store is closed") from e
 
     async def _write(self, job: Callable[[_Database], StorageEvent]) -> int:
         loop = self._loop
@@ -518,7 +516,7 @@ class _SqliteWatch:
             first = self._from
             while first <= self._snapshot:
                 events = await self._store._history(self.prefix, first=first, last=self._snapshot)
-                if not events:
+                if not events or self._closed:
                     break
                 for event in events:
                     yield WatchBatch(revision=event.revision, events=(event,))

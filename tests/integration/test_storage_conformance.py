@@ -6,8 +6,8 @@ Each test gets a fresh, started store and a key prefix of its own:
 - ``sqlite-file``: ``SqliteStore`` on a file in the test's tmp dir (WAL mode);
 - ``etcd``: ``EtcdStore`` against one real etcd per test session (``EtcdServer``),
   marked ``etcd`` and skipped when no ``etcd`` binary is on PATH. Tests share that
-  etcd, so they stay inside their own ``/registry/tN/`` prefix and never assume
-  that revisions start at 1.
+  etcd (tests/conftest.py's ``etcd`` when present), so they stay inside their own
+  ``/registry/tN/`` prefix and never assume that revisions start at 1.
 
 Every wait is bounded by ``asyncio.timeout`` so a broken backend fails, not hangs.
 """
@@ -60,7 +60,15 @@ class Subject:
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
+def etcd_server(request: pytest.FixtureRequest) -> Iterator[EtcdServer]:
+    """The session's shared etcd (``etcd`` in tests/conftest.py), or one of our own."""
+    try:
+        shared: EtcdServer | None = request.getfixturevalue("etcd")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        yield shared
+        return
     with EtcdServer() as server:
         yield server
 
@@ -325,6 +333,20 @@ async def test_watch_groups_events_per_revision(subject: Subject) -> None:
         await watch.close()
 
 
+async def test_watch_from_zero_sees_every_write_made_after_it_was_opened(
+    subject: Subject,
+) -> None:
+    store = subject.store
+    async with asyncio.timeout(TIMEOUT):
+        before = await store.create(subject.key("before"), b"x")
+        watch = store.watch(subject.prefix, from_revision=0)
+        after = await store.create(subject.key("after"), b"x")  # before iterating
+        batches = await event_batches(aiter(watch), 1)
+        assert [(b.revision, b.events[0].key) for b in batches] == [(after, subject.key("after"))]
+        assert before < after
+        await watch.close()
+
+
 async def test_request_progress_yields_empty_batch_at_or_after_last_write(
     subject: Subject,
 ) -> None:
@@ -348,6 +370,41 @@ async def test_request_progress_yields_empty_batch_at_or_after_last_write(
         quiet_it = aiter(quiet)
         assert (await progress_after(quiet, quiet_it)).revision >= other_write
         await quiet.close()
+
+
+async def test_progress_notices_never_run_ahead_of_events(subject: Subject) -> None:
+    """A notice at revision R promises every event <= R is out: none may follow it."""
+    store = subject.store
+    async with asyncio.timeout(TIMEOUT):
+        history = [await store.create(subject.key(f"h{i:03}"), b"x") for i in range(100)]
+        watch = store.watch(subject.prefix, from_revision=history[0])
+        it = aiter(watch)
+        await watch.request_progress()  # before the replay is out
+        done = asyncio.Event()
+
+        async def write() -> None:
+            for i in range(100):
+                await store.create(subject.key(f"l{i:03}"), b"x")
+            done.set()
+
+        async def request() -> None:
+            while not done.is_set():
+                await watch.request_progress()
+                await asyncio.sleep(0.001)
+
+        tasks = [asyncio.create_task(write()), asyncio.create_task(request())]
+        promised = 0  # highest progress revision seen so far
+        events = 0
+        while events < 200:
+            batch = await anext(it)
+            if batch.events:
+                assert batch.revision > promised, f"event {batch.revision} after notice {promised}"
+                events += len(batch.events)
+            else:
+                assert batch.revision >= promised, "a progress notice went backwards"
+                promised = batch.revision
+        await asyncio.gather(*tasks)
+        await watch.close()
 
 
 async def test_watch_close_stops_iteration(subject: Subject) -> None:
@@ -374,13 +431,14 @@ async def test_watch_close_stops_iteration(subject: Subject) -> None:
 
 async def test_store_close_ends_watch_with_unavailable(new_store: Callable[[], Store]) -> None:
     store = new_store()
+    prefix = f"/registry/t{next(_test_numbers)}/"
     async with asyncio.timeout(TIMEOUT):
         await store.start()
-        watch = store.watch("/registry/closing/", from_revision=0)
+        watch = store.watch(prefix, from_revision=0)
         it = aiter(watch)
         pending = asyncio.create_task(next_batch(it))
-        await store.create("/registry/closing/a", b"x")
-        assert (await pending).events[0].key == "/registry/closing/a"
+        await store.create(prefix + "a", b"x")
+        assert (await pending).events[0].key == prefix + "a"
         pending = asyncio.create_task(next_batch(it))
         await asyncio.sleep(0)
         await store.close()
