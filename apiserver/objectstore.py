@@ -252,6 +252,8 @@ class ObjectStore:
             obj.ClearField("status")
         if kind.kind == "Secret":
             _merge_string_data(obj)
+        if kind.kind == "Namespace" and "kubernetes" not in obj.spec.finalizers:
+            obj.spec.finalizers.append("kubernetes")
         for attempt in range(8):
             if generated:
                 suffix = "".join(random.choices(_NAME_ALPHABET, k=5))
@@ -316,7 +318,7 @@ class ObjectStore:
                 return current  # no change, no write
             if dry_run:
                 return new
-            if current.metadata.HasField("deletion_timestamp") and not new.metadata.finalizers:
+            if current.metadata.HasField("deletion_timestamp") and not _finalizers(kind, new):
                 try:
                     revision = await self.store.delete(key, expected_revision=cur_rv)
                 except errors.Conflict:
@@ -423,7 +425,7 @@ class ObjectStore:
                 raise errors.Conflict(
                     f"Precondition failed: ResourceVersion in precondition: {wanted_rv}, "
                     f"ResourceVersion in object meta: {cur_rv}", kind=kind.kind, name=name)
-            if current.metadata.finalizers:
+            if _finalizers(kind, current):
                 if current.metadata.HasField("deletion_timestamp"):
                     return current
                 marked: Any = kind.new()
@@ -462,6 +464,13 @@ class ObjectStore:
         if kind.kind == "Pod" and obj.spec.HasField("termination_grace_period_seconds"):
             return int(obj.spec.termination_grace_period_seconds)
         return 30 if kind.kind == "Pod" else 0
+
+
+def _finalizers(kind: Kind, obj: Any) -> bool:
+    """Does anything still hold this object? (A Namespace also has spec.finalizers.)"""
+    if obj.metadata.finalizers:
+        return True
+    return kind.kind == "Namespace" and bool(obj.spec.finalizers)
 
 
 def _merge_string_data(secret: Any) -> None:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from apiserver.grpcapi import SERVICE, ResourceAPI
 from apiserver.metrics import Metrics
+from apiserver.namespaces import NamespaceFinalizer
 from apiserver.objectstore import ObjectStore
 from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
@@ -88,6 +89,7 @@ class APIServer:
         self.objects = ObjectStore(store=self.store, kinds=kinds)
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name)
+        self.namespaces = NamespaceFinalizer(objects=self.objects, cache=self.cache, kinds=kinds)
         self.readiness = Readiness("storage", "watch-cache", "bootstrap")
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         host, port = _split_hostport(config.metrics_listen)
@@ -137,11 +139,15 @@ class APIServer:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             cache_task = tg.create_task(self.cache.run(), name="watch-cache")
-            ticker = tg.create_task(self._bookmarks(), name="bookmarks")
-            tg.create_task(self._become_ready(), name="readiness")
+            loops = [
+                tg.create_task(self._bookmarks(), name="bookmarks"),
+                tg.create_task(self.namespaces.run(), name="namespace-finalizer"),
+                tg.create_task(self._become_ready(), name="readiness"),
+            ]
             await self._stopping.wait()
             cache_task.cancel()
-            ticker.cancel()
+            for task in loops:
+                task.cancel()
 
     async def _become_ready(self) -> None:
         await self.cache.ready.wait()

@@ -55,6 +55,8 @@ from shoal.selectors import FieldSelector, LabelSelector
 log = logging.getLogger(__name__)
 
 REGISTRY_PREFIX = "/registry/"
+# Not a kind: a key each apiserver writes when its cache starts (see _sync_marker).
+SYNC_KEY = "/registry/apiserver-sync"
 ADDED = resources_pb2.ADDED
 MODIFIED = resources_pb2.MODIFIED
 DELETED = resources_pb2.DELETED
@@ -105,7 +107,8 @@ class Watcher:
         self.pending: deque[bytes] = deque()
         self.wake = asyncio.Event()
         self.ended: errors.ShoalError | None = None
-        self.last_revision = 0
+        # Events at or below this revision were already seen by the client.
+        self.after = 0
 
     def _matches(self, obj: CachedObject) -> bool:
         if self.namespace and obj.namespace != self.namespace:
@@ -113,7 +116,7 @@ class Watcher:
         return self.labels.matches(obj.labels) and self.fields.matches(obj.fields)
 
     def offer(self, ev: CacheEvent) -> None:
-        if self.ended is not None:
+        if self.ended is not None or ev.revision <= self.after:
             return
         if ev.type == ADDED:
             kind = ADDED if self._matches(ev.obj) else 0
@@ -132,7 +135,6 @@ class Watcher:
                 kind, use_prev = DELETED, True
             else:
                 kind, use_prev = 0, False
-        self.last_revision = ev.revision
         if not kind:
             return
         data = self.kind_cache.encode(ev, kind, use_prev)
@@ -179,6 +181,8 @@ class KindCache:
         # Every event with revision > window_start is in self.history.
         self.window_start = 0
         self.watchers: set[Watcher] = set()
+        # In-process observers of every applied event (e.g. namespace finalization).
+        self.listeners: list[Callable[[CacheEvent], None]] = []
         self._suffixes: dict[int, bytes] = {}
         self._getters = kind.fields
 
@@ -218,14 +222,19 @@ class KindCache:
         data = ev._encoded.get(cache_key)
         if data is None:
             src = ev.prev if use_prev and ev.prev is not None else ev.obj
-            data = resources_pb2.WatchEvent(
-                type=event_type,  # type: ignore[arg-type]
-                object=any_pb2.Any(type_url=self.kind.type_url,
-                                   value=self.wire(src, ev.revision)),
-                resource_version=str(ev.revision),
-            ).SerializeToString()
+            data = self.event_bytes(event_type, src, object_revision=ev.revision,
+                                    stream_revision=ev.revision)
             ev._encoded[cache_key] = data
         return data
+
+    def event_bytes(self, event_type: int, obj: CachedObject, *, object_revision: int,
+                    stream_revision: int) -> bytes:
+        return bytes(resources_pb2.WatchEvent(
+            type=event_type,  # type: ignore[arg-type]
+            object=any_pb2.Any(type_url=self.kind.type_url,
+                               value=self.wire(obj, object_revision)),
+            resource_version=str(stream_revision),
+        ).SerializeToString())
 
     # -- state -------------------------------------------------------------
 
@@ -255,6 +264,11 @@ class KindCache:
             self.window_start = dropped.revision
         for w in list(self.watchers):
             w.offer(ev)
+        for listener in self.listeners:
+            try:
+                listener(ev)
+            except Exception:
+                log.exception("watch cache listener failed")
 
     def select(self, namespace: str, labels: LabelSelector,
                fields: FieldSelector) -> list[CachedObject]:
@@ -292,6 +306,7 @@ class WatchCache:
         self._watch: StoreWatch | None = None
         self._progress_asked = 0.0
         self._on_watchers_changed = on_watchers_changed
+        self._ready_at = 0
 
     def cache_for(self, kind: Kind) -> KindCache:
         return self.caches[kind.qualified_resource]
@@ -347,9 +362,25 @@ class WatchCache:
         self.revision = revision
         log.info("watch cache: listed %d objects at revision %d (latest %d)",
                  len(kvs), revision, latest)
-        if revision >= latest:
+        # Ready once the replay has reached a write made now: the watch is sure
+        # to deliver it, whatever else (outside /registry/) storage holds.
+        self._ready_at = await self._sync_marker()
+        if revision >= self._ready_at:
             self.ready.set()
-        self._ready_at = latest
+
+    async def _sync_marker(self) -> int:
+        """Write the apiserver's sync key; its revision is where the cache is current."""
+        data = str(time.time()).encode()
+        for _ in range(5):
+            kv = await self.store.get(SYNC_KEY)
+            try:
+                if kv is None:
+                    return await self.store.create(SYNC_KEY, data)
+                return await self.store.update(SYNC_KEY, data,
+                                               expected_revision=kv.mod_revision)
+            except (errors.AlreadyExists, errors.Conflict, errors.NotFound):
+                continue
+        return await self.store.current_revision()
 
     async def _list_all(self, revision: int) -> tuple[list[tuple[str, bytes, int]], int]:
         out: list[tuple[str, bytes, int]] = []
@@ -390,7 +421,7 @@ class WatchCache:
                 kind = ADDED if prev is None else MODIFIED
                 kc.apply(CacheEvent(kind, obj, prev, sev.revision))
         self.revision = max(self.revision, batch.revision)
-        if not self.ready.is_set() and self.revision >= getattr(self, "_ready_at", 0):
+        if not self.ready.is_set() and self.revision >= self._ready_at:
             self.ready.set()
         if self._fresh_waiters:
             still = []
@@ -478,9 +509,12 @@ class WatchCache:
         w = Watcher(kind_cache=kc, namespace=namespace, labels=labels, fields=fields,
                     bookmarks=bookmarks, max_queue=self.max_watcher_queue)
         if resource_version is None:
+            # The current state as ADDED events. Each carries the cache's revision
+            # as the stream position, so resuming from any of them is exact.
             for o in kc.select(namespace, labels, fields):
-                w.push(kc.encode(CacheEvent(ADDED, o, None, o.revision), ADDED, False))
-            w.last_revision = self.revision
+                w.push(kc.event_bytes(ADDED, o, object_revision=o.revision,
+                                      stream_revision=self.revision))
+            w.after = self.revision
             if bookmarks:
                 w.push(self.bookmark(kc))
         else:
@@ -488,14 +522,12 @@ class WatchCache:
                 raise errors.Expired(
                     f"too old resource version: {resource_version} (oldest kept: "
                     f"{kc.window_start + 1})", kind=kind.kind)
-            if resource_version > self.revision:
-                # A version from the future (e.g. written through another apiserver
-                # and not yet seen here): nothing to replay; events will come.
-                pass
+            # A version ahead of this cache (seen through another apiserver) replays
+            # nothing, and the events up to it are skipped when they arrive here.
+            w.after = resource_version
             for ev in kc.history:
                 if ev.revision > resource_version:
                     w.offer(ev)
-            w.last_revision = max(resource_version, self.revision)
         kc.watchers.add(w)
         if self._on_watchers_changed:
             self._on_watchers_changed(kind.qualified_resource, len(kc.watchers))
@@ -519,7 +551,7 @@ class WatchCache:
                 continue
             data = self.bookmark(kc)
             for w in kc.watchers:
-                if w.bookmarks and w.ended is None:
+                if w.bookmarks and w.ended is None and w.after <= self.revision:
                     w.push(data)
 
     def watcher_count(self) -> int:

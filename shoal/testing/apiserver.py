@@ -106,3 +106,79 @@ class InProcessAPIServer:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
+
+
+class APIServerProcess:
+    """``shoal-apiserver serve`` as a real child process (for e2e tests and benchmarks).
+
+    Tracks the one PID it starts; ``stop()`` sends SIGTERM (``kill()`` SIGKILL) to
+    exactly that process. ``start()`` waits on ``/readyz``, never a fixed sleep.
+    """
+
+    def __init__(self, data_dir: Path, *, etcd_endpoint: str = "", port: int = 0,
+                 metrics_port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
+        self.data_dir = data_dir
+        self.etcd_endpoint = etcd_endpoint
+        self.port = port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.extra_args = extra_args
+        self.log_path = data_dir / "apiserver.log"
+        self.proc: Any = None
+        result = pki.init(data_dir, server_addresses=[f"127.0.0.1:{self.port}"])
+        self.config_path = result.admin_config
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid) if self.proc is not None else 0
+
+    def command(self) -> list[str]:
+        import sys
+
+        cmd = [sys.executable, "-m", "apiserver.main", "serve", "--data-dir", str(self.data_dir),
+               "--listen", f"127.0.0.1:{self.port}",
+               "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--bookmark-interval", "1"]
+        if self.etcd_endpoint:
+            cmd += ["--storage", "etcd", "--etcd-servers", self.etcd_endpoint]
+        return cmd + list(self.extra_args)
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        import subprocess
+        import time
+        import urllib.request
+
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"shoal-apiserver exited with {self.proc.returncode}; "
+                                   f"log: {self.log_path.read_text()[-2000:]}")
+            try:
+                url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"shoal-apiserver not ready after {timeout}s")
+
+    def stop(self, *, kill: bool = False) -> None:
+        import signal
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(kill=True)

@@ -497,3 +497,44 @@ async def test_plaintext_and_unauthenticated_clients_are_refused(
                              response_deserializer=resources_pb2.VersionResponse.FromString)
         with pytest.raises(grpc.aio.AioRpcError):
             await rpc(resources_pb2.VersionRequest(), timeout=3)
+
+
+async def test_deleting_a_namespace_removes_everything_in_it(client: AsyncClient) -> None:
+    ns = core_pb2.Namespace()
+    ns.metadata.name = "doomed"
+    created = await client.create(ns)
+    assert list(created.spec.finalizers) == ["kubernetes"]
+    await client.create(_in(configmap("a"), "doomed"))
+    held = _in(configmap("held"), "doomed")
+    held.metadata.finalizers.append("example.com/hold")
+    await client.create(held)
+    marked = await client.delete(core_pb2.Namespace, "doomed")
+    assert marked.status.phase == "Terminating"
+    with pytest.raises(errors.Forbidden, match="being terminated"):
+        await client.create(_in(configmap("late"), "doomed"))
+
+    async def gone(kind: Any, name: str, ns: str = "doomed") -> bool:
+        try:
+            await client.get(kind, name, namespace=ns)
+        except errors.NotFound:
+            return True
+        return False
+
+    async with asyncio.timeout(10):
+        while not await gone(core_pb2.ConfigMap, "a"):
+            await asyncio.sleep(0.05)
+    # The held object keeps the namespace alive until its finalizer is removed.
+    await asyncio.sleep(0.3)
+    assert not await gone(core_pb2.Namespace, "doomed", "")
+    h = await client.get(core_pb2.ConfigMap, "held", namespace="doomed")
+    assert h.metadata.HasField("deletion_timestamp")
+    del h.metadata.finalizers[:]
+    await client.update(h)
+    async with asyncio.timeout(10):
+        while not await gone(core_pb2.Namespace, "doomed", ""):
+            await asyncio.sleep(0.05)
+
+
+def _in(obj: Any, ns: str) -> Any:
+    obj.metadata.namespace = ns
+    return obj
