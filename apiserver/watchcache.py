@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections import deque
@@ -360,6 +361,8 @@ class WatchCache:
         for name, kc in self.caches.items():
             kc.reset(grouped[name], revision)
         self.revision = revision
+        gc.collect()
+        gc.freeze()  # the listed objects live long: keep them out of young-GC scans
         log.info("watch cache: listed %d objects at revision %d (latest %d)",
                  len(kvs), revision, latest)
         # Ready once the replay has reached a write made now: the watch is sure

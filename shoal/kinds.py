@@ -46,7 +46,8 @@ class Kind:
     short_names: tuple[str, ...] = ()
     has_status: bool = True
     # Field-selector paths this kind supports, beyond metadata.name/namespace.
-    extra_fields: Mapping[str, FieldGetter] = field(default_factory=dict)
+    extra_fields: Mapping[str, FieldGetter] = field(default_factory=dict, hash=False,
+                                                    compare=False)
 
     @property
     def api_version(self) -> str:

@@ -367,9 +367,13 @@ class Document:
     data: Any
     source: str
     index: int
+    # Position inside a ``kind: List`` document (1-based), when it came from one.
+    item: int = 0
 
     @property
     def where(self) -> str:
+        if self.item:
+            return f"{self.source}: document {self.index}, item {self.item}"
         return f"{self.source}: document {self.index}"
 
 
@@ -494,8 +498,8 @@ def load_documents(text: str, *, source: str) -> list[Document]:
             items = data.get("items") or []
             if not isinstance(items, list):
                 raise errors.Invalid(f"{source}: document {i}: List items must be an array")
-            docs.extend(Document(item, f"{source}: document {i}", j)
-                        for j, item in enumerate(items))
+            docs.extend(Document(item, source, i, item=j)
+                        for j, item in enumerate(items, start=1))
             continue
         docs.append(Document(data, source, i))
     return docs

@@ -1,0 +1,242 @@
+"""The ``shoal`` command: argument parsing, dispatch, and exit codes.
+
+``main(argv)`` parses the arguments, runs one command on a fresh event loop
+and returns the exit code (see :mod:`shoal.cli.reporting` and docs/cli.md);
+it never lets an expected error escape as a traceback. The console script and
+``python -m shoal.cli.main`` both call it.
+
+Global flags (``--config``, ``-n/--namespace``, ``--request-timeout``) are
+accepted before or after the command name, as kubectl accepts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Sequence
+from types import MappingProxyType
+from typing import Any
+
+from shoal import errors
+from shoal.cli.applying import run_apply
+from shoal.cli.configuring import run_config_view
+from shoal.cli.deleting import DeleteOptions, run_delete
+from shoal.cli.describing import run_describe
+from shoal.cli.discovering import run_api_resources, run_version
+from shoal.cli.getting import OUTPUTS, GetOptions, run_get
+from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
+from shoal.cli.session import Session
+from shoal.kinds import builtin_kinds
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)")
+_UNITS = MappingProxyType({"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0})
+# Bare flags that kubectl also accepts with a value, and what the bare form means.
+_BARE = MappingProxyType({"--dry-run": "--dry-run=server", "--wait=true": "--wait",
+                          "--wait=false": "--no-wait"})
+
+
+def parse_duration(text: str) -> float | None:
+    """--request-timeout: '30', '30s', '1m30s', '500ms'; 0 means no timeout (None)."""
+    t = text.strip()
+    if re.fullmatch(r"\d+(\.\d*)?", t):
+        seconds = float(t)
+    else:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(t):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(t) or not t:
+            raise argparse.ArgumentTypeError(
+                f'invalid duration "{text}": use a number of seconds or a duration such as '
+                "30s, 1m or 500ms")
+    return seconds or None
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f'invalid boolean "{text}": use true or false')
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Rewrite kubectl's optional-value flags into forms argparse parses."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[i:])
+        out.append(_BARE.get(arg, arg))
+    return out
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--config", metavar="PATH", default=default(None),
+                        help="client config file (default: $SHOAL_CONFIG, else ~/.shoal/config)")
+    parser.add_argument("-n", "--namespace", metavar="NS", default=default(None),
+                        help="namespace for this request (default: the config's)")
+    parser.add_argument("--request-timeout", metavar="DURATION", type=parse_duration,
+                        default=default(None),
+                        help="how long to wait for each server call (e.g. 10, 10s, 1m); "
+                             "also ends get --watch")
+
+
+def _dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", choices=("none", "server", "client"), default="none",
+                        help="check, print what would happen, write nothing "
+                             "(bare --dry-run means server)")
+
+
+def _files(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("-f", "--filename", dest="files", action="append", metavar="PATH",
+                        required=required, default=[],
+                        help="manifest file, directory of *.yaml/*.yml/*.json, or - for stdin "
+                             "(repeatable)")
+    parser.add_argument("-R", "--recursive", action="store_true",
+                        help="with -f DIR, include subdirectories")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal", description="Operate a Shoal cluster (kubectl-style).",
+        epilog="Exit codes: 0 ok, 1 the server refused, 2 usage or bad input (nothing "
+               "written), 3 cannot reach the apiserver or no usable client config.")
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("apply", parents=[common], help="create or update objects from manifests",
+                       description="Create or update objects from manifests, all or nothing.")
+    _files(p, required=True)
+    _dry_run(p)
+
+    p = sub.add_parser("get", parents=[common], help="list objects",
+                       description="Print objects as a table, YAML, JSON or names.")
+    p.add_argument("args", nargs="*", metavar="KIND[,KIND] [NAME...] | KIND/NAME")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-l", "--selector", default="", metavar="SELECTOR")
+    p.add_argument("--field-selector", default="", metavar="SELECTOR")
+    p.add_argument("-o", "--output", choices=OUTPUTS, default="")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="after the list, print each change (Ctrl-C stops)")
+    p.add_argument("--no-headers", action="store_true")
+    p.add_argument("--show-labels", action="store_true")
+
+    p = sub.add_parser("describe", parents=[common], help="show details of objects",
+                       description="Show objects in detail, with their events.")
+    p.add_argument("args", nargs="+", metavar="KIND [NAME...] | KIND/NAME")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-l", "--selector", default="", metavar="SELECTOR")
+
+    p = sub.add_parser("delete", parents=[common], help="delete objects",
+                       description="Delete objects by manifest, name or selector.")
+    p.add_argument("args", nargs="*", metavar="KIND [NAME...] | KIND/NAME")
+    _files(p, required=False)
+    p.add_argument("-l", "--selector", default="", metavar="SELECTOR")
+    p.add_argument("--all", action="store_true", help="every object of the kind(s)")
+    p.add_argument("--grace-period", type=int, default=-1, metavar="SECONDS",
+                   help="seconds to let pods stop (-1: the object's default)")
+    p.add_argument("--cascade", default="background",
+                   help="background (default), foreground or orphan")
+    p.add_argument("--wait", dest="wait", action="store_true", default=False,
+                   help="wait until each object is gone")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="do not wait (the default)")
+    p.add_argument("--ignore-not-found", action="store_true")
+    _dry_run(p)
+
+    p = sub.add_parser("version", parents=[common], help="client and server versions")
+    p.add_argument("--client", action="store_true", help="the client's only")
+    p.add_argument("-o", "--output", choices=("yaml", "json"), default="")
+
+    p = sub.add_parser("config", parents=[common], help="the client config")
+    config_sub = p.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    view = config_sub.add_parser("view", parents=[common], help="print the client config")
+    view.add_argument("--raw", action="store_true", help="show key material too")
+
+    p = sub.add_parser("api-resources", parents=[common], help="the kinds the server serves")
+    p.add_argument("--namespaced", type=parse_bool, default=None, metavar="true|false")
+    p.add_argument("-o", "--output", choices=("wide", "name"), default="")
+    p.add_argument("--no-headers", action="store_true")
+    return parser
+
+
+async def dispatch(session: Session, ns: argparse.Namespace) -> int:
+    """Run the parsed command; closes the session's client when done."""
+    try:
+        match ns.command:
+            case "apply":
+                return await run_apply(session, files=ns.files, recursive=ns.recursive,
+                                       dry_run=ns.dry_run)
+            case "get":
+                return await run_get(session, GetOptions(
+                    args=tuple(ns.args), all_namespaces=ns.all_namespaces,
+                    label_selector=ns.selector, field_selector=ns.field_selector,
+                    output=ns.output, watch=ns.watch, no_headers=ns.no_headers,
+                    show_labels=ns.show_labels))
+            case "describe":
+                return await run_describe(session, args=ns.args, label_selector=ns.selector,
+                                          all_namespaces=ns.all_namespaces)
+            case "delete":
+                return await run_delete(session, DeleteOptions(
+                    args=tuple(ns.args), files=tuple(ns.files), recursive=ns.recursive,
+                    label_selector=ns.selector, all=ns.all, grace_period=ns.grace_period,
+                    cascade=ns.cascade, wait=ns.wait, ignore_not_found=ns.ignore_not_found,
+                    dry_run=ns.dry_run))
+            case "version":
+                return await run_version(session, client_only=ns.client, output=ns.output)
+            case "config":
+                return run_config_view(session, raw=ns.raw)
+            case "api-resources":
+                return await run_api_resources(session, namespaced=ns.namespaced,
+                                               output=ns.output, headers=not ns.no_headers)
+        raise CLIError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse
+    finally:
+        await session.aclose()
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``shoal get pods | head``), drop further output."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``shoal`` command; returns its exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = build_parser().parse_args(normalize_argv(arguments))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
+    session = Session(kinds=builtin_kinds(), out=sys.stdout, err=sys.stderr, stdin=sys.stdin,
+                      config_path=ns.config, namespace_flag=ns.namespace,
+                      request_timeout=ns.request_timeout)
+    try:
+        return asyncio.run(dispatch(session, ns))
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch is meant to end.
+        return ExitCode.OK if getattr(ns, "watch", False) else 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return ExitCode.OK
+    except (CLIError, errors.ShoalError, OSError) as e:
+        for line in error_lines(e):
+            session.warn(line)
+        return exit_code_for(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
