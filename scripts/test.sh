@@ -6,15 +6,19 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-install_packages etcd-server etcd-client ca-certificates
+install_packages etcd-server etcd-client ca-certificates shellcheck
 make_venv "[dev]"
 cd "$ROOT"
 export PATH="$VENV/bin:$PATH"
 
+log "shellcheck"
+shellcheck scripts/*.sh .ci/run
 log "ruff"
 ruff check .
 log "mypy --strict"
 mypy
+log "generated code is current"
+python tools/genproto.py --check
 log "import-linter (layering)"
 lint-imports
 log "pytest: unit, integration, e2e"
