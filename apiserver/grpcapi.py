@@ -11,18 +11,17 @@ stream as the same bytes (the Watch method's serializer passes bytes through).
 
 from __future__ import annotations
 
-import functools
 import logging
 import platform
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
+from apiserver.rpc import Authenticator, abort_with, grpc_code, passthrough, unary
 from apiserver.watchcache import WatchCache
 from shoal import errors, selectors
 from shoal.api.resources.v1 import resources_pb2 as pb
@@ -31,89 +30,7 @@ from shoal.kinds import Kind, KindTable
 log = logging.getLogger(__name__)
 
 SERVICE = "shoal.resources.v1.Resources"
-STATUS_TRAILER = "shoal-status-bin"
 VERSION = "0.1.0"
-
-GRPC_CODES: dict[type[errors.ShoalError], grpc.StatusCode] = {
-    errors.BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.Invalid: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
-    errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.Conflict: grpc.StatusCode.ABORTED,
-    errors.Expired: grpc.StatusCode.OUT_OF_RANGE,
-    errors.RequestEntityTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.TooManyRequests: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.InternalError: grpc.StatusCode.INTERNAL,
-}
-
-
-def grpc_code(error: errors.ShoalError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        code = GRPC_CODES.get(cls)  # type: ignore[call-overload,unused-ignore]
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any],
-                     error: errors.ShoalError) -> None:
-    await context.abort(
-        grpc_code(error), error.message,
-        trailing_metadata=((STATUS_TRAILER, error.status().SerializeToString()),))
-
-
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-Unary = Callable[["ResourceAPI", _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
-
-
-def _resource_of(request: Any) -> str:
-    obj = getattr(request, "object", None)
-    if obj is not None and obj.type_url:
-        return str(obj.type_url.rsplit(".", 1)[-1]).lower()
-    res = getattr(request, "resource", "")
-    return str(res) or "-"
-
-
-def _unary(method: str) -> Callable[[Unary[_Req, _Resp]], Unary[_Req, _Resp]]:
-    """Error mapping and metrics around one unary method."""
-
-    def wrap(fn: Unary[_Req, _Resp]) -> Unary[_Req, _Resp]:
-        @functools.wraps(fn)
-        async def handler(self: ResourceAPI, request: _Req,
-                          context: grpc.aio.ServicerContext[Any, Any]) -> _Resp:
-            start = time.perf_counter()
-            resource = _resource_of(request)
-            code = "OK"
-            try:
-                return await fn(self, request, context)
-            except errors.ShoalError as e:
-                code = grpc_code(e).name
-                await abort_with(context, e)
-                raise  # pragma: no cover - abort raises
-            except Exception as e:
-                if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
-                    raise
-                code = "INTERNAL"
-                log.exception("%s failed", method)
-                await abort_with(context, errors.InternalError(f"internal error: {e}"))
-                raise  # pragma: no cover
-            finally:
-                self.metrics.requests.labels(method, resource, code).inc()
-                self.metrics.latency.labels(method, resource).observe(
-                    time.perf_counter() - start)
-
-        return handler
-
-    return wrap
-
-
-def _passthrough(message: Any) -> bytes:
-    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
 
 class ResourceAPI:
@@ -127,8 +44,10 @@ class ResourceAPI:
         cache: WatchCache,
         metrics: Metrics,
         storage_name: str,
+        authn: Authenticator,
         cache_wait: float = 10.0,
     ) -> None:
+        self.authn = authn
         self.kinds = kinds
         self.objects = objects
         self.cache = cache
@@ -139,7 +58,7 @@ class ResourceAPI:
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=req.FromString, response_serializer=_passthrough)
+                fn, request_deserializer=req.FromString, response_serializer=passthrough)
 
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Create": unary(self.create, pb.CreateRequest),
@@ -152,7 +71,7 @@ class ResourceAPI:
             "Version": unary(self.version, pb.VersionRequest),
             "Watch": grpc.unary_stream_rpc_method_handler(
                 self.watch, request_deserializer=pb.WatchRequest.FromString,
-                response_serializer=_passthrough),
+                response_serializer=passthrough),
         })
 
     # -- helpers ----------------------------------------------------------------
@@ -178,14 +97,14 @@ class ResourceAPI:
 
     # -- unary methods ----------------------------------------------------------
 
-    @_unary("Create")
+    @unary("Create")
     async def create(self, request: pb.CreateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
         created = await self.objects.create(kind, obj, dry_run=request.dry_run)
         return self._response(kind, created)
 
-    @_unary("Get")
+    @unary("Get")
     async def get(self, request: pb.GetRequest,
                   context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind = self._kind(request.group, request.resource)
@@ -195,7 +114,7 @@ class ResourceAPI:
                                      name=request.name)
         return self._response(kind, obj)
 
-    @_unary("List")
+    @unary("List")
     async def list(self, request: pb.ListRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:
         kind = self._kind(request.group, request.resource)
@@ -229,14 +148,14 @@ class ResourceAPI:
             resp.remaining_item_count = page.remaining
         return resp
 
-    @_unary("Update")
+    @unary("Update")
     async def update(self, request: pb.UpdateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
         updated = await self.objects.update(kind, obj, dry_run=request.dry_run)
         return self._response(kind, updated)
 
-    @_unary("UpdateStatus")
+    @unary("UpdateStatus")
     async def update_status(self, request: pb.UpdateRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
@@ -244,7 +163,7 @@ class ResourceAPI:
                                             dry_run=request.dry_run)
         return self._response(kind, updated)
 
-    @_unary("Delete")
+    @unary("Delete")
     async def delete(self, request: pb.DeleteRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind = self._kind(request.group, request.resource)
@@ -259,7 +178,7 @@ class ResourceAPI:
             dry_run=request.dry_run)
         return self._response(kind, obj)
 
-    @_unary("Discover")
+    @unary("Discover")
     async def discover(self, request: pb.DiscoverRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> pb.DiscoverResponse:
         return pb.DiscoverResponse(resources=[
@@ -269,7 +188,7 @@ class ResourceAPI:
             for k in self.kinds
         ])
 
-    @_unary("Version")
+    @unary("Version")
     async def version(self, request: pb.VersionRequest,
                       context: grpc.aio.ServicerContext[Any, Any]) -> pb.VersionResponse:
         return pb.VersionResponse(version=VERSION, storage=self.storage_name,
@@ -281,6 +200,7 @@ class ResourceAPI:
                     context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         resource = request.resource or "-"
         try:
+            self.authn.require(context)
             kind = self._kind(request.group, request.resource)
             labels, fields = self._selectors(kind, request.label_selector,
                                              request.field_selector)

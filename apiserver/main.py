@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated etcd client endpoints, e.g. 127.0.0.1:2379")
     srv.add_argument("--sqlite-path", default="")
     srv.add_argument("--metrics-listen", default="127.0.0.1:9090")
+    srv.add_argument("--join-listen", default="127.0.0.1:6444",
+                     help="TLS port for `shoal-nodeagent join` (no client certificate); "
+                          "'' turns it off")
+    srv.add_argument("--advertise", action="append", default=[],
+                     help="HOST:PORT nodes should use for this apiserver (repeatable)")
     srv.add_argument("--bookmark-interval", type=float, default=5.0)
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         data_dir=ns.data_dir, listen=ns.listen, storage=ns.storage,
         etcd_servers=_endpoints(ns.etcd_servers), sqlite_path=ns.sqlite_path,
-        metrics_listen=ns.metrics_listen, bookmark_interval=ns.bookmark_interval)
+        metrics_listen=ns.metrics_listen, bookmark_interval=ns.bookmark_interval,
+        join_listen=ns.join_listen, advertise=tuple(ns.advertise))
     _tune_gc()
     try:
         asyncio.run(_serve(config))

@@ -15,7 +15,6 @@ its O entries are the groups. ``init`` is idempotent: what exists is kept.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import socket
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.config import ClientConfig
+from shoal.tokens import ca_cert_hash
 
 CA_DAYS = 3650
 CERT_DAYS = 365
@@ -149,9 +149,7 @@ class CertificateAuthority:
 
     def cert_hash(self) -> str:
         """``sha256:<hex>`` of the CA's public key, as ``kubeadm join`` pins it."""
-        spki = self.cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return "sha256:" + hashlib.sha256(spki).hexdigest()
+        return ca_cert_hash(cert_pem(self.cert))
 
 
 def identity_of(pem: bytes) -> Identity:
@@ -213,7 +211,8 @@ def init(
         cert = ca.issue(key.public_key(), common_name="shoal-apiserver", dns_names=sorted(dns),
                         ips=sorted(ips), server=True)
         _write(pki / "server.key", key_pem(key), private=True)
-        _write(pki / "server.crt", cert_pem(cert), private=False)
+        # The chain includes the CA so a joining node can find it (and pin its hash).
+        _write(pki / "server.crt", cert_pem(cert) + cert_pem(ca.cert), private=False)
         created += ["server.crt", "server.key"]
     if not (pki / "admin.crt").exists():
         key = new_key()

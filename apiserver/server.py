@@ -21,9 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from apiserver.grpcapi import SERVICE, ResourceAPI
+from apiserver.joining import JoinService
 from apiserver.metrics import Metrics
 from apiserver.namespaces import NamespaceFinalizer
 from apiserver.objectstore import ObjectStore
+from apiserver.pki import CertificateAuthority
+from apiserver.rpc import Authenticator
 from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
 from apiserver.watchcache import WatchCache
@@ -42,6 +45,10 @@ DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease"
 class ServerConfig:
     data_dir: Path
     listen: str = "127.0.0.1:6443"
+    # Addresses nodes are told to use for this apiserver (default: listen).
+    advertise: tuple[str, ...] = ()
+    # TLS without client certificates, for the join service only ("" = off).
+    join_listen: str = "127.0.0.1:6444"
     # "sqlite" (embedded, file under data_dir unless sqlite_path) or "etcd".
     storage: str = "sqlite"
     etcd_servers: tuple[str, ...] = ()
@@ -87,8 +94,16 @@ class APIServer:
             history_revisions=config.history_revisions,
             on_watchers_changed=metrics.set_watchers)
         self.objects = ObjectStore(store=self.store, kinds=kinds)
+        self.authn = Authenticator()
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
-                               metrics=metrics, storage_name=store.name)
+                               metrics=metrics, storage_name=store.name, authn=self.authn)
+        self.join: JoinService | None = None
+        if config.tls:
+            self.join = JoinService(
+                objects=self.objects, kinds=kinds,
+                ca=CertificateAuthority.load(config.data_dir / "pki"),
+                servers=config.advertise or (config.listen,), metrics=metrics,
+                authn=self.authn)
         self.namespaces = NamespaceFinalizer(objects=self.objects, cache=self.cache, kinds=kinds)
         self.readiness = Readiness("storage", "watch-cache", "bootstrap")
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -100,6 +115,7 @@ class APIServer:
             lambda: self.cache.revision)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
+        self.join_port = 0
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -115,16 +131,29 @@ class APIServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ])
         server.add_generic_rpc_handlers((self.api.handler(),))
+        if self.join is not None:
+            server.add_generic_rpc_handlers((self.join.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.tls:
             pki = self.config.data_dir / "pki"
-            creds = grpc.ssl_server_credentials(
-                [((pki / "server.key").read_bytes(), (pki / "server.crt").read_bytes())],
-                root_certificates=(pki / "ca.crt").read_bytes(),
-                require_client_auth=True)
+            ca_pem = (pki / "ca.crt").read_bytes()
+            chain = (pki / "server.crt").read_bytes()
+            if ca_pem.strip() not in chain:
+                chain = chain.rstrip() + b"\n" + ca_pem  # joining nodes find the CA here
+            key = (pki / "server.key").read_bytes()
+            creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=ca_pem,
+                                                require_client_auth=True)
             self.port = server.add_secure_port(self.config.listen, creds)
+            # The join port: TLS without client certificates, for nodes that have
+            # none yet. Every service but Join refuses callers without a verified
+            # certificate (apiserver.rpc.Authenticator), so only Join works here.
+            if self.config.join_listen:
+                join_creds = grpc.ssl_server_credentials([(key, chain)])
+                self.join_port = server.add_secure_port(self.config.join_listen, join_creds)
+                if not self.join_port:
+                    raise errors.Unavailable(f"cannot listen on {self.config.join_listen}")
         else:
             self.port = server.add_insecure_port(self.config.listen)
         if not self.port:

@@ -22,6 +22,7 @@ from typing import Any
 
 from shoal import errors
 from shoal.cli.applying import run_apply
+from shoal.cli.bootstrapping import run_token_create, run_token_delete, run_token_list
 from shoal.cli.configuring import run_config_view
 from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
@@ -164,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     view = config_sub.add_parser("view", parents=[common], help="print the client config")
     view.add_argument("--raw", action="store_true", help="show key material too")
 
+    p = sub.add_parser("token", parents=[common], help="bootstrap tokens for joining nodes")
+    token_sub = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = token_sub.add_parser("create", parents=[common], help="make a join token")
+    create.add_argument("--ttl", type=parse_duration, default=24 * 3600.0,
+                        help="how long the token is valid (default 24h; 0 = forever)")
+    create.add_argument("--description", default="")
+    create.add_argument("--print-join-command", action="store_true",
+                        help="print the full `shoal-nodeagent join` command")
+    token_sub.add_parser("list", parents=[common], help="list join tokens")
+    rm = token_sub.add_parser("delete", parents=[common], help="revoke join tokens")
+    rm.add_argument("tokens", nargs="+", metavar="TOKEN-ID")
+
     p = sub.add_parser("api-resources", parents=[common], help="the kinds the server serves")
     p.add_argument("--namespaced", type=parse_bool, default=None, metavar="true|false")
     p.add_argument("-o", "--output", choices=("wide", "name"), default="")
@@ -197,6 +210,14 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_version(session, client_only=ns.client, output=ns.output)
             case "config":
                 return run_config_view(session, raw=ns.raw)
+            case "token":
+                if ns.token_command == "create":
+                    return await run_token_create(session, ttl=ns.ttl,
+                                                  description=ns.description,
+                                                  print_join_command=ns.print_join_command)
+                if ns.token_command == "list":
+                    return await run_token_list(session)
+                return await run_token_delete(session, token_ids=ns.tokens)
             case "api-resources":
                 return await run_api_resources(session, namespaced=ns.namespaced,
                                                output=ns.output, headers=not ns.no_headers)

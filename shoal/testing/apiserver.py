@@ -50,7 +50,8 @@ class InProcessAPIServer:
             data_dir=data_dir, listen=f"127.0.0.1:{self.port}", storage=storage,
             etcd_servers=(etcd_endpoint,) if etcd_endpoint else (),
             sqlite_path=sqlite_path or str(data_dir / "state.db"),
-            metrics_listen="127.0.0.1:0", bookmark_interval=bookmark_interval,
+            metrics_listen="127.0.0.1:0", join_listen="127.0.0.1:0",
+            bookmark_interval=bookmark_interval,
             history_events=history_events, shutdown_grace=0.5, **config)
         result = pki.init(data_dir, server_addresses=[f"127.0.0.1:{self.port}"])
         self.config_path = result.admin_config
@@ -121,6 +122,7 @@ class APIServerProcess:
         self.etcd_endpoint = etcd_endpoint
         self.port = port or free_port()
         self.metrics_port = metrics_port or free_port()
+        self.join_port = free_port()
         self.extra_args = extra_args
         self.log_path = data_dir / "apiserver.log"
         self.proc: Any = None
@@ -136,7 +138,8 @@ class APIServerProcess:
 
         cmd = [sys.executable, "-m", "apiserver.main", "serve", "--data-dir", str(self.data_dir),
                "--listen", f"127.0.0.1:{self.port}",
-               "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--bookmark-interval", "1"]
+               "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--bookmark-interval", "1",
+               "--join-listen", f"127.0.0.1:{self.join_port}"]
         if self.etcd_endpoint:
             cmd += ["--storage", "etcd", "--etcd-servers", self.etcd_endpoint]
         return cmd + list(self.extra_args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -331,3 +332,23 @@ async def test_version_api_resources_and_config_view(shoal: Any) -> None:
     assert doc["certificateAuthorityData"] == "DATA+OMITTED"
     raw = yaml.safe_load((await shoal("config", "view", "--raw")).out)
     assert raw["clientKeyData"] not in ("REDACTED", "")
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+async def test_token_create_list_join_command_and_delete(shoal: Any, apiserver: Any) -> None:
+    created = await shoal("token", "create", "--ttl", "2h", "--description", "for node-a")
+    assert created.code == 0
+    token = created.out.strip()
+    assert re.fullmatch(r"[a-z0-9]{6}\.[a-z0-9]{16}", token)
+    listed = await shoal("token", "list")
+    line = next(ln for ln in listed.out.splitlines() if ln.startswith(token[:6]))
+    assert "signing" in line and "for node-a" in line and ("1h" in line or "2h" in line)
+    cmd = await shoal("token", "create", "--print-join-command")
+    assert cmd.out.startswith("shoal-nodeagent join --server 127.0.0.1:")
+    assert "--ca-cert-hash sha256:" in cmd.out
+    gone = await shoal("token", "delete", token[:6])
+    assert gone.code == 0 and f'bootstrap token "{token[:6]}" deleted' in gone.out
+    listed = await shoal("token", "list")
+    assert token[:6] not in listed.out

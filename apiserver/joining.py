@@ -1,0 +1,111 @@
+"""Node join: a bootstrap token and a CSR in, a node client certificate out.
+
+    node                                   apiserver
+    key + CSR (CN=system:node:N,  --Join(token, csr)-->  token Secret valid, unexpired,
+               O=system:nodes)                          usage-bootstrap-signing?
+                                                        CSR signature, subject, name ok?
+                <--(cert, CA, servers)---------------   sign with the cluster CA
+
+The only RPC served without a client certificate. Every refusal says why
+(unknown token, expired, wrong usage, wrong subject) and signs nothing.
+Joining again with a valid token is allowed: the node gets a fresh certificate
+(idempotent rejoin).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from apiserver.metrics import Metrics
+from apiserver.objectstore import ObjectStore
+from apiserver.pki import CertificateAuthority, cert_pem
+from apiserver.rpc import Authenticator, passthrough, unary
+from shoal import errors, naming, tokens
+from shoal.api.certificates.v1 import certificates_pb2 as pb
+from shoal.kinds import KindTable
+
+SERVICE = "shoal.certificates.v1.Certificates"
+NODE_GROUP = "system:nodes"
+NODE_PREFIX = "system:node:"
+NODE_CERT_LIFETIME = dt.timedelta(days=365)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class JoinService:
+    def __init__(
+        self,
+        *,
+        objects: ObjectStore,
+        kinds: KindTable,
+        ca: CertificateAuthority,
+        servers: tuple[str, ...],
+        metrics: Metrics,
+        authn: Authenticator,
+        clock: Callable[[], dt.datetime] = _now,
+    ) -> None:
+        self.objects = objects
+        self.secrets = kinds.by_resource("", "secrets")
+        self.ca = ca
+        self.servers = servers
+        self.metrics = metrics
+        self.authn = authn
+        self.clock = clock
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Join": grpc.unary_unary_rpc_method_handler(
+                self.join, request_deserializer=pb.JoinRequest.FromString,
+                response_serializer=passthrough),
+        })
+
+    @unary("Join", authenticate=False)
+    async def join(self, request: pb.JoinRequest,
+                   context: grpc.aio.ServicerContext[Any, Any]) -> pb.JoinResponse:
+        token = tokens.parse(request.token)
+        try:
+            secret = await self.objects.get(self.secrets, namespace=tokens.NAMESPACE,
+                                            name=token.secret_name)
+        except errors.NotFound:
+            raise errors.Unauthorized(f"bootstrap token {token.id} not found (revoked?)"
+                                      ) from None
+        tokens.check(token, secret, now=self.clock(), usage="signing")
+        csr = self._check_csr(request)
+        cert = self.ca.issue(
+            csr.public_key(),  # type: ignore[arg-type]
+            common_name=NODE_PREFIX + request.node_name, organizations=[NODE_GROUP],
+            client=True, lifetime=NODE_CERT_LIFETIME)
+        return pb.JoinResponse(certificate_pem=cert_pem(cert), ca_pem=cert_pem(self.ca.cert),
+                               servers=list(self.servers))
+
+    def _check_csr(self, request: pb.JoinRequest) -> x509.CertificateSigningRequest:
+        problems = naming.check_dns1123_subdomain(request.node_name)
+        if not request.node_name or problems:
+            raise errors.BadRequest(f"invalid node name {request.node_name!r}: "
+                                    f"{problems[0] if problems else 'Required value'}")
+        try:
+            csr = x509.load_pem_x509_csr(request.csr_pem)
+        except ValueError as e:
+            raise errors.BadRequest(f"the CSR is not a PEM certificate request: {e}") from None
+        if not csr.is_signature_valid:
+            raise errors.BadRequest("the CSR's signature does not verify")
+        if not isinstance(csr.public_key(), (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+            raise errors.BadRequest("the CSR's key must be ECDSA or RSA")
+        cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        orgs = [str(a.value) for a in
+                csr.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+        want = NODE_PREFIX + request.node_name
+        if cns != [want]:
+            raise errors.Forbidden(f"a join CSR must have CN={want}, not {cns}")
+        if orgs != [NODE_GROUP]:
+            raise errors.Forbidden(f"a join CSR must have O={NODE_GROUP} only, not {orgs}")
+        return csr
