@@ -178,11 +178,11 @@ def pod_status(
     msg = f"containers with unready status: [{' '.join(not_ready)}]" if not_ready else ""
     if st.phase in ("Succeeded", "Failed"):
         ready_all, msg = False, ""
-        reason = "PodCompleted"
+        why = "PodCompleted"
     else:
-        reason = "" if ready_all else "ContainersNotReady"
-    _condition(st, prev, "ContainersReady", ready_all, now=now, reason=reason, message=msg)
-    _condition(st, prev, "Ready", ready_all, now=now, reason=reason, message=msg)
+        why = "" if ready_all else "ContainersNotReady"
+    _condition(st, prev, "ContainersReady", ready_all, now=now, reason=why, message=msg)
+    _condition(st, prev, "Ready", ready_all, now=now, reason=why, message=msg)
     return st
 
 
