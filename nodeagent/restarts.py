@@ -68,6 +68,9 @@ class RestartTracker:
         entry = self._entries.get(key)
         return entry.delay if entry else 0.0
 
+    def forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+
     def forget_pod(self, uid: str) -> None:
         for key in [k for k in self._entries if k.startswith(uid + "/")]:
             del self._entries[key]
