@@ -84,22 +84,38 @@ class JoinService:
             csr.public_key(),  # type: ignore[arg-type]
             common_name=NODE_PREFIX + request.node_name, organizations=[NODE_GROUP],
             client=True, lifetime=NODE_CERT_LIFETIME)
-        return pb.JoinResponse(certificate_pem=cert_pem(cert), ca_pem=cert_pem(self.ca.cert),
+        resp = pb.JoinResponse(certificate_pem=cert_pem(cert), ca_pem=cert_pem(self.ca.cert),
                                servers=list(self.servers))
+        if request.serving_csr_pem:
+            resp.serving_certificate_pem = cert_pem(self._serving(request))
+        return resp
+
+    def _serving(self, request: pb.JoinRequest) -> x509.Certificate:
+        """The node agent's serving certificate: names and IPs of the node only."""
+        csr = _load_csr(request.serving_csr_pem)
+        want = NODE_PREFIX + request.node_name
+        cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if cns != [want]:
+            raise errors.Forbidden(f"a serving CSR must have CN={want}, not {cns}")
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise errors.BadRequest("a serving CSR must name the node's IPs") from None
+        ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+        dns = san.get_values_for_type(x509.DNSName)
+        bad = [d for d in dns if d != request.node_name]
+        if bad:
+            raise errors.Forbidden(f"a serving CSR may name only the node itself, not {bad}")
+        return self.ca.issue(csr.public_key(),  # type: ignore[arg-type]
+                             common_name=want, organizations=[NODE_GROUP], dns_names=dns,
+                             ips=ips, server=True, lifetime=NODE_CERT_LIFETIME)
 
     def _check_csr(self, request: pb.JoinRequest) -> x509.CertificateSigningRequest:
         problems = naming.check_dns1123_subdomain(request.node_name)
         if not request.node_name or problems:
             raise errors.BadRequest(f"invalid node name {request.node_name!r}: "
                                     f"{problems[0] if problems else 'Required value'}")
-        try:
-            csr = x509.load_pem_x509_csr(request.csr_pem)
-        except ValueError as e:
-            raise errors.BadRequest(f"the CSR is not a PEM certificate request: {e}") from None
-        if not csr.is_signature_valid:
-            raise errors.BadRequest("the CSR's signature does not verify")
-        if not isinstance(csr.public_key(), (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
-            raise errors.BadRequest("the CSR's key must be ECDSA or RSA")
+        csr = _load_csr(request.csr_pem)
         cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         orgs = [str(a.value) for a in
                 csr.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
@@ -109,3 +125,15 @@ class JoinService:
         if orgs != [NODE_GROUP]:
             raise errors.Forbidden(f"a join CSR must have O={NODE_GROUP} only, not {orgs}")
         return csr
+
+
+def _load_csr(pem: bytes) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError as e:
+        raise errors.BadRequest(f"the CSR is not a PEM certificate request: {e}") from None
+    if not csr.is_signature_valid:
+        raise errors.BadRequest("the CSR's signature does not verify")
+    if not isinstance(csr.public_key(), (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+        raise errors.BadRequest("the CSR's key must be ECDSA or RSA")
+    return csr

@@ -31,6 +31,7 @@ from shoal.config import ClientConfig
 from shoal.tokens import ca_cert_hash
 
 CA_DAYS = 3650
+KUBELET_CLIENT_CN = "shoal-apiserver-kubelet-client"
 CERT_DAYS = 365
 
 
@@ -221,6 +222,14 @@ def init(
         _write(pki / "admin.key", key_pem(key), private=True)
         _write(pki / "admin.crt", cert_pem(cert), private=False)
         created += ["admin.crt", "admin.key"]
+    if not (pki / "apiserver-kubelet-client.crt").exists():
+        # The apiserver's identity towards node agents (logs, exec).
+        key = new_key()
+        cert = ca.issue(key.public_key(), common_name=KUBELET_CLIENT_CN,
+                        organizations=["system:masters"], client=True)
+        _write(pki / "apiserver-kubelet-client.key", key_pem(key), private=True)
+        _write(pki / "apiserver-kubelet-client.crt", cert_pem(cert), private=False)
+        created += ["apiserver-kubelet-client.crt", "apiserver-kubelet-client.key"]
     conf_path = data_dir / "admin.conf"
     if not conf_path.exists() or created:
         ClientConfig(

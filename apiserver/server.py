@@ -26,6 +26,7 @@ from apiserver.metrics import Metrics
 from apiserver.namespaces import NamespaceFinalizer
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
+from apiserver.podproxy import PodProxy
 from apiserver.rpc import Authenticator
 from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
@@ -98,6 +99,11 @@ class APIServer:
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name, authn=self.authn)
         self.join: JoinService | None = None
+        self.proxy: PodProxy | None = None
+        if config.tls and (config.data_dir / "pki" / "apiserver-kubelet-client.crt").exists():
+            self.proxy = PodProxy(objects=self.objects, kinds=kinds,
+                                  pki_dir=config.data_dir / "pki", metrics=metrics,
+                                  authn=self.authn)
         if config.tls:
             self.join = JoinService(
                 objects=self.objects, kinds=kinds,
@@ -133,6 +139,8 @@ class APIServer:
         server.add_generic_rpc_handlers((self.api.handler(),))
         if self.join is not None:
             server.add_generic_rpc_handlers((self.join.handler(),))
+        if self.proxy is not None:
+            server.add_generic_rpc_handlers((self.proxy.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -219,6 +227,8 @@ class APIServer:
         await self.monitoring.close()
 
     async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
         await self.store.close()
 
 

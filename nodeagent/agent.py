@@ -82,7 +82,8 @@ class NodeAgent:
 
     async def _exec(self, container_id: str, command: list[str], timeout: float
                     ) -> tuple[int, str]:
-        return await self.runtime.exec_sync(container_id, command, timeout=timeout)
+        code, out, err = await self.runtime.exec_sync(container_id, command, timeout=timeout)
+        return code, (out + err).decode("utf-8", "replace")
 
     def pod_for(self, uid: str) -> core_pb2.Pod | None:
         found = self.pods.by_index(UID_INDEX, uid)

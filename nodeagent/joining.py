@@ -18,6 +18,7 @@ key.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import socket
 import ssl
@@ -110,13 +111,17 @@ def _key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def csr_for(key: ec.EllipticCurvePrivateKey, node_name: str) -> bytes:
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([
-               x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODE_GROUP),
-               x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{node_name}")]))
-           .sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM)
+def csr_for(key: ec.EllipticCurvePrivateKey, node_name: str, *,
+            ips: tuple[str, ...] = ()) -> bytes:
+    """A CSR for the node's identity; with ``ips``, for its serving certificate."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODE_GROUP),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{node_name}")]))
+    if ips:
+        names: list[x509.GeneralName] = [x509.DNSName(node_name)]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def _existing(conf: Path, *, node_name: str, ca_cert_hash: str,
@@ -146,6 +151,7 @@ async def join(
     node_name: str,
     data_dir: Path,
     api_servers: tuple[str, ...] = (),
+    node_ips: tuple[str, ...] = (),
     now: dt.datetime | None = None,
 ) -> JoinResult:
     """Join (or confirm membership). See the module docstring."""
@@ -159,20 +165,24 @@ async def join(
     ca = pinned_ca(chain, ca_cert_hash)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     key = _key(data_dir / "pki" / "node.key")
+    serving_key = _key(data_dir / "pki" / "serving.key")
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     async with grpc.aio.secure_channel(server, creds) as channel:
         rpc = channel.unary_unary("/shoal.certificates.v1.Certificates/Join",
                                   request_serializer=lambda m: m.SerializeToString(),
                                   response_deserializer=pb.JoinResponse.FromString)
         try:
-            resp = await rpc(pb.JoinRequest(token=str(parsed), csr_pem=csr_for(key, node_name),
-                                            node_name=node_name), timeout=30)
+            resp = await rpc(pb.JoinRequest(
+                token=str(parsed), csr_pem=csr_for(key, node_name), node_name=node_name,
+                serving_csr_pem=csr_for(serving_key, node_name,
+                                        ips=("127.0.0.1", *node_ips))), timeout=30)
         except grpc.aio.AioRpcError as e:
             raise classify(e) from e
     cert = x509.load_pem_x509_certificate(resp.certificate_pem)
     pki = data_dir / "pki"
     (pki / "node.crt").write_bytes(resp.certificate_pem)
     (pki / "ca.crt").write_bytes(resp.ca_pem)
+    (pki / "serving.crt").write_bytes(resp.serving_certificate_pem)
     servers = api_servers or tuple(resp.servers) or (server,)
     ClientConfig(
         servers=servers, ca_pem=resp.ca_pem, cert_pem=resp.certificate_pem,

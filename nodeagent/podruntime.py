@@ -72,5 +72,5 @@ class PodRuntime(Protocol):
     async def remove_container(self, container_id: str) -> None: ...
 
     async def exec_sync(self, container_id: str, command: list[str], *,
-                        timeout: float) -> tuple[int, str]:
-        """Run a command in the container; (exit code, stdout+stderr)."""
+                        timeout: float) -> tuple[int, bytes, bytes]:
+        """Run a command in the container; (exit code, stdout, stderr)."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,shoal/api/certificates/v1/certificates.proto\x12\x15shoal.certificates.v1\"@\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x11\n\tnode_name\x18\x03 \x01(\t\"H\n\x0cJoinResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x0f\n\x07servers\x18\x03 \x03(\t2_\n\x0c\x43\x65rtificates\x12O\n\x04Join\x12\".shoal.certificates.v1.JoinRequest\x1a#.shoal.certificates.v1.JoinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,shoal/api/certificates/v1/certificates.proto\x12\x15shoal.certificates.v1\"Y\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x17\n\x0fserving_csr_pem\x18\x04 \x01(\x0c\"i\n\x0cJoinResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x0f\n\x07servers\x18\x03 \x03(\t\x12\x1f\n\x17serving_certificate_pem\x18\x04 \x01(\x0c\x32_\n\x0c\x43\x65rtificates\x12O\n\x04Join\x12\".shoal.certificates.v1.JoinRequest\x1a#.shoal.certificates.v1.JoinResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.api.certificates.v1.c
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST']._serialized_start=71
-  _globals['_JOINREQUEST']._serialized_end=135
-  _globals['_JOINRESPONSE']._serialized_start=137
-  _globals['_JOINRESPONSE']._serialized_end=209
-  _globals['_CERTIFICATES']._serialized_start=211
-  _globals['_CERTIFICATES']._serialized_end=306
+  _globals['_JOINREQUEST']._serialized_end=160
+  _globals['_JOINRESPONSE']._serialized_start=162
+  _globals['_JOINRESPONSE']._serialized_end=267
+  _globals['_CERTIFICATES']._serialized_start=269
+  _globals['_CERTIFICATES']._serialized_end=364
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,125 @@
+"""``PodProxy``: logs and exec for users, relayed to the pod's node agent.
+
+    user --mTLS--> apiserver: authenticate; pod -> spec.nodeName -> Node
+           address (InternalIP) and agent port (daemonEndpoints) --mTLS (the
+           apiserver's kubelet-client certificate; the node's serving
+           certificate checked against the cluster CA)--> node agent
+
+Errors say which hop failed: the pod is not scheduled yet, the node has no
+address, or the node agent cannot be reached. Log streams are relayed chunk by
+chunk; a user who disconnects ends the node stream too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from apiserver.metrics import Metrics
+from apiserver.objectstore import ObjectStore
+from apiserver.rpc import Authenticator, abort_with, passthrough, unary
+from shoal import errors
+from shoal.api.core.v1 import core_pb2
+from shoal.api.node.v1 import node_pb2
+from shoal.client import classify
+from shoal.kinds import KindTable
+
+log = logging.getLogger(__name__)
+
+SERVICE = "shoal.resources.v1.PodProxy"
+NODE_SERVICE = "shoal.node.v1.NodeAgent"
+
+
+class PodProxy:
+    def __init__(self, *, objects: ObjectStore, kinds: KindTable, pki_dir: Path,
+                 metrics: Metrics, authn: Authenticator) -> None:
+        self.objects = objects
+        self.pods = kinds.by_resource("", "pods")
+        self.nodes = kinds.by_resource("", "nodes")
+        self.metrics = metrics
+        self.authn = authn
+        self._creds = grpc.ssl_channel_credentials(
+            root_certificates=(pki_dir / "ca.crt").read_bytes(),
+            private_key=(pki_dir / "apiserver-kubelet-client.key").read_bytes(),
+            certificate_chain=(pki_dir / "apiserver-kubelet-client.crt").read_bytes())
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Logs": grpc.unary_stream_rpc_method_handler(
+                self.logs, request_deserializer=node_pb2.LogsRequest.FromString,
+                response_serializer=passthrough),
+            "Exec": grpc.unary_unary_rpc_method_handler(
+                self.exec, request_deserializer=node_pb2.ExecRequest.FromString,
+                response_serializer=passthrough),
+        })
+
+    async def _node_address(self, namespace: str, name: str) -> str:
+        pod: Any = await self.objects.get(self.pods, namespace=namespace, name=name)
+        if not pod.spec.node_name:
+            raise errors.BadRequest(f'pod "{name}" is not scheduled to a node yet')
+        node: core_pb2.Node = await self.objects.get(self.nodes, namespace="",
+                                                     name=pod.spec.node_name)
+        ip = next((a.address for a in node.status.addresses if a.type == "InternalIP"), "")
+        port = node.status.daemon_endpoints.kubelet_endpoint.port
+        if not ip or not port:
+            raise errors.Unavailable(f'node "{pod.spec.node_name}" reports no agent address',
+                                     retry_after=2.0)
+        return f"{ip}:{port}"
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.secure_channel(address, self._creds)
+            self._channels[address] = ch
+        return ch
+
+    @unary("Exec")
+    async def exec(self, request: node_pb2.ExecRequest,
+                   context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.ExecResponse:
+        address = await self._node_address(request.namespace, request.pod)
+        rpc = self._channel(address).unary_unary(
+            f"/{NODE_SERVICE}/Exec", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=node_pb2.ExecResponse.FromString)
+        timeout = (request.timeout_seconds or 60) + 10
+        try:
+            return await rpc(request, timeout=timeout)  # type: ignore[no-any-return]
+        except grpc.aio.AioRpcError as e:
+            raise _relayed(e, address) from e
+
+    async def logs(self, request: node_pb2.LogsRequest,
+                   context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            self.authn.require(context)
+            address = await self._node_address(request.namespace, request.pod)
+        except errors.ShoalError as e:
+            await abort_with(context, e)
+            return
+        rpc = self._channel(address).unary_stream(
+            f"/{NODE_SERVICE}/Logs", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=None)
+        call = rpc(request)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            await abort_with(context, _relayed(e, address))
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close(None)
+        self._channels.clear()
+
+
+def _relayed(e: grpc.aio.AioRpcError, address: str) -> errors.ShoalError:
+    err = classify(e)
+    if isinstance(err, errors.Unavailable):
+        return errors.Unavailable(f"cannot reach the node agent at {address}: {err.message}",
+                                  retry_after=2.0)
+    return err
