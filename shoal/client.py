@@ -39,6 +39,7 @@ from google.protobuf.message import Message
 from shoal import config as configmod
 from shoal import errors
 from shoal.api.meta.v1 import meta_pb2
+from shoal.api.node.v1 import node_pb2
 from shoal.api.resources.v1 import resources_pb2 as pb
 from shoal.backoff import Backoff
 from shoal.config import ClientConfig
@@ -314,6 +315,52 @@ class AsyncClient:
             req.grace_period_seconds = grace_period
         resp = await self._call("Delete", req, pb.ObjectResponse)
         return cast(T, self._unpack(resp.object))
+
+    async def logs(
+        self,
+        pod: str,
+        *,
+        namespace: str | None = None,
+        container: str = "",
+        follow: bool = False,
+        tail: int | None = None,
+        previous: bool = False,
+        timestamps: bool = False,
+    ) -> AsyncGenerator[bytes, None]:
+        """A container's log, chunk by chunk (through the apiserver to the node)."""
+        req = node_pb2.LogsRequest(
+            namespace=self.namespace if namespace is None else namespace, pod=pod,
+            container=container, follow=follow, previous=previous, timestamps=timestamps)
+        if tail is not None:
+            req.tail_lines = tail
+        rpc = self.channel.unary_stream(
+            "/shoal.resources.v1.PodProxy/Logs",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=node_pb2.LogChunk.FromString)
+        call = rpc(req)
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+        finally:
+            call.cancel()
+
+    async def exec(self, pod: str, command: builtins.list[str], *,
+                   namespace: str | None = None, container: str = "",
+                   timeout: int = 60) -> node_pb2.ExecResponse:
+        """Run ``command`` in a running container; stdout, stderr and exit code."""
+        req = node_pb2.ExecRequest(namespace=self.namespace if namespace is None else namespace,
+                                   pod=pod, container=container, command=command,
+                                   timeout_seconds=timeout)
+        rpc = self.channel.unary_unary(
+            "/shoal.resources.v1.PodProxy/Exec",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=node_pb2.ExecResponse.FromString)
+        try:
+            return cast(node_pb2.ExecResponse, await rpc(req, timeout=timeout + 15))
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
 
     async def discover(self) -> builtins.list[pb.APIResource]:
         resp = await self._call("Discover", pb.DiscoverRequest(), pb.DiscoverResponse)

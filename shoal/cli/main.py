@@ -24,6 +24,7 @@ from shoal import errors
 from shoal.cli.applying import run_apply
 from shoal.cli.bootstrapping import run_token_create, run_token_delete, run_token_list
 from shoal.cli.configuring import run_config_view
+from shoal.cli.containers import run_exec, run_logs
 from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
 from shoal.cli.discovering import run_api_resources, run_version
@@ -165,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     view = config_sub.add_parser("view", parents=[common], help="print the client config")
     view.add_argument("--raw", action="store_true", help="show key material too")
 
+    p = sub.add_parser("logs", parents=[common], help="print a container's logs",
+                       description="Print the logs of a container (or of every pod of a "
+                                   "workload: deploy/NAME).")
+    p.add_argument("target", metavar="POD | KIND/NAME")
+    p.add_argument("-c", "--container", default="")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", type=int, default=-1, help="last N lines (-1: all)")
+    p.add_argument("-p", "--previous", action="store_true",
+                   help="the previous instance of the container")
+    p.add_argument("--timestamps", action="store_true")
+
+    p = sub.add_parser("exec", parents=[common], help="run a command in a container",
+                       description="Run a command in a running container: "
+                                   "shoal exec POD [-c C] -- CMD [ARG...]")
+    p.add_argument("pod", metavar="POD")
+    p.add_argument("-c", "--container", default="")
+    p.add_argument("--timeout", type=int, default=60, help="seconds (default 60)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
+
     p = sub.add_parser("token", parents=[common], help="bootstrap tokens for joining nodes")
     token_sub = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
     create = token_sub.add_parser("create", parents=[common], help="make a join token")
@@ -210,6 +230,14 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_version(session, client_only=ns.client, output=ns.output)
             case "config":
                 return run_config_view(session, raw=ns.raw)
+            case "logs":
+                return await run_logs(session, target=ns.target, container=ns.container,
+                                      follow=ns.follow, tail=None if ns.tail < 0 else ns.tail,
+                                      previous=ns.previous, timestamps=ns.timestamps)
+            case "exec":
+                command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+                return await run_exec(session, pod=ns.pod, container=ns.container,
+                                      command=command, timeout=ns.timeout)
             case "token":
                 if ns.token_command == "create":
                     return await run_token_create(session, ttl=ns.ttl,
