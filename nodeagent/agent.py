@@ -26,6 +26,7 @@ from nodeagent.podruntime import PodRuntime
 from nodeagent.podsync import PodSyncer
 from nodeagent.probing import ProbeManager
 from nodeagent.registration import NodeRegistration
+from nodeagent.restarts import RestartTracker
 from nodeagent.volumes import VolumeManager
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
@@ -51,6 +52,7 @@ class NodeAgent:
         relist_interval: float = 1.0,
         resync_period: float = 30.0,
         renew_interval: float = 10.0,
+        restart_backoff: tuple[float, float] = (10.0, 300.0),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -71,7 +73,8 @@ class NodeAgent:
         self.syncer = PodSyncer(runtime=runtime, client=client, volumes=volumes,
                                 probes=self.probes, node_name=node_name,
                                 host_ip=facts.internal_ip, relist=self.relister.relist,
-                                clock=clock)
+                                clock=clock, restarts=RestartTracker(
+                                    initial=restart_backoff[0], cap=restart_backoff[1]))
         self.registration = NodeRegistration(client=client, node_name=node_name, facts=facts,
                                              runtime_probe=runtime.version,
                                              renew_interval=renew_interval, clock=clock)

@@ -61,6 +61,7 @@ class PodSyncer:
         host_ip: str,
         relist: Callable[[], Awaitable[dict[str, PodRecord]]] | None = None,
         clock: Callable[[], float] = time.time,
+        restarts: RestartTracker | None = None,
     ) -> None:
         self.runtime = runtime
         self.client = client
@@ -70,8 +71,8 @@ class PodSyncer:
         self.host_ip = host_ip
         self.relist = relist or runtime.relist
         self.clock = clock
-        self.restarts = RestartTracker()
-        self.pulls = RestartTracker()
+        self.restarts = restarts or RestartTracker()
+        self.pulls = RestartTracker(initial=self.restarts.initial, cap=self.restarts.cap)
         self.failures: dict[str, dict[str, Reason]] = {}
 
     # -- lookups for env and volumes -------------------------------------------
@@ -186,7 +187,7 @@ class PodSyncer:
         table = self.failures.setdefault(uid, {})
         prev = record.latest(spec.name, init=init)
         image_key = key(uid, "image:" + spec.name)
-        verdict = self.pulls.check(image_key, finished_at=now, now=now)
+        verdict = self.pulls.check(image_key, finished_at=0.0, now=now)
         if not verdict.go and table.get(spec.name, ("",))[0] in ("ErrImagePull",
                                                                   "ImagePullBackOff"):
             table[spec.name] = ("ImagePullBackOff", f'Back-off pulling image "{spec.image}"')
@@ -197,7 +198,8 @@ class PodSyncer:
         except ImagePullError as e:
             self.pulls.restarted(image_key, now=now)
             table[spec.name] = ("ErrImagePull", str(e))
-            return [self.pulls.delay(image_key)]
+            # Look again soon: the status then says ImagePullBackOff while it waits.
+            return [min(CONFIRM_AFTER, self.pulls.delay(image_key) / 2)]
         self.pulls.forget(image_key)
         try:
             env = await environment.resolve_env(pod, spec, configmaps=self._configmap,

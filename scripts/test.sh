@@ -6,7 +6,8 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-install_packages etcd-server etcd-client ca-certificates shellcheck
+install_packages etcd-server etcd-client ca-certificates shellcheck \
+    containerd runc containernetworking-plugins busybox-static iproute2 iptables util-linux
 make_venv "[dev]"
 cd "$ROOT"
 export PATH="$VENV/bin:$PATH"
