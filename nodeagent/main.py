@@ -1,19 +1,23 @@
 """``shoal-nodeagent``: Shoal's kubelet.
 
     shoal-nodeagent join --server HOST:PORT --token T --ca-cert-hash sha256:... \\
-        [--node-name N] [--data-dir /var/lib/shoal/nodeagent]
+        [--node-name N] [--node-ip IP] [--data-dir /var/lib/shoal/nodeagent]
+    shoal-nodeagent run --node-ip IP [--node-name N] [--data-dir D] [--cri-socket PATH]
+        [--pod-cidr CIDR] [--netns NAME] [--listen 0.0.0.0:10250]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import socket
 import sys
 from pathlib import Path
 
 from nodeagent import joining
-from shoal import errors
+from shoal import errors, logs
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal/nodeagent")
 
@@ -31,15 +35,72 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--api-server", action="append", default=[],
                    help="HOST:PORT of the API for the node's config (default: what the "
                         "apiserver advertises)")
+    j.add_argument("--node-ip", action="append", default=[],
+                   help="the node's IP, for its serving certificate (repeatable)")
+
+    r = sub.add_parser("run", help="run the node agent")
+    r.add_argument("--node-name", default=socket.gethostname().lower())
+    r.add_argument("--node-ip", required=True, help="the address other nodes reach us on")
+    r.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    r.add_argument("--config", type=Path, default=None,
+                   help="client config (default: DATA_DIR/node.conf, written by join)")
+    r.add_argument("--cri-socket", default="",
+                   help="attach to this containerd; default: run our own under DATA_DIR")
+    r.add_argument("--netns", default=None, help="run our containerd in this network namespace")
+    r.add_argument("--pod-cidr", default="", help="this node's pod CIDR (CNI bridge config)")
+    r.add_argument("--cni-bridge", default="cni0")
+    r.add_argument("--no-cni-gateway", action="store_true",
+                   help="do not make the bridge the pods' gateway (shared hosts)")
+    r.add_argument("--sandbox-image", default="docker.io/shoal/pause:1")
+    r.add_argument("--listen", default="0.0.0.0:10250")
+    r.add_argument("--metrics-listen", default="127.0.0.1:10255")
+    r.add_argument("--relist-interval", type=float, default=1.0)
+    r.add_argument("--restart-backoff", default="10,300",
+                   help="initial,cap seconds of the crash-loop back-off (default 10,300)")
+    r.add_argument("--log-level", default="info")
+    r.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from nodeagent.daemon import AgentConfig, NodeAgentDaemon
+
+    logs.setup(level=ns.log_level, fmt=ns.log_format)
+    initial, _, cap = ns.restart_backoff.partition(",")
+    config = AgentConfig(
+        node_name=ns.node_name, data_dir=ns.data_dir, node_ip=ns.node_ip,
+        client_config=ns.config, listen=ns.listen, metrics_listen=ns.metrics_listen,
+        cri_socket=ns.cri_socket, netns=ns.netns, pod_cidr=ns.pod_cidr,
+        cni_bridge=ns.cni_bridge, cni_gateway=not ns.no_cni_gateway,
+        sandbox_image=ns.sandbox_image, relist_interval=ns.relist_interval,
+        restart_backoff=(float(initial), float(cap or initial)))
+
+    async def main() -> None:
+        daemon = NodeAgentDaemon(config)
+        task = asyncio.create_task(daemon.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    except errors.ShoalError as e:
+        print(f"shoal-nodeagent: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if ns.command == "run":
+        return _run(ns)
     try:
         result = asyncio.run(joining.join(
             server=ns.server, token=ns.token, ca_cert_hash=ns.ca_cert_hash,
-            node_name=ns.node_name, data_dir=ns.data_dir, api_servers=tuple(ns.api_server)))
+            node_name=ns.node_name, data_dir=ns.data_dir, api_servers=tuple(ns.api_server),
+            node_ips=tuple(ns.node_ip)))
     except errors.ShoalError as e:
         print(f"shoal-nodeagent: join failed: {e}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ class NodeFacts:
     boot_id: str
     system_uuid: str
     # Held back from pods (system daemons), as kubelet's --system-reserved.
+    agent_port: int = 10250
     reserved_cpu_millis: int = 100
     reserved_memory_bytes: int = 256 * 1024 * 1024
 
@@ -67,8 +68,8 @@ def _memory_bytes() -> int:
     return 0
 
 
-def gather_facts(*, internal_ip: str, hostname: str, max_pods: int = DEFAULT_MAX_PODS
-                 ) -> NodeFacts:
+def gather_facts(*, internal_ip: str, hostname: str, max_pods: int = DEFAULT_MAX_PODS,
+                 agent_port: int = AGENT_PORT) -> NodeFacts:
     return NodeFacts(
         cpu_millis=(os.cpu_count() or 1) * 1000,
         memory_bytes=_memory_bytes(),
@@ -81,6 +82,7 @@ def gather_facts(*, internal_ip: str, hostname: str, max_pods: int = DEFAULT_MAX
         machine_id=_read("/etc/machine-id"),
         boot_id=_read("/proc/sys/kernel/random/boot_id"),
         system_uuid=_read("/sys/class/dmi/id/product_uuid"),
+        agent_port=agent_port,
     )
 
 
@@ -134,7 +136,7 @@ def node_status(
     info.container_runtime_version = runtime_version
     info.kubelet_version = AGENT_VERSION
     info.operating_system, info.architecture = "linux", facts.architecture
-    st.daemon_endpoints.kubelet_endpoint.port = AGENT_PORT
+    st.daemon_endpoints.kubelet_endpoint.port = facts.agent_port
     for type_, reason in (("MemoryPressure", "KubeletHasSufficientMemory"),
                           ("DiskPressure", "KubeletHasNoDiskPressure"),
                           ("PIDPressure", "KubeletHasSufficientPID")):

@@ -21,7 +21,7 @@ Decision order::
                                                kill-and-restart on a failed liveness
                                                probe or a changed spec (image)
     garbage .................................. remove exited instances older than
-                                               the latest of each container
+                                               the newest two of each container
 """
 
 from __future__ import annotations
@@ -97,15 +97,16 @@ def _finished(pod: Any, record: PodRecord) -> tuple[bool, bool]:
 
 
 def _garbage(record: PodRecord) -> tuple[str, ...]:
-    latest: dict[tuple[str, bool], ContainerRecord] = {}
+    """Exited instances beyond the newest two of each container: the current one
+    and the one before it (its exit is the status' lastState and ``logs -p``)."""
+    by_name: dict[tuple[str, bool], list[ContainerRecord]] = {}
     for c in record.containers:
-        k = (c.name, c.init)
-        if k not in latest or (c.attempt, c.created_at) > (latest[k].attempt,
-                                                             latest[k].created_at):
-            latest[k] = c
-    keep = {c.id for c in latest.values()}
-    return tuple(c.id for c in record.containers
-                 if c.id not in keep and c.state is ContainerState.EXITED)
+        by_name.setdefault((c.name, c.init), []).append(c)
+    out = []
+    for instances in by_name.values():
+        instances.sort(key=lambda c: (c.attempt, c.created_at), reverse=True)
+        out += [c.id for c in instances[2:] if c.state is ContainerState.EXITED]
+    return tuple(out)
 
 
 def plan(pod: Any, record: PodRecord, *, probes: ProbeView, restarts: RestartTracker,

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pod", metavar="POD")
     p.add_argument("-c", "--container", default="")
     p.add_argument("--timeout", type=int, default=60, help="seconds (default 60)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
+    p.add_argument("exec_command", nargs="*", metavar="CMD",
+                   help="the command and its arguments, after --")
 
     p = sub.add_parser("token", parents=[common], help="bootstrap tokens for joining nodes")
     token_sub = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
@@ -235,9 +236,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                                       follow=ns.follow, tail=None if ns.tail < 0 else ns.tail,
                                       previous=ns.previous, timestamps=ns.timestamps)
             case "exec":
-                command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
                 return await run_exec(session, pod=ns.pod, container=ns.container,
-                                      command=command, timeout=ns.timeout)
+                                      command=ns.exec_command, timeout=ns.timeout)
             case "token":
                 if ns.token_command == "create":
                     return await run_token_create(session, ttl=ns.ttl,
@@ -266,10 +266,20 @@ def _silence_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``shoal`` command; returns its exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is a command line for `exec`, not our flags.
+    tail: list[str] = []
+    if "--" in arguments:
+        cut = arguments.index("--")
+        arguments, tail = arguments[:cut], arguments[cut + 1:]
     try:
         ns = build_parser().parse_args(normalize_argv(arguments))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
+    if tail:
+        if ns.command != "exec":
+            print(f"shoal: error: {ns.command} takes no arguments after --", file=sys.stderr)
+            return ExitCode.BAD_INPUT
+        ns.exec_command = [*ns.exec_command, *tail]
     session = Session(kinds=builtin_kinds(), out=sys.stdout, err=sys.stderr, stdin=sys.stdin,
                       config_path=ns.config, namespace_flag=ns.namespace,
                       request_timeout=ns.request_timeout)

@@ -1,0 +1,163 @@
+"""``shoal-nodeagent run``: one node agent process, wired from its config.
+
+    start: client config (from join) -> container runtime: attach to
+           --cri-socket, or start/adopt our own containerd -> sandbox image
+           present (built locally and imported, never pulled) -> CNI config
+           from the pod CIDR -> node API (TLS, 10250) and monitoring (10255)
+           bound -> NodeAgent.run()
+    stop (SIGTERM): the agent's loops stop. containerd and the pods keep
+           running; the next start adopts them without restarting anything.
+
+Readiness (/readyz): ``runtime`` (CRI answers), ``informer`` (pods listed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from nodeagent.agent import NodeAgent
+from nodeagent.containerd import ContainerdConfig, ContainerdProcess
+from nodeagent.cri import Runtime, RuntimeClient
+from nodeagent.criruntime import CRIPodRuntime
+from nodeagent.network import cni_config, write_cni_config
+from nodeagent.nodestatus import gather_facts
+from nodeagent.serving import NodeAPI
+from nodeagent.volumes import VolumeManager
+from shoal import config as configmod
+from shoal import errors, images
+from shoal.client import AsyncClient
+from shoal.monitoring import MonitoringServer, Readiness
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SANDBOX_IMAGE = "docker.io/shoal/pause:1"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    data_dir: Path
+    node_ip: str
+    client_config: Path | None = None
+    listen: str = "0.0.0.0:10250"
+    metrics_listen: str = "127.0.0.1:10255"
+    # Attach to this CRI socket; empty: run our own containerd under data_dir.
+    cri_socket: str = ""
+    netns: str | None = None
+    pod_cidr: str = ""
+    cni_bridge: str = "cni0"
+    cni_gateway: bool = True
+    sandbox_image: str = DEFAULT_SANDBOX_IMAGE
+    relist_interval: float = 1.0
+    restart_backoff: tuple[float, float] = (10.0, 300.0)
+    renew_interval: float = 10.0
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.data_dir / "cni" / "net.d"
+
+    @property
+    def log_root(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def containerd_dir(self) -> Path:
+        return self.data_dir / "containerd"
+
+
+async def ensure_sandbox_image(runtime: Runtime, *, image: str, address: str) -> None:
+    """Build and import the pause image if containerd lacks it."""
+    if await runtime.image_status(image) is not None:
+        return
+    name = image.removeprefix("docker.io/")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = await asyncio.to_thread(images.build_sandbox_image, Path(tmp) / "pause.tar",
+                                      name=name)
+        await asyncio.to_thread(images.import_image, ref, address=address)
+    log.info("imported the locally built sandbox image %s", image)
+
+
+class NodeAgentDaemon:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.readiness = Readiness("runtime", "informer")
+        host, _, port = config.metrics_listen.rpartition(":")
+        self.monitoring = MonitoringServer(host=host or "0.0.0.0", port=int(port),
+                                           registry=self.registry, readiness=self.readiness)
+        self.containerd: ContainerdProcess | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.agent: NodeAgent | None = None
+        self.api_port = 0
+
+    async def _runtime(self) -> tuple[Runtime, str]:
+        cfg = self.config
+        if cfg.cri_socket:
+            client = RuntimeClient(cfg.cri_socket)
+            await client.wait_ready(60)
+            return client, cfg.cri_socket.removeprefix("unix://")
+        cd = ContainerdConfig.under(cfg.containerd_dir, cni_conf_dir=cfg.cni_conf_dir,
+                                    sandbox_image=cfg.sandbox_image)
+        self.containerd = ContainerdProcess(cd, netns=cfg.netns)
+        await self.containerd.start()
+        client = self.containerd.client()
+        return client, str(cd.address)
+
+    def _serve_api(self, api: NodeAPI) -> None:
+        pki = self.config.data_dir / "pki"
+        creds = grpc.ssl_server_credentials(
+            [((pki / "serving.key").read_bytes(), (pki / "serving.crt").read_bytes())],
+            root_certificates=(pki / "ca.crt").read_bytes(), require_client_auth=True)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((api.handler(),))
+        self.api_port = server.add_secure_port(self.config.listen, creds)
+        if not self.api_port:
+            raise errors.Unavailable(f"cannot listen on {self.config.listen}")
+        self.grpc_server = server
+
+    async def run(self) -> None:
+        cfg = self.config
+        client_cfg = configmod.load(cfg.client_config or cfg.data_dir / "node.conf")
+        await self.monitoring.start()
+        runtime, address = await self._runtime()
+        self.readiness.set("runtime")
+        await ensure_sandbox_image(runtime, image=cfg.sandbox_image, address=address)
+        if cfg.pod_cidr:
+            write_cni_config(cfg.cni_conf_dir, cni_config(
+                pod_cidr=cfg.pod_cidr, bridge=cfg.cni_bridge, gateway=cfg.cni_gateway,
+                data_dir=cfg.data_dir / "cni" / "ipam"))
+        facts = gather_facts(internal_ip=cfg.node_ip, hostname=cfg.node_name,
+                             agent_port=int(cfg.listen.rpartition(":")[2]))
+        pod_runtime = CRIPodRuntime(runtime, log_root=cfg.log_root)
+        async with AsyncClient(client_cfg) as client:
+            self.agent = NodeAgent(
+                client=client, runtime=pod_runtime, node_name=cfg.node_name, facts=facts,
+                volumes=VolumeManager(root=cfg.data_dir), relist_interval=cfg.relist_interval,
+                restart_backoff=cfg.restart_backoff, renew_interval=cfg.renew_interval)
+            agent = self.agent
+            api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
+                          runtime=pod_runtime, log_root=cfg.log_root)
+            self._serve_api(api)
+            assert self.grpc_server is not None
+            await self.grpc_server.start()
+            log.info("node agent %s: API on %s, metrics on %s", cfg.node_name, cfg.listen,
+                     cfg.metrics_listen)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(agent.run(), name="agent")
+                    await agent.synced.wait()
+                    self.readiness.set("informer")
+            finally:
+                await self.grpc_server.stop(1)
+                await self.monitoring.close()
+                if isinstance(runtime, RuntimeClient):
+                    with contextlib.suppress(Exception):
+                        await runtime.close()
