@@ -33,6 +33,7 @@ from nodeagent.serving import NodeAPI
 from nodeagent.volumes import VolumeManager
 from shoal import config as configmod
 from shoal import errors, images
+from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.monitoring import MonitoringServer, Readiness
 
@@ -111,6 +112,25 @@ class NodeAgentDaemon:
         client = self.containerd.client()
         return client, str(cd.address)
 
+    async def _supervise(self, containerd: ContainerdProcess) -> None:
+        """Start our containerd again when it dies. Pods' shims outlive it, and the
+        new one finds them; the CRI client reconnects by itself."""
+        backoff = Backoff(base=0.5, cap=15.0)
+        while True:
+            await asyncio.sleep(1.0)
+            if containerd.running:
+                backoff.reset()
+                continue
+            self.readiness.clear("runtime")
+            log.warning("containerd (pid %s) is gone; starting it again", containerd.pid)
+            try:
+                await containerd.start()
+                self.readiness.set("runtime")
+            except errors.ShoalError as e:
+                delay = backoff.next()
+                log.error("containerd did not come back: %s; retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+
     def _serve_api(self, api: NodeAPI) -> None:
         pki = self.config.data_dir / "pki"
         creds = grpc.ssl_server_credentials(
@@ -153,6 +173,8 @@ class NodeAgentDaemon:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(agent.run(), name="agent")
+                    if self.containerd is not None:
+                        tg.create_task(self._supervise(self.containerd), name="containerd")
                     await agent.synced.wait()
                     self.readiness.set("informer")
             finally:

@@ -367,6 +367,28 @@ async def test_agent_kill_9_keeps_containers(node: Env) -> None:
     assert after.status.container_statuses[0].restart_count == 0
 
 
+async def test_agent_restarts_a_dead_containerd(node: Env) -> None:
+    await node.client.create(pod("before-crash"))
+    before = await until(node, "before-crash", running)
+    pidfile = node.agent.data_dir / "containerd" / "state" / "shoal-containerd.pid"
+    old_pid = int(pidfile.read_text())
+    os.kill(old_pid, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                if int(pidfile.read_text()) != old_pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            await asyncio.sleep(0.2)
+    await node.client.create(pod("after-crash"))
+    await until(node, "after-crash", running)
+    still = await until(node, "before-crash", running)
+    assert still.status.container_statuses[0].container_id == \
+        before.status.container_statuses[0].container_id
+    assert still.status.container_statuses[0].restart_count == 0
+
+
 async def test_deleting_every_pod_leaves_nothing_on_the_node(node: Env) -> None:
     """Runs last: the namespace goes, and with it every pod, container and volume."""
     await node.client.delete(core_pb2.Namespace, "e2e")
