@@ -67,7 +67,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> N
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 async def measure(client: AsyncClient, *, pods: int, rate: float) -> list[float]:
@@ -137,7 +137,7 @@ async def main() -> int:
                             str(agent_dir), "--api-server", f"127.0.0.1:{api.port}"],
                            check=True, capture_output=True, timeout=60)
             metrics = free_port()
-            log = open(agent_dir / "agent.log", "ab")  # noqa: SIM115, ASYNC230
+            log = open(agent_dir / "agent.log", "ab")  # noqa: SIM115
             agent = subprocess.Popen(
                 [sys.executable, "-m", "nodeagent.main", "run", "--node-name", NODE,
                  "--node-ip", "127.0.0.1", "--data-dir", str(agent_dir), "--pod-cidr", CIDR,
