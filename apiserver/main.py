@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--join-listen", default="127.0.0.1:6444",
                      help="TLS port for `shoal-nodeagent join` (no client certificate); "
                           "'' turns it off")
+    srv.add_argument("--cluster-cidr", default="10.244.0.0/16",
+                     help="pod addresses of the whole cluster; each node gets a block "
+                          "('' turns node IPAM off)")
+    srv.add_argument("--node-cidr-mask-size", type=int, default=24)
     srv.add_argument("--advertise", action="append", default=[],
                      help="HOST:PORT nodes should use for this apiserver (repeatable)")
     srv.add_argument("--bookmark-interval", type=float, default=5.0)
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=ns.data_dir, listen=ns.listen, storage=ns.storage,
         etcd_servers=_endpoints(ns.etcd_servers), sqlite_path=ns.sqlite_path,
         metrics_listen=ns.metrics_listen, bookmark_interval=ns.bookmark_interval,
-        join_listen=ns.join_listen, advertise=tuple(ns.advertise))
+        join_listen=ns.join_listen, advertise=tuple(ns.advertise),
+        cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size)
     _tune_gc()
     try:
         asyncio.run(_serve(config))

@@ -24,6 +24,7 @@ from apiserver.grpcapi import SERVICE, ResourceAPI
 from apiserver.joining import JoinService
 from apiserver.metrics import Metrics
 from apiserver.namespaces import NamespaceFinalizer
+from apiserver.nodeipam import NodeIPAM
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
@@ -50,6 +51,9 @@ class ServerConfig:
     advertise: tuple[str, ...] = ()
     # TLS without client certificates, for the join service only ("" = off).
     join_listen: str = "127.0.0.1:6444"
+    # Node IPAM: each Node gets a /node_cidr_mask block of this ("" = off).
+    cluster_cidr: str = "10.244.0.0/16"
+    node_cidr_mask: int = 24
     # "sqlite" (embedded, file under data_dir unless sqlite_path) or "etcd".
     storage: str = "sqlite"
     etcd_servers: tuple[str, ...] = ()
@@ -111,6 +115,9 @@ class APIServer:
                 servers=config.advertise or (config.listen,), metrics=metrics,
                 authn=self.authn)
         self.namespaces = NamespaceFinalizer(objects=self.objects, cache=self.cache, kinds=kinds)
+        self.ipam = (NodeIPAM(objects=self.objects, cache=self.cache, kinds=kinds,
+                              cluster_cidr=config.cluster_cidr, mask=config.node_cidr_mask)
+                     if config.cluster_cidr else None)
         self.readiness = Readiness("storage", "watch-cache", "bootstrap")
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         host, port = _split_hostport(config.metrics_listen)
@@ -179,6 +186,7 @@ class APIServer:
             loops = [
                 tg.create_task(self._bookmarks(), name="bookmarks"),
                 tg.create_task(self.namespaces.run(), name="namespace-finalizer"),
+                *([tg.create_task(self.ipam.run(), name="node-ipam")] if self.ipam else []),
                 tg.create_task(self._become_ready(), name="readiness"),
             ]
             await self._stopping.wait()

@@ -141,7 +141,7 @@ async def main() -> int:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "nodeagent.main", "run", "--node-name", NODE,
                  "--node-ip", "127.0.0.1", "--data-dir", str(agent_dir), "--pod-cidr", CIDR,
-                 "--cni-bridge", BRIDGE, "--no-cni-gateway",
+                 "--cni-bridge", BRIDGE, "--no-cni-gateway", "--no-routes",
                  "--listen", f"127.0.0.1:{free_port()}",
                  "--metrics-listen", f"127.0.0.1:{metrics}", "--log-format", "text"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

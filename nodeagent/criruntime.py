@@ -73,13 +73,42 @@ def namespace_options(pod: Any) -> cri.NamespaceOption:
         ipc=cri.NODE if spec.host_ipc else cri.POD)
 
 
-def sandbox_config(pod: Any, *, attempt: int, log_root: Path) -> cri.PodSandboxConfig:
+def dns_config(pod: Any, *, server: str, domain: str) -> cri.DNSConfig | None:
+    """Kubernetes' dnsPolicy: ClusterFirst points pods at their node's resolver with
+    the cluster search path; None takes the pod's own dnsConfig; Default (and
+    host-network pods under ClusterFirst) keep the runtime's, i.e. the node's."""
+    spec = pod.spec
+    policy = spec.dns_policy or "ClusterFirst"
+    cfg = cri.DNSConfig()
+    if policy == "None":
+        cfg.servers.extend(spec.dns_config.nameservers)
+        cfg.searches.extend(spec.dns_config.searches)
+        cfg.options.extend(f"{o.name}:{o.value}" if o.value else o.name
+                           for o in spec.dns_config.options)
+        return cfg
+    if not server or policy == "Default" or (policy == "ClusterFirst" and spec.host_network):
+        return None
+    ns = pod.metadata.namespace
+    cfg.servers.append(server)
+    cfg.searches.extend([f"{ns}.svc.{domain}", f"svc.{domain}", domain])
+    cfg.options.append("ndots:5")
+    for o in spec.dns_config.options:
+        cfg.options.append(f"{o.name}:{o.value}" if o.value else o.name)
+    cfg.searches.extend(spec.dns_config.searches)
+    return cfg
+
+
+def sandbox_config(pod: Any, *, attempt: int, log_root: Path, dns_server: str = "",
+                   cluster_domain: str = "cluster.local") -> cri.PodSandboxConfig:
     meta = pod.metadata
     cfg = cri.PodSandboxConfig()
     cfg.metadata.name, cfg.metadata.uid = meta.name, meta.uid
     cfg.metadata.namespace, cfg.metadata.attempt = meta.namespace, attempt
     cfg.hostname = pod.spec.hostname or meta.name
     cfg.log_directory = str(pod_log_dir(log_root, meta.namespace, meta.name, meta.uid))
+    dns = dns_config(pod, server=dns_server, domain=cluster_domain)
+    if dns is not None:
+        cfg.dns_config.CopyFrom(dns)
     cfg.labels[LABEL_POD_UID] = meta.uid
     cfg.labels[LABEL_POD_NAME] = meta.name
     cfg.labels[LABEL_POD_NAMESPACE] = meta.namespace
@@ -164,9 +193,12 @@ def container_config(pod: Any, launch: ContainerLaunch) -> cri.ContainerConfig:
 class CRIPodRuntime:
     """See the module docstring. Implements ``nodeagent.podruntime.PodRuntime``."""
 
-    def __init__(self, runtime: Runtime, *, log_root: Path) -> None:
+    def __init__(self, runtime: Runtime, *, log_root: Path, dns_server: str = "",
+                 cluster_domain: str = "cluster.local") -> None:
         self.cri = runtime
         self.log_root = log_root
+        self.dns_server = dns_server
+        self.cluster_domain = cluster_domain
         self._ips: dict[str, str] = {}
         self._final: dict[str, ContainerRecord] = {}
         self._started: dict[str, float] = {}
@@ -253,7 +285,8 @@ class CRIPodRuntime:
         return rec
 
     async def create_sandbox(self, pod: Any, *, attempt: int) -> SandboxRecord:
-        cfg = sandbox_config(pod, attempt=attempt, log_root=self.log_root)
+        cfg = sandbox_config(pod, attempt=attempt, log_root=self.log_root,
+                             dns_server=self.dns_server, cluster_domain=self.cluster_domain)
         try:
             sandbox_id = await self.cri.run_pod_sandbox(cfg)
         except (errors.InternalError, errors.BadRequest) as e:
@@ -289,7 +322,8 @@ class CRIPodRuntime:
     async def start_container(self, pod: Any, sandbox: SandboxRecord,
                               launch: ContainerLaunch) -> str:
         sb_cfg = self._sandbox_configs.get(pod.metadata.uid) or sandbox_config(
-            pod, attempt=sandbox.attempt, log_root=self.log_root)
+            pod, attempt=sandbox.attempt, log_root=self.log_root, dns_server=self.dns_server,
+            cluster_domain=self.cluster_domain)
         cfg = container_config(pod, launch)
         try:
             cid = await self.cri.create_container(sandbox.id, cfg, sandbox_config=sb_cfg)

@@ -27,8 +27,8 @@ from nodeagent.agent import NodeAgent
 from nodeagent.containerd import ContainerdConfig, ContainerdProcess
 from nodeagent.cri import Runtime, RuntimeClient
 from nodeagent.criruntime import CRIPodRuntime
-from nodeagent.network import cni_config, write_cni_config
 from nodeagent.nodestatus import gather_facts
+from nodeagent.podnetwork import PodNetwork
 from nodeagent.serving import NodeAPI
 from nodeagent.volumes import VolumeManager
 from shoal import config as configmod
@@ -60,6 +60,9 @@ class AgentConfig:
     relist_interval: float = 1.0
     restart_backoff: tuple[float, float] = (10.0, 300.0)
     renew_interval: float = 10.0
+    # Keep routes to other nodes' pod CIDRs (and take ours from the Node when no
+    # --pod-cidr is given). Off on a shared host that is not a lab node.
+    routes: bool = True
 
     @property
     def cni_conf_dir(self) -> Path:
@@ -150,13 +153,9 @@ class NodeAgentDaemon:
         runtime, address = await self._runtime()
         self.readiness.set("runtime")
         await ensure_sandbox_image(runtime, image=cfg.sandbox_image, address=address)
-        if cfg.pod_cidr:
-            write_cni_config(cfg.cni_conf_dir, cni_config(
-                pod_cidr=cfg.pod_cidr, bridge=cfg.cni_bridge, gateway=cfg.cni_gateway,
-                data_dir=cfg.data_dir / "cni" / "ipam"))
         facts = gather_facts(internal_ip=cfg.node_ip, hostname=cfg.node_name,
                              agent_port=int(cfg.listen.rpartition(":")[2]))
-        pod_runtime = CRIPodRuntime(runtime, log_root=cfg.log_root)
+        pod_runtime = CRIPodRuntime(runtime, log_root=cfg.log_root, dns_server=cfg.node_ip)
         async with AsyncClient(client_cfg) as client:
             self.agent = NodeAgent(
                 client=client, runtime=pod_runtime, node_name=cfg.node_name, facts=facts,
@@ -165,6 +164,11 @@ class NodeAgentDaemon:
             agent = self.agent
             api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
                           runtime=pod_runtime, log_root=cfg.log_root)
+            network = PodNetwork(client=client, node_name=cfg.node_name,
+                                 cni_conf_dir=cfg.cni_conf_dir,
+                                 cni_data_dir=cfg.data_dir / "cni" / "ipam",
+                                 bridge=cfg.cni_bridge, gateway=cfg.cni_gateway,
+                                 fixed_pod_cidr=cfg.pod_cidr)
             self._serve_api(api)
             assert self.grpc_server is not None
             await self.grpc_server.start()
@@ -173,6 +177,8 @@ class NodeAgentDaemon:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(agent.run(), name="agent")
+                    if cfg.routes:
+                        tg.create_task(network.run(), name="pod-network")
                     if self.containerd is not None:
                         tg.create_task(self._supervise(self.containerd), name="containerd")
                     await agent.synced.wait()

@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cri-socket", default="",
                    help="attach to this containerd; default: run our own under DATA_DIR")
     r.add_argument("--netns", default=None, help="run our containerd in this network namespace")
-    r.add_argument("--pod-cidr", default="", help="this node's pod CIDR (CNI bridge config)")
+    r.add_argument("--pod-cidr", default="",
+                   help="this node's pod CIDR; default: the one node IPAM gives the Node")
+    r.add_argument("--no-routes", action="store_true",
+                   help="do not manage routes to other nodes' pod CIDRs (and require "
+                        "--pod-cidr)")
     r.add_argument("--cni-bridge", default="cni0")
     r.add_argument("--no-cni-gateway", action="store_true",
                    help="do not make the bridge the pods' gateway (shared hosts)")
@@ -73,6 +77,7 @@ def _run(ns: argparse.Namespace) -> int:
         cri_socket=ns.cri_socket, netns=ns.netns, pod_cidr=ns.pod_cidr,
         cni_bridge=ns.cni_bridge, cni_gateway=not ns.no_cni_gateway,
         sandbox_image=ns.sandbox_image, relist_interval=ns.relist_interval,
+        routes=not ns.no_routes,
         restart_backoff=(float(initial), float(cap or initial)))
 
     async def main() -> None:

@@ -53,7 +53,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nodeagent.main", "run", "--node-name", NODE,
              "--node-ip", "127.0.0.1", "--data-dir", str(self.data_dir),
-             "--pod-cidr", CIDR, "--cni-bridge", BRIDGE, "--no-cni-gateway",
+             "--pod-cidr", CIDR, "--cni-bridge", BRIDGE, "--no-cni-gateway", "--no-routes",
              "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{self.metrics}", "--relist-interval", "0.2",
              "--restart-backoff", "1,4", "--log-format", "text"],

@@ -105,3 +105,28 @@ async def _cleanup(client: AsyncClient) -> None:
             await client.delete(core_pb2.Node, name)
         except errors.NotFound:
             pass
+
+
+async def test_node_ipam_gives_each_node_its_own_pod_cidr(client: AsyncClient) -> None:
+    import asyncio
+
+    cidrs = []
+    for name in ("ipam-a", "ipam-b"):
+        n = core_pb2.Node()
+        n.metadata.name = name
+        await client.create(n)
+    async with asyncio.timeout(10):
+        while len(cidrs) < 2:
+            cidrs = [(await client.get(core_pb2.Node, nm)).spec.pod_cidr
+                     for nm in ("ipam-a", "ipam-b")]
+            cidrs = [c for c in cidrs if c]
+            await asyncio.sleep(0.05)
+    assert len(set(cidrs)) == 2 and all(c.startswith("10.244.") for c in cidrs)
+    fixed = core_pb2.Node()
+    fixed.metadata.name = "ipam-fixed"
+    fixed.spec.pod_cidr = "10.244.200.0/24"
+    await client.create(fixed)
+    await asyncio.sleep(0.3)
+    assert (await client.get(core_pb2.Node, "ipam-fixed")).spec.pod_cidr == "10.244.200.0/24"
+    for name in ("ipam-a", "ipam-b", "ipam-fixed"):
+        await client.delete(core_pb2.Node, name)
