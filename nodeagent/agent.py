@@ -53,6 +53,7 @@ class NodeAgent:
         resync_period: float = 30.0,
         renew_interval: float = 10.0,
         restart_backoff: tuple[float, float] = (10.0, 300.0),
+        pod_cidr: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -77,7 +78,8 @@ class NodeAgent:
                                     initial=restart_backoff[0], cap=restart_backoff[1]))
         self.registration = NodeRegistration(client=client, node_name=node_name, facts=facts,
                                              runtime_probe=runtime.version,
-                                             renew_interval=renew_interval, clock=clock)
+                                             renew_interval=renew_interval,
+                                             pod_cidr=pod_cidr, clock=clock)
         self.synced = asyncio.Event()
 
     def _enqueue(self, pod: core_pb2.Pod) -> None:

@@ -160,7 +160,8 @@ class NodeAgentDaemon:
             self.agent = NodeAgent(
                 client=client, runtime=pod_runtime, node_name=cfg.node_name, facts=facts,
                 volumes=VolumeManager(root=cfg.data_dir), relist_interval=cfg.relist_interval,
-                restart_backoff=cfg.restart_backoff, renew_interval=cfg.renew_interval)
+                restart_backoff=cfg.restart_backoff, renew_interval=cfg.renew_interval,
+                pod_cidr=cfg.pod_cidr)
             agent = self.agent
             api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
                           runtime=pod_runtime, log_root=cfg.log_root)

@@ -58,6 +58,7 @@ class NodeRegistration:
         renew_interval: float = RENEW_INTERVAL,
         status_interval: float = STATUS_INTERVAL,
         lease_duration: int = LEASE_DURATION,
+        pod_cidr: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -73,6 +74,9 @@ class NodeRegistration:
         self.renew_interval = renew_interval
         self.status_interval = status_interval
         self.lease_duration = lease_duration
+        # A pod CIDR given on the command line is published at registration, so
+        # node IPAM leaves it alone and other nodes route to it.
+        self.pod_cidr = pod_cidr
         self.clock = clock
         self.registered = asyncio.Event()
         self.node: core_pb2.Node | None = None
@@ -94,12 +98,19 @@ class NodeRegistration:
             node = core_pb2.Node()
             node.metadata.name = self.node_name
             node.metadata.labels.update(self.labels)
+            if self.pod_cidr:
+                node.spec.pod_cidr = self.pod_cidr
+                node.spec.pod_cidrs.append(self.pod_cidr)
             node.status.CopyFrom(await self._status(None))
             try:
                 node = await self.client.create(node)
                 log.info("registered node %s", self.node_name)
             except errors.AlreadyExists:
                 node = await self.client.get(core_pb2.Node, self.node_name)
+        if self.pod_cidr and node.spec.pod_cidr and node.spec.pod_cidr != self.pod_cidr:
+            log.warning("node %s: --pod-cidr %s differs from the Node's %s; a pod CIDR "
+                        "cannot change once set", self.node_name, self.pod_cidr,
+                        node.spec.pod_cidr)
         missing = {k: v for k, v in self.labels.items() if node.metadata.labels.get(k) != v}
         if missing:
             node.metadata.labels.update(missing)
