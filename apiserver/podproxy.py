@@ -1,13 +1,16 @@
-"""``PodProxy``: logs and exec for users, relayed to the pod's node agent.
+"""``PodProxy``: logs, exec and image imports for users, relayed to a node agent.
 
-    user --mTLS--> apiserver: authenticate; pod -> spec.nodeName -> Node
-           address (InternalIP) and agent port (daemonEndpoints) --mTLS (the
+    user --mTLS--> apiserver: authenticate; pod -> spec.nodeName (or, for
+           ImportImage, the node the first chunk names) -> Node address
+           (InternalIP) and agent port (daemonEndpoints) --mTLS (the
            apiserver's kubelet-client certificate; the node's serving
            certificate checked against the cluster CA)--> node agent
 
 Errors say which hop failed: the pod is not scheduled yet, the node has no
 address, or the node agent cannot be reached. Log streams are relayed chunk by
-chunk; a user who disconnects ends the node stream too.
+chunk; a user who disconnects ends the node stream too. Import chunks are
+relayed as they arrive (gRPC flow control paces the user to the node), under
+the user's own deadline.
 """
 
 from __future__ import annotations
@@ -56,18 +59,23 @@ class PodProxy:
             "Exec": grpc.unary_unary_rpc_method_handler(
                 self.exec, request_deserializer=node_pb2.ExecRequest.FromString,
                 response_serializer=passthrough),
+            "ImportImage": grpc.stream_unary_rpc_method_handler(
+                self.import_image, request_deserializer=node_pb2.ImportChunk.FromString,
+                response_serializer=passthrough),
         })
 
     async def _node_address(self, namespace: str, name: str) -> str:
         pod: Any = await self.objects.get(self.pods, namespace=namespace, name=name)
         if not pod.spec.node_name:
             raise errors.BadRequest(f'pod "{name}" is not scheduled to a node yet')
-        node: core_pb2.Node = await self.objects.get(self.nodes, namespace="",
-                                                     name=pod.spec.node_name)
+        return await self._agent_address(pod.spec.node_name)
+
+    async def _agent_address(self, node_name: str) -> str:
+        node: core_pb2.Node = await self.objects.get(self.nodes, namespace="", name=node_name)
         ip = next((a.address for a in node.status.addresses if a.type == "InternalIP"), "")
         port = node.status.daemon_endpoints.kubelet_endpoint.port
         if not ip or not port:
-            raise errors.Unavailable(f'node "{pod.spec.node_name}" reports no agent address',
+            raise errors.Unavailable(f'node "{node_name}" reports no agent address',
                                      retry_after=2.0)
         return f"{ip}:{port}"
 
@@ -90,6 +98,29 @@ class PodProxy:
             return await rpc(request, timeout=timeout)  # type: ignore[no-any-return]
         except grpc.aio.AioRpcError as e:
             raise _relayed(e, address) from e
+
+    @unary("ImportImage")
+    async def import_image(self, request: AsyncIterator[node_pb2.ImportChunk],
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> node_pb2.ImportResult:
+        first = await anext(aiter(request), None)
+        if first is None or not first.node:
+            raise errors.BadRequest("the first chunk of an image import must name the node")
+        address = await self._agent_address(first.node)
+        rpc = self._channel(address).stream_unary(
+            f"/{NODE_SERVICE}/ImportImage", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=node_pb2.ImportResult.FromString)
+
+        async def chunks() -> AsyncIterator[node_pb2.ImportChunk]:
+            yield first
+            async for chunk in request:
+                yield chunk
+
+        try:
+            result = await rpc(chunks(), timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            raise _relayed(e, address) from e
+        return result  # type: ignore[no-any-return]
 
     async def logs(self, request: node_pb2.LogsRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:

@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 from collections.abc import Iterable, Mapping
@@ -215,17 +216,71 @@ def render_toml(tree: Mapping[str, Any]) -> str:
 
 
 def write_registry_hosts(config_path: Path, *, registry: str, endpoint: str,
-                         skip_verify: bool = False) -> Path:
+                         skip_verify: bool = False, upstream: bool = True) -> Path:
     """Make ``registry`` (e.g. ``docker.io``) pull from ``endpoint`` (e.g.
     ``http://127.0.0.1:5000``): writes ``config_path/registry/hosts.toml`` for
-    containerd's ``registry.config_path``. Returns the file written."""
+    containerd's ``registry.config_path``. An ``http://`` endpoint is spoken
+    to in plain HTTP (containerd 1.6 needs nothing more). ``upstream=False``
+    also makes the endpoint the registry's ``server``, so containerd never
+    falls back to the real registry (for docker.io, registry-1.docker.io).
+    Returns the file written."""
     host: dict[str, Any] = {"capabilities": ["pull", "resolve"]}
     if skip_verify:
         host["skip_verify"] = True
+    tree: dict[str, Any] = {}
+    if not upstream:
+        tree = {"server": endpoint, **host}
+    tree["host"] = {endpoint: host}
     target = config_path / registry / "hosts.toml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_toml({"host": {endpoint: host}}))
+    target.write_text(render_toml(tree))
     return target
+
+
+@dataclass(frozen=True)
+class RegistryMirror:
+    """Pulls from ``registry`` (``docker.io``, ``10.77.0.1:5000``) go to ``endpoint``."""
+
+    registry: str
+    endpoint: str
+
+    def __str__(self) -> str:
+        return f"{self.registry}={self.endpoint}"
+
+
+_REGISTRY_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
+
+
+def parse_registry_mirror(text: str) -> RegistryMirror:
+    """``REGISTRY=URL``, e.g. ``docker.io=http://10.77.0.1:5000``; BadRequest
+    saying what is wrong otherwise."""
+    registry, sep, endpoint = text.partition("=")
+    example = "e.g. docker.io=http://10.77.0.1:5000"
+    if not sep or not registry or not endpoint:
+        raise errors.BadRequest(f"registry mirror {text!r} must be REGISTRY=URL, {example}")
+    if not _REGISTRY_NAME.match(registry):
+        raise errors.BadRequest(f"registry mirror {text!r}: {registry!r} is not a registry "
+                                f"host such as docker.io or 10.77.0.1:5000")
+    scheme, _, rest = endpoint.partition("://")
+    if scheme not in ("http", "https") or not rest or "/" in rest.rstrip("/"):
+        raise errors.BadRequest(f"registry mirror {text!r}: {endpoint!r} must be an "
+                                f"http:// or https:// URL of a registry host, {example}")
+    return RegistryMirror(registry=registry, endpoint=f"{scheme}://{rest.rstrip('/')}")
+
+
+def write_registry_mirrors(config_path: Path, mirrors: Iterable[RegistryMirror]
+                           ) -> list[Path]:
+    """Make ``config_path`` hold exactly ``mirrors``: one hosts.toml per registry
+    (no fallback to the real registry), and no directory for a registry that is
+    no longer mirrored. containerd reads these at each pull, so a change needs
+    no restart. Returns the files written."""
+    config_path.mkdir(parents=True, exist_ok=True)
+    wanted = {m.registry: m for m in mirrors}
+    for entry in config_path.iterdir():
+        if entry.is_dir() and entry.name not in wanted:
+            shutil.rmtree(entry)
+    return [write_registry_hosts(config_path, registry=m.registry, endpoint=m.endpoint,
+                                 upstream=False) for m in wanted.values()]
 
 
 # -- processes and mounts -------------------------------------------------------

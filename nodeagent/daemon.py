@@ -1,10 +1,11 @@
 """``shoal-nodeagent run``: one node agent process, wired from its config.
 
     start: client config (from join) -> container runtime: attach to
-           --cri-socket, or start/adopt our own containerd -> sandbox image
-           present (built locally and imported, never pulled) -> CNI config
-           from the pod CIDR -> node API (TLS, 10250) and monitoring (10255)
-           bound -> NodeAgent.run()
+           --cri-socket, or start/adopt our own containerd (registry mirrors
+           written to DATA/containerd/certs.d first) -> sandbox image present
+           (built locally and imported, never pulled) -> CNI config from the
+           pod CIDR -> node API (TLS, 10250; logs, exec, image import) and
+           monitoring (10255) bound -> NodeAgent.run()
     stop (SIGTERM): the agent's loops stop. containerd and the pods keep
            running; the next start adopts them without restarting anything.
 
@@ -24,7 +25,12 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import NodeAgent
-from nodeagent.containerd import ContainerdConfig, ContainerdProcess
+from nodeagent.containerd import (
+    ContainerdConfig,
+    ContainerdProcess,
+    RegistryMirror,
+    write_registry_mirrors,
+)
 from nodeagent.cri import Runtime, RuntimeClient
 from nodeagent.criruntime import CRIPodRuntime
 from nodeagent.nodestatus import gather_facts
@@ -63,6 +69,8 @@ class AgentConfig:
     # Keep routes to other nodes' pod CIDRs (and take ours from the Node when no
     # --pod-cidr is given). Off on a shared host that is not a lab node.
     routes: bool = True
+    # Pull these registries from these endpoints (our own containerd only).
+    registry_mirrors: tuple[RegistryMirror, ...] = ()
 
     @property
     def cni_conf_dir(self) -> Path:
@@ -75,6 +83,16 @@ class AgentConfig:
     @property
     def containerd_dir(self) -> Path:
         return self.data_dir / "containerd"
+
+    @property
+    def registry_config_dir(self) -> Path:
+        """containerd's registry ``config_path``: one ``<registry>/hosts.toml`` each."""
+        return self.containerd_dir / "certs.d"
+
+    @property
+    def import_dir(self) -> Path:
+        """Where archives sent to ImportImage wait while they are imported."""
+        return self.data_dir / "images"
 
 
 async def ensure_sandbox_image(runtime: Runtime, *, image: str, address: str) -> None:
@@ -105,11 +123,22 @@ class NodeAgentDaemon:
     async def _runtime(self) -> tuple[Runtime, str]:
         cfg = self.config
         if cfg.cri_socket:
+            if cfg.registry_mirrors:
+                raise errors.BadRequest(
+                    "--registry-mirror needs the agent's own containerd; with --cri-socket, "
+                    "set that containerd's registry config_path instead")
             client = RuntimeClient(cfg.cri_socket)
             await client.wait_ready(60)
             return client, cfg.cri_socket.removeprefix("unix://")
+        # Always set: containerd reads hosts.toml files at each pull, so mirrors
+        # can change with an agent restart even when containerd is adopted.
+        written = await asyncio.to_thread(write_registry_mirrors, cfg.registry_config_dir,
+                                          cfg.registry_mirrors)
+        for path in written:
+            log.info("registry mirror: %s", path)
         cd = ContainerdConfig.under(cfg.containerd_dir, cni_conf_dir=cfg.cni_conf_dir,
-                                    sandbox_image=cfg.sandbox_image)
+                                    sandbox_image=cfg.sandbox_image,
+                                    registry_config_path=cfg.registry_config_dir)
         self.containerd = ContainerdProcess(cd, netns=cfg.netns)
         await self.containerd.start()
         client = self.containerd.client()
@@ -164,7 +193,9 @@ class NodeAgentDaemon:
                 pod_cidr=cfg.pod_cidr)
             agent = self.agent
             api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
-                          runtime=pod_runtime, log_root=cfg.log_root)
+                          runtime=pod_runtime, log_root=cfg.log_root, node_name=cfg.node_name,
+                          containerd_address=address, import_dir=cfg.import_dir)
+            await asyncio.to_thread(api.remove_stale_imports)
             network = PodNetwork(client=client, node_name=cfg.node_name,
                                  cni_conf_dir=cfg.cni_conf_dir,
                                  cni_data_dir=cfg.data_dir / "cni" / "ipam",

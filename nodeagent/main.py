@@ -4,6 +4,7 @@
         [--node-name N] [--node-ip IP] [--data-dir /var/lib/shoal/nodeagent]
     shoal-nodeagent run --node-ip IP [--node-name N] [--data-dir D] [--cri-socket PATH]
         [--pod-cidr CIDR] [--netns NAME] [--listen 0.0.0.0:10250]
+        [--registry-mirror REGISTRY=URL]...
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ import sys
 from pathlib import Path
 
 from nodeagent import joining
+from nodeagent.containerd import RegistryMirror, parse_registry_mirror
 from shoal import errors, logs
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal/nodeagent")
+
+
+def _mirror(text: str) -> RegistryMirror:
+    try:
+        return parse_registry_mirror(text)
+    except errors.BadRequest as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cni-gateway", action="store_true",
                    help="do not make the bridge the pods' gateway (shared hosts)")
     r.add_argument("--sandbox-image", default="docker.io/shoal/pause:1")
+    r.add_argument("--registry-mirror", dest="registry_mirrors", action="append",
+                   type=_mirror, default=[], metavar="REGISTRY=URL",
+                   help="pull REGISTRY's images from URL, e.g. docker.io=http://10.77.0.1:5000 "
+                        "(repeatable; our own containerd only; no fallback to REGISTRY)")
     r.add_argument("--listen", default="0.0.0.0:10250")
     r.add_argument("--metrics-listen", default="127.0.0.1:10255")
     r.add_argument("--relist-interval", type=float, default=1.0)
@@ -77,7 +90,7 @@ def _run(ns: argparse.Namespace) -> int:
         cri_socket=ns.cri_socket, netns=ns.netns, pod_cidr=ns.pod_cidr,
         cni_bridge=ns.cni_bridge, cni_gateway=not ns.no_cni_gateway,
         sandbox_image=ns.sandbox_image, relist_interval=ns.relist_interval,
-        routes=not ns.no_routes,
+        routes=not ns.no_routes, registry_mirrors=tuple(ns.registry_mirrors),
         restart_backoff=(float(initial), float(cap or initial)))
 
     async def main() -> None:

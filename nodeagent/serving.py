@@ -1,4 +1,4 @@
-"""The node agent's own gRPC API (port 10250): container logs and exec.
+"""The node agent's own gRPC API (port 10250): container logs, exec, image imports.
 
 Served with TLS using the node's serving certificate (from join). Every caller
 must present a client certificate from the cluster CA whose subject is the
@@ -8,11 +8,25 @@ PodProxy, which authenticates them.
 
 Logs are read from the runtime's log files (``nodeagent.logs``); ``follow``
 streams until the container instance stops or the caller goes away.
+
+``ImportImage`` loads an OCI archive into this node's containerd::
+
+    chunks --> <import_dir>/import-*.tar (size capped) --> every blob checked
+    against its digest, and the first chunk's image/digest, if given --> ``ctr
+    images import`` (one import at a time) --> containerd lists the image at
+    that digest --> result; the temp file is removed whatever happened
+
+It is idempotent (the same archive again is a no-op that answers the same).
+A stream naming another node is refused, so a misrouted import never lands.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +38,7 @@ from cryptography.x509.oid import NameOID
 from nodeagent.logs import container_logs, pod_log_dir, read_logs
 from nodeagent.podruntime import PodRuntime
 from nodeagent.runtimestate import ContainerRecord, ContainerState, PodRecord
-from shoal import errors
+from shoal import errors, images
 from shoal.api.core.v1 import core_pb2
 from shoal.api.node.v1 import node_pb2
 
@@ -40,7 +54,11 @@ GRPC_CODES = {
     errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.RequestEntityTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
 }
+IMPORT_PREFIX = "import-"
+DEFAULT_MAX_IMPORT_BYTES = 4 << 30
 
 
 def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, set[str]]:
@@ -62,13 +80,23 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], e: errors.ShoalErr
 
 
 class NodeAPI:
+    """The handlers. ``containerd_address`` (the socket path) and ``import_dir``
+    enable ``ImportImage``; without them it answers UNIMPLEMENTED."""
+
     def __init__(self, *, pod_by_name: Callable[[str, str], core_pb2.Pod | None],
                  records: Callable[[], dict[str, PodRecord]], runtime: PodRuntime,
-                 log_root: Path) -> None:
+                 log_root: Path, node_name: str = "", containerd_address: str = "",
+                 import_dir: Path | None = None,
+                 max_import_bytes: int = DEFAULT_MAX_IMPORT_BYTES) -> None:
         self.pod_by_name = pod_by_name
         self.records = records
         self.runtime = runtime
         self.log_root = log_root
+        self.node_name = node_name
+        self.containerd_address = containerd_address
+        self.import_dir = import_dir
+        self.max_import_bytes = max_import_bytes
+        self._import_lock = asyncio.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         def ser(m: Any) -> bytes:
@@ -81,12 +109,15 @@ class NodeAPI:
             "Exec": grpc.unary_unary_rpc_method_handler(
                 self.exec, request_deserializer=node_pb2.ExecRequest.FromString,
                 response_serializer=ser),
+            "ImportImage": grpc.stream_unary_rpc_method_handler(
+                self.import_image, request_deserializer=node_pb2.ImportChunk.FromString,
+                response_serializer=ser),
         })
 
     def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         user, groups = _caller(context)
         if user not in ALLOWED_USERS and not groups & ALLOWED_GROUPS:
-            raise errors.Forbidden(f'user "{user}" may not read logs or exec on this node')
+            raise errors.Forbidden(f'user "{user}" may not use the API of this node')
 
     def _locate(self, namespace: str, name: str, container: str
                 ) -> tuple[core_pb2.Pod, str, PodRecord]:
@@ -164,3 +195,101 @@ class NodeAPI:
             await _abort(context, e)
             raise  # pragma: no cover - abort raises
         return node_pb2.ExecResponse(stdout=out, stderr=err, exit_code=code)
+
+    # -- image import -------------------------------------------------------------
+
+    def remove_stale_imports(self) -> list[Path]:
+        """Delete archives an earlier run left in ``import_dir`` (it crashed
+        mid-import). Call before serving; returns what was removed."""
+        if self.import_dir is None or not self.import_dir.is_dir():
+            return []
+        stale = sorted(self.import_dir.glob(f"{IMPORT_PREFIX}*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    async def import_image(self, request_iterator: AsyncIterator[node_pb2.ImportChunk],
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> node_pb2.ImportResult:
+        try:
+            self._authorize(context)
+            if not self.containerd_address or self.import_dir is None:
+                raise errors.MethodNotAllowed(
+                    "this node agent was started without a containerd socket for imports")
+            return await self._import(request_iterator)
+        except errors.ShoalError as e:
+            await _abort(context, e)
+            raise  # pragma: no cover - abort raises
+
+    async def _import(self, chunks: AsyncIterator[node_pb2.ImportChunk]
+                      ) -> node_pb2.ImportResult:
+        assert self.import_dir is not None
+        fd, path = await asyncio.to_thread(_new_import_file, self.import_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                first, size = await self._receive(chunks, out)
+            if first.size and size != first.size:
+                raise errors.BadRequest(
+                    f"the archive stream ended after {size} of {first.size} bytes")
+            async with self._import_lock:
+                image, digest = await asyncio.to_thread(self._load, path, first)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        log.info("imported image %s (%s, %d bytes)", image, digest, size)
+        return node_pb2.ImportResult(node=self.node_name, image=image, digest=digest,
+                                     size=size)
+
+    async def _receive(self, chunks: AsyncIterator[node_pb2.ImportChunk], out: Any
+                       ) -> tuple[node_pb2.ImportChunk, int]:
+        first: node_pb2.ImportChunk | None = None
+        size = 0
+        async for chunk in chunks:
+            if first is None:
+                first = chunk
+                if chunk.node and self.node_name and chunk.node != self.node_name:
+                    raise errors.BadRequest(
+                        f'this is node "{self.node_name}", not "{chunk.node}"')
+                if chunk.size > self.max_import_bytes:
+                    raise errors.RequestEntityTooLarge(
+                        f"the archive ({chunk.size} bytes) is larger than this node "
+                        f"accepts ({self.max_import_bytes} bytes)")
+            size += len(chunk.data)
+            if size > self.max_import_bytes:
+                raise errors.RequestEntityTooLarge(
+                    f"the archive is larger than this node accepts "
+                    f"({self.max_import_bytes} bytes)")
+            if chunk.data:
+                await asyncio.to_thread(out.write, chunk.data)
+        if first is None or size == 0:
+            raise errors.BadRequest("the import stream carried no archive")
+        return first, size
+
+    def _load(self, path: Path, first: node_pb2.ImportChunk) -> tuple[str, str]:
+        """Check the archive against what the first chunk expects, import it,
+        and return (image name, manifest digest). Blocking."""
+        archived = images.inspect_archive(path)
+        named = [i for i in archived if i.name]
+        if not named:
+            raise errors.BadRequest("the archive names no image (index.json has no "
+                                    f"{images.ANNOTATION_CONTAINERD_NAME} annotation)")
+        chosen = named[0]
+        if first.image:
+            want = images.normalize_reference(first.image)
+            match = [i for i in named if i.name == want]
+            if not match:
+                raise errors.BadRequest(
+                    f"the archive holds {', '.join(i.name for i in named)}, not {want}")
+            chosen = match[0]
+        if first.digest and chosen.digest != first.digest:
+            raise errors.BadRequest(
+                f"the archive's {chosen.name} is {chosen.digest}, not {first.digest}")
+        images.import_image(path, address=self.containerd_address)
+        return chosen.name, chosen.digest
+
+
+def _new_import_file(directory: Path) -> tuple[int, Path]:
+    """An open, empty ``import-*.tar`` in ``directory`` (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=IMPORT_PREFIX, suffix=".tar")
+    return fd, Path(name)

@@ -7,7 +7,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 install_packages etcd-server etcd-client ca-certificates shellcheck \
-    containerd runc containernetworking-plugins busybox-static iproute2 iptables util-linux
+    containerd runc containernetworking-plugins busybox-static iproute2 iptables util-linux \
+    docker-registry
 make_venv "[dev]"
 cd "$ROOT"
 export PATH="$VENV/bin:$PATH"

@@ -29,6 +29,10 @@ from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
 from shoal.cli.discovering import run_api_resources, run_version
 from shoal.cli.getting import OUTPUTS, GetOptions, run_get
+from shoal.cli.imaging import add_parser as add_image_parser
+from shoal.cli.imaging import run_image_import, run_image_local
+from shoal.cli.labbing import add_parser as add_lab_parser
+from shoal.cli.labbing import run_lab
 from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
 from shoal.cli.session import Session
 from shoal.kinds import builtin_kinds
@@ -202,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespaced", type=parse_bool, default=None, metavar="true|false")
     p.add_argument("-o", "--output", choices=("wide", "name"), default="")
     p.add_argument("--no-headers", action="store_true")
+
+    add_image_parser(sub, common)
+    add_lab_parser(sub)
     return parser
 
 
@@ -249,6 +256,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
             case "api-resources":
                 return await run_api_resources(session, namespaced=ns.namespaced,
                                                output=ns.output, headers=not ns.no_headers)
+            case "image":
+                return await run_image_import(session, archive=ns.archive, nodes=ns.nodes)
         raise CLIError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse
     finally:
         await session.aclose()
@@ -280,6 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"shoal: error: {ns.command} takes no arguments after --", file=sys.stderr)
             return ExitCode.BAD_INPUT
         ns.exec_command = [*ns.exec_command, *tail]
+    if ns.command == "lab":
+        return run_lab(ns)
+    if ns.command == "image" and ns.image_command != "import":
+        try:
+            return run_image_local(ns)
+        except (CLIError, errors.ShoalError, OSError) as e:
+            for line in error_lines(e):
+                print(line, file=sys.stderr)
+            return exit_code_for(e)
     session = Session(kinds=builtin_kinds(), out=sys.stdout, err=sys.stderr, stdin=sys.stdin,
                       config_path=ns.config, namespace_flag=ns.namespace,
                       request_timeout=ns.request_timeout)

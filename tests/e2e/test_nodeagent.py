@@ -389,6 +389,43 @@ async def test_agent_restarts_a_dead_containerd(node: Env) -> None:
     assert still.status.container_statuses[0].restart_count == 0
 
 
+async def test_image_import_through_the_apiserver(node: Env, tmp_path: Path) -> None:
+    """`shoal image build` + `shoal image import` (CLI -> apiserver -> node agent
+    -> containerd), twice; then a pod runs the image without pulling."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "greeting.txt").write_text("imported, not pulled\n")
+    (app / "shoal-image.yaml").write_text('cmd: ["sh", "-c", "exec sleep 3600"]\n')
+    archive = tmp_path / "imported.tar"
+    built = await node.shoal("image", "build", "-t", "shoal-e2e/imported:1", str(app),
+                             "-o", str(archive))
+    assert built.returncode == 0, built.stderr
+    digest = built.stdout.split()[2]
+    for _ in range(2):                                  # importing again is a no-op
+        imported = await node.shoal("image", "import", str(archive))
+        assert imported.returncode == 0, imported.stderr
+        assert imported.stdout == f"{NODE}: imported docker.io/shoal-e2e/imported:1 {digest}\n"
+    named = await node.shoal("image", "import", str(archive), "--node", NODE,
+                             "--node", "no-such-node")
+    assert named.returncode == 1
+    assert f"{NODE}: imported" in named.stdout
+    assert 'no-such-node: import failed: nodes "no-such-node" not found' in named.stderr
+    # The node checks what the first chunk says the archive holds.
+    with pytest.raises(errors.BadRequest, match=f"is {digest}, not sha256:0000"):
+        await node.client.import_image(NODE, archive, digest="sha256:" + "0" * 64)
+    with pytest.raises(errors.BadRequest, match="not docker.io/library/other:1"):
+        await node.client.import_image(NODE, archive, image="other:1")
+    assert not any((node.agent.data_dir / "images").iterdir())   # temp archives removed
+    p = pod("imported")
+    p.spec.containers[0].image = "shoal-e2e/imported:1"
+    p.spec.containers[0].image_pull_policy = "Never"
+    p.spec.containers[0].ClearField("command")
+    await node.client.create(p)
+    await until(node, "imported", running)
+    r = await node.shoal("exec", "imported", "-n", "e2e", "--", "cat", "/greeting.txt")
+    assert (r.returncode, r.stdout) == (0, "imported, not pulled\n"), r.stderr
+
+
 async def test_deleting_every_pod_leaves_nothing_on_the_node(node: Env) -> None:
     """Runs last: the namespace goes, and with it every pod, container and volume."""
     await node.client.delete(core_pb2.Namespace, "e2e")

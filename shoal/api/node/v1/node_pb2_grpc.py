@@ -44,6 +44,11 @@ class NodeAgentStub:
                 request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.ImportImage = channel.stream_unary(
+                '/shoal.node.v1.NodeAgent/ImportImage',
+                request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -61,6 +66,15 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportImage(self, request_iterator, context):
+        """Load an OCI image-layout archive into the node's containerd (namespace
+        k8s.io). The archive comes in chunks; the first one carries the checks.
+        Idempotent: importing the same archive again changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +87,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecRequest.FromString,
                     response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecResponse.SerializeToString,
+            ),
+            'ImportImage': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportImage,
+                    request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.FromString,
+                    response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +148,33 @@ class NodeAgent:
             '/shoal.node.v1.NodeAgent/Exec',
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportImage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.node.v1.NodeAgent/ImportImage',
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.SerializeToString,
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,11 @@ class PodProxyStub:
                 request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.ImportImage = channel.stream_unary(
+                '/shoal.resources.v1.PodProxy/ImportImage',
+                request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.FromString,
+                _registered_method=True)
 
 
 class PodProxyServicer:
@@ -61,6 +66,13 @@ class PodProxyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportImage(self, request_iterator, context):
+        """The first chunk's node field names the node whose agent imports the archive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PodProxyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_PodProxyServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecRequest.FromString,
                     response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecResponse.SerializeToString,
+            ),
+            'ImportImage': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportImage,
+                    request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.FromString,
+                    response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class PodProxy:
             '/shoal.resources.v1.PodProxy/Exec',
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportImage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.resources.v1.PodProxy/ImportImage',
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.SerializeToString,
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,96 @@
+"""``shoal lab up|down|status|stop-node|start-node|partition|heal``.
+
+The commands manage a lab on this machine (see :mod:`shoal.lab.lab`); they
+need no client config, so they run before the CLI builds its session. Each
+one prints its progress on stdout and returns an exit code: 0 done, 1 the lab
+could not do it (the message says what to do instead), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from shoal import errors
+from shoal.cli.reporting import ExitCode
+from shoal.lab.topology import CONTROL_PLANE, DEFAULT_DIR, DEFAULT_NODES, MAX_NODES
+
+DIR_ENV = "SHOAL_LAB_DIR"
+
+
+def _default_dir() -> Path:
+    return Path(os.environ.get(DIR_ENV) or DEFAULT_DIR)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``lab`` and its commands to the ``shoal`` parser."""
+    lab = sub.add_parser(
+        "lab", help="a multi-node cluster on this machine (root)",
+        description="Bring up, inspect, break and remove a local multi-node lab: one "
+                    "network namespace per node on a bridge, with etcd, the apiserver "
+                    "and a registry on the host.")
+    cmds = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--dir", type=Path, default=_default_dir(),
+                       help=f"the lab's directory (default ${DIR_ENV} or {DEFAULT_DIR})")
+        return p
+
+    p = command("up", "bring the lab up and wait until every node is Ready")
+    p.add_argument("--nodes", type=int, default=DEFAULT_NODES,
+                   help=f"how many nodes (1..{MAX_NODES}, default {DEFAULT_NODES})")
+    p = command("down", "stop and remove everything the lab made")
+    p.add_argument("--purge", action="store_true",
+                   help="also remove the lab's data and logs")
+    command("status", "show the lab's processes and nodes")
+    p = command("stop-node", "stop a node's agent and containerd (its pods keep running)")
+    p.add_argument("node", metavar="NAME")
+    p = command("start-node", "start a stopped node again (its pods are adopted)")
+    p.add_argument("node", metavar="NAME")
+    p = command("partition",
+                f"drop traffic between two nodes, or a node and {CONTROL_PLANE}")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar=f"B|{CONTROL_PLANE}")
+    command("heal", "remove every partition")
+
+
+def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
+            err: TextIO | None = None) -> int:
+    from shoal.lab.lab import Lab
+
+    stdout, stderr = out or sys.stdout, err or sys.stderr
+
+    def say(line: str) -> None:
+        stdout.write(line + "\n")
+        stdout.flush()
+
+    lab = Lab(ns.dir, say=say)
+    try:
+        match ns.lab_command:
+            case "up":
+                return lab.up(nodes=ns.nodes)
+            case "down":
+                return lab.down(purge=ns.purge)
+            case "status":
+                return lab.status()
+            case "stop-node":
+                return lab.stop_node(ns.node)
+            case "start-node":
+                return lab.start_node(ns.node)
+            case "partition":
+                return lab.partition(ns.a, ns.b)
+            case "heal":
+                return lab.heal()
+    except errors.BadRequest as e:
+        stderr.write(f"shoal lab: {e.message}\n")
+        return ExitCode.BAD_INPUT
+    except errors.ShoalError as e:
+        stderr.write(f"shoal lab {ns.lab_command}: {e.message}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(ns.lab_command)  # pragma: no cover - argparse requires one

@@ -1,0 +1,775 @@
+"""``shoal lab``: a multi-node Shoal cluster on one machine, made and unmade.
+
+Lifecycle of a lab directory (its ``state.json``, see :mod:`shoal.lab.state`)::
+
+    (none|down) --up--> starting --every Node Ready--> up --down [--purge]--> down
+                           |                            |
+                           | failure, Ctrl-C, crash     | stop-node / start-node,
+                           v                            | partition / heal: the lab
+                         failed --down--> down          | stays up (recorded in state)
+
+``up`` (see ``Lab.up``), in order, each stage waiting on a readiness signal:
+  1. preflight: root, commands, kernel features, ports (all problems at once);
+  2. network: bridge shoal0, per node a netns and a veth, the FORWARD accept
+     chain when br_netfilter would filter bridged traffic;
+  3. etcd (``/health``) and the registry (``/v2/``), started together, while
+     the demo images are built;
+  4. the apiserver (``/readyz``), after its PKI; admin.conf is copied out;
+  5. a bootstrap token; every node joins (inside its netns) in parallel;
+  6. every node agent starts in its netns with its own containerd
+     (``/readyz``), whose pulls of docker.io and of the lab registry's own name
+     go to the lab registry (``--registry-mirror``), where the demo images are;
+  7. every Node is Ready in the API.
+
+Contract:
+
+- Everything is recorded in the state file *before* it is made, so ``down``
+  undoes a crashed or half-finished ``up``.
+- ``up`` on a lab that is up says so and changes nothing; on a lab whose last
+  ``up`` failed it refuses and points at ``down``.
+- ``down`` is idempotent and never kills by name: agents (SIGTERM), then each
+  node's containerd through CRI (sandboxes removed, shims gone, mounts
+  unmounted), then anything still mounted under the lab dir, then registry,
+  apiserver and etcd by recorded PID and start time, then interfaces,
+  namespaces, the bridge and the iptables chains. ``--purge`` also removes
+  what the lab wrote in its directory.
+- ``stop-node`` stops a node's agent and containerd, leaving its pods'
+  containers running (their shims outlive containerd); the node's Lease then
+  expires. ``start-node`` starts the agent again, which starts or adopts
+  containerd; pods are adopted, not restarted.
+- ``partition A B`` drops traffic between two nodes, or a node and
+  ``control-plane``, with rules in the nodes' own netns (chain
+  SHOAL-LAB-PARTITION); ``heal`` removes them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from apiserver import pki
+from nodeagent.containerd import (
+    PIDFILE_NAME,
+    ContainerdConfig,
+    ContainerdProcess,
+    mounts_under,
+)
+from shoal import config as configmod
+from shoal import errors, images, pushing, tokens
+from shoal.api.coordination.v1 import coordination_pb2
+from shoal.api.core.v1 import core_pb2
+from shoal.client import Client
+from shoal.lab import netsetup, preflight
+from shoal.lab.state import (
+    DOWN,
+    FAILED,
+    STARTING,
+    UP,
+    ChainRecord,
+    LabState,
+    ProcessRecord,
+    StateFile,
+)
+from shoal.lab.supervising import Supervisor, alive, http_ok, rss_bytes, start_time
+from shoal.lab.topology import (
+    API_METRICS,
+    BRIDGE,
+    DEMO_IMAGE,
+    FORWARD_CHAIN,
+    PARTITION_CHAIN,
+    SANDBOX_IMAGE,
+    Node,
+    Topology,
+    endpoint,
+    partition_rules,
+    plan,
+)
+from shoal.testing import registry
+
+Say = Callable[[str], None]
+
+ETCD, APISERVER, REGISTRY = "etcd", "apiserver", "registry"
+CONTROL_PLANE_PROCESSES = (REGISTRY, APISERVER, ETCD)  # stop order
+PARTITION_JUMPS = ("INPUT", "OUTPUT", "FORWARD")
+LEASE_NAMESPACE = "kube-node-lease"
+TOKEN_TTL = dt.timedelta(hours=1)
+START_TIMEOUT = 60.0
+READY_TIMEOUT = 120.0
+
+
+class LabError(errors.ShoalError):
+    """The lab cannot do what was asked; the message says what to do instead."""
+
+    reason = "LabFailed"
+
+
+def agent_key(node: Node) -> str:
+    return f"nodeagent/{node.name}"
+
+
+def containerd_key(node: Node) -> str:
+    return f"containerd/{node.name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _node_ready(node: core_pb2.Node) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n else "-"
+
+
+def _container_record(node: Node) -> ProcessRecord | None:
+    """The node's containerd, from the agent's pidfile, if it is running and is
+    ours (its command line names our config file)."""
+    pidfile = node.containerd_dir / "state" / PIDFILE_NAME
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    config = str(node.containerd_dir / "root" / "config.toml").encode()
+    started = start_time(pid)
+    if started is None or config not in argv:
+        return None
+    return ProcessRecord(name=containerd_key(node), pid=pid, start_time=started,
+                         argv=tuple(a.decode(errors="replace") for a in argv if a),
+                         log=str(node.containerd_dir / "state" / "containerd.log"))
+
+
+class Lab:
+    """One lab directory. Commands return an exit code and report through ``say``."""
+
+    def __init__(self, lab_dir: Path, *, say: Say, python: str = sys.executable,
+                 host: preflight.Host | None = None) -> None:
+        self.lab_dir = lab_dir.absolute()
+        self.say = say
+        self.python = python
+        self.host = host or preflight.SystemHost()
+        self.file = StateFile(self.lab_dir / "state.json")
+        self.sup = Supervisor()
+        self._t0 = time.monotonic()
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _topology(self, state: LabState) -> Topology:
+        if not state.nodes:
+            return Topology(lab_dir=self.lab_dir, nodes=())
+        return plan(nodes=len(state.nodes), lab_dir=self.lab_dir)
+
+    def _loaded(self) -> tuple[LabState, Topology]:
+        state = self.file.load()
+        if state is None:
+            raise LabError(f"no lab in {self.lab_dir} (start one: shoal lab up --dir "
+                           f"{self.lab_dir})")
+        return state, self._topology(state)
+
+    def _up_only(self) -> tuple[LabState, Topology]:
+        state, topo = self._loaded()
+        if state.phase != UP:
+            raise LabError(f"the lab in {self.lab_dir} is {state.phase}, not up")
+        return state, topo
+
+    def _progress(self, text: str) -> None:
+        self.say(f"[{time.monotonic() - self._t0:5.1f}s] {text}")
+
+    def _mark(self, state: LabState, stage: str) -> None:
+        state.timings[stage] = round(time.monotonic() - self._t0, 3)
+        self.file.save(state)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        path = env.get("PATH", "")
+        for extra in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
+            if extra not in path.split(os.pathsep):
+                path = f"{path}{os.pathsep}{extra}" if path else extra
+        env["PATH"] = path
+        return env
+
+    def _spawn(self, state: LabState, name: str, argv: list[str], *, log: Path,
+               netns: str | None = None) -> ProcessRecord:
+        # cwd "/" and python -P: the lab dir holds a data dir named "apiserver",
+        # which must never shadow the package of that name.
+        record = self.sup.spawn(name, argv, log=log, netns=netns, cwd=Path("/"),
+                                env=self._env())
+        state.processes[name] = record
+        self.file.save(state)
+        return record
+
+    def _client(self, *, timeout: float = 10.0) -> Client:
+        return Client(configmod.load(self.lab_dir / "admin.conf"), timeout=timeout)
+
+    # -- up ----------------------------------------------------------------------
+
+    def up(self, *, nodes: int) -> int:
+        topo = plan(nodes=nodes, lab_dir=self.lab_dir)
+        existing = self.file.load()
+        if existing is not None and existing.phase == UP:
+            return self._already_up(existing)
+        if existing is not None and existing.phase in (STARTING, FAILED):
+            raise LabError(
+                f"a previous `shoal lab up` in {self.lab_dir} did not finish "
+                f"({existing.phase}{': ' + existing.error if existing.error else ''}); "
+                f"clean it up first: shoal lab down --dir {self.lab_dir}")
+        problems = preflight.check(self.host, nodes=nodes)
+        for p in problems:
+            self.say(("warning: " if not p.fatal else "missing: ") + str(p))
+        if any(p.fatal for p in problems):
+            raise LabError("preflight failed; fix the problems above and run "
+                           "`shoal lab up` again")
+        self._refuse_foreign(topo)
+        self._clear_old_data(topo, existing)
+        state = LabState(lab_dir=str(self.lab_dir), nodes=[n.name for n in topo.nodes])
+        self.lab_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the CA key
+        self.file.save(state)
+        self._t0 = time.monotonic()
+        try:
+            self._up(state, topo)
+        except BaseException as e:
+            state.phase = FAILED
+            state.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.file.save(state)
+            if isinstance(e, KeyboardInterrupt):
+                self.say(f"interrupted; clean up with: shoal lab down --dir {self.lab_dir}")
+                raise
+            if not isinstance(e, Exception):
+                raise
+            what = str(e) if isinstance(e, errors.ShoalError | OSError) else \
+                f"{type(e).__name__}: {e}"
+            raise LabError(f"{what}\nWhat was made is recorded in {self.file.path}; clean "
+                           f"it up with: shoal lab down --dir {self.lab_dir}") from e
+        return 0
+
+    def _already_up(self, state: LabState) -> int:
+        # containerd is the agents' to keep running (they restart it); not checked here.
+        dead = [r.name for r in state.processes.values()
+                if not r.name.startswith("containerd/") and not alive(r)
+                and r.name.split("/", 1)[-1] not in state.stopped_nodes]
+        if dead:
+            raise LabError(f"the lab in {self.lab_dir} is recorded as up, but "
+                           f"{', '.join(dead)} not running; clean up with `shoal lab down "
+                           f"--dir {self.lab_dir}`, then `shoal lab up` again")
+        self.say(f"The lab in {self.lab_dir} is already up ({len(state.nodes)} nodes); "
+                 "nothing changed.")
+        self.say(f"  export SHOAL_CONFIG={self.lab_dir / 'admin.conf'}")
+        return 0
+
+    def _refuse_foreign(self, topo: Topology) -> None:
+        owner = netsetup.bridge_owner(topo.bridge)
+        if owner is not None and owner != str(self.lab_dir):
+            where = f"the lab in {owner}" if owner else "something other than a lab"
+            fix = f"shoal lab down --dir {owner}" if owner else f"ip link del {topo.bridge}"
+            raise LabError(f"bridge {topo.bridge} already exists, made by {where}; one lab "
+                           f"per machine. Remove it first: {fix}")
+        if owner is None:
+            strays = [n.netns for n in topo.nodes if netsetup.netns_exists(n.netns)]
+            if strays:
+                raise LabError(f"network namespaces {', '.join(strays)} exist but no lab "
+                               f"bridge does; remove them first: ip netns del {strays[0]}")
+
+    def _clear_old_data(self, topo: Topology, existing: LabState | None) -> None:
+        """A new lab starts clean: data a finished lab left here is removed."""
+        if existing is None and not any(p.exists() for p in topo.owned_entries):
+            return
+        left = mounts_under(self.lab_dir) if self.lab_dir.exists() else []
+        if left:
+            raise LabError(f"{left[0]} is still mounted; run `shoal lab down --dir "
+                           f"{self.lab_dir}` first")
+        for entry in topo.owned_entries:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
+
+    def _up(self, state: LabState, topo: Topology) -> None:
+        self._progress(f"bringing up a {len(topo.nodes)}-node lab in {self.lab_dir}")
+        self._network(state, topo)
+        self._mark(state, "network")
+        self._progress(f"network: bridge {topo.bridge} {topo.bridge_address}, "
+                       f"{len(topo.nodes)} node namespaces")
+
+        etcd = self._start_etcd(state, topo)
+        registry = self._start_registry(state, topo)
+        busybox = images.build_busybox_image(topo.images_dir / "busybox.tar",
+                                             name=DEMO_IMAGE, cmd=["sh"])
+        pause = images.build_sandbox_image(topo.images_dir / "pause.tar", name=SANDBOX_IMAGE)
+        self.sup.wait_until("etcd /health", lambda: http_ok(
+            f"http://{state.etcd_endpoint}/health"), timeout=START_TIMEOUT, watch=[etcd])
+        self._mark(state, "etcd")
+        self._progress(f"etcd ready on {state.etcd_endpoint}")
+
+        api = self._start_apiserver(state, topo)
+        self.sup.wait_until("registry /v2/", lambda: http_ok(f"http://{topo.registry}/v2/"),
+                            timeout=START_TIMEOUT, watch=[registry])
+        for ref in (busybox, pause):
+            pushing.push_archive(ref.archive, _in_registry(topo.registry, ref.name),
+                                 insecure=True)
+        self._mark(state, "registry")
+        self._progress(f"registry ready on {topo.registry}; pushed {DEMO_IMAGE} and "
+                       f"{SANDBOX_IMAGE} to it")
+        self.sup.wait_until("apiserver /readyz", lambda: http_ok(
+            f"http://{API_METRICS}/readyz"), timeout=START_TIMEOUT, watch=[api])
+        self._mark(state, "apiserver")
+        self._progress(f"apiserver ready on {topo.api_server}")
+
+        self._join(state, topo)
+        self._mark(state, "joined")
+        self._progress(f"{len(topo.nodes)} nodes joined (certificates issued)")
+
+        agents = {n.name: self._spawn(
+            state, agent_key(n), self._agent_argv(n, topo), netns=n.netns,
+            log=topo.logs_dir / f"{n.name}.log") for n in topo.nodes}
+        for n in topo.nodes:
+            self._wait_agent(n, agents[n.name])
+            cd = _container_record(n)
+            if cd is not None:
+                state.processes[cd.name] = cd
+                self.file.save(state)
+        self._mark(state, "agents")
+        self._progress(f"node agents and containerds running; docker.io pulls come from "
+                       f"the lab registry {topo.registry}")
+
+        with self._client() as client:
+            self.sup.wait_until("every Node Ready", lambda: self._all_ready(client, topo),
+                                timeout=READY_TIMEOUT, watch=list(agents.values()),
+                                interval=0.2)
+        self._mark(state, "ready")
+        state.phase = UP
+        self.file.save(state)
+        took = state.timings["ready"]
+        self._progress(f"all {len(topo.nodes)} nodes Ready")
+        self.say("")
+        self.say(f"The lab is up: {len(topo.nodes)} nodes Ready in {took:.1f} s. Try:")
+        self.say("")
+        self.say(f"  export SHOAL_CONFIG={topo.admin_config}")
+        self.say("  shoal get nodes")
+        self.say("  shoal lab status")
+        self.say(f"  shoal lab stop-node {topo.nodes[-1].name}      # its Lease expires; "
+                 f"start-node brings it back")
+        if len(topo.nodes) > 1:
+            self.say(f"  shoal lab partition {topo.nodes[0].name} {topo.nodes[1].name}    "
+                     "# drop traffic between them; `shoal lab heal` undoes it")
+        self.say(f"  shoal lab down                  # remove everything (--dir "
+                 f"{self.lab_dir})")
+        self.say(f"Pods may name {DEMO_IMAGE} (nodes pull docker.io/* from the lab "
+                 f"registry {topo.registry}) and must set spec.nodeName (no scheduler yet).")
+
+    def _wait_agent(self, n: Node, agent: ProcessRecord) -> None:
+        url = f"http://{n.agent_metrics}/readyz"
+        self.sup.wait_until(f"{n.name} agent /readyz", lambda: http_ok(url),
+                            timeout=START_TIMEOUT, watch=[agent])
+
+    def _all_ready(self, client: Client, topo: Topology) -> bool:
+        try:
+            listed = client.list(core_pb2.Node)
+        except errors.ShoalError:
+            return False
+        ready = {n.metadata.name for n in listed.items if _node_ready(n)}
+        return all(n.name in ready for n in topo.nodes)
+
+    def _network(self, state: LabState, topo: Topology) -> None:
+        state.bridge = topo.bridge
+        if netsetup.br_netfilter_active():
+            state.add_chain(ChainRecord(chain=FORWARD_CHAIN, jumps_from=("FORWARD",)))
+        for n in topo.nodes:
+            state.add_unique(state.netns, n.netns)
+            state.add_unique(state.interfaces, n.host_veth)
+        self.file.save(state)
+        netsetup.ensure_bridge(topo.bridge, address=topo.bridge_address,
+                               owner=str(self.lab_dir))
+        for chain in state.chains:
+            netsetup.ensure_chain(chain.chain, rules=netsetup.forward_rules(topo.bridge),
+                                  jumps_from=chain.jumps_from)
+        for n in topo.nodes:
+            netsetup.ensure_netns(n.netns)
+            netsetup.ensure_node_link(n, bridge=topo.bridge)
+
+    def _start_etcd(self, state: LabState, topo: Topology) -> ProcessRecord:
+        client, peer = _free_port(), _free_port()
+        state.etcd_endpoint = f"127.0.0.1:{client}"
+        client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        argv = [
+            "etcd", "--name", "shoal-lab", "--data-dir", str(topo.etcd_dir),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"shoal-lab={peer_url}", "--initial-cluster-state", "new",
+            "--experimental-watch-progress-notify-interval", "1s",
+            "--logger", "zap", "--log-level", "warn",
+        ]  # fmt: skip
+        return self._spawn(state, ETCD, argv, log=topo.logs_dir / "etcd.log")
+
+    def _start_registry(self, state: LabState, topo: Topology) -> ProcessRecord:
+        topo.registry_dir.mkdir(parents=True, exist_ok=True)
+        config = topo.registry_dir / "config.yml"
+        config.write_text(registry.render_config(address=topo.registry,
+                                                 storage_dir=topo.registry_dir / "data"))
+        state.registry = topo.registry
+        return self._spawn(state, REGISTRY, ["docker-registry", "serve", str(config)],
+                           log=topo.logs_dir / "registry.log")
+
+    def _start_apiserver(self, state: LabState, topo: Topology) -> ProcessRecord:
+        result = pki.init(topo.apiserver_dir, server_addresses=[topo.api_server],
+                          extra_sans=[topo.gateway])
+        shutil.copyfile(result.admin_config, topo.admin_config)
+        topo.admin_config.chmod(0o600)
+        argv = [
+            self.python, "-P", "-m", "apiserver.main", "serve",
+            "--data-dir", str(topo.apiserver_dir),
+            "--listen", topo.api_server, "--join-listen", topo.join_server,
+            "--advertise", topo.api_server, "--metrics-listen", API_METRICS,
+            "--storage", "etcd", "--etcd-servers", state.etcd_endpoint,
+        ]  # fmt: skip
+        return self._spawn(state, APISERVER, argv, log=topo.logs_dir / "apiserver.log")
+
+    def _join(self, state: LabState, topo: Topology) -> None:
+        token = tokens.generate()
+        cfg = configmod.load(topo.admin_config)
+        with Client(cfg, timeout=10.0) as client:
+            client.create(tokens.to_secret(token, ttl=TOKEN_TTL, description="shoal lab"))
+        ca_hash = tokens.ca_cert_hash(cfg.ca_pem)
+        joins = []
+        for n in topo.nodes:
+            argv = [self.python, "-P", "-m", "nodeagent.main", "join",
+                    "--server", topo.join_server, "--token", str(token),
+                    "--ca-cert-hash", ca_hash, "--node-name", n.name, "--node-ip", n.ip,
+                    "--data-dir", str(n.data_dir), "--api-server", topo.api_server]
+            n.data_dir.mkdir(parents=True, exist_ok=True)
+            joins.append(self._spawn(state, f"join/{n.name}", argv, netns=n.netns,
+                                     log=topo.logs_dir / f"{n.name}-join.log"))
+        for record in joins:
+            if not self.sup.wait_exit(record, START_TIMEOUT):
+                self.sup.stop(record)
+                raise LabError(f"{record.name} did not finish in {START_TIMEOUT:g}s; "
+                               f"see {record.log}")
+            code = self.sup.exited(record)
+            if code != 0:
+                raise LabError(f"{record.name} failed ({code}); see {record.log}")
+            del state.processes[record.name]  # done: nothing left to stop
+            self.file.save(state)
+
+    def _agent_argv(self, n: Node, topo: Topology) -> list[str]:
+        return [self.python, "-P", "-m", "nodeagent.main", "run",
+                "--node-name", n.name, "--node-ip", n.ip,
+                "--listen", n.agent_listen, "--metrics-listen", n.agent_metrics,
+                "--data-dir", str(n.data_dir), "--sandbox-image", SANDBOX_IMAGE,
+                *(f"--registry-mirror={m}" for m in _mirrors(topo))]
+
+    # -- down --------------------------------------------------------------------
+
+    def down(self, *, purge: bool = False) -> int:
+        state = self.file.load()
+        if state is None:
+            topo = Topology(lab_dir=self.lab_dir, nodes=())
+            if netsetup.bridge_owner(BRIDGE) == str(self.lab_dir):
+                netsetup.remove_link(BRIDGE)
+            self.say(f"No lab in {self.lab_dir}: nothing to stop.")
+            if purge:
+                self._purge(topo)
+            return 0
+        topo = self._topology(state)
+        problems: list[str] = []
+        agents = [r for r in state.processes.values() if r.name.startswith("nodeagent/")]
+        for record in agents:
+            if alive(record):
+                self._progress(f"stopping {record.name} (pid {record.pid})")
+            self.sup.stop(record, grace=20.0)
+        for chain in [c for c in state.chains if c.netns is not None]:
+            netsetup.remove_chain(chain.chain, jumps_from=chain.jumps_from, netns=chain.netns)
+        state.chains = [c for c in state.chains if c.netns is None]
+        state.partitions = []
+        self.file.save(state)
+        if state.phase != DOWN:  # a finished `down` left no containerd state behind
+            problems += asyncio.run(self._clean_containerds(topo))
+        for point in mounts_under(self.lab_dir) if self.lab_dir.exists() else []:
+            done = _umount(point)
+            if done:
+                problems.append(done)
+        for name in CONTROL_PLANE_PROCESSES:
+            daemon = state.processes.get(name)
+            if daemon is not None:
+                if alive(daemon):
+                    self._progress(f"stopping {name} (pid {daemon.pid})")
+                self.sup.stop(daemon)
+        for other in state.processes.values():  # anything else recorded, by its PID
+            if alive(other):
+                self._progress(f"stopping {other.name} (pid {other.pid})")
+                self.sup.stop(other, grace=5.0)
+        for iface in state.interfaces:
+            netsetup.remove_link(iface)
+        for ns in state.netns:
+            netsetup.remove_netns(ns)
+        if state.bridge and netsetup.bridge_owner(state.bridge) in (str(self.lab_dir), ""):
+            netsetup.remove_link(state.bridge)
+        for chain in state.chains:
+            netsetup.remove_chain(chain.chain, jumps_from=chain.jumps_from, netns=chain.netns)
+        problems += self._leftovers(state)
+        state.stopped_nodes = []
+        if problems:
+            state.error = f"down left {len(problems)} thing(s) behind: {problems[0]}"
+        else:
+            state.phase, state.error = DOWN, ""
+        self.file.save(state)
+        if purge:
+            self._purge(topo)
+        if problems:
+            for p in problems:
+                self.say(f"left behind: {p}")
+            return 1
+        self._progress(f"the lab in {self.lab_dir} is down; nothing of it is left running"
+                       + (" and its files are removed" if purge else
+                          " (logs and data kept; --purge removes them)"))
+        return 0
+
+    async def _clean_containerds(self, topo: Topology) -> list[str]:
+        async def one(n: Node) -> list[str]:
+            if not (n.containerd_dir / "root").exists():
+                return []
+            netns = n.netns if netsetup.netns_exists(n.netns) else None
+            cd = ContainerdProcess(self._containerd_config(n), netns=netns,
+                                   log_file=topo.logs_dir / f"{n.name}-containerd-down.log")
+            try:
+                await cd.start()
+            except errors.ShoalError as e:
+                # Not startable (e.g. corrupt state): still remove shims and mounts.
+                report = await cd.cleanup()
+                return [f"{n.name}: containerd would not start for clean-up: {e}",
+                        *report.errors]
+            report = await cd.cleanup()
+            removed = len(report.sandboxes_removed)
+            self._progress(f"{n.name}: containerd stopped, {removed} sandbox"
+                           f"{'es' if removed != 1 else ''} removed")
+            return [f"{n.name}: {e}" for e in report.errors]
+
+        results = await asyncio.gather(*(one(n) for n in topo.nodes))
+        return [p for r in results for p in r]
+
+    def _containerd_config(self, n: Node) -> ContainerdConfig:
+        # What the agent gives its containerd, so a clean-up run is the same containerd.
+        return ContainerdConfig.under(n.containerd_dir, cni_conf_dir=n.cni_conf_dir,
+                                      sandbox_image=SANDBOX_IMAGE,
+                                      registry_config_path=n.containerd_dir / "certs.d")
+
+    def _leftovers(self, state: LabState) -> list[str]:
+        left = [f"process {r.name} (pid {r.pid})" for r in state.processes.values()
+                if alive(r)]
+        left += [f"network namespace {ns}" for ns in state.netns if netsetup.netns_exists(ns)]
+        left += [f"interface {i}" for i in [*state.interfaces, state.bridge]
+                 if i and netsetup.link_exists(i)]
+        left += [f"iptables chain {c.chain}" for c in state.chains
+                 if c.netns is None and netsetup.chain_exists(c.chain)]
+        if self.lab_dir.exists():
+            left += [f"mount {p}" for p in mounts_under(self.lab_dir)]
+        return left
+
+    def _purge(self, topo: Topology) -> None:
+        for entry in topo.owned_entries:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.exists():
+                entry.unlink()
+        try:
+            self.lab_dir.rmdir()
+        except OSError:
+            pass  # not empty: it holds files the lab did not write
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self) -> int:
+        state, topo = self._loaded()
+        healthy = state.phase == UP
+        self.say(f"lab:      {self.lab_dir} ({state.phase}, {len(topo.nodes)} nodes)")
+        if state.error:
+            self.say(f"error:    {state.error}")
+        bridge_up = netsetup.link_exists(topo.bridge)
+        self.say(f"network:  bridge {topo.bridge} {topo.bridge_address} "
+                 f"{'present' if bridge_up else 'MISSING'}")
+        healthy = healthy and bridge_up
+        rows: list[tuple[str, ...]] = [("PROCESS", "PID", "STATE", "RSS")]
+        for name in (ETCD, APISERVER, REGISTRY):
+            r = state.processes.get(name)
+            running = r is not None and alive(r)
+            healthy = healthy and running
+            rows.append((name, str(r.pid) if r else "-", "running" if running else "stopped",
+                         _mb(rss_bytes(r.pid)) if r and running else "-"))
+        self.say("")
+        self.say(_table(rows))
+        api_nodes, leases = self._api_view()
+        rows = [("NODE", "IP", "POD-CIDR", "AGENT", "CONTAINERD", "READY", "LEASE")]
+        now = time.time()
+        for n in topo.nodes:
+            agent = state.processes.get(agent_key(n))
+            cd = _container_record(n)
+            agent_ok = agent is not None and alive(agent)
+            node = api_nodes.get(n.name)
+            lease = leases.get(n.name)
+            if lease is not None:
+                age = now - lease.spec.renew_time.ToMicroseconds() / 1e6
+                fresh = age <= lease.spec.lease_duration_seconds
+                lease_text = f"{age:.0f}s ago" + ("" if fresh else " (expired)")
+            else:
+                lease_text = "-"
+            ready = "unknown"
+            if node is not None:
+                ready = "True" if _node_ready(node) else "False"
+            stopped = n.name in state.stopped_nodes
+            healthy = healthy and (agent_ok or stopped)
+            rows.append((n.name, n.ip, node.spec.pod_cidr if node is not None else "-",
+                         f"{agent.pid} running" if agent_ok and agent else
+                         ("stopped (stop-node)" if stopped else "NOT RUNNING"),
+                         f"{cd.pid} running" if cd else "stopped", ready, lease_text))
+        self.say("")
+        self.say(_table(rows))
+        if state.partitions:
+            self.say("")
+            for a, b in state.partitions:
+                self.say(f"partition: {a} <-x-> {b}   (shoal lab heal)")
+        self.say("")
+        self.say(f"export SHOAL_CONFIG={topo.admin_config}")
+        return 0 if healthy else 1
+
+    def _api_view(self) -> tuple[dict[str, core_pb2.Node], dict[str, coordination_pb2.Lease]]:
+        try:
+            with self._client(timeout=3.0) as client:
+                nodes = {n.metadata.name: n for n in client.list(core_pb2.Node).items}
+                leases = {le.metadata.name: le for le in client.list(
+                    coordination_pb2.Lease, namespace=LEASE_NAMESPACE).items}
+                return nodes, leases
+        except (errors.ShoalError, OSError):
+            return {}, {}
+
+    # -- faults ------------------------------------------------------------------
+
+    def stop_node(self, name: str) -> int:
+        state, topo = self._up_only()
+        n = topo.node(name)
+        agent = state.processes.get(agent_key(n))
+        cd = _container_record(n)
+        if (agent is None or not alive(agent)) and cd is None:
+            self.say(f"{n.name}: already stopped (start it: shoal lab start-node {n.name})")
+            return 0
+        if agent is not None:
+            self.sup.stop(agent, grace=20.0)
+        if cd is not None:
+            self.sup.stop(cd, grace=10.0)
+        state.add_unique(state.stopped_nodes, n.name)
+        self.file.save(state)
+        self.say(f"{n.name}: node agent and containerd stopped; its pods' containers keep "
+                 "running. Its Lease expires in 40 s. Bring it back: shoal lab start-node "
+                 f"{n.name}")
+        return 0
+
+    def start_node(self, name: str) -> int:
+        state, topo = self._up_only()
+        n = topo.node(name)
+        agent = state.processes.get(agent_key(n))
+        if agent is not None and alive(agent):
+            self.say(f"{n.name}: already running (agent pid {agent.pid})")
+            return 0
+        since = time.time()
+        record = self._spawn(state, agent_key(n), self._agent_argv(n, topo), netns=n.netns,
+                             log=topo.logs_dir / f"{n.name}.log")
+        self._wait_agent(n, record)
+        cd = _container_record(n)
+        if cd is not None:
+            state.processes[cd.name] = cd
+        with self._client() as client:
+            self.sup.wait_until(f"{n.name} Lease renewed", lambda: self._renewed(
+                client, n.name, since), timeout=READY_TIMEOUT, watch=[record], interval=0.2)
+        state.stopped_nodes = [s for s in state.stopped_nodes if s != n.name]
+        self.file.save(state)
+        self.say(f"{n.name}: node agent running (pid {record.pid}), containerd "
+                 f"{'pid ' + str(cd.pid) if cd else 'starting'}; Lease renewed")
+        return 0
+
+    @staticmethod
+    def _renewed(client: Client, name: str, since: float) -> bool:
+        try:
+            lease = client.get(coordination_pb2.Lease, name, namespace=LEASE_NAMESPACE)
+            node = client.get(core_pb2.Node, name)
+        except errors.ShoalError:
+            return False
+        renewed = lease.spec.renew_time.ToMicroseconds() / 1e6 >= since - 1.0
+        return renewed and _node_ready(node)
+
+    def partition(self, a: str, b: str) -> int:
+        state, topo = self._up_only()
+        ea, eb = endpoint(topo, a), endpoint(topo, b)
+        cidrs: dict[str, tuple[str, ...]] = {}
+        for here, there in ((ea, eb), (eb, ea)):
+            if here.netns is not None and there.netns is not None:
+                routes = netsetup.pod_routes(here.netns)
+                cidrs[there.name] = tuple(c for c, via in routes.items() if via == there.ip)
+        rules = partition_rules(ea, eb, pod_cidrs=cidrs)
+        for ns in dict.fromkeys(r.netns for r in rules):
+            record = ChainRecord(chain=PARTITION_CHAIN, jumps_from=PARTITION_JUMPS, netns=ns)
+            state.add_chain(record)
+            self.file.save(state)
+            netsetup.ensure_chain(PARTITION_CHAIN, rules=netsetup.drop_rules(rules, ns),
+                                  jumps_from=PARTITION_JUMPS, netns=ns)
+        pair = sorted([ea.name, eb.name])
+        if pair not in state.partitions:
+            state.partitions.append(pair)
+        self.file.save(state)
+        peers = ", ".join(sorted({r.peer for r in rules}))
+        self.say(f"partitioned {ea.name} from {eb.name}: traffic to and from {peers} is "
+                 "dropped. Undo: shoal lab heal")
+        return 0
+
+    def heal(self) -> int:
+        state, _ = self._loaded()
+        healed = 0
+        for chain in [c for c in state.chains if c.chain == PARTITION_CHAIN]:
+            if netsetup.remove_chain(chain.chain, jumps_from=chain.jumps_from,
+                                     netns=chain.netns):
+                healed += 1
+        state.chains = [c for c in state.chains if c.chain != PARTITION_CHAIN]
+        count = len(state.partitions)
+        state.partitions = []
+        self.file.save(state)
+        self.say(f"healed {count} partition{'s' if count != 1 else ''}" if count else
+                 "no partitions to heal")
+        return 0
+
+
+def _mirrors(topo: Topology) -> tuple[str, ...]:
+    """Registry mirrors for every node: docker.io, and the lab registry by its own
+    name, both pulled from the lab registry over plain HTTP (never the internet)."""
+    url = f"http://{topo.registry}"
+    return (f"docker.io={url}", f"{topo.registry}={url}")
+
+
+def _in_registry(registry_address: str, name: str) -> str:
+    """``docker.io/library/busybox:1.36`` as pushed to the lab registry:
+    ``10.77.0.1:5000/library/busybox:1.36`` (what a docker.io mirror serves)."""
+    return f"{registry_address}/{name.split('/', 1)[1]}"
+
+
+def _umount(point: Path) -> str | None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(point), 2) != 0:  # MNT_DETACH
+        return f"umount {point}: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)

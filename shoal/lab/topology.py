@@ -1,0 +1,232 @@
+"""The lab's names and addresses, worked out from the node count alone (pure).
+
+    host netns                                   node netns shoal-node-i
+    ----------                                   -----------------------
+    etcd        127.0.0.1:<free ports>
+    apiserver   10.77.0.1:6443 (join :6444)      eth0 10.77.0.(10+i)/24
+                metrics 127.0.0.1:9090            nodeagent :10250, metrics :10255
+    registry    10.77.0.1:5000                    containerd (its own, started by the agent)
+    bridge shoal0 10.77.0.1/24 --- veth shln-i ---+
+                                                  cni0: this node's pods (the pod CIDR
+                                                  comes from the apiserver's node IPAM)
+
+Nothing here touches the machine: ``plan(nodes=3, lab_dir=D)`` returns the same
+frozen :class:`Topology` every time, and every other module of the lab takes
+its names and addresses from it. The lab network has no default route and no
+NAT: nothing in it can reach beyond the bridge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NewType
+
+from shoal import errors
+
+NodeName = NewType("NodeName", str)
+
+DEFAULT_DIR = Path("/var/lib/shoal/lab")
+DEFAULT_NODES = 3
+MAX_NODES = 20
+
+BRIDGE = "shoal0"
+NETWORK = ipaddress.IPv4Network("10.77.0.0/24")
+GATEWAY = ipaddress.IPv4Address("10.77.0.1")
+NODE_IP_OFFSET = 10              # node-i gets 10.77.0.(10+i)
+NETNS_PREFIX = "shoal-node-"
+VETH_PREFIX = "shln-"            # host side of a node's veth; the node side is eth0
+NODE_IFACE = "eth0"
+NODE_PREFIX = "node-"
+CONTROL_PLANE = "control-plane"  # the host side, as a partition endpoint
+
+API_PORT = 6443
+JOIN_PORT = 6444
+API_METRICS = "127.0.0.1:9090"
+REGISTRY_PORT = 5000
+AGENT_PORT = 10250
+AGENT_METRICS_PORT = 10255
+
+# iptables chains the lab owns: one on the host, one in each node's netns.
+FORWARD_CHAIN = "SHOAL-LAB-FWD"
+PARTITION_CHAIN = "SHOAL-LAB-PARTITION"
+
+DEMO_IMAGE = "docker.io/library/busybox:1.36"
+SANDBOX_IMAGE = "docker.io/shoal/pause:1"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One lab node: its names, its address, and where its data lives."""
+
+    index: int
+    name: NodeName
+    netns: str
+    host_veth: str
+    ip: str
+    data_dir: Path
+
+    @property
+    def netns_path(self) -> Path:
+        return Path("/var/run/netns") / self.netns
+
+    @property
+    def address(self) -> str:
+        """The node's address with the lab network's prefix, for ``ip addr add``."""
+        return f"{self.ip}/{NETWORK.prefixlen}"
+
+    @property
+    def agent_listen(self) -> str:
+        return f"{self.ip}:{AGENT_PORT}"
+
+    @property
+    def agent_metrics(self) -> str:
+        return f"{self.ip}:{AGENT_METRICS_PORT}"
+
+    @property
+    def containerd_dir(self) -> Path:
+        return self.data_dir / "containerd"
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.containerd_dir / "containerd.sock"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.data_dir / "cni" / "net.d"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The whole lab: control plane on the host, ``nodes`` in their own netns."""
+
+    lab_dir: Path
+    nodes: tuple[Node, ...]
+    bridge: str = BRIDGE
+    gateway: str = str(GATEWAY)
+
+    @property
+    def bridge_address(self) -> str:
+        return f"{self.gateway}/{NETWORK.prefixlen}"
+
+    @property
+    def api_server(self) -> str:
+        return f"{self.gateway}:{API_PORT}"
+
+    @property
+    def join_server(self) -> str:
+        return f"{self.gateway}:{JOIN_PORT}"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.gateway}:{REGISTRY_PORT}"
+
+    @property
+    def state_file(self) -> Path:
+        return self.lab_dir / "state.json"
+
+    @property
+    def admin_config(self) -> Path:
+        return self.lab_dir / "admin.conf"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.lab_dir / "etcd"
+
+    @property
+    def apiserver_dir(self) -> Path:
+        return self.lab_dir / "apiserver"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.lab_dir / "registry"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.lab_dir / "images"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.lab_dir / "logs"
+
+    @property
+    def owned_entries(self) -> tuple[Path, ...]:
+        """What the lab writes in its directory (all that ``--purge`` removes)."""
+        return (self.etcd_dir, self.apiserver_dir, self.registry_dir, self.images_dir,
+                self.logs_dir, self.lab_dir / "nodes", self.admin_config, self.state_file)
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``; ``BadRequest`` names the ones there are."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        known = ", ".join(n.name for n in self.nodes) or "none"
+        raise errors.BadRequest(f"no lab node {name!r} (the lab has: {known})")
+
+
+def node_name(index: int) -> NodeName:
+    return NodeName(f"{NODE_PREFIX}{index}")
+
+
+def plan(*, nodes: int, lab_dir: Path) -> Topology:
+    """The topology of a lab of ``nodes`` nodes (1..MAX_NODES) under ``lab_dir``."""
+    if not 1 <= nodes <= MAX_NODES:
+        raise errors.BadRequest(f"a lab has 1 to {MAX_NODES} nodes, not {nodes}")
+    if not lab_dir.is_absolute():
+        raise errors.BadRequest(f"the lab directory must be an absolute path: {lab_dir}")
+    made = []
+    for i in range(1, nodes + 1):
+        name = node_name(i)
+        made.append(Node(index=i, name=name, netns=f"{NETNS_PREFIX}{i}",
+                         host_veth=f"{VETH_PREFIX}{i}",
+                         ip=str(NETWORK.network_address + NODE_IP_OFFSET + i),
+                         data_dir=lab_dir / "nodes" / name))
+    return Topology(lab_dir=lab_dir, nodes=tuple(made))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a partition: a node (its IP, and its netns to put rules in) or
+    the control plane (the host's bridge address; its rules go in the nodes)."""
+
+    name: str
+    ip: str
+    netns: str | None  # None: the control plane
+
+
+def endpoint(topology: Topology, name: str) -> Endpoint:
+    if name == CONTROL_PLANE:
+        return Endpoint(name=CONTROL_PLANE, ip=topology.gateway, netns=None)
+    n = topology.node(name)
+    return Endpoint(name=n.name, ip=n.ip, netns=n.netns)
+
+
+@dataclass(frozen=True)
+class DropRule:
+    """Drop traffic between ``netns``'s node and ``peer`` (an address or CIDR)."""
+
+    netns: str
+    peer: str
+
+
+def partition_rules(a: Endpoint, b: Endpoint, *,
+                    pod_cidrs: dict[str, tuple[str, ...]]) -> tuple[DropRule, ...]:
+    """The drop rules that cut ``a`` from ``b``, both ways.
+
+    Rules live in node netns only (the host's own traffic is never filtered): a
+    node cut from another drops that node's IP and its pods' CIDRs; a node cut
+    from the control plane drops the bridge address. ``pod_cidrs`` maps a node
+    name to the pod CIDRs routed to it (from the agent's routes); missing is fine.
+    """
+    if a.name == b.name:
+        raise errors.BadRequest(f"cannot partition {a.name} from itself")
+    if a.netns is None and b.netns is None:
+        raise errors.BadRequest("a partition needs at least one node")
+    rules: list[DropRule] = []
+    for here, there in ((a, b), (b, a)):
+        if here.netns is None:
+            continue
+        for peer in (there.ip, *pod_cidrs.get(there.name, ())):
+            rules.append(DropRule(netns=here.netns, peer=peer))
+    return tuple(dict.fromkeys(rules))
