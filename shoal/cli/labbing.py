@@ -4,6 +4,10 @@ The commands manage a lab on this machine (see :mod:`shoal.lab.lab`); they
 need no client config, so they run before the CLI builds its session. Each
 one prints its progress on stdout and returns an exit code: 0 done, 1 the lab
 could not do it (the message says what to do instead), 2 bad arguments.
+
+Once ``up`` is done, a supervisor process of the lab's own restarts any of
+its daemons that dies; ``stop-node`` is the way to stop a node on purpose
+(the supervisor leaves it stopped until ``start-node``).
 """
 
 from __future__ import annotations
@@ -40,14 +44,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help=f"the lab's directory (default ${DIR_ENV} or {DEFAULT_DIR})")
         return p
 
-    p = command("up", "bring the lab up and wait until every node is Ready")
+    p = command("up", "bring the lab up, wait until every node is Ready, and keep its "
+                      "daemons running (a supervisor restarts any that dies)")
     p.add_argument("--nodes", type=int, default=DEFAULT_NODES,
                    help=f"how many nodes (1..{MAX_NODES}, default {DEFAULT_NODES})")
     p = command("down", "stop and remove everything the lab made")
     p.add_argument("--purge", action="store_true",
                    help="also remove the lab's data and logs")
-    command("status", "show the lab's processes and nodes")
-    p = command("stop-node", "stop a node's agent and containerd (its pods keep running)")
+    command("status", "show the lab's processes (with their restarts) and nodes")
+    p = command("stop-node", "stop a node's agent and containerd (its pods keep running; "
+                             "the supervisor leaves it stopped)")
     p.add_argument("node", metavar="NAME")
     p = command("start-node", "start a stopped node again (its pods are adopted)")
     p.add_argument("node", metavar="NAME")

@@ -3,10 +3,12 @@
 Lifecycle of a lab directory (its ``state.json``, see :mod:`shoal.lab.state`)::
 
     (none|down) --up--> starting --every Node Ready--> up --down [--purge]--> down
-                           |                            |
+                           |        + supervisor ready   |
                            | failure, Ctrl-C, crash     | stop-node / start-node,
                            v                            | partition / heal: the lab
-                         failed --down--> down          | stays up (recorded in state)
+                         failed --down--> down          | stays up (recorded in state);
+                                                        | a daemon that dies is
+                                                        | restarted by the supervisor
 
 ``up`` (see ``Lab.up``), in order, each stage waiting on a readiness signal:
   1. preflight: root, commands, kernel features, ports (all problems at once);
@@ -19,7 +21,9 @@ Lifecycle of a lab directory (its ``state.json``, see :mod:`shoal.lab.state`)::
   6. every node agent starts in its netns with its own containerd
      (``/readyz``), whose pulls of docker.io and of the lab registry's own name
      go to the lab registry (``--registry-mirror``), where the demo images are;
-  7. every Node is Ready in the API.
+  7. every Node is Ready in the API;
+  8. the lab's supervisor (:mod:`shoal.lab.supervisor`) starts, in its own
+     session, and says it is ready on a pipe; then the lab is ``up``.
 
 Contract:
 
@@ -27,16 +31,23 @@ Contract:
   undoes a crashed or half-finished ``up``.
 - ``up`` on a lab that is up says so and changes nothing; on a lab whose last
   ``up`` failed it refuses and points at ``down``.
-- ``down`` is idempotent and never kills by name: agents (SIGTERM), then each
+- Once the lab is up, its supervisor restarts etcd, the apiserver, the
+  registry or a node agent that dies (same command line, environment, netns
+  and log; per-daemon back-off), and records each restart. Every command
+  that changes the state then does so inside the state lock, on a fresh load.
+- ``down`` is idempotent and never kills by name: first the supervisor (so
+  nothing is restarted behind its back), then agents (SIGTERM), then each
   node's containerd through CRI (sandboxes removed, shims gone, mounts
   unmounted), then anything still mounted under the lab dir, then registry,
   apiserver and etcd by recorded PID and start time, then interfaces,
   namespaces, the bridge and the iptables chains. ``--purge`` also removes
   what the lab wrote in its directory.
-- ``stop-node`` stops a node's agent and containerd, leaving its pods'
-  containers running (their shims outlive containerd); the node's Lease then
-  expires. ``start-node`` starts the agent again, which starts or adopts
-  containerd; pods are adopted, not restarted.
+- ``stop-node`` marks the node stopped (so the supervisor leaves it alone),
+  then stops its agent and containerd, leaving its pods' containers running
+  (their shims outlive containerd); the node's Lease then expires.
+  ``start-node`` starts the agent again and clears the mark (the supervisor
+  keeps it running from then on); the agent starts or adopts containerd;
+  pods are adopted, not restarted.
 - ``partition A B`` drops traffic between two nodes, or a node and
   ``control-plane``, with rules in the nodes' own netns (chain
   SHOAL-LAB-PARTITION); ``heal`` removes them all.
@@ -47,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import select
 import shutil
 import socket
 import sys
@@ -66,7 +78,8 @@ from shoal import errors, images, pushing, tokens
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
-from shoal.lab import netsetup, preflight
+from shoal.lab import netsetup, preflight, restarting
+from shoal.lab import supervisor as supervisormod
 from shoal.lab.state import (
     DOWN,
     FAILED,
@@ -77,7 +90,15 @@ from shoal.lab.state import (
     ProcessRecord,
     StateFile,
 )
-from shoal.lab.supervising import Supervisor, alive, http_ok, rss_bytes, start_time
+from shoal.lab.supervising import (
+    StartError,
+    Supervisor,
+    alive,
+    http_ok,
+    log_tail,
+    rss_bytes,
+    start_time,
+)
 from shoal.lab.topology import (
     API_METRICS,
     BRIDGE,
@@ -96,6 +117,7 @@ from shoal.testing import registry
 Say = Callable[[str], None]
 
 ETCD, APISERVER, REGISTRY = "etcd", "apiserver", "registry"
+SUPERVISOR = supervisormod.NAME
 CONTROL_PLANE_PROCESSES = (REGISTRY, APISERVER, ETCD)  # stop order
 PARTITION_JUMPS = ("INPUT", "OUTPUT", "FORWARD")
 LEASE_NAMESPACE = "kube-node-lease"
@@ -203,11 +225,12 @@ class Lab:
         return env
 
     def _spawn(self, state: LabState, name: str, argv: list[str], *, log: Path,
-               netns: str | None = None) -> ProcessRecord:
+               netns: str | None = None, supervised: bool = False,
+               pass_fds: tuple[int, ...] = ()) -> ProcessRecord:
         # cwd "/" and python -P: the lab dir holds a data dir named "apiserver",
         # which must never shadow the package of that name.
         record = self.sup.spawn(name, argv, log=log, netns=netns, cwd=Path("/"),
-                                env=self._env())
+                                env=self._env(), supervised=supervised, pass_fds=pass_fds)
         state.processes[name] = record
         self.file.save(state)
         return record
@@ -258,15 +281,20 @@ class Lab:
 
     def _already_up(self, state: LabState) -> int:
         # containerd is the agents' to keep running (they restart it); not checked here.
+        sup = state.processes.get(SUPERVISOR)
+        supervised = sup is not None and alive(sup)
         dead = [r.name for r in state.processes.values()
                 if not r.name.startswith("containerd/") and not alive(r)
                 and r.name.split("/", 1)[-1] not in state.stopped_nodes]
-        if dead:
+        if dead and not supervised:
             raise LabError(f"the lab in {self.lab_dir} is recorded as up, but "
                            f"{', '.join(dead)} not running; clean up with `shoal lab down "
                            f"--dir {self.lab_dir}`, then `shoal lab up` again")
         self.say(f"The lab in {self.lab_dir} is already up ({len(state.nodes)} nodes); "
                  "nothing changed.")
+        if dead:
+            self.say(f"  {', '.join(dead)} not running: the supervisor is restarting "
+                     f"{'them' if len(dead) > 1 else 'it'} (shoal lab status)")
         self.say(f"  export SHOAL_CONFIG={self.lab_dir / 'admin.conf'}")
         return 0
 
@@ -334,7 +362,7 @@ class Lab:
 
         agents = {n.name: self._spawn(
             state, agent_key(n), self._agent_argv(n, topo), netns=n.netns,
-            log=topo.logs_dir / f"{n.name}.log") for n in topo.nodes}
+            log=topo.logs_dir / f"{n.name}.log", supervised=True) for n in topo.nodes}
         for n in topo.nodes:
             self._wait_agent(n, agents[n.name])
             cd = _container_record(n)
@@ -350,10 +378,14 @@ class Lab:
                                 timeout=READY_TIMEOUT, watch=list(agents.values()),
                                 interval=0.2)
         self._mark(state, "ready")
-        state.phase = UP
-        self.file.save(state)
         took = state.timings["ready"]
         self._progress(f"all {len(topo.nodes)} nodes Ready")
+        sup = self._start_supervisor(state, topo)
+        with self.file.locked():
+            state.phase = UP
+            self.file.save(state)
+        self._progress(f"supervisor running (pid {sup.pid}); it restarts any daemon that "
+                       f"dies, see {sup.log}")
         self.say("")
         self.say(f"The lab is up: {len(topo.nodes)} nodes Ready in {took:.1f} s. Try:")
         self.say("")
@@ -412,7 +444,7 @@ class Lab:
             "--experimental-watch-progress-notify-interval", "1s",
             "--logger", "zap", "--log-level", "warn",
         ]  # fmt: skip
-        return self._spawn(state, ETCD, argv, log=topo.logs_dir / "etcd.log")
+        return self._spawn(state, ETCD, argv, log=topo.logs_dir / "etcd.log", supervised=True)
 
     def _start_registry(self, state: LabState, topo: Topology) -> ProcessRecord:
         topo.registry_dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +453,7 @@ class Lab:
                                                  storage_dir=topo.registry_dir / "data"))
         state.registry = topo.registry
         return self._spawn(state, REGISTRY, ["docker-registry", "serve", str(config)],
-                           log=topo.logs_dir / "registry.log")
+                           log=topo.logs_dir / "registry.log", supervised=True)
 
     def _start_apiserver(self, state: LabState, topo: Topology) -> ProcessRecord:
         result = pki.init(topo.apiserver_dir, server_addresses=[topo.api_server],
@@ -435,7 +467,39 @@ class Lab:
             "--advertise", topo.api_server, "--metrics-listen", API_METRICS,
             "--storage", "etcd", "--etcd-servers", state.etcd_endpoint,
         ]  # fmt: skip
-        return self._spawn(state, APISERVER, argv, log=topo.logs_dir / "apiserver.log")
+        return self._spawn(state, APISERVER, argv, log=topo.logs_dir / "apiserver.log",
+                           supervised=True)
+
+    def _start_supervisor(self, state: LabState, topo: Topology) -> ProcessRecord:
+        """Start the supervisor and wait for its ``ready`` on a pipe. It is
+        spawned and recorded inside the state lock, so its first look at the
+        state finds itself recorded; until the phase is up it only watches."""
+        ready_r, ready_w = os.pipe()
+        try:
+            argv = [self.python, "-P", "-m", "shoal.lab.supervisor", "--dir",
+                    str(self.lab_dir), "--ready-fd", str(ready_w)]
+            with self.file.locked():
+                record = self._spawn(state, SUPERVISOR, argv, pass_fds=(ready_w,),
+                                     log=topo.logs_dir / "supervisor.log")
+            os.close(ready_w)
+            ready_w = -1
+            said = b""
+            deadline = time.monotonic() + START_TIMEOUT
+            while b"\n" not in said:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([ready_r], [], [], left)[0]:
+                    raise StartError(f"supervisor: not ready after {START_TIMEOUT:g}s")
+                chunk = os.read(ready_r, 64)
+                if not chunk:
+                    code = self.sup.exited(record)
+                    raise StartError(f"supervisor exited ({code}) before it was ready; "
+                                     f"{record.log}:\n{log_tail(record)}")
+                said += chunk
+            return record
+        finally:
+            os.close(ready_r)
+            if ready_w >= 0:
+                os.close(ready_w)
 
     def _join(self, state: LabState, topo: Topology) -> None:
         token = tokens.generate()
@@ -481,6 +545,21 @@ class Lab:
             self.say(f"No lab in {self.lab_dir}: nothing to stop.")
             if purge:
                 self._purge(topo)
+            return 0
+        sup = state.processes.get(SUPERVISOR)
+        if sup is not None:  # first: nothing may be restarted while the lab comes down
+            if alive(sup):
+                self._progress(f"stopping {SUPERVISOR} (pid {sup.pid})")
+            self.sup.stop(sup, grace=10.0)
+        with self.file.locked():
+            return self._down(purge=purge)
+
+    def _down(self, *, purge: bool) -> int:
+        # Loaded again, in the lock: the supervisor may have restarted a daemon
+        # (and recorded it) before it stopped.
+        state = self.file.load()
+        if state is None:
+            self.say(f"No lab in {self.lab_dir}: nothing to stop.")
             return 0
         topo = self._topology(state)
         problems: list[str] = []
@@ -600,13 +679,29 @@ class Lab:
         self.say(f"network:  bridge {topo.bridge} {topo.bridge_address} "
                  f"{'present' if bridge_up else 'MISSING'}")
         healthy = healthy and bridge_up
-        rows: list[tuple[str, ...]] = [("PROCESS", "PID", "STATE", "RSS")]
-        for name in (ETCD, APISERVER, REGISTRY):
+        sup = state.processes.get(SUPERVISOR)
+        supervising = sup is not None and alive(sup)
+        healthy = healthy and supervising
+        rows: list[tuple[str, ...]] = [("PROCESS", "PID", "STATE", "RESTARTS", "LAST EXIT",
+                                        "RSS")]
+        for name in (SUPERVISOR, ETCD, APISERVER, REGISTRY, *map(agent_key, topo.nodes)):
             r = state.processes.get(name)
-            running = r is not None and alive(r)
-            healthy = healthy and running
-            rows.append((name, str(r.pid) if r else "-", "running" if running else "stopped",
-                         _mb(rss_bytes(r.pid)) if r and running else "-"))
+            if r is None:
+                healthy = False
+                rows.append((name, "-", "not started", "-", "-", "-"))
+                continue
+            running = alive(r)
+            if running:
+                what = "running"
+            elif r.supervised and not restarting.wanted(state, r):
+                what = "stopped (stop-node)"
+            elif r.supervised and supervising:
+                what = "restarting"
+            else:
+                what = "NOT RUNNING"
+            healthy = healthy and (running or what == "stopped (stop-node)")
+            rows.append((name, str(r.pid), what, str(r.restarts) if r.supervised else "-",
+                         r.last_exit or "-", _mb(rss_bytes(r.pid)) if running else "-"))
         self.say("")
         self.say(_table(rows))
         api_nodes, leases = self._api_view()
@@ -656,43 +751,50 @@ class Lab:
     # -- faults ------------------------------------------------------------------
 
     def stop_node(self, name: str) -> int:
-        state, topo = self._up_only()
-        n = topo.node(name)
-        agent = state.processes.get(agent_key(n))
+        with self.file.locked():  # marked stopped first: the supervisor leaves it alone
+            state, topo = self._up_only()
+            n = topo.node(name)
+            agent = state.processes.get(agent_key(n))
+            marked = n.name in state.stopped_nodes
+            state.add_unique(state.stopped_nodes, n.name)
+            self.file.save(state)
         cd = _container_record(n)
-        if (agent is None or not alive(agent)) and cd is None:
+        if (agent is None or not alive(agent)) and cd is None and marked:
             self.say(f"{n.name}: already stopped (start it: shoal lab start-node {n.name})")
             return 0
         if agent is not None:
             self.sup.stop(agent, grace=20.0)
         if cd is not None:
             self.sup.stop(cd, grace=10.0)
-        state.add_unique(state.stopped_nodes, n.name)
-        self.file.save(state)
         self.say(f"{n.name}: node agent and containerd stopped; its pods' containers keep "
                  "running. Its Lease expires in 40 s. Bring it back: shoal lab start-node "
                  f"{n.name}")
         return 0
 
     def start_node(self, name: str) -> int:
-        state, topo = self._up_only()
-        n = topo.node(name)
-        agent = state.processes.get(agent_key(n))
-        if agent is not None and alive(agent):
-            self.say(f"{n.name}: already running (agent pid {agent.pid})")
-            return 0
         since = time.time()
-        record = self._spawn(state, agent_key(n), self._agent_argv(n, topo), netns=n.netns,
-                             log=topo.logs_dir / f"{n.name}.log")
+        with self.file.locked():  # from now on the supervisor keeps the agent running
+            state, topo = self._up_only()
+            n = topo.node(name)
+            agent = state.processes.get(agent_key(n))
+            state.stopped_nodes = [s for s in state.stopped_nodes if s != n.name]
+            if agent is not None and alive(agent):
+                self.file.save(state)
+                self.say(f"{n.name}: already running (agent pid {agent.pid})")
+                return 0
+            record = self._spawn(state, agent_key(n), self._agent_argv(n, topo),
+                                 netns=n.netns, log=topo.logs_dir / f"{n.name}.log",
+                                 supervised=True)
         self._wait_agent(n, record)
         cd = _container_record(n)
         if cd is not None:
-            state.processes[cd.name] = cd
+            with self.file.locked():
+                fresh, _ = self._loaded()
+                fresh.processes[cd.name] = cd
+                self.file.save(fresh)
         with self._client() as client:
             self.sup.wait_until(f"{n.name} Lease renewed", lambda: self._renewed(
                 client, n.name, since), timeout=READY_TIMEOUT, watch=[record], interval=0.2)
-        state.stopped_nodes = [s for s in state.stopped_nodes if s != n.name]
-        self.file.save(state)
         self.say(f"{n.name}: node agent running (pid {record.pid}), containerd "
                  f"{'pid ' + str(cd.pid) if cd else 'starting'}; Lease renewed")
         return 0
@@ -708,6 +810,10 @@ class Lab:
         return renewed and _node_ready(node)
 
     def partition(self, a: str, b: str) -> int:
+        with self.file.locked():
+            return self._partition(a, b)
+
+    def _partition(self, a: str, b: str) -> int:
         state, topo = self._up_only()
         ea, eb = endpoint(topo, a), endpoint(topo, b)
         cidrs: dict[str, tuple[str, ...]] = {}
@@ -732,6 +838,10 @@ class Lab:
         return 0
 
     def heal(self) -> int:
+        with self.file.locked():
+            return self._heal()
+
+    def _heal(self) -> int:
         state, _ = self._loaded()
         healed = 0
         for chain in [c for c in state.chains if c.chain == PARTITION_CHAIN]:

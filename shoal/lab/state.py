@@ -14,16 +14,31 @@ Contract:
 - A process is recorded right after it is spawned, as its PID *and* its
   start time (field 22 of ``/proc/PID/stat``). A PID is signalled only while
   both still match, so a PID reused by an unrelated process is never touched.
+  A record also keeps what it takes to start the process again the same way
+  (command line, environment, working directory, netns, log file) and, for a
+  daemon the supervisor keeps running (``supervised``), how often it was
+  restarted and how it last exited.
 - Every change is saved at once, atomically (write a temporary file, then
-  rename it over the old one): the file on disk is always a whole record.
+  rename it over the old one): the file on disk is always a whole record, and
+  a reader needs no lock. It is readable by root only (it holds environments).
+- Once the lab's supervisor runs, two processes may change the state: it and
+  the CLI commands. Every read-modify-write then happens inside
+  ``StateFile.locked()`` (an exclusive ``flock`` on ``state.lock``), loading
+  the state afresh inside the lock; a change made on a copy loaded earlier
+  would undo the other writer's (say, put back the PID of a daemon the
+  supervisor has just replaced). The lock is held for bookkeeping only, never
+  across a wait for readiness.
 - ``load`` of a missing file is ``None``; a file that is not a lab state is
   ``errors.Invalid`` naming the file (nothing is guessed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +48,7 @@ from shoal import errors
 VERSION = 1
 STARTING, UP, FAILED, DOWN = "starting", "up", "failed", "down"
 PHASES = (STARTING, UP, FAILED, DOWN)
+LOCK_NAME = "state.lock"
 
 
 @dataclass(frozen=True)
@@ -42,8 +58,16 @@ class ProcessRecord:
     name: str             # etcd, apiserver, registry, nodeagent/node-1, containerd/node-1
     pid: int
     start_time: int       # clock ticks since boot, /proc/PID/stat field 22
-    argv: tuple[str, ...]
+    argv: tuple[str, ...]  # as executed: with netns, it starts with nsenter --net=...
     log: str = ""
+    # How to start it again the same way (argv and log above, plus these).
+    netns: str | None = None
+    cwd: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    # Kept running by the lab's supervisor; restarted when it dies unexpectedly.
+    supervised: bool = False
+    restarts: int = 0     # restarts by the supervisor since ``up`` (or ``start-node``)
+    last_exit: str = ""   # how the previous incarnation ended ("killed by SIGKILL", ...)
 
 
 @dataclass(frozen=True)
@@ -110,10 +134,7 @@ def from_json(text: str, *, source: str = "state") -> LabState:
             interfaces=[str(i) for i in data.get("interfaces", [])],
             chains=[ChainRecord(chain=c["chain"], jumps_from=tuple(c["jumps_from"]),
                                 netns=c.get("netns")) for c in data.get("chains", [])],
-            processes={k: ProcessRecord(name=p["name"], pid=int(p["pid"]),
-                                        start_time=int(p["start_time"]),
-                                        argv=tuple(p["argv"]), log=p.get("log", ""))
-                       for k, p in data.get("processes", {}).items()},
+            processes={k: _process(p) for k, p in data.get("processes", {}).items()},
             partitions=[[str(x) for x in pair] for pair in data.get("partitions", [])],
             stopped_nodes=[str(n) for n in data.get("stopped_nodes", [])],
             etcd_endpoint=str(data.get("etcd_endpoint", "")),
@@ -124,11 +145,40 @@ def from_json(text: str, *, source: str = "state") -> LabState:
         raise errors.Invalid(f"{source}: malformed lab state ({e!r})") from None
 
 
+def _process(p: Any) -> ProcessRecord:
+    netns = p.get("netns")
+    return ProcessRecord(name=str(p["name"]), pid=int(p["pid"]),
+                         start_time=int(p["start_time"]),
+                         argv=tuple(str(a) for a in p["argv"]), log=str(p.get("log", "")),
+                         netns=str(netns) if netns is not None else None,
+                         cwd=str(p.get("cwd", "")),
+                         env={str(k): str(v) for k, v in p.get("env", {}).items()},
+                         supervised=bool(p.get("supervised", False)),
+                         restarts=int(p.get("restarts", 0)),
+                         last_exit=str(p.get("last_exit", "")))
+
+
 class StateFile:
     """The state of one lab directory, saved on every change."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock_path = path.with_name(LOCK_NAME)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the lab's state lock (exclusive ``flock``) for a read-modify-write.
+
+        Blocks until the other holder is done. Not reentrant: a process that
+        takes it twice waits for itself. The lock file stays; it holds nothing.
+        """
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def load(self) -> LabState | None:
         try:
@@ -140,7 +190,8 @@ class StateFile:
     def save(self, state: LabState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with tmp.open("w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write(to_json(state))
             f.flush()
             os.fsync(f.fileno())

@@ -127,6 +127,10 @@ class Topology:
         return self.lab_dir / "state.json"
 
     @property
+    def state_lock(self) -> Path:
+        return self.lab_dir / "state.lock"
+
+    @property
     def admin_config(self) -> Path:
         return self.lab_dir / "admin.conf"
 
@@ -154,7 +158,8 @@ class Topology:
     def owned_entries(self) -> tuple[Path, ...]:
         """What the lab writes in its directory (all that ``--purge`` removes)."""
         return (self.etcd_dir, self.apiserver_dir, self.registry_dir, self.images_dir,
-                self.logs_dir, self.lab_dir / "nodes", self.admin_config, self.state_file)
+                self.logs_dir, self.lab_dir / "nodes", self.admin_config, self.state_file,
+                self.state_lock)
 
     def node(self, name: str) -> Node:
         """The node called ``name``; ``BadRequest`` names the ones there are."""

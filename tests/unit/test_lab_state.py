@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,12 @@ def sample() -> LabState:
     state.processes["etcd"] = ProcessRecord(name="etcd", pid=123, start_time=4567,
                                             argv=("etcd", "--name", "shoal-lab"),
                                             log="/var/lib/shoal/lab/logs/etcd.log")
+    state.processes["nodeagent/node-1"] = ProcessRecord(
+        name="nodeagent/node-1", pid=124, start_time=4568,
+        argv=("nsenter", "--net=/var/run/netns/shoal-node-1", "python", "-m", "nodeagent.main"),
+        log="/var/lib/shoal/lab/logs/node-1.log", netns="shoal-node-1", cwd="/",
+        env={"PATH": "/usr/bin:/usr/sbin"}, supervised=True, restarts=2,
+        last_exit="killed by SIGKILL")
     state.partitions.append(["node-1", "node-2"])
     state.timings["ready"] = 4.25
     return state
@@ -49,6 +58,18 @@ def test_round_trip_keeps_everything() -> None:
     assert again == state
     assert again.processes["etcd"].argv == ("etcd", "--name", "shoal-lab")
     assert again.chains[1].netns == "shoal-node-1"
+    agent = again.processes["nodeagent/node-1"]
+    assert (agent.netns, agent.cwd, agent.env) == ("shoal-node-1", "/",
+                                                   {"PATH": "/usr/bin:/usr/sbin"})
+    assert (agent.supervised, agent.restarts, agent.last_exit) == (True, 2, "killed by SIGKILL")
+
+
+def test_a_record_written_before_supervision_loads_with_defaults() -> None:
+    data = json.loads(to_json(sample()))
+    data["processes"] = {"etcd": {"name": "etcd", "pid": 1, "start_time": 2, "argv": ["etcd"]}}
+    etcd = from_json(json.dumps(data)).processes["etcd"]
+    assert (etcd.supervised, etcd.restarts, etcd.last_exit, etcd.env, etcd.netns) == (
+        False, 0, "", {}, None)
 
 
 def test_save_is_atomic_and_load_reads_it_back(tmp_path: Path) -> None:
@@ -62,6 +83,26 @@ def test_save_is_atomic_and_load_reads_it_back(tmp_path: Path) -> None:
     loaded = f.load()
     assert loaded is not None and loaded.phase == DOWN
     assert [p.name for p in f.path.parent.iterdir()] == ["state.json"]  # no temp files
+    assert stat.S_IMODE(f.path.stat().st_mode) == 0o600  # it holds environments
+
+
+def test_the_lock_lets_one_writer_in_at_a_time(tmp_path: Path) -> None:
+    f = StateFile(tmp_path / "state.json")
+    assert f.lock_path == tmp_path / "state.lock"
+
+    def try_lock() -> bool:  # another writer (its own open file, as another process has)
+        fd = os.open(f.lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with f.locked():
+        assert not try_lock()
+    assert try_lock()
 
 
 @pytest.mark.parametrize(("text", "message"), [
