@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from apiserver import pki
+from apiserver.controllers.base import ControllerSettings
 from apiserver.server import ServerConfig, serve
 from shoal import errors, logs
 
@@ -43,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="pod addresses of the whole cluster; each node gets a block "
                           "('' turns node IPAM off)")
     srv.add_argument("--node-cidr-mask-size", type=int, default=24)
+    srv.add_argument("--controllers", default="all",
+                     help="comma-separated in-process controllers to run ('all', or '' "
+                          "for none)")
+    srv.add_argument("--node-monitor-grace-period", type=float, default=40.0,
+                     help="seconds without a Lease renewal before a node is NotReady")
+    srv.add_argument("--pod-eviction-timeout", type=float, default=300.0,
+                     help="seconds a NotReady node's pods are tolerated before eviction")
+    srv.add_argument("--service-cluster-ip-range", default="10.96.0.0/16")
     srv.add_argument("--advertise", action="append", default=[],
                      help="HOST:PORT nodes should use for this apiserver (repeatable)")
     srv.add_argument("--bookmark-interval", type=float, default=5.0)
@@ -93,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         etcd_servers=_endpoints(ns.etcd_servers), sqlite_path=ns.sqlite_path,
         metrics_listen=ns.metrics_listen, bookmark_interval=ns.bookmark_interval,
         join_listen=ns.join_listen, advertise=tuple(ns.advertise),
-        cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size)
+        cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size,
+        controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),
+        controller_settings=ControllerSettings(
+            node_monitor_grace_period=ns.node_monitor_grace_period,
+            pod_eviction_timeout=ns.pod_eviction_timeout,
+            service_cluster_ip_range=ns.service_cluster_ip_range))
     _tune_gc()
     try:
         asyncio.run(_serve(config))

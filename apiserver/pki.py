@@ -32,6 +32,7 @@ from shoal.tokens import ca_cert_hash
 
 CA_DAYS = 3650
 KUBELET_CLIENT_CN = "shoal-apiserver-kubelet-client"
+CONTROLLER_MANAGER_CN = "system:kube-controller-manager"
 CERT_DAYS = 365
 
 
@@ -230,6 +231,14 @@ def init(
         _write(pki / "apiserver-kubelet-client.key", key_pem(key), private=True)
         _write(pki / "apiserver-kubelet-client.crt", cert_pem(cert), private=False)
         created += ["apiserver-kubelet-client.crt", "apiserver-kubelet-client.key"]
+    if not (pki / "controller-manager.crt").exists():
+        # The in-process controllers' identity when they call the API (loopback).
+        key = new_key()
+        cert = ca.issue(key.public_key(), common_name=CONTROLLER_MANAGER_CN,
+                        organizations=["system:masters"], client=True)
+        _write(pki / "controller-manager.key", key_pem(key), private=True)
+        _write(pki / "controller-manager.crt", cert_pem(cert), private=False)
+        created += ["controller-manager.crt", "controller-manager.key"]
     conf_path = data_dir / "admin.conf"
     if not conf_path.exists() or created:
         ClientConfig(

@@ -20,6 +20,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from apiserver.controllermanager import ControllerManager
+from apiserver.controllers import builtin_controllers
+from apiserver.controllers.base import ControllerSettings
 from apiserver.grpcapi import SERVICE, ResourceAPI
 from apiserver.joining import JoinService
 from apiserver.metrics import Metrics
@@ -33,6 +36,7 @@ from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
 from apiserver.watchcache import WatchCache
 from shoal import errors
+from shoal.config import ClientConfig
 from shoal.kinds import KindTable, builtin_kinds
 from shoal.monitoring import MonitoringServer, Readiness
 
@@ -54,6 +58,11 @@ class ServerConfig:
     # Node IPAM: each Node gets a /node_cidr_mask block of this ("" = off).
     cluster_cidr: str = "10.244.0.0/16"
     node_cidr_mask: int = 24
+    # In-process controllers to run (names from apiserver.controllers), behind
+    # leader election; empty runs none.
+    controllers: tuple[str, ...] = ()
+    controller_settings: ControllerSettings = field(default_factory=ControllerSettings)
+    leader_lease: tuple[float, float, float] = (15.0, 10.0, 2.0)
     # "sqlite" (embedded, file under data_dir unless sqlite_path) or "etcd".
     storage: str = "sqlite"
     etcd_servers: tuple[str, ...] = ()
@@ -126,6 +135,7 @@ class APIServer:
         metrics.cache_collector(
             lambda: {name: len(kc.objects) for name, kc in self.cache.caches.items()},
             lambda: self.cache.revision)
+        self.controller_manager: ControllerManager | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.join_port = 0
@@ -175,10 +185,34 @@ class APIServer:
             raise errors.Unavailable(f"cannot listen on {self.config.listen}")
         await server.start()
         self.grpc_server = server
+        self.controller_manager = self._controller_manager()
         await self.monitoring.start()
         log.info("apiserver listening on %s (port %d), metrics on %s:%d, storage %s",
                  self.config.listen, self.port, self.monitoring.host, self.monitoring.port,
                  self.store.name)
+
+    def _controller_manager(self) -> ControllerManager | None:
+        names = self.config.controllers
+        if not names or not self.config.tls:
+            return None
+        known = builtin_controllers()
+        wanted = sorted(known) if names == ("all",) else list(names)
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise errors.BadRequest(f"unknown controllers: {', '.join(unknown)} "
+                                    f"(known: {', '.join(sorted(known))})")
+        pki = self.config.data_dir / "pki"
+        loopback = ClientConfig(
+            servers=(f"127.0.0.1:{self.port}",), ca_pem=(pki / "ca.crt").read_bytes(),
+            cert_pem=(pki / "controller-manager.crt").read_bytes(),
+            key_pem=(pki / "controller-manager.key").read_bytes(),
+            user="system:kube-controller-manager", tls_server_name="localhost")
+        duration, deadline, period = self.config.leader_lease
+        return ControllerManager(client_config=loopback,
+                                 controllers=[known[n] for n in wanted],
+                                 settings=self.config.controller_settings,
+                                 lease_duration=duration, renew_deadline=deadline,
+                                 retry_period=period)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -189,6 +223,9 @@ class APIServer:
                 *([tg.create_task(self.ipam.run(), name="node-ipam")] if self.ipam else []),
                 tg.create_task(self._become_ready(), name="readiness"),
             ]
+            if self.controller_manager is not None:
+                loops.append(tg.create_task(self._controllers(self.controller_manager),
+                                            name="controller-manager"))
             await self._stopping.wait()
             cache_task.cancel()
             for task in loops:
@@ -219,6 +256,10 @@ class APIServer:
                     await asyncio.sleep(1)
                     continue
                 break
+
+    async def _controllers(self, manager: ControllerManager) -> None:
+        await self.readiness.signal("bootstrap").wait()
+        await manager.run()
 
     async def _bookmarks(self) -> None:
         while True:

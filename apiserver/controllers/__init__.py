@@ -1,0 +1,21 @@
+"""The controllers that run inside the apiserver, behind one leader election.
+
+Each controller is a small class with ``name`` and ``async run(ctx)``; it reads
+the cluster only through the SDK (shared Informers from ``ctx.informers``) and
+writes through ``ctx.client``, exactly as an out-of-process controller would.
+``CONTROLLERS`` maps a name to its factory; ``--controllers`` picks which run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from apiserver.controllers.base import Controller
+
+ControllerFactory = Callable[[], Controller]
+
+
+def builtin_controllers() -> dict[str, ControllerFactory]:
+    """Every controller this apiserver can run, by name (import lazily)."""
+    out: dict[str, ControllerFactory] = {}
+    return out
