@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                       "daemons running (a supervisor restarts any that dies)")
     p.add_argument("--nodes", type=int, default=DEFAULT_NODES,
                    help=f"how many nodes (1..{MAX_NODES}, default {DEFAULT_NODES})")
+    p.add_argument("--apiserver-arg", action="append", default=[], metavar="FLAG=VALUE",
+                   help="an extra `shoal-apiserver serve` flag, e.g. "
+                        "--apiserver-arg=--pod-eviction-timeout=10 (repeatable)")
     p = command("down", "stop and remove everything the lab made")
     p.add_argument("--purge", action="store_true",
                    help="also remove the lab's data and logs")
@@ -78,7 +81,7 @@ def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
     try:
         match ns.lab_command:
             case "up":
-                return lab.up(nodes=ns.nodes)
+                return lab.up(nodes=ns.nodes, apiserver_args=tuple(ns.apiserver_arg))
             case "down":
                 return lab.down(purge=ns.purge)
             case "status":

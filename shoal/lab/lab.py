@@ -186,6 +186,8 @@ class Lab:
         self.host = host or preflight.SystemHost()
         self.file = StateFile(self.lab_dir / "state.json")
         self.sup = Supervisor()
+        # Extra `shoal-apiserver serve` flags for this up (e.g. shorter timeouts).
+        self.apiserver_args: tuple[str, ...] = ()
         self._t0 = time.monotonic()
 
     # -- helpers -----------------------------------------------------------------
@@ -240,8 +242,9 @@ class Lab:
 
     # -- up ----------------------------------------------------------------------
 
-    def up(self, *, nodes: int) -> int:
+    def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = ()) -> int:
         topo = plan(nodes=nodes, lab_dir=self.lab_dir)
+        self.apiserver_args = apiserver_args
         existing = self.file.load()
         if existing is not None and existing.phase == UP:
             return self._already_up(existing)
@@ -466,6 +469,7 @@ class Lab:
             "--listen", topo.api_server, "--join-listen", topo.join_server,
             "--advertise", topo.api_server, "--metrics-listen", API_METRICS,
             "--storage", "etcd", "--etcd-servers", state.etcd_endpoint,
+            *self.apiserver_args,
         ]  # fmt: skip
         return self._spawn(state, APISERVER, argv, log=topo.logs_dir / "apiserver.log",
                            supervised=True)

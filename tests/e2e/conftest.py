@@ -1,0 +1,89 @@
+"""The shared 3-node lab for the orchestration and mesh e2e tests.
+
+``cluster`` brings one ``shoal lab up --nodes 3`` for the whole session (the
+first test that asks for it starts it; the session's end takes it down with
+``--purge``). Timeouts of node lifecycle are shortened so fault tests finish
+quickly: a node is NotReady 8 s after its last Lease renewal and its pods are
+evicted 5 s later.
+
+Only one lab can run on a machine (bridge ``shoal0``): ``test_lab.py`` brings
+its own and takes it down inside its module, so modules using ``cluster`` must
+sort after it (name them ``test_orch_*.py`` / ``test_mesh_*.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal import config as configmod
+from shoal.client import Client
+
+NODES = ("node-1", "node-2", "node-3")
+IMAGE = "docker.io/library/busybox:1.36"
+NODE_MONITOR_GRACE = 8
+POD_EVICTION_TIMEOUT = 5
+
+
+def shoal_cli(*args: str, config: Path | None = None, timeout: float = 120
+              ) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if config is not None:
+        env["SHOAL_CONFIG"] = str(config)
+    return subprocess.run([sys.executable, "-m", "shoal.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    config: Path
+    client: Client
+
+    def lab(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return shoal_cli("lab", *args, "--dir", str(self.dir), timeout=timeout)
+
+    def shoal(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return shoal_cli(*args, config=self.config, timeout=timeout)
+
+
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 60.0,
+             interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not after {timeout:g}s (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    if subprocess.run(["ip", "link", "show", "shoal0"], capture_output=True,
+                      check=False).returncode == 0:
+        pytest.skip("a lab is already up on this machine (bridge shoal0 exists)")
+    lab_dir = tmp_path_factory.mktemp("cluster") / "lab"
+    up = shoal_cli("lab", "up", "--nodes", str(len(NODES)), "--dir", str(lab_dir),
+                   f"--apiserver-arg=--node-monitor-grace-period={NODE_MONITOR_GRACE}",
+                   f"--apiserver-arg=--pod-eviction-timeout={POD_EVICTION_TIMEOUT}",
+                   timeout=300)
+    try:
+        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
+        config = lab_dir / "admin.conf"
+        with Client(configmod.load(config), timeout=30) as client:
+            yield Cluster(dir=lab_dir, config=config, client=client)
+    finally:
+        shoal_cli("lab", "down", "--purge", "--dir", str(lab_dir), timeout=300)
