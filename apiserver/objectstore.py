@@ -21,6 +21,19 @@ Deletion lifecycle::
     live --Delete, finalizers--> terminating (deletionTimestamp set)
     terminating --Update removing the last finalizer--------> gone
     terminating --Delete again--> terminating (no-op, idempotent)
+
+Propagation policy (Kubernetes' rules; the garbage collector in
+``apiserver.controllers.garbagecollector`` does the rest):
+
+- ``Foreground`` adds the ``foregroundDeletion`` finalizer and ``Orphan`` the
+  ``orphan`` finalizer, so even an object without finalizers of its own
+  becomes terminating; the collector removes the finalizer once the
+  dependents are gone (foreground) or released (orphan).
+- ``Background`` and ``""`` (the default for every kind) add nothing: the
+  object goes at once and the collector deletes its dependents afterwards.
+- A Delete of a terminating object with a different policy swaps the GC
+  finalizer (``Background`` drops both); ``""`` keeps what is there. If that
+  leaves no finalizer, the object goes.
 """
 
 from __future__ import annotations
@@ -46,6 +59,9 @@ from shoal.selectors import FieldSelector, LabelSelector
 MAX_OBJECT_BYTES = 1_572_864
 PROTECTED_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 PROPAGATION_POLICIES = frozenset({"", "Orphan", "Background", "Foreground"})
+# The garbage collector's finalizers, added by Delete's propagation policy.
+ORPHAN_FINALIZER = "orphan"
+FOREGROUND_FINALIZER = "foregroundDeletion"
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _UPDATE_ATTEMPTS = 16
 
@@ -425,11 +441,33 @@ class ObjectStore:
                 raise errors.Conflict(
                     f"Precondition failed: ResourceVersion in precondition: {wanted_rv}, "
                     f"ResourceVersion in object meta: {cur_rv}", kind=kind.kind, name=name)
-            if _finalizers(kind, current):
-                if current.metadata.HasField("deletion_timestamp"):
+            finalizers = gc_finalizers(list(current.metadata.finalizers), propagation)
+            if current.metadata.HasField("deletion_timestamp"):
+                if finalizers == list(current.metadata.finalizers):
                     return current
-                marked: Any = kind.new()
-                marked.CopyFrom(current)
+                # A new policy for an object already terminating: swap the GC finalizer.
+                changed: Any = kind.new()
+                changed.CopyFrom(current)
+                changed.metadata.finalizers[:] = finalizers
+                if dry_run:
+                    return changed
+                try:
+                    if _finalizers(kind, changed):
+                        revision = await self.store.update(key, _serialize(changed),
+                                                           expected_revision=cur_rv)
+                    else:
+                        revision = await self.store.delete(key, expected_revision=cur_rv)
+                except errors.Conflict:
+                    if wanted_rv:
+                        raise self._conflict(kind, name) from None
+                    continue
+                changed.metadata.resource_version = str(revision)
+                return changed
+            probe: Any = kind.new()
+            probe.CopyFrom(current)
+            probe.metadata.finalizers[:] = finalizers
+            if _finalizers(kind, probe):
+                marked: Any = probe
                 marked.metadata.deletion_timestamp.CopyFrom(self._now())
                 marked.metadata.deletion_grace_period_seconds = self._grace(
                     kind, current, grace_period)
@@ -464,6 +502,23 @@ class ObjectStore:
         if kind.kind == "Pod" and obj.spec.HasField("termination_grace_period_seconds"):
             return int(obj.spec.termination_grace_period_seconds)
         return 30 if kind.kind == "Pod" else 0
+
+
+def gc_finalizers(finalizers: list[str], propagation: str) -> list[str]:
+    """The finalizers an object has after a Delete with ``propagation`` (pure).
+
+    Kubernetes' ``deletionFinalizersForGarbageCollection``: both GC finalizers
+    are taken out, then the one the policy asks for is put back; with no
+    policy, the GC finalizer already there stays."""
+    orphan = propagation == "Orphan" or (not propagation and ORPHAN_FINALIZER in finalizers)
+    foreground = propagation == "Foreground" or (
+        not propagation and FOREGROUND_FINALIZER in finalizers)
+    out = [f for f in finalizers if f not in (ORPHAN_FINALIZER, FOREGROUND_FINALIZER)]
+    if orphan:
+        out.append(ORPHAN_FINALIZER)
+    if foreground:
+        out.append(FOREGROUND_FINALIZER)
+    return list(finalizers) if set(out) == set(finalizers) else out
 
 
 def _finalizers(kind: Kind, obj: Any) -> bool:

@@ -18,4 +18,11 @@ ControllerFactory = Callable[[], Controller]
 def builtin_controllers() -> dict[str, ControllerFactory]:
     """Every controller this apiserver can run, by name (import lazily)."""
     out: dict[str, ControllerFactory] = {}
+    out["garbagecollector"] = _garbagecollector
     return out
+
+
+def _garbagecollector() -> Controller:
+    from apiserver.controllers.garbagecollector import GarbageCollector
+
+    return GarbageCollector()
