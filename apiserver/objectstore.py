@@ -50,6 +50,7 @@ from typing import Any
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
+from apiserver.serviceips import ServiceIPAllocator, service_ips, wants_ip
 from apiserver.storage import Store
 from shoal import errors, validation
 from shoal.kinds import Kind, KindTable
@@ -129,11 +130,14 @@ class ObjectStore:
         kinds: KindTable,
         clock: Callable[[], float] = time.time,
         max_object_bytes: int = MAX_OBJECT_BYTES,
+        service_ips: ServiceIPAllocator | None = None,
     ) -> None:
         self.store = store
         self.kinds = kinds
         self.clock = clock
         self.max_object_bytes = max_object_bytes
+        # ClusterIP allocation for Services (None: addresses are left as given).
+        self.service_ips = service_ips
         self._namespace_kind = kinds.by_resource("", "namespaces")
 
     # -- decoding ---------------------------------------------------------------
@@ -270,10 +274,38 @@ class ObjectStore:
             _merge_string_data(obj)
         if kind.kind == "Namespace" and "kubernetes" not in obj.spec.finalizers:
             obj.spec.finalizers.append("kubernetes")
+        if kind.kind == "Service" and self.service_ips is not None:
+            return await self._create_service(kind, obj, self.service_ips, generated=generated,
+                                              dry_run=dry_run)
+        return await self._create(kind, obj, generated=generated, dry_run=dry_run)
+
+    async def _create_service(self, kind: Kind, obj: Any, ips: ServiceIPAllocator, *,
+                              generated: bool, dry_run: bool) -> Any:
+        """Create a Service holding a reserved ClusterIP (``apiserver.serviceips``).
+
+        The address is reserved after validation and before the write; a write
+        that surely did not happen frees it at once (one that may have, e.g.
+        storage unavailable, is left to the allocator's repair pass)."""
+        if generated:
+            obj.metadata.name = _generated_name(obj.metadata.generate_name)
+        validation.apply_defaults(kind, obj)
+        problems = validation.validate(kind, obj)
+        if problems:
+            raise self._invalid(kind, obj, problems)
+        await self._require_namespace(kind, obj.metadata.namespace)
+        reserved = await ips.allocate(obj, dry_run=dry_run)
+        try:
+            return await self._create(kind, obj, generated=generated, dry_run=dry_run)
+        except errors.ShoalError as e:
+            if reserved and not isinstance(e, errors.TemporaryError):
+                await ips.release(reserved, obj.metadata.uid)
+            raise
+
+    async def _create(self, kind: Kind, obj: Any, *, generated: bool, dry_run: bool) -> Any:
+        meta = obj.metadata
         for attempt in range(8):
-            if generated:
-                suffix = "".join(random.choices(_NAME_ALPHABET, k=5))
-                meta.name = meta.generate_name[: 63 - 5] + suffix
+            if generated and (attempt or not meta.name):
+                meta.name = _generated_name(meta.generate_name)
             validation.apply_defaults(kind, obj)
             problems = validation.validate(kind, obj)
             if problems:
@@ -304,6 +336,21 @@ class ObjectStore:
         self, kind: Kind, obj: Any, *, status_only: bool = False, dry_run: bool = False
     ) -> Any:
         """Update (or UpdateStatus). See the module docstring for the rules."""
+        ips = self.service_ips
+        if kind.kind != "Service" or status_only or ips is None:
+            return await self._update(kind, obj, status_only=status_only, dry_run=dry_run)
+        # A Service that had no ClusterIP (ExternalName turned ClusterIP) gets one here.
+        reserved: list[tuple[str, str]] = []  # (address, owner uid)
+        try:
+            return await self._update(kind, obj, status_only=False, dry_run=dry_run,
+                                      reserved=reserved)
+        except errors.ShoalError as e:
+            if reserved and not isinstance(e, errors.TemporaryError):
+                await ips.release(*reserved[0])
+            raise
+
+    async def _update(self, kind: Kind, obj: Any, *, status_only: bool, dry_run: bool,
+                      reserved: list[tuple[str, str]] | None = None) -> Any:
         if status_only and not kind.has_status:
             raise errors.MethodNotAllowed(f"{kind.kind} has no status to update",
                                           kind=kind.kind)
@@ -328,6 +375,12 @@ class ObjectStore:
             problems = validation.validate_update(kind, new, current)
             if problems:
                 raise self._invalid(kind, new, problems)
+            if (reserved is not None and self.service_ips is not None and not reserved
+                    and wants_ip(new) and not service_ips(current)):
+                ip = await self.service_ips.allocate(new, dry_run=dry_run)
+                if ip:
+                    reserved.append((ip, new.metadata.uid))
+                    obj.spec.cluster_ip, obj.spec.cluster_ips[:] = ip, [ip]
             data = _serialize(new)
             self._check_size(kind, data)
             if data == _serialize(current):
@@ -502,6 +555,10 @@ class ObjectStore:
         if kind.kind == "Pod" and obj.spec.HasField("termination_grace_period_seconds"):
             return int(obj.spec.termination_grace_period_seconds)
         return 30 if kind.kind == "Pod" else 0
+
+
+def _generated_name(prefix: str) -> str:
+    return prefix[: 63 - 5] + "".join(random.choices(_NAME_ALPHABET, k=5))
 
 
 def gc_finalizers(finalizers: list[str], propagation: str) -> list[str]:

@@ -32,9 +32,10 @@ from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
 from apiserver.rpc import Authenticator
+from apiserver.serviceips import ServiceIPAllocator
 from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
-from apiserver.watchcache import WatchCache
+from apiserver.watchcache import DELETED, CacheEvent, WatchCache
 from shoal import errors
 from shoal.config import ClientConfig
 from shoal.kinds import KindTable, builtin_kinds
@@ -107,7 +108,10 @@ class APIServer:
             store=self.store, kinds=kinds, history_events=config.history_events,
             history_revisions=config.history_revisions,
             on_watchers_changed=metrics.set_watchers)
-        self.objects = ObjectStore(store=self.store, kinds=kinds)
+        # ClusterIPs come from controller_settings.service_cluster_ip_range
+        # (--service-cluster-ip-range); "" turns allocation off.
+        self.service_ips = self._service_ips()
+        self.objects = ObjectStore(store=self.store, kinds=kinds, service_ips=self.service_ips)
         self.authn = Authenticator()
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name, authn=self.authn)
@@ -140,6 +144,26 @@ class APIServer:
         self.port = 0
         self.join_port = 0
         self._stopping = asyncio.Event()
+
+    def _service_ips(self) -> ServiceIPAllocator | None:
+        cidr = self.config.controller_settings.service_cluster_ip_range
+        if not cidr:
+            return None
+        services = self.kinds.by_resource("", "services")
+
+        def decode(raw: bytes) -> object:
+            svc = services.new()
+            svc.ParseFromString(raw)
+            return svc
+
+        allocator = ServiceIPAllocator(store=self.store, cidr=cidr, decode_service=decode)
+
+        def on_event(ev: CacheEvent) -> None:
+            if ev.type == DELETED:
+                allocator.service_deleted(ev.obj.raw)
+
+        self.cache.cache_for(services).listeners.append(on_event)
+        return allocator
 
     async def start(self) -> None:
         """Connect storage and bind every port. Raises on a taken port."""
@@ -221,6 +245,8 @@ class APIServer:
                 tg.create_task(self._bookmarks(), name="bookmarks"),
                 tg.create_task(self.namespaces.run(), name="namespace-finalizer"),
                 *([tg.create_task(self.ipam.run(), name="node-ipam")] if self.ipam else []),
+                *([tg.create_task(self._service_ip_repair(self.service_ips),
+                                  name="service-ips")] if self.service_ips else []),
                 tg.create_task(self._become_ready(), name="readiness"),
             ]
             if self.controller_manager is not None:
@@ -256,6 +282,10 @@ class APIServer:
                     await asyncio.sleep(1)
                     continue
                 break
+
+    async def _service_ip_repair(self, allocator: ServiceIPAllocator) -> None:
+        await self.cache.ready.wait()
+        await allocator.run()
 
     async def _controllers(self, manager: ControllerManager) -> None:
         await self.readiness.signal("bootstrap").wait()
