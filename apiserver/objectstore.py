@@ -10,6 +10,8 @@ This is where Kubernetes' rules for a stored object live:
 - ``Update`` never changes status and ``UpdateStatus`` changes only status;
   ``generation`` goes up when anything outside metadata and status changes;
 - an update that changes nothing writes nothing (same resourceVersion);
+- a Pod is bound by an update that sets an empty ``spec.nodeName``; naming
+  another node once it is set is a ``Conflict`` (never bound twice);
 - ``Delete`` of an object with finalizers only sets ``deletionTimestamp``; the
   update that removes the last finalizer of such an object deletes it;
 - every object is defaulted and validated before it is written, so a write is
@@ -371,6 +373,8 @@ class ObjectStore:
                 raise errors.Conflict(
                     f'Precondition failed: UID in object meta: {meta.uid}, UID in storage: '
                     f'{current.metadata.uid}', kind=kind.kind, name=meta.name)
+            if kind.kind == "Pod" and not status_only:
+                _check_rebinding(obj, current)
             new = self._merge_for_update(kind, obj, current, status_only=status_only)
             problems = validation.validate_update(kind, new, current)
             if problems:
@@ -559,6 +563,15 @@ class ObjectStore:
 
 def _generated_name(prefix: str) -> str:
     return prefix[: 63 - 5] + "".join(random.choices(_NAME_ALPHABET, k=5))
+
+
+def _check_rebinding(pod: Any, current: Any) -> None:
+    """Binding sets ``spec.nodeName`` once; naming another node later is a ``Conflict``
+    (Kubernetes' binding: "pod ... is already assigned to node ...")."""
+    bound = current.spec.node_name
+    if bound and pod.spec.node_name and pod.spec.node_name != bound:
+        raise errors.Conflict(f'pod {current.metadata.name} is already assigned to node '
+                              f'"{bound}"', kind="Pod", name=current.metadata.name)
 
 
 def gc_finalizers(finalizers: list[str], propagation: str) -> list[str]:

@@ -19,6 +19,7 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     """Every controller this apiserver can run, by name (import lazily)."""
     out: dict[str, ControllerFactory] = {}
     out["garbagecollector"] = _garbagecollector
+    out["scheduler"] = _scheduler
     return out
 
 
@@ -26,3 +27,9 @@ def _garbagecollector() -> Controller:
     from apiserver.controllers.garbagecollector import GarbageCollector
 
     return GarbageCollector()
+
+
+def _scheduler() -> Controller:
+    from apiserver.controllers.scheduling import Scheduler
+
+    return Scheduler()
