@@ -20,6 +20,7 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     out: dict[str, ControllerFactory] = {}
     out["garbagecollector"] = _garbagecollector
     out["scheduler"] = _scheduler
+    out["nodelifecycle"] = _nodelifecycle
     return out
 
 
@@ -33,3 +34,9 @@ def _scheduler() -> Controller:
     from apiserver.controllers.scheduling import Scheduler
 
     return Scheduler()
+
+
+def _nodelifecycle() -> Controller:
+    from apiserver.controllers.nodelifecycle import NodeLifecycleController
+
+    return NodeLifecycleController()
