@@ -19,6 +19,7 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     """Every controller this apiserver can run, by name (import lazily)."""
     out: dict[str, ControllerFactory] = {}
     out["garbagecollector"] = _garbagecollector
+    out["replicaset"] = _replicaset
     out["scheduler"] = _scheduler
     out["nodelifecycle"] = _nodelifecycle
     return out
@@ -40,3 +41,9 @@ def _nodelifecycle() -> Controller:
     from apiserver.controllers.nodelifecycle import NodeLifecycleController
 
     return NodeLifecycleController()
+
+
+def _replicaset() -> Controller:
+    from apiserver.controllers.replicasets import ReplicaSetController
+
+    return ReplicaSetController()
