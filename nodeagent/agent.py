@@ -55,6 +55,7 @@ class NodeAgent:
         restart_backoff: tuple[float, float] = (10.0, 300.0),
         pod_cidr: str = "",
         clock: Callable[[], float] = time.time,
+        pods: Informer[core_pb2.Pod] | None = None,
     ) -> None:
         self.client = client
         self.runtime = runtime
@@ -62,7 +63,10 @@ class NodeAgent:
         self.workers = workers
         self.resync_period = resync_period
         self.queue = WorkQueue(base_delay=0.2, max_delay=30.0)
-        self.pods: Informer[core_pb2.Pod] = Informer(
+        # The pods bound here: this agent's own watch by default. Hollow nodes
+        # (shoal.testing.hollow) pass a view fed by one watch shared by many; it
+        # must carry the UID_INDEX index.
+        self.pods: Informer[core_pb2.Pod] = pods if pods is not None else Informer(
             client, core_pb2.Pod, field_selector=f"spec.nodeName={node_name}",
             indexers={UID_INDEX: lambda p: [p.metadata.uid]})
         self.pods.add_handlers(
