@@ -19,6 +19,7 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     """Every controller this apiserver can run, by name (import lazily)."""
     out: dict[str, ControllerFactory] = {}
     out["garbagecollector"] = _garbagecollector
+    out["endpoints"] = _endpoints
     out["replicaset"] = _replicaset
     out["scheduler"] = _scheduler
     out["nodelifecycle"] = _nodelifecycle
@@ -29,6 +30,12 @@ def _garbagecollector() -> Controller:
     from apiserver.controllers.garbagecollector import GarbageCollector
 
     return GarbageCollector()
+
+
+def _endpoints() -> Controller:
+    from apiserver.controllers.endpoints import EndpointsController
+
+    return EndpointsController()
 
 
 def _scheduler() -> Controller:
