@@ -21,6 +21,7 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     out["garbagecollector"] = _garbagecollector
     out["endpoints"] = _endpoints
     out["replicaset"] = _replicaset
+    out["deployment"] = _deployment
     out["scheduler"] = _scheduler
     out["nodelifecycle"] = _nodelifecycle
     return out
@@ -54,3 +55,9 @@ def _replicaset() -> Controller:
     from apiserver.controllers.replicasets import ReplicaSetController
 
     return ReplicaSetController()
+
+
+def _deployment() -> Controller:
+    from apiserver.controllers.deployments import DeploymentController
+
+    return DeploymentController()
