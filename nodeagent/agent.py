@@ -6,6 +6,7 @@
       relister       the runtime's truth every second (nodeagent.pleg)
       workers x N    WorkQueue of pod UIDs -> PodSyncer.sync
       resync         every pod UID again every ``resync_period`` (level-triggered)
+      events         the kubelet's Events for pods and the Node (shoal.events), if given
 
 Events only enqueue UIDs; a worker reads the pod from the informer's cache and
 the runtime record from the relister. A UID is never synced by two workers at
@@ -31,6 +32,7 @@ from nodeagent.volumes import VolumeManager
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
+from shoal.events import EventRecorder
 from shoal.informer import Informer
 from shoal.queueing import WorkQueue
 
@@ -56,8 +58,11 @@ class NodeAgent:
         pod_cidr: str = "",
         clock: Callable[[], float] = time.time,
         pods: Informer[core_pb2.Pod] | None = None,
+        events: EventRecorder | None = None,
     ) -> None:
         self.client = client
+        # The kubelet's Events for pods and the Node (None: none are recorded).
+        self.events = events
         self.runtime = runtime
         self.node_name = node_name
         self.workers = workers
@@ -74,17 +79,24 @@ class NodeAgent:
             on_delete=self._enqueue)
         self.relister = Relister(runtime=runtime, on_change=self.queue.add,
                                  interval=relist_interval)
-        self.probes = ProbeManager(exec_fn=self._exec, on_change=self.queue.add)
+        self.probes = ProbeManager(exec_fn=self._exec, on_change=self.queue.add,
+                                   on_failure=self._probe_failed)
         self.syncer = PodSyncer(runtime=runtime, client=client, volumes=volumes,
                                 probes=self.probes, node_name=node_name,
                                 host_ip=facts.internal_ip, relist=self.relister.relist,
                                 clock=clock, restarts=RestartTracker(
-                                    initial=restart_backoff[0], cap=restart_backoff[1]))
+                                    initial=restart_backoff[0], cap=restart_backoff[1]),
+                                events=events)
         self.registration = NodeRegistration(client=client, node_name=node_name, facts=facts,
                                              runtime_probe=runtime.version,
                                              renew_interval=renew_interval,
-                                             pod_cidr=pod_cidr, clock=clock)
+                                             pod_cidr=pod_cidr, clock=clock, events=events)
         self.synced = asyncio.Event()
+
+    def _probe_failed(self, uid: str, container: str, message: str) -> None:
+        pod = self.pod_for(uid)
+        if pod is not None and self.events is not None:
+            self.events.event(pod, "Warning", "Unhealthy", message)
 
     def _enqueue(self, pod: core_pb2.Pod) -> None:
         self.queue.add(pod.metadata.uid)
@@ -126,6 +138,8 @@ class NodeAgent:
         """Run until cancelled."""
         try:
             async with asyncio.TaskGroup() as tg:
+                if self.events is not None:
+                    tg.create_task(self.events.run(), name="events")
                 tg.create_task(self.registration.run(), name="registration")
                 tg.create_task(self.pods.run(), name="pod-informer")
                 await self.pods.synced.wait()

@@ -21,6 +21,7 @@ plus one status call per container that changed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +306,8 @@ class CRIPodRuntime:
         await self.cri.remove_pod_sandbox(sandbox_id)
         self._ips.pop(sandbox_id, None)
 
-    async def ensure_image(self, image: str, *, policy: str) -> str:
+    async def ensure_image(self, image: str, *, policy: str,
+                           on_pull: Callable[[], None] | None = None) -> str:
         present = await self.cri.image_status(image)
         if policy == "Never":
             if present is None:
@@ -314,6 +316,8 @@ class CRIPodRuntime:
             return str(present.id)
         if present is not None and policy != "Always":
             return str(present.id)
+        if on_pull is not None:
+            on_pull()
         try:
             return await self.cri.pull_image(image)
         except (errors.InternalError, errors.NotFound, errors.BadRequest) as e:

@@ -5,7 +5,8 @@
            written to DATA/containerd/certs.d first) -> sandbox image present
            (built locally and imported, never pulled) -> CNI config from the
            pod CIDR -> node API (TLS, 10250; logs, exec, image import) and
-           monitoring (10255) bound -> NodeAgent.run()
+           monitoring (10255) bound -> NodeAgent.run(), PodNetwork.run(),
+           ServiceProxy.run() (ClusterIP iptables rules; lab nodes only)
     stop (SIGTERM): the agent's loops stop. containerd and the pods keep
            running; the next start adopts them without restarting anything.
 
@@ -35,12 +36,14 @@ from nodeagent.cri import Runtime, RuntimeClient
 from nodeagent.criruntime import CRIPodRuntime
 from nodeagent.nodestatus import gather_facts
 from nodeagent.podnetwork import PodNetwork
+from nodeagent.serviceproxy import ServiceProxy
 from nodeagent.serving import NodeAPI
 from nodeagent.volumes import VolumeManager
 from shoal import config as configmod
 from shoal import errors, images
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
+from shoal.events import EventRecorder
 from shoal.monitoring import MonitoringServer, Readiness
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ class AgentConfig:
     # Keep routes to other nodes' pod CIDRs (and take ours from the Node when no
     # --pod-cidr is given). Off on a shared host that is not a lab node.
     routes: bool = True
+    # Keep iptables rules for Service ClusterIPs in our netns (nodeagent.serviceproxy);
+    # only together with ``routes`` (never in a shared host's own netns).
+    service_proxy: bool = True
     # Pull these registries from these endpoints (our own containerd only).
     registry_mirrors: tuple[RegistryMirror, ...] = ()
 
@@ -190,7 +196,8 @@ class NodeAgentDaemon:
                 client=client, runtime=pod_runtime, node_name=cfg.node_name, facts=facts,
                 volumes=VolumeManager(root=cfg.data_dir), relist_interval=cfg.relist_interval,
                 restart_backoff=cfg.restart_backoff, renew_interval=cfg.renew_interval,
-                pod_cidr=cfg.pod_cidr)
+                pod_cidr=cfg.pod_cidr,
+                events=EventRecorder(client, component="shoal-nodeagent", host=cfg.node_name))
             agent = self.agent
             api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
                           runtime=pod_runtime, log_root=cfg.log_root, node_name=cfg.node_name,
@@ -211,6 +218,8 @@ class NodeAgentDaemon:
                     tg.create_task(agent.run(), name="agent")
                     if cfg.routes:
                         tg.create_task(network.run(), name="pod-network")
+                    if cfg.routes and cfg.service_proxy:
+                        tg.create_task(ServiceProxy(client=client).run(), name="service-proxy")
                     if self.containerd is not None:
                         tg.create_task(self._supervise(self.containerd), name="containerd")
                     await agent.synced.wait()

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-routes", action="store_true",
                    help="do not manage routes to other nodes' pod CIDRs (and require "
                         "--pod-cidr)")
+    r.add_argument("--no-service-proxy", action="store_true",
+                   help="do not keep iptables rules for Service ClusterIPs (kube-proxy's "
+                        "job); also off with --no-routes")
     r.add_argument("--cni-bridge", default="cni0")
     r.add_argument("--no-cni-gateway", action="store_true",
                    help="do not make the bridge the pods' gateway (shared hosts)")
@@ -90,7 +93,8 @@ def _run(ns: argparse.Namespace) -> int:
         cri_socket=ns.cri_socket, netns=ns.netns, pod_cidr=ns.pod_cidr,
         cni_bridge=ns.cni_bridge, cni_gateway=not ns.no_cni_gateway,
         sandbox_image=ns.sandbox_image, relist_interval=ns.relist_interval,
-        routes=not ns.no_routes, registry_mirrors=tuple(ns.registry_mirrors),
+        routes=not ns.no_routes, service_proxy=not ns.no_service_proxy,
+        registry_mirrors=tuple(ns.registry_mirrors),
         restart_backoff=(float(initial), float(cap or initial)))
 
     async def main() -> None:

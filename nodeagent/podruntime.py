@@ -14,6 +14,7 @@ Errors the worker turns into pod reasons, not crashes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,8 +60,10 @@ class PodRuntime(Protocol):
 
     async def remove_sandbox(self, sandbox_id: str) -> None: ...
 
-    async def ensure_image(self, image: str, *, policy: str) -> str:
-        """The image's ID, pulling it as the policy says. Raises ImagePullError."""
+    async def ensure_image(self, image: str, *, policy: str,
+                           on_pull: Callable[[], None] | None = None) -> str:
+        """The image's ID, pulling it as the policy says (``on_pull`` is called just
+        before a pull starts). Raises ImagePullError."""
 
     async def start_container(self, pod: Any, sandbox: SandboxRecord,
                               launch: ContainerLaunch) -> str:

@@ -18,6 +18,10 @@ Lifecycle of a pod on this node::
 
 Contract: ``sync`` is idempotent; running it twice does no harm. A worker
 handles one UID at a time (the work queue guarantees it).
+
+Events (the kubelet's reasons, through ``shoal.events``; best effort, never
+blocking): Pulling, Pulled, Failed (ErrImagePull, ImagePullBackOff, config and
+start errors), BackOff (image pulls and crash loops), Created, Started, Killing.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from nodeagent.volumes import VolumeManager
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
+from shoal.events import EventRecorder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,10 @@ class PodSyncer:
         relist: Callable[[], Awaitable[dict[str, PodRecord]]] | None = None,
         clock: Callable[[], float] = time.time,
         restarts: RestartTracker | None = None,
+        events: EventRecorder | None = None,
     ) -> None:
         self.runtime = runtime
+        self.events = events
         self.client = client
         self.volumes = volumes
         self.probes = probes
@@ -74,6 +81,10 @@ class PodSyncer:
         self.restarts = restarts or RestartTracker()
         self.pulls = RestartTracker(initial=self.restarts.initial, cap=self.restarts.cap)
         self.failures: dict[str, dict[str, Reason]] = {}
+
+    def _event(self, pod: core_pb2.Pod, type_: str, reason: str, message: str) -> None:
+        if self.events is not None:
+            self.events.event(pod, type_, reason, message)
 
     # -- lookups for env and volumes -------------------------------------------
 
@@ -105,9 +116,16 @@ class PodSyncer:
         actions = plan(pod, record, probes=self.probes.view(uid), restarts=self.restarts,
                        now=self.clock())
         if deleting:
+            for c in record.containers:
+                if c.state is ContainerState.RUNNING:
+                    self._event(pod, "Normal", "Killing", f"Stopping container {c.name}")
             await self._clean_up(uid, record, grace=self._grace(pod, deleting=True))
             await self._remove_finalizer(pod)
             return None
+        for name, (reason, _) in actions.waiting.items():
+            if reason == "CrashLoopBackOff":
+                self._event(pod, "Warning", "BackOff", f"Back-off restarting failed container "
+                            f"{name} in pod {pod.metadata.name}")
         requeue = await self._execute(pod, record, actions)
         fresh = (await self.relist()).get(uid, PodRecord(uid=uid))
         final = plan(pod, fresh, probes=self.probes.view(uid), restarts=self.restarts,
@@ -138,6 +156,8 @@ class PodSyncer:
         for cid, why in actions.kill:
             log.info("pod %s/%s: killing %s: %s", pod.metadata.namespace, pod.metadata.name,
                      cid[:12], why)
+            name = next((c.name for c in record.containers if c.id == cid), cid[:12])
+            self._event(pod, "Normal", "Killing", f"Stopping container {name}: {why}")
             await self.runtime.stop_container(cid, grace=grace)
         for cid in actions.remove:
             await self.runtime.remove_container(cid)
@@ -150,6 +170,7 @@ class PodSyncer:
                                              secrets=self._secret, facts=facts)
         except ConfigError as e:
             self._fail_all(pod, ("CreateContainerConfigError", str(e)))
+            self._event(pod, "Warning", "Failed", f"Error: {e}")
             return CONFIG_RETRY
         if actions.create_sandbox:
             for old in record.sandboxes:
@@ -191,16 +212,33 @@ class PodSyncer:
         if not verdict.go and table.get(spec.name, ("",))[0] in ("ErrImagePull",
                                                                   "ImagePullBackOff"):
             table[spec.name] = ("ImagePullBackOff", f'Back-off pulling image "{spec.image}"')
+            self._event(pod, "Normal", "BackOff", f'Back-off pulling image "{spec.image}"')
+            self._event(pod, "Warning", "Failed", "Error: ImagePullBackOff")
             return [verdict.wait]
+        pulling: list[float] = []
+
+        def on_pull() -> None:
+            pulling.append(self.clock())
+            self._event(pod, "Normal", "Pulling", f'Pulling image "{spec.image}"')
+
         try:
             image_ref = await self.runtime.ensure_image(spec.image,
-                                                        policy=spec.image_pull_policy)
+                                                        policy=spec.image_pull_policy,
+                                                        on_pull=on_pull)
         except ImagePullError as e:
             self.pulls.restarted(image_key, now=now)
             table[spec.name] = ("ErrImagePull", str(e))
+            self._event(pod, "Warning", "Failed", str(e)[:1].upper() + str(e)[1:])
+            self._event(pod, "Warning", "Failed", "Error: ErrImagePull")
             # Look again soon: the status then says ImagePullBackOff while it waits.
             return [min(CONFIRM_AFTER, self.pulls.delay(image_key) / 2)]
         self.pulls.forget(image_key)
+        if pulling:
+            self._event(pod, "Normal", "Pulled", f'Successfully pulled image "{spec.image}" '
+                        f"in {self.clock() - pulling[0]:.3f}s")
+        else:
+            self._event(pod, "Normal", "Pulled",
+                        f'Container image "{spec.image}" already present on machine')
         try:
             env = await environment.resolve_env(pod, spec, configmaps=self._configmap,
                                                 secrets=self._secret, facts=facts)
@@ -208,6 +246,7 @@ class PodSyncer:
             mounts = self.volumes.mounts(spec, paths)
         except ConfigError as e:
             table[spec.name] = ("CreateContainerConfigError", str(e))
+            self._event(pod, "Warning", "Failed", f"Error: {e}")
             return [CONFIG_RETRY]
         launch = ContainerLaunch(
             spec=spec, attempt=prev.attempt + 1 if prev else 0, init=init, env=env,
@@ -219,8 +258,11 @@ class PodSyncer:
             await self.runtime.start_container(pod, sandbox, launch)
         except StartError as e:
             table[spec.name] = ("RunContainerError", str(e))
+            self._event(pod, "Warning", "Failed", f"Error: {e}")
             return [CONFIRM_AFTER]
         table.pop(spec.name, None)
+        self._event(pod, "Normal", "Created", f"Created container {spec.name}")
+        self._event(pod, "Normal", "Started", f"Started container {spec.name}")
         return []
 
     async def _stop_all(self, record: PodRecord, *, grace: int) -> None:

@@ -123,7 +123,8 @@ class ProbeLoop:
     def __init__(self, *, kind: str, probe: Any, container: Any, record: ContainerRecord,
                  pod_ip: str, view: ProbeView, exec_fn: ExecFn,
                  on_change: Callable[[], None],
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.kind = kind
         self.probe = probe
         self.container = container
@@ -133,6 +134,8 @@ class ProbeLoop:
         self.exec_fn = exec_fn
         self.on_change = on_change
         self.sleep = sleep
+        # Told of every failed attempt, as "Liveness probe failed: ..." (an Event).
+        self.on_failure = on_failure
         self.last: Outcome | None = None
 
     def _table(self) -> dict[str, bool]:
@@ -159,6 +162,8 @@ class ProbeLoop:
                         self.on_change()
                 else:
                     successes, failures = 0, failures + 1
+                    if self.on_failure is not None:
+                        self.on_failure(f"{self.kind.capitalize()} probe failed: {out.message}")
                     if failures >= (p.failure_threshold or 3) and table.get(name) is not False:
                         table[name] = False
                         log.info("%s probe of %s failed: %s", self.kind, name, out.message)
@@ -171,9 +176,12 @@ class ProbeLoop:
 class ProbeManager:
     """Probe loops for every pod on the node, started and stopped by the pod workers."""
 
-    def __init__(self, *, exec_fn: ExecFn, on_change: Callable[[str], None]) -> None:
+    def __init__(self, *, exec_fn: ExecFn, on_change: Callable[[str], None],
+                 on_failure: Callable[[str, str, str], None] | None = None) -> None:
         self.exec_fn = exec_fn
         self.on_change = on_change
+        # (pod uid, container name, message) for every failed probe attempt.
+        self.on_failure = on_failure
         self.views: dict[str, ProbeView] = {}
         self._loops: dict[tuple[str, str, str], tuple[str, asyncio.Task[None]]] = {}
         self.last: dict[tuple[str, str, str], ProbeLoop] = {}
@@ -206,7 +214,8 @@ class ProbeManager:
                 self._reset(view, spec.name, kind)
                 loop = ProbeLoop(kind=kind, probe=probe, container=spec, record=c, pod_ip=ip,
                                  view=view, exec_fn=self.exec_fn,
-                                 on_change=self._notifier(uid))
+                                 on_change=self._notifier(uid),
+                                 on_failure=self._failure_notifier(uid, spec.name))
                 self.last[k] = loop
                 self._loops[k] = (c.id, asyncio.create_task(loop.run(),
                                                             name=f"probe-{kind}-{spec.name}"))
@@ -216,6 +225,12 @@ class ProbeManager:
 
     def _notifier(self, uid: str) -> Callable[[], None]:
         return lambda: self.on_change(uid)
+
+    def _failure_notifier(self, uid: str, name: str) -> Callable[[str], None] | None:
+        report = self.on_failure
+        if report is None:
+            return None
+        return lambda message: report(uid, name, message)
 
     @staticmethod
     def _reset(view: ProbeView, name: str, kind: str) -> None:

@@ -28,6 +28,7 @@ from shoal import errors
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
+from shoal.events import EventRecorder
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ STATUS_INTERVAL = 60.0
 
 # () -> (runtime version, ready, message)
 RuntimeProbe = Callable[[], Awaitable[tuple[str, bool, str]]]
+
+
+def _ready(status: core_pb2.NodeStatus) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in status.conditions)
 
 
 def _ts(now: float) -> timestamp_pb2.Timestamp:
@@ -60,8 +65,12 @@ class NodeRegistration:
         lease_duration: int = LEASE_DURATION,
         pod_cidr: str = "",
         clock: Callable[[], float] = time.time,
+        events: EventRecorder | None = None,
     ) -> None:
         self.client = client
+        # Starting, RegisteredNode, NodeReady / NodeNotReady (the kubelet's Events).
+        self.events = events
+        self._ready_reported: bool | None = None
         self.node_name = node_name
         self.facts = facts
         self.runtime_probe = runtime_probe
@@ -105,6 +114,7 @@ class NodeRegistration:
             try:
                 node = await self.client.create(node)
                 log.info("registered node %s", self.node_name)
+                self._event(node, "RegisteredNode", f"Node {self.node_name} registered")
             except errors.AlreadyExists:
                 node = await self.client.get(core_pb2.Node, self.node_name)
         if self.pod_cidr and node.spec.pod_cidr and node.spec.pod_cidr != self.pod_cidr:
@@ -116,6 +126,7 @@ class NodeRegistration:
             node.metadata.labels.update(missing)
             node = await self.client.update(node)
         self.node = node
+        self._event(node, "Starting", "Starting shoal-nodeagent.")
         await self.post_status(force=True)
         self.registered.set()
         return self.node
@@ -132,10 +143,20 @@ class NodeRegistration:
             try:
                 self.node = await self.client.update_status(node)
                 self._last_status_post = self.clock()
+                now_ready = _ready(status)
+                if now_ready != self._ready_reported and (now_ready or self._ready_reported):
+                    state = "NodeReady" if now_ready else "NodeNotReady"
+                    self._event(self.node, state,
+                                f"Node {self.node_name} status is now: {state}")
+                self._ready_reported = now_ready
                 return
             except errors.Conflict:
                 node = await self.client.get(core_pb2.Node, self.node_name)
         raise errors.Conflict(f"node {self.node_name}: status kept conflicting")
+
+    def _event(self, node: core_pb2.Node, reason: str, message: str) -> None:
+        if self.events is not None:
+            self.events.event(node, "Normal", reason, message)
 
     async def renew_lease(self) -> coordination_pb2.Lease:
         now = _ts(self.clock())

@@ -67,6 +67,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apiserver import pki
+from nodeagent import serviceproxy
 from nodeagent.containerd import (
     PIDFILE_NAME,
     ContainerdConfig,
@@ -575,6 +576,9 @@ class Lab:
         for chain in [c for c in state.chains if c.netns is not None]:
             netsetup.remove_chain(chain.chain, jumps_from=chain.jumps_from, netns=chain.netns)
         state.chains = [c for c in state.chains if c.netns is None]
+        for ns in state.netns:  # the agents' ClusterIP rules (they leave them on stop)
+            if Path(f"/var/run/netns/{ns}").exists():
+                problems += serviceproxy.cleanup(netns=ns)
         state.partitions = []
         self.file.save(state)
         if state.phase != DOWN:  # a finished `down` left no containerd state behind

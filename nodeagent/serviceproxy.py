@@ -1,0 +1,374 @@
+"""ClusterIPs on this node, as kube-proxy's iptables mode does them, in chains of our own.
+
+    nat   PREROUTING, OUTPUT --> SHOAL-SERVICES
+              -d <clusterIP> -p <proto> --dport <port> --> SHOAL-SVC-<hash>  (per service port)
+          SHOAL-SVC-<hash>: statistic random 1/n, 1/(n-1) ... --> SHOAL-SEP-<hash>  (per endpoint)
+          SHOAL-SEP-<hash>: -s <podIP> --> SHOAL-MARK-MASQ   (hairpin: a pod reaching itself)
+                            DNAT --to-destination <podIP>:<port>
+          POSTROUTING --> SHOAL-POSTROUTING: packets marked 0x4000 --> MASQUERADE
+    filter FORWARD, OUTPUT --> SHOAL-SERVICES
+              a ClusterIP port with no ready endpoint --> REJECT (icmp-port-unreachable)
+
+Only ready addresses of a Service's Endpoints are used. A service port is
+matched to an Endpoints port by name. NodePorts, externalIPs and ClientIP
+session affinity are not implemented.
+
+Sync, level-triggered::
+
+    Service/Endpoints informer change --> dirty --> sync (at most every min_interval)
+    every check_period: read our rules back; different from what the last sync
+        left (a flush, a deleted jump, an edited rule) --> sync
+    sync: iptables-save (which SHOAL-SVC/SEP chains exist) -> one generated
+          ruleset -> ``iptables-restore -w --noflush`` (every chain of ours is
+          declared, so flushed and refilled in one transaction; stale ones
+          deleted) -> jumps from the built-in chains ensured (-C, else -I 1)
+          -> our rules read back and kept as the reference for drift checks
+
+``build_ruleset``, ``service_ports`` and ``our_lines`` are pure. The proxy
+never removes its rules when the agent stops (kube-proxy leaves them too, so
+traffic keeps flowing across an agent restart); ``cleanup`` removes them
+(``shoal lab down``). Failed syncs are retried with back-off by the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from shoal import errors
+from shoal.api.core.v1 import core_pb2
+from shoal.backoff import Backoff
+from shoal.client import AsyncClient
+from shoal.informer import Informer, key_of
+
+log = logging.getLogger(__name__)
+
+SERVICES_CHAIN = "SHOAL-SERVICES"
+POSTROUTING_CHAIN = "SHOAL-POSTROUTING"
+MARK_MASQ_CHAIN = "SHOAL-MARK-MASQ"
+SVC_PREFIX = "SHOAL-SVC-"
+SEP_PREFIX = "SHOAL-SEP-"
+MASQ_MARK = "0x4000"
+FIXED_NAT_CHAINS = (SERVICES_CHAIN, POSTROUTING_CHAIN, MARK_MASQ_CHAIN)
+
+
+@dataclass(frozen=True)
+class Jump:
+    table: str
+    chain: str  # a built-in chain
+    rule: tuple[str, ...]
+
+
+JUMPS = (
+    Jump("nat", "PREROUTING", ("-m", "comment", "--comment", "shoal service portals",
+                               "-j", SERVICES_CHAIN)),
+    Jump("nat", "OUTPUT", ("-m", "comment", "--comment", "shoal service portals",
+                           "-j", SERVICES_CHAIN)),
+    Jump("nat", "POSTROUTING", ("-m", "comment", "--comment", "shoal postrouting rules",
+                                "-j", POSTROUTING_CHAIN)),
+    Jump("filter", "FORWARD", ("-m", "comment", "--comment", "shoal service portals",
+                               "-j", SERVICES_CHAIN)),
+    Jump("filter", "OUTPUT", ("-m", "comment", "--comment", "shoal service portals",
+                              "-j", SERVICES_CHAIN)),
+)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of one Service with a ClusterIP, and its ready endpoints."""
+
+    name: str  # namespace/service:port (port name may be empty)
+    cluster_ip: str
+    port: int
+    protocol: str  # tcp, udp or sctp
+    endpoints: tuple[tuple[str, int], ...]  # (pod IP, port), sorted
+
+
+def _chain(prefix: str, *parts: str) -> str:
+    digest = hashlib.sha256("/".join(parts).encode()).digest()
+    return prefix + base64.b32encode(digest).decode()[:16]
+
+
+def svc_chain(sp: ServicePort) -> str:
+    return _chain(SVC_PREFIX, sp.name, sp.protocol)
+
+
+def sep_chain(sp: ServicePort, ip: str, port: int) -> str:
+    return _chain(SEP_PREFIX, sp.name, sp.protocol, f"{ip}:{port}")
+
+
+def _has_cluster_ip(svc: core_pb2.Service) -> bool:
+    ip = svc.spec.cluster_ip
+    return bool(ip) and ip != "None" and svc.spec.type != "ExternalName" and ":" not in ip
+
+
+def service_ports(services: Iterable[core_pb2.Service],
+                  endpoints: Mapping[str, core_pb2.Endpoints]) -> list[ServicePort]:
+    """Every ClusterIP service port with its ready endpoints (by ``namespace/name``)."""
+    out: list[ServicePort] = []
+    for svc in services:
+        if not _has_cluster_ip(svc):
+            continue
+        ep = endpoints.get(key_of(svc))
+        for sp in svc.spec.ports:
+            protocol = (sp.protocol or "TCP").lower()
+            targets: set[tuple[str, int]] = set()
+            for subset in ep.subsets if ep is not None else ():
+                port = next((p for p in subset.ports if p.name == sp.name
+                             and (p.protocol or "TCP").lower() == protocol), None)
+                if port is None:
+                    continue
+                targets.update((a.ip, int(port.port)) for a in subset.addresses if a.ip)
+            out.append(ServicePort(
+                name=f"{svc.metadata.namespace}/{svc.metadata.name}:{sp.name}",
+                cluster_ip=svc.spec.cluster_ip, port=int(sp.port), protocol=protocol,
+                endpoints=tuple(sorted(targets))))
+    return sorted(out, key=lambda s: (s.name, s.protocol))
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
+
+
+def build_ruleset(ports: Sequence[ServicePort], *, existing_chains: Iterable[str] = ()) -> str:
+    """The ``iptables-restore --noflush`` input for every chain of ours (pure).
+
+    Each chain is declared, which flushes it; chains of ours that exist but are
+    no longer wanted (``existing_chains``) are declared and then deleted."""
+    nat_chains: list[str] = list(FIXED_NAT_CHAINS)
+    nat_rules: list[str] = [
+        f"-A {MARK_MASQ_CHAIN} -j MARK --or-mark {MASQ_MARK}",
+        f"-A {POSTROUTING_CHAIN} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+        f"-A {POSTROUTING_CHAIN} -j MARK --xor-mark {MASQ_MARK}",
+        f"-A {POSTROUTING_CHAIN} -m comment --comment "
+        f"{_q('shoal service traffic requiring SNAT')} -j MASQUERADE",
+    ]
+    filter_rules: list[str] = []
+    for sp in ports:
+        match = f"-d {sp.cluster_ip}/32 -p {sp.protocol} -m {sp.protocol} --dport {sp.port}"
+        if not sp.endpoints:
+            filter_rules.append(
+                f"-A {SERVICES_CHAIN} -m comment --comment {_q(sp.name + ' has no endpoints')} "
+                f"{match} -j REJECT --reject-with icmp-port-unreachable")
+            continue
+        svc = svc_chain(sp)
+        nat_chains.append(svc)
+        nat_rules.append(f"-A {SERVICES_CHAIN} -m comment --comment "
+                         f"{_q(sp.name + ' cluster IP')} {match} -j {svc}")
+        n = len(sp.endpoints)
+        for i, (ip, port) in enumerate(sp.endpoints):
+            sep = sep_chain(sp, ip, port)
+            nat_chains.append(sep)
+            spread = (f"-m statistic --mode random --probability {1.0 / (n - i):.10f} "
+                      if i < n - 1 else "")
+            nat_rules.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
+                             f"{spread}-j {sep}")
+            nat_rules.append(f"-A {sep} -s {ip}/32 -j {MARK_MASQ_CHAIN}")
+            nat_rules.append(f"-A {sep} -p {sp.protocol} -m {sp.protocol} "
+                             f"-j DNAT --to-destination {ip}:{port}")
+    wanted = set(nat_chains)
+    stale = sorted(c for c in set(existing_chains)
+                   if c.startswith((SVC_PREFIX, SEP_PREFIX)) and c not in wanted)
+    lines = ["*nat"]
+    lines += [f":{c} - [0:0]" for c in [*nat_chains, *stale]]
+    lines += nat_rules
+    lines += [f"-X {c}" for c in stale]
+    lines += ["COMMIT", "*filter", f":{SERVICES_CHAIN} - [0:0]", *filter_rules, "COMMIT"]
+    return "\n".join(lines) + "\n"
+
+
+def _ours(chain: str) -> bool:
+    return chain in FIXED_NAT_CHAINS or chain.startswith((SVC_PREFIX, SEP_PREFIX))
+
+
+def our_lines(save: str) -> list[str]:
+    """The lines of ``iptables-save`` output that are about our chains (pure).
+
+    Chain declarations (counters dropped), rules in our chains, and jumps to them."""
+    out: list[str] = []
+    for line in save.splitlines():
+        if line.startswith("*"):
+            out.append(line)
+        elif line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if _ours(name):
+                out.append(":" + name)
+        elif line.startswith("-A "):
+            words = line.split()
+            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+            if _ours(words[1]) or _ours(target):
+                out.append(line)
+    return out
+
+
+def existing_chains(save: str) -> set[str]:
+    return {line[1:].split(" ", 1)[0] for line in save.splitlines() if line.startswith(":")}
+
+
+# --------------------------------------------------------------------------- iptables
+
+
+class Iptables(Protocol):
+    async def save(self, table: str) -> str: ...
+
+    async def restore(self, text: str) -> None: ...
+
+    async def ensure_jump(self, jump: Jump) -> bool:
+        """Insert the jump at the top of its chain unless present; True if inserted."""
+
+
+async def _run(cmd: Sequence[str], *, stdin: bytes | None = None, check: bool = True
+               ) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate(stdin)
+    code = proc.returncode or 0
+    if check and code != 0:
+        raise errors.Unavailable(f"{' '.join(cmd[:3])} failed ({code}): "
+                                 f"{err.decode(errors='replace').strip()}", retry_after=1.0)
+    return code, out.decode(errors="replace")
+
+
+class IptablesCommands:
+    """The ``iptables`` binaries of the namespace we run in (xtables lock: ``-w``)."""
+
+    def __init__(self, *, binary: str = "iptables", wait_seconds: int = 5) -> None:
+        self.binary = binary
+        self.wait = str(wait_seconds)
+
+    async def save(self, table: str) -> str:
+        return (await _run([f"{self.binary}-save", "-t", table]))[1]
+
+    async def restore(self, text: str) -> None:
+        await _run([f"{self.binary}-restore", "-w", self.wait, "--noflush"],
+                   stdin=text.encode())
+
+    async def ensure_jump(self, jump: Jump) -> bool:
+        base = [self.binary, "-w", self.wait, "-t", jump.table]
+        code, _ = await _run([*base, "-C", jump.chain, *jump.rule], check=False)
+        if code == 0:
+            return False
+        await _run([*base, "-I", jump.chain, "1", *jump.rule])
+        return True
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class ServiceProxy:
+    def __init__(self, *, client: AsyncClient, iptables: Iptables | None = None,
+                 check_period: float = 5.0, min_interval: float = 0.5,
+                 services: Informer[core_pb2.Service] | None = None,
+                 endpoints: Informer[core_pb2.Endpoints] | None = None) -> None:
+        self.iptables: Iptables = iptables or IptablesCommands()
+        self.check_period = check_period
+        self.min_interval = min_interval
+        self.services = services or Informer(client, core_pb2.Service)
+        self.endpoints = endpoints or Informer(client, core_pb2.Endpoints)
+        for inf in (self.services, self.endpoints):
+            inf.add_handlers(on_add=self._changed, on_update=self._changed2,
+                             on_delete=self._changed)
+        self._dirty = asyncio.Event()
+        self.applied: list[str] | None = None  # our rules as read back after the last sync
+        self.syncs = 0
+        self.repairs = 0
+
+    def _changed(self, _obj: object) -> None:
+        self._dirty.set()
+
+    def _changed2(self, _old: object, _new: object) -> None:
+        self._dirty.set()
+
+    async def _read_back(self) -> list[str]:
+        return our_lines(await self.iptables.save("nat")) + our_lines(
+            await self.iptables.save("filter"))
+
+    async def sync(self) -> None:
+        """Write the whole ruleset for the informers' current state."""
+        ports = service_ports(self.services.list(),
+                              {key_of(e): e for e in self.endpoints.list()})
+        nat = await self.iptables.save("nat")
+        await self.iptables.restore(build_ruleset(ports, existing_chains=existing_chains(nat)))
+        for jump in JUMPS:
+            await self.iptables.ensure_jump(jump)
+        self.applied = await self._read_back()
+        self.syncs += 1
+        log.debug("service proxy: %d service ports synced", len(ports))
+
+    async def drifted(self) -> bool:
+        """Do our rules differ from what the last sync left?"""
+        return self.applied is None or await self._read_back() != self.applied
+
+    async def run(self) -> None:
+        backoff = Backoff(base=0.5, cap=30.0)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.services.run(), name="proxy-services")
+            tg.create_task(self.endpoints.run(), name="proxy-endpoints")
+            await self.services.synced.wait()
+            await self.endpoints.synced.wait()
+            self._dirty.set()
+            while True:
+                try:
+                    async with asyncio.timeout(self.check_period):
+                        await self._dirty.wait()
+                except TimeoutError:
+                    pass
+                try:
+                    if self._dirty.is_set():
+                        self._dirty.clear()
+                        await self.sync()
+                    elif await self.drifted():
+                        log.warning("service proxy: our iptables rules changed under us; "
+                                    "putting them back")
+                        self.repairs += 1
+                        await self.sync()
+                    backoff.reset()
+                except errors.ShoalError as e:
+                    self._dirty.set()
+                    delay = backoff.next()
+                    log.warning("service proxy: sync failed: %s; retrying in %.1fs", e, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                await asyncio.sleep(self.min_interval)
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def cleanup(*, netns: str | None = None, binary: str = "iptables") -> list[str]:
+    """Remove every rule and chain of ours (``shoal lab down``). Returns problems."""
+    prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+    problems: list[str] = []
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=False)
+
+    for jump in JUMPS:
+        while run(binary, "-w", "5", "-t", jump.table, "-D", jump.chain,
+                  *jump.rule).returncode == 0:
+            pass
+    for table in ("nat", "filter"):
+        saved = run(f"{binary}-save", "-t", table)
+        if saved.returncode != 0:
+            problems.append(f"{binary}-save -t {table}: {saved.stderr.strip()}")
+            continue
+        chains = sorted(c for c in existing_chains(saved.stdout) if _ours(c))
+        if not chains:
+            continue
+        text = "\n".join([f"*{table}", *(f":{c} - [0:0]" for c in chains),
+                          *(f"-X {c}" for c in chains), "COMMIT"]) + "\n"
+        done = subprocess.run([*prefix, f"{binary}-restore", "-w", "5", "--noflush"],
+                              input=text, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            problems.append(f"removing {', '.join(chains)} from {table}: {done.stderr.strip()}")
+    return problems

@@ -1,0 +1,149 @@
+"""The service proxy's iptables ruleset, generated from Services and Endpoints (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nodeagent.serviceproxy import (
+    ServicePort,
+    build_ruleset,
+    existing_chains,
+    our_lines,
+    sep_chain,
+    service_ports,
+    svc_chain,
+)
+from shoal.api.core.v1 import core_pb2
+
+
+def service(name: str, ip: str, *ports: tuple[str, int, str], type_: str = "ClusterIP"
+            ) -> core_pb2.Service:
+    s = core_pb2.Service()
+    s.metadata.name, s.metadata.namespace = name, "default"
+    s.spec.cluster_ip, s.spec.type = ip, type_
+    for pname, port, proto in ports or (("http", 80, "TCP"),):
+        s.spec.ports.add(name=pname, port=port, protocol=proto)
+    return s
+
+
+def endpoints(name: str, ready: list[str], not_ready: list[str] = (),  # type: ignore[assignment]
+              ports: tuple[tuple[str, int, str], ...] = (("http", 8080, "TCP"),)
+              ) -> core_pb2.Endpoints:
+    e = core_pb2.Endpoints()
+    e.metadata.name, e.metadata.namespace = name, "default"
+    sub = e.subsets.add()
+    for ip in ready:
+        sub.addresses.add(ip=ip)
+    for ip in not_ready:
+        sub.not_ready_addresses.add(ip=ip)
+    for pname, port, proto in ports:
+        sub.ports.add(name=pname, port=port, protocol=proto)
+    return e
+
+
+@pytest.mark.parametrize(("name", "services", "eps", "want"), [
+    ("ready endpoints only, sorted",
+     [service("web", "10.96.0.10")],
+     [endpoints("web", ["10.244.2.2", "10.244.1.2"], ["10.244.3.2"])],
+     [("default/web:http", "10.96.0.10", 80, "tcp",
+       (("10.244.1.2", 8080), ("10.244.2.2", 8080)))]),
+    ("no endpoints object", [service("web", "10.96.0.10")], [],
+     [("default/web:http", "10.96.0.10", 80, "tcp", ())]),
+    ("headless, ExternalName and unallocated services are skipped",
+     [service("h", "None"), service("x", "", type_="ExternalName"), service("u", "")], [], []),
+    ("ports are matched by name and protocol",
+     [service("dns", "10.96.0.53", ("dns", 53, "UDP"), ("dns-tcp", 53, "TCP"))],
+     [endpoints("dns", ["10.244.1.5"], ports=(("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")))],
+     [("default/dns:dns", "10.96.0.53", 53, "udp", (("10.244.1.5", 5353),)),
+      ("default/dns:dns-tcp", "10.96.0.53", 53, "tcp", (("10.244.1.5", 5354),))]),
+])
+def test_service_ports(name: str, services: list[core_pb2.Service],
+                       eps: list[core_pb2.Endpoints], want: list[tuple[object, ...]]) -> None:
+    got = service_ports(services, {f"default/{e.metadata.name}": e for e in eps})
+    assert [(p.name, p.cluster_ip, p.port, p.protocol, p.endpoints) for p in got] == want, name
+
+
+WEB = ServicePort(name="default/web:http", cluster_ip="10.96.0.10", port=80, protocol="tcp",
+                  endpoints=(("10.244.1.2", 8080), ("10.244.2.2", 8080), ("10.244.3.2", 8080)))
+
+
+def test_each_endpoint_gets_an_even_share_a_dnat_and_a_hairpin_mark() -> None:
+    text = build_ruleset([WEB])
+    svc = svc_chain(WEB)
+    seps = [sep_chain(WEB, ip, port) for ip, port in WEB.endpoints]
+    lines = text.splitlines()
+    assert (f'-A SHOAL-SERVICES -m comment --comment "default/web:http cluster IP" '
+            f"-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j {svc}") in lines
+    spread = [line for line in lines if line.startswith(f"-A {svc} ")]
+    assert ["--probability 0.3333333333" in spread[0], "--probability 0.5000000000" in spread[1],
+            "statistic" in spread[2]] == [True, True, False]
+    assert [line.rsplit(" ", 1)[1] for line in spread] == seps
+    assert f"-A {seps[0]} -s 10.244.1.2/32 -j SHOAL-MARK-MASQ" in lines
+    assert f"-A {seps[0]} -p tcp -m tcp -j DNAT --to-destination 10.244.1.2:8080" in lines
+    assert "-A SHOAL-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN" in lines
+    assert any("MASQUERADE" in line for line in lines)
+
+
+def test_chains_are_declared_so_one_restore_flushes_and_refills_them() -> None:
+    lines = build_ruleset([WEB]).splitlines()
+    nat, filt = lines[:lines.index("COMMIT") + 1], lines[lines.index("COMMIT") + 1:]
+    assert nat[0] == "*nat" and filt[0] == "*filter" and filt[-1] == "COMMIT"
+    declared = [line for line in nat if line.startswith(":")]
+    assert ":SHOAL-SERVICES - [0:0]" in declared and f":{svc_chain(WEB)} - [0:0]" in declared
+    assert len(declared) == 3 + 1 + 3  # fixed chains, one SVC, three SEPs
+    assert not any(line.startswith(("-A PREROUTING", "-A OUTPUT", "-F")) for line in lines)
+
+
+def test_a_cluster_ip_without_endpoints_is_rejected_in_the_filter_table() -> None:
+    empty = ServicePort(name="default/none:", cluster_ip="10.96.0.11", port=81, protocol="tcp",
+                        endpoints=())
+    lines = build_ruleset([empty]).splitlines()
+    filt = lines[lines.index("*filter"):]
+    assert any("-d 10.96.0.11/32 -p tcp -m tcp --dport 81 -j REJECT" in line for line in filt)
+    assert not any("10.96.0.11" in line for line in lines[:lines.index("*filter")])
+
+
+def test_stale_chains_of_ours_are_deleted_and_others_left_alone() -> None:
+    old = ServicePort(name="default/old:http", cluster_ip="10.96.0.12", port=80,
+                      protocol="tcp", endpoints=(("10.244.1.9", 80),))
+    stale = {svc_chain(old), sep_chain(old, "10.244.1.9", 80)}
+    text = build_ruleset([WEB], existing_chains=[*stale, "SHOAL-LAB-FWD", "OTHER",
+                                                  svc_chain(WEB)])
+    for chain in stale:
+        assert f":{chain} - [0:0]" in text and f"-X {chain}" in text
+    assert "SHOAL-LAB-FWD" not in text and "OTHER" not in text
+    assert f"-X {svc_chain(WEB)}" not in text
+
+
+def test_chain_names_are_stable_and_short() -> None:
+    assert svc_chain(WEB) == svc_chain(WEB)
+    assert len(sep_chain(WEB, "10.244.1.2", 8080)) <= 28
+    assert sep_chain(WEB, "10.244.1.2", 8080) != sep_chain(WEB, "10.244.1.2", 8081)
+
+
+SAVED = """# Generated by iptables-nft-save v1.8.9
+*nat
+:PREROUTING ACCEPT [3:180]
+:OUTPUT ACCEPT [0:0]
+:SHOAL-SERVICES - [0:0]
+:SHOAL-SVC-ABC - [0:0]
+:MESH-REDIRECT - [0:0]
+-A PREROUTING -m comment --comment "shoal service portals" -j SHOAL-SERVICES
+-A PREROUTING -p tcp -j MESH-REDIRECT
+-A SHOAL-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j SHOAL-SVC-ABC
+-A MESH-REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+"""
+
+
+def test_our_lines_pick_our_chains_rules_and_jumps() -> None:
+    assert our_lines(SAVED) == [
+        "*nat", ":SHOAL-SERVICES", ":SHOAL-SVC-ABC",
+        '-A PREROUTING -m comment --comment "shoal service portals" -j SHOAL-SERVICES',
+        "-A SHOAL-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j SHOAL-SVC-ABC",
+    ]
+    flushed = SAVED.replace(
+        "-A SHOAL-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j SHOAL-SVC-ABC\n", "")
+    assert our_lines(flushed) != our_lines(SAVED)  # a flush is drift
+    assert existing_chains(SAVED) == {"PREROUTING", "OUTPUT", "SHOAL-SERVICES", "SHOAL-SVC-ABC",
+                                      "MESH-REDIRECT"}
