@@ -34,7 +34,11 @@ from shoal.cli.imaging import run_image_import, run_image_local
 from shoal.cli.labbing import add_parser as add_lab_parser
 from shoal.cli.labbing import run_lab
 from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
+from shoal.cli.rollouts import ROLLOUT_KINDS, run_rollout
+from shoal.cli.scaling import run_scale
 from shoal.cli.session import Session
+from shoal.cli.waiting import DEFAULT_TIMEOUT as WAIT_TIMEOUT
+from shoal.cli.waiting import run_wait
 from shoal.kinds import builtin_kinds
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)")
@@ -207,6 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("wide", "name"), default="")
     p.add_argument("--no-headers", action="store_true")
 
+    p = sub.add_parser("scale", parents=[common], help="set the replicas of a workload",
+                       description="Set spec.replicas of deployments, replicasets and "
+                                   "statefulsets.")
+    p.add_argument("args", nargs="*", metavar="KIND/NAME | KIND NAME...")
+    _files(p, required=False)
+    p.add_argument("--replicas", type=int, required=True, metavar="N")
+    p.add_argument("--current-replicas", type=int, default=-1, metavar="N",
+                   help="only scale if the current replicas are N (precondition)")
+
+    p = sub.add_parser("rollout", parents=[common], help="manage the rollout of a workload",
+                       description="Watch, undo, restart, pause and resume rollouts.")
+    rollout_sub = p.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
+    for action, kinds in ROLLOUT_KINDS.items():
+        r = rollout_sub.add_parser(action, parents=[common],
+                                   help=f"rollout {action} ({', '.join(kinds).lower()})")
+        r.add_argument("args", nargs="+", metavar="KIND/NAME")
+        if action == "status":
+            r.add_argument("--timeout", type=parse_duration, default=None, metavar="DURATION",
+                           help="give up after this long (default: wait until done)")
+        if action == "undo":
+            r.add_argument("--to-revision", type=int, default=0, metavar="N",
+                           help="the revision to go back to (default: the previous one)")
+        if action == "history":
+            r.add_argument("--revision", type=int, default=0, metavar="N",
+                           help="show the pod template of revision N")
+
+    p = sub.add_parser("wait", parents=[common], help="wait for a condition on objects",
+                       description="Wait until objects have a condition, or are deleted.")
+    p.add_argument("args", nargs="+", metavar="KIND/NAME | KIND NAME...")
+    p.add_argument("--for", dest="for_", required=True, metavar="condition=TYPE[=VALUE]|delete")
+    p.add_argument("-l", "--selector", default="", metavar="SELECTOR")
+    p.add_argument("--timeout", type=parse_duration, default=WAIT_TIMEOUT, metavar="DURATION",
+                   help="give up after this long (default 30s; 0: look once)")
+
     add_image_parser(sub, common)
     add_lab_parser(sub)
     return parser
@@ -256,6 +294,18 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
             case "api-resources":
                 return await run_api_resources(session, namespaced=ns.namespaced,
                                                output=ns.output, headers=not ns.no_headers)
+            case "scale":
+                return await run_scale(session, args=ns.args, files=ns.files,
+                                       recursive=ns.recursive, replicas=ns.replicas,
+                                       current_replicas=ns.current_replicas)
+            case "rollout":
+                return await run_rollout(session, action=ns.rollout_command, args=ns.args,
+                                         to_revision=getattr(ns, "to_revision", 0),
+                                         revision=getattr(ns, "revision", 0),
+                                         timeout=getattr(ns, "timeout", None))
+            case "wait":
+                return await run_wait(session, args=ns.args, for_=ns.for_,
+                                      label_selector=ns.selector, timeout=ns.timeout)
             case "image":
                 return await run_image_import(session, archive=ns.archive, nodes=ns.nodes)
         raise CLIError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse
