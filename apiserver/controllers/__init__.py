@@ -24,6 +24,8 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     out["deployment"] = _deployment
     out["scheduler"] = _scheduler
     out["nodelifecycle"] = _nodelifecycle
+    out["daemonset"] = _daemonset
+    out["statefulset"] = _statefulset
     return out
 
 
@@ -61,3 +63,15 @@ def _deployment() -> Controller:
     from apiserver.controllers.deployments import DeploymentController
 
     return DeploymentController()
+
+
+def _daemonset() -> Controller:
+    from apiserver.controllers.daemonsets import DaemonSetController
+
+    return DaemonSetController()
+
+
+def _statefulset() -> Controller:
+    from apiserver.controllers.statefulsets import StatefulSetController
+
+    return StatefulSetController()
