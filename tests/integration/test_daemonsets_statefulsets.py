@@ -7,6 +7,7 @@ must go from its node affinity, and sets pod status (Running, Ready) itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -183,7 +184,7 @@ async def test_statefulset_starts_in_order_recreates_and_scales_down_in_reverse(
         c: AsyncClient) -> None:
     await c.create(statefulset("web", 3))
     for i in range(3):
-        await eventually(f"web-{i} created", lambda i=i: _has(c, "web", f"web-{i}"))
+        await eventually(f"web-{i} created", functools.partial(_has, c, "web", f"web-{i}"))
         # web-i is not Ready yet, so the next ordinal cannot exist.
         assert await names(c, "web") == [f"web-{k}" for k in range(i + 1)]
         pod = await c.get(core_pb2.Pod, f"web-{i}")
