@@ -226,8 +226,15 @@ class APIServer:
             raise errors.BadRequest(f"unknown controllers: {', '.join(unknown)} "
                                     f"(known: {', '.join(sorted(known))})")
         pki = self.config.data_dir / "pki"
+        # The controllers dial this very server: its listen host unless that is a
+        # wildcard (the lab listens on the bridge address only, not on loopback).
+        host, _ = _split_hostport(self.config.listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
         loopback = ClientConfig(
-            servers=(f"127.0.0.1:{self.port}",), ca_pem=(pki / "ca.crt").read_bytes(),
+            servers=(f"{host}:{self.port}",), ca_pem=(pki / "ca.crt").read_bytes(),
             cert_pem=(pki / "controller-manager.crt").read_bytes(),
             key_pem=(pki / "controller-manager.key").read_bytes(),
             user="system:kube-controller-manager", tls_server_name="localhost")
