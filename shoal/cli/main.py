@@ -33,6 +33,7 @@ from shoal.cli.imaging import add_parser as add_image_parser
 from shoal.cli.imaging import run_image_import, run_image_local
 from shoal.cli.labbing import add_parser as add_lab_parser
 from shoal.cli.labbing import run_lab
+from shoal.cli.nodes import DrainOptions, run_cordon, run_drain
 from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
 from shoal.cli.rollouts import ROLLOUT_KINDS, run_rollout
 from shoal.cli.scaling import run_scale
@@ -245,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=parse_duration, default=WAIT_TIMEOUT, metavar="DURATION",
                    help="give up after this long (default 30s; 0: look once)")
 
+    for verb, what in (("cordon", "mark a node unschedulable"),
+                       ("uncordon", "mark a node schedulable again")):
+        p = sub.add_parser(verb, parents=[common], help=what, description=f"{what}.")
+        p.add_argument("node", metavar="NODE")
+    p = sub.add_parser("drain", parents=[common], help="cordon a node and evict its pods",
+                       description="Cordon NODE, then evict its pods and wait until they "
+                                   "are gone.")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--ignore-daemonsets", action="store_true",
+                   help="skip DaemonSet-managed pods instead of refusing")
+    p.add_argument("--delete-emptydir-data", action="store_true",
+                   help="evict pods with emptyDir volumes (their data is lost)")
+    p.add_argument("--force", action="store_true",
+                   help="also evict pods that no controller manages (they are not recreated)")
+    p.add_argument("--grace-period", type=int, default=-1, metavar="SECONDS",
+                   help="seconds each pod gets to stop (default: its own "
+                        "terminationGracePeriodSeconds)")
+    p.add_argument("--timeout", type=parse_duration, default=None, metavar="DURATION",
+                   help="give up waiting after this long (default: no limit)")
+
     add_image_parser(sub, common)
     add_lab_parser(sub)
     return parser
@@ -306,6 +327,14 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
             case "wait":
                 return await run_wait(session, args=ns.args, for_=ns.for_,
                                       label_selector=ns.selector, timeout=ns.timeout)
+            case "cordon" | "uncordon":
+                return await run_cordon(session, node=ns.node, cordon=ns.command == "cordon")
+            case "drain":
+                return await run_drain(session, node=ns.node, options=DrainOptions(
+                    force=ns.force, ignore_daemonsets=ns.ignore_daemonsets,
+                    delete_emptydir_data=ns.delete_emptydir_data),
+                    grace_period=None if ns.grace_period < 0 else ns.grace_period,
+                    timeout=ns.timeout)
             case "image":
                 return await run_image_import(session, archive=ns.archive, nodes=ns.nodes)
         raise CLIError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse
