@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", default="0.0.0.0:10250")
     r.add_argument("--metrics-listen", default="127.0.0.1:10255")
     r.add_argument("--relist-interval", type=float, default=1.0)
+    r.add_argument("--lease-renew-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="renew the node's Lease this often; keep it well below the "
+                        "apiserver's --node-monitor-grace-period (default 10)")
     r.add_argument("--restart-backoff", default="10,300",
                    help="initial,cap seconds of the crash-loop back-off (default 10,300)")
     r.add_argument("--log-level", default="info")
@@ -93,6 +96,7 @@ def _run(ns: argparse.Namespace) -> int:
         cri_socket=ns.cri_socket, netns=ns.netns, pod_cidr=ns.pod_cidr,
         cni_bridge=ns.cni_bridge, cni_gateway=not ns.no_cni_gateway,
         sandbox_image=ns.sandbox_image, relist_interval=ns.relist_interval,
+        renew_interval=ns.lease_renew_interval,
         routes=not ns.no_routes, service_proxy=not ns.no_service_proxy,
         registry_mirrors=tuple(ns.registry_mirrors),
         restart_backoff=(float(initial), float(cap or initial)))

@@ -122,6 +122,9 @@ SUPERVISOR = supervisormod.NAME
 CONTROL_PLANE_PROCESSES = (REGISTRY, APISERVER, ETCD)  # stop order
 PARTITION_JUMPS = ("INPUT", "OUTPUT", "FORWARD")
 LEASE_NAMESPACE = "kube-node-lease"
+# Node agents renew their Lease this often (kube's 10 s assumes a 40 s grace period;
+# e2e labs shorten the grace period to a few seconds).
+LEASE_RENEW_INTERVAL = 2.0
 TOKEN_TTL = dt.timedelta(hours=1)
 START_TIMEOUT = 60.0
 READY_TIMEOUT = 120.0
@@ -537,6 +540,8 @@ class Lab:
                 "--node-name", n.name, "--node-ip", n.ip,
                 "--listen", n.agent_listen, "--metrics-listen", n.agent_metrics,
                 "--data-dir", str(n.data_dir), "--sandbox-image", SANDBOX_IMAGE,
+                # Often enough for the shortened --node-monitor-grace-period labs use.
+                "--lease-renew-interval", str(LEASE_RENEW_INTERVAL),
                 *(f"--registry-mirror={m}" for m in _mirrors(topo))]
 
     # -- down --------------------------------------------------------------------
