@@ -13,8 +13,8 @@ Kubernetes' ``pkg/controller/deployment``, in the plan-then-act shape::
                update   ReplicaSets: revision / replica annotations, scale
                delete   old ReplicaSets beyond revisionHistoryLimit (0 replicas)
                revision annotation of the Deployment, status, events
-        executor: create -> RS updates (CAS) -> deletes -> Deployment
-                  annotations (CAS) -> status (CAS) -> events
+        executor: create -> RS updates (CAS) -> events -> deletes ->
+                  Deployment annotations (CAS) -> status (CAS)
                   -> requeue at the progress deadline
 
 One sync does one step, as Kubernetes does::
@@ -979,6 +979,8 @@ class DeploymentController:
             await self._create(ctx, d, actions.create)
         for rs in actions.update:
             await ctx.client.update(rs)  # CAS on the cached resourceVersion
+        for ev in actions.events:  # what was scaled is done: tell it now
+            ctx.events.event(d, ev.type, ev.reason, ev.message)
         for ref in actions.delete:
             try:
                 await ctx.client.delete(apps_pb2.ReplicaSet, ref.name,
@@ -1000,8 +1002,6 @@ class DeploymentController:
                 await ctx.client.update_status(out)
             except errors.NotFound:
                 return
-        for ev in actions.events:
-            ctx.events.event(d, ev.type, ev.reason, ev.message)
 
     async def _create(self, ctx: ControllerContext, d: apps_pb2.Deployment,
                       rs: apps_pb2.ReplicaSet) -> None:

@@ -242,6 +242,14 @@ async def test_deployment_creates_a_hashed_replicaset_and_reports_status(
     for p in await pods_of(wl, "hello"):
         assert p.metadata.labels["pod-template-hash"] == h
 
+    async def scaled_event() -> list[str]:
+        events = (await wl.list(core_pb2.Event)).items
+        return [e.message for e in events if e.reason == "ScalingReplicaSet"
+                and e.involved_object.kind == "Deployment"
+                and e.involved_object.name == "hello"]
+    messages = await eventually("a ScalingReplicaSet event", scaled_event)
+    assert messages == [f"Scaled up replica set hello-{h} to 3 from 0"]
+
 
 async def test_rolling_update_never_drops_below_replicas_with_max_unavailable_zero(
         wl: AsyncClient) -> None:
