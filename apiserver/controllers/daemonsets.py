@@ -277,6 +277,7 @@ def pod_for_node(ds: apps_pb2.DaemonSet, *, node: str, name: str,
     pod.metadata.labels.update(template.metadata.labels)
     pod.metadata.labels[rv.REVISION_HASH_LABEL] = hash_
     pod.metadata.annotations.update(template.metadata.annotations)
+    pod.metadata.finalizers.extend(template.metadata.finalizers)
     pod.metadata.owner_references.append(owner_reference(ds, kind=KIND))
     pod.spec.CopyFrom(template.spec)
     del pod.spec.tolerations[:]

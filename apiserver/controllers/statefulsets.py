@@ -278,6 +278,7 @@ def pod_for(sts: apps_pb2.StatefulSet, ordinal: int, *, template: core_pb2.PodTe
     pod.metadata.labels[POD_INDEX_LABEL] = str(ordinal)
     pod.metadata.labels[rv.REVISION_HASH_LABEL] = revision
     pod.metadata.annotations.update(template.metadata.annotations)
+    pod.metadata.finalizers.extend(template.metadata.finalizers)
     pod.metadata.owner_references.append(owner_reference(sts, kind=KIND))
     pod.spec.CopyFrom(template.spec)
     pod.spec.hostname = name

@@ -216,13 +216,21 @@ async def test_statefulset_starts_in_order_recreates_and_scales_down_in_reverse(
     again = await eventually("web-1 recreated", back)
     await set_ready(c, again)
 
-    # Scale down: the highest ordinal goes first, one at a time.
+    # Scale down: the highest ordinal goes first, one at a time. A finalizer the
+    # test holds keeps each deleted pod Terminating until the test lets it go.
+    for name in ("web-1", "web-2"):
+        await hold(c, name, True)
     s = await c.get(apps_pb2.StatefulSet, "web")
     s.spec.replicas = 1
     s.metadata.resource_version = ""  # a retrying read-modify-write
     await c.update(s)
-    await eventually("web-2 deleted first", lambda: _names_are(c, "web", ["web-0", "web-1"]))
-    await eventually("then web-1", lambda: _names_are(c, "web", ["web-0"]))
+    await eventually("web-2 terminating first", functools.partial(
+        _terminating_are, c, "web", ["web-2"]))
+    assert await _terminating_are(c, "web", ["web-2"])  # web-1 waits for web-2 to go
+    await hold(c, "web-2", False)
+    await eventually("then web-1", functools.partial(_terminating_are, c, "web", ["web-1"]))
+    await hold(c, "web-1", False)
+    await eventually("one pod left", lambda: _names_are(c, "web", ["web-0"]))
     events = await c.list(core_pb2.Event)
     messages = {e.message for e in events.items if e.reason == "SuccessfulCreate"}
     assert "create Pod web-0 in StatefulSet web successful" in messages
@@ -255,6 +263,30 @@ async def test_statefulset_rolling_update_in_reverse_with_partition(c: AsyncClie
     s = await c.get(apps_pb2.StatefulSet, "db")
     assert s.status.current_revision != s.status.update_revision
     assert s.status.updated_replicas == 2
+
+
+HOLD = "test.shoal.dev/hold"
+
+
+async def hold(c: AsyncClient, name: str, on: bool) -> None:
+    for _ in range(10):
+        pod = await c.get(core_pb2.Pod, name)
+        if on and HOLD not in pod.metadata.finalizers:
+            pod.metadata.finalizers.append(HOLD)
+        elif not on and HOLD in pod.metadata.finalizers:
+            pod.metadata.finalizers.remove(HOLD)
+        try:
+            await c.update(pod)
+            return
+        except errors.Conflict:
+            continue
+    raise AssertionError(f"could not change the finalizers of {name}")
+
+
+async def _terminating_are(c: AsyncClient, app: str, want: list[str]) -> bool:
+    got = await c.list(core_pb2.Pod, label_selector=f"app={app}")
+    return sorted(p.metadata.name for p in got.items
+                  if p.metadata.HasField("deletion_timestamp")) == want
 
 
 async def _has(c: AsyncClient, app: str, name: str) -> bool:
