@@ -297,22 +297,28 @@ class ServiceIPAllocator:
         return ip
 
     async def _reserve_dynamic(self, owner: Owner) -> str:
+        """Try a pick from the hint; after a collision, or when the hint says the
+        range is full, read every key afresh (another apiserver may have taken
+        or freed addresses) and pick again."""
         taken: set[str] = set(self._hint)
-        for attempt in range(_ATTEMPTS):
-            if attempt >= 1:
-                taken = set(await self._reserved()) | taken
+        fresh = False
+        for _ in range(_ATTEMPTS):
             ip = self.range.pick(taken, self.rng)
             if ip is None:
-                raise errors.InternalError(
-                    f"failed to allocate a serviceIP: range is full ({self.range.cidr})")
-            try:
-                await self.store.create(reservation_key(ip), owner.encode())
-            except errors.AlreadyExists:
-                taken.add(ip)
-                self._hint.add(ip)
-                continue
-            self._hint.add(ip)
-            return ip
+                if fresh:
+                    raise errors.InternalError(
+                        f"failed to allocate a serviceIP: range is full ({self.range.cidr})")
+            else:
+                try:
+                    await self.store.create(reservation_key(ip), owner.encode())
+                except errors.AlreadyExists:
+                    pass
+                else:
+                    self._hint.add(ip)
+                    return ip
+            taken = set(await self._reserved())
+            self._hint = set(taken)
+            fresh = True
         raise errors.Unavailable("failed to allocate a serviceIP: too many concurrent "
                                  "allocations; try again", retry_after=1.0)
 

@@ -196,3 +196,11 @@ async def test_repair_frees_old_leaks_and_restores_missing_keys(store: SqliteSto
     plan = await a.repair()
     assert [ip for ip, _ in plan.release] == [leaked]
     assert await store.get(reservation_key(leaked)) is None
+
+
+async def test_an_address_freed_by_another_apiserver_is_found_when_the_hint_says_full(
+        store: SqliteStore) -> None:
+    a, b = allocator(store), allocator(store)
+    held = [await a.allocate(service(f"s{i}")) for i in range(5)]  # the range is full
+    assert await b.release(held[2], "uid-s2")  # freed elsewhere: a's hint is stale
+    assert await a.allocate(service("late")) == held[2]
