@@ -39,7 +39,7 @@ async def ctl_api(tmp_path_factory: pytest.TempPathFactory
                   ) -> AsyncIterator[InProcessAPIServer]:
     data: Path = tmp_path_factory.mktemp("cli-rollout")
     async with InProcessAPIServer(data, controllers=("replicaset", "deployment",
-                                                     "garbagecollector"),
+                                                     "statefulset", "garbagecollector"),
                                   leader_lease=(5.0, 4.0, 0.2)) as api:
         assert api.server is not None and api.server.controller_manager is not None
         async with asyncio.timeout(10):
@@ -348,3 +348,35 @@ async def test_wait_for_conditions_and_deletion(shoal: Any, c: AsyncClient) -> N
     await c.delete(apps_pb2.Deployment, "w")
     r = await shoal("wait", "--for=delete", f"pod/{pod.metadata.name}", "--timeout=20s")
     assert (r.code, r.out.strip()) == (0, f"pod/{pod.metadata.name} deleted"), r.err
+
+
+# --------------------------------------------------------------------------- StatefulSet
+
+
+async def test_statefulset_scale_status_and_restart(shoal: Any, c: AsyncClient) -> None:
+    sts = apps_pb2.StatefulSet()
+    sts.metadata.name = "db"
+    sts.spec.replicas = 1
+    sts.spec.service_name = "db"
+    sts.spec.selector.match_labels["app"] = "db"
+    sts.spec.template.metadata.labels["app"] = "db"
+    sts.spec.template.spec.containers.add(name="c", image="busybox:v1")
+    await c.create(sts)
+    r = await shoal("scale", "statefulset/db", "--replicas=2")
+    assert (r.code, r.out.strip()) == (0, "statefulset.apps/db scaled"), r.err
+    stop = asyncio.Event()
+    agent = asyncio.create_task(node_agent(c, "db", stop))
+    try:
+        r = await asyncio.wait_for(shoal("rollout", "status", "sts/db", "--timeout=30s"), 40)
+        assert r.code == 0, r.out + r.err
+        assert r.out.splitlines()[-1].startswith("statefulset rolling update complete 2 pods")
+        assert sorted(p.metadata.name for p in await live_pods(c, "db")) == ["db-0", "db-1"]
+        r = await shoal("rollout", "restart", "statefulset/db")
+        assert (r.code, r.out.strip()) == (0, "statefulset.apps/db restarted"), r.err
+        r = await asyncio.wait_for(shoal("rollout", "status", "sts/db", "--timeout=30s"), 40)
+        assert r.code == 0, r.out + r.err
+    finally:
+        stop.set()
+        await agent
+    no_undo = await shoal("rollout", "undo", "sts/db")
+    assert no_undo.code == 2 and "not supported for statefulsets" in no_undo.err
