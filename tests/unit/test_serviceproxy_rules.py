@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from nodeagent.serviceproxy import (
+    Jump,
     ServicePort,
+    ServiceProxy,
     build_ruleset,
     existing_chains,
     our_lines,
@@ -147,3 +149,90 @@ def test_our_lines_pick_our_chains_rules_and_jumps() -> None:
     assert our_lines(flushed) != our_lines(SAVED)  # a flush is drift
     assert existing_chains(SAVED) == {"PREROUTING", "OUTPUT", "SHOAL-SERVICES", "SHOAL-SVC-ABC",
                                       "MESH-REDIRECT"}
+
+
+# --------------------------------------------------------------------------- the sync loop
+
+
+class FakeIptables:
+    """Tables as iptables-save would print them; restore/ensure_jump applied to them."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[str, list[str]]] = {
+            "nat": {"PREROUTING": [], "OUTPUT": [], "POSTROUTING": []},
+            "filter": {"FORWARD": [], "OUTPUT": []}}
+        self.restores = 0
+
+    async def save(self, table: str) -> str:
+        chains = self.tables[table]
+        lines = [f"*{table}", *(f":{c} - [0:0]" for c in chains)]
+        lines += [rule for rules in chains.values() for rule in rules]
+        return "\n".join([*lines, "COMMIT"]) + "\n"
+
+    async def restore(self, text: str) -> None:
+        self.restores += 1
+        table = ""
+        for line in text.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":"):
+                self.tables[table][line[1:].split()[0]] = []
+            elif line.startswith("-A "):
+                self.tables[table][line.split()[1]].append(line)
+            elif line.startswith("-X "):
+                del self.tables[table][line.split()[1]]
+
+    async def ensure_jump(self, jump: Jump) -> bool:
+        rule = f"-A {jump.chain} " + " ".join(
+            f'"{w}"' if " " in w else w for w in jump.rule)
+        rules = self.tables[jump.table][jump.chain]
+        if rule in rules:
+            return False
+        rules.insert(0, rule)
+        return True
+
+
+class FakeInformer:
+    def __init__(self, items: list[object]) -> None:
+        self.items = items
+
+    def add_handlers(self, **_: object) -> None:
+        pass
+
+    def list(self) -> list[object]:
+        return self.items
+
+
+async def test_sync_writes_everything_and_a_flush_is_seen_as_drift() -> None:
+    ipt = FakeIptables()
+    proxy = ServiceProxy(client=None, iptables=ipt,  # type: ignore[arg-type]
+                         services=FakeInformer([service("web", "10.96.0.10")]),  # type: ignore[arg-type]
+                         endpoints=FakeInformer([endpoints("web", ["10.244.1.2"])]))  # type: ignore[arg-type]
+    assert await proxy.drifted()  # never synced
+    await proxy.sync()
+    assert not await proxy.drifted()
+    nat = ipt.tables["nat"]
+    assert any("10.96.0.10/32" in r for r in nat["SHOAL-SERVICES"])
+    assert any("-j SHOAL-SERVICES" in r for r in nat["PREROUTING"])
+    nat["SHOAL-SERVICES"].clear()  # someone flushes our chain
+    assert await proxy.drifted()
+    await proxy.sync()
+    assert not await proxy.drifted() and any("10.96.0.10/32" in r for r in nat["SHOAL-SERVICES"])
+    nat["PREROUTING"].clear()  # or removes the jump
+    assert await proxy.drifted()
+    await proxy.sync()
+    assert any("-j SHOAL-SERVICES" in r for r in nat["PREROUTING"])
+
+
+async def test_a_removed_service_leaves_no_chain_behind() -> None:
+    ipt = FakeIptables()
+    services = FakeInformer([service("web", "10.96.0.10")])
+    proxy = ServiceProxy(client=None, iptables=ipt,  # type: ignore[arg-type]
+                         services=services,  # type: ignore[arg-type]
+                         endpoints=FakeInformer([endpoints("web", ["10.244.1.2"])]))  # type: ignore[arg-type]
+    await proxy.sync()
+    assert any(c.startswith("SHOAL-SEP-") for c in ipt.tables["nat"])
+    services.items = []
+    await proxy.sync()
+    assert not any(c.startswith(("SHOAL-SEP-", "SHOAL-SVC-")) for c in ipt.tables["nat"])
+    assert ipt.tables["nat"]["SHOAL-SERVICES"] == []
