@@ -129,6 +129,7 @@ class ReadyWatcher:
         self.client = Client(configmod.load(cluster.config), timeout=30)
         self.app = app
         self.ready: dict[str, bool] = {}
+        self.names: set[str] = set()  # every pod seen after arming
         self.lowest: int | None = None
         self.armed = threading.Event()
         self.seen_three = threading.Event()
@@ -150,6 +151,7 @@ class ReadyWatcher:
                 if count >= 3:
                     self.seen_three.set()
                 if self.armed.is_set():
+                    self.names.add(name)
                     self.lowest = count if self.lowest is None else min(self.lowest, count)
         except BaseException as e:  # the client closed under us ends the watch
             self.errors.append(e)
@@ -185,6 +187,7 @@ def test_rolling_update_keeps_three_ready_pods_then_undo(cluster: Cluster, ns: s
         time.sleep(1)  # let the last events of the rollout reach the watcher
     assert watcher.lowest is not None and watcher.lowest >= 3, (
         f"only {watcher.lowest} ready pods during the rolling update")
+    assert len(watcher.names) >= 6, f"the watcher saw only {sorted(watcher.names)}"
     live = [p for p in pods(cluster, "roll") if not p.metadata.HasField("deletion_timestamp")]
     assert {version_of(p.spec) for p in live} == {"v2"}
     assert len(replicasets(cluster, "roll")) == 2
