@@ -441,8 +441,10 @@ class ObjectStore:
                 new.status.CopyFrom(current.status)
         if kind.kind == "Secret":
             _merge_string_data(new)
-        if kind.kind == "Service" and not new.spec.cluster_ip:
-            # As Kubernetes: an update that leaves clusterIP out keeps the allocated one.
+        if kind.kind == "Service" and not new.spec.cluster_ip \
+                and new.spec.type != "ExternalName":
+            # As Kubernetes: an update that leaves clusterIP out keeps the allocated one
+            # (turning into ExternalName gives it up: the allocator frees it).
             new.spec.cluster_ip = current.spec.cluster_ip
             new.spec.cluster_ips[:] = current.spec.cluster_ips
         validation.apply_defaults(kind, new)

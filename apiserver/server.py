@@ -35,7 +35,7 @@ from apiserver.rpc import Authenticator
 from apiserver.serviceips import ServiceIPAllocator
 from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
-from apiserver.watchcache import DELETED, CacheEvent, WatchCache
+from apiserver.watchcache import DELETED, MODIFIED, CacheEvent, WatchCache
 from shoal import errors
 from shoal.config import ClientConfig
 from shoal.kinds import KindTable, builtin_kinds
@@ -160,7 +160,9 @@ class APIServer:
 
         def on_event(ev: CacheEvent) -> None:
             if ev.type == DELETED:
-                allocator.service_deleted(ev.obj.raw)
+                allocator.service_changed(ev.obj.raw, None)
+            elif ev.type == MODIFIED and ev.prev is not None:
+                allocator.service_changed(ev.prev.raw, ev.obj.raw)
 
         self.cache.cache_for(services).listeners.append(on_event)
         return allocator

@@ -13,7 +13,7 @@ Lifecycle of one address::
 
     free --Service create (reserve key, then write Service)--> held
     held --Service write failed for sure--> free (key deleted at once)
-    held --Service deleted (watch cache DELETED event)--> free
+    held --Service deleted, or turned ExternalName (watch cache event)--> free
     held, no Service owns it for > leak_grace (crash mid-create, lost event)
          --repair--> free
     Service with an address but no key (restored backup) --repair--> held
@@ -351,14 +351,17 @@ class ServiceIPAllocator:
         self._hint.discard(ip)
         return True
 
-    def service_deleted(self, raw: bytes) -> None:
-        """A Service left storage (watch cache DELETED): free its addresses soon."""
+    def service_changed(self, old_raw: bytes, new_raw: bytes | None) -> None:
+        """A Service was deleted (``new_raw`` None) or updated (the watch cache's
+        event): free the addresses it no longer holds, soon."""
         try:
-            svc = self.decode_service(raw)
+            old = self.decode_service(old_raw)
+            kept = set(service_ips(self.decode_service(new_raw))) if new_raw else set()
         except Exception:  # undecodable: repair will sort it out
             return
-        for ip in service_ips(svc):
-            self._released.put_nowait((ip, svc.metadata.uid))
+        for ip in service_ips(old):
+            if ip not in kept:
+                self._released.put_nowait((ip, old.metadata.uid))
 
     async def _release_loop(self) -> None:
         while True:

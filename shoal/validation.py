@@ -1832,8 +1832,8 @@ def _statefulset_update(new: apps_pb2.StatefulSet, old: apps_pb2.StatefulSet) ->
 
 
 def _service_update(new: core_pb2.Service, old: core_pb2.Service) -> Errors:
-    if not old.spec.cluster_ip:
-        return []
+    if not old.spec.cluster_ip or new.spec.type == "ExternalName":
+        return []  # an ExternalName has no clusterIP: turning into one clears it
     return _immutable("spec.clusterIP", new.spec.cluster_ip, old.spec.cluster_ip)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ async def ep_api(tmp_path_factory: pytest.TempPathFactory
 async def c(ep_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
     async with ep_api.client() as client:
         ns = core_pb2.Namespace()
-        ns.metadata.name = f"ep-{id(client) % 100000}"
+        ns.metadata.name = f"ep-{uuid.uuid4().hex[:8]}"
         await client.create(ns)
         client.namespace = ns.metadata.name
         yield client

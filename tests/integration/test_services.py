@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProce
 async def c(api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
     async with api.client() as client:
         ns = core_pb2.Namespace()
-        ns.metadata.name = f"svc-{id(client) % 100000}"
+        ns.metadata.name = f"svc-{uuid.uuid4().hex[:8]}"
         await client.create(ns)
         client.namespace = ns.metadata.name
         yield client
@@ -169,3 +170,21 @@ async def test_allocations_survive_an_apiserver_restart(tmp_path: Path) -> None:
             assert last.spec.cluster_ip not in held
             with pytest.raises(errors.InternalError, match="range is full"):
                 await c.create(service("s5"))
+
+
+async def test_turning_into_external_name_gives_the_address_up(c: AsyncClient) -> None:
+    s = await c.create(service("becomes-ext", cluster_ip="10.100.0.9"))
+    s.spec.type, s.spec.external_name = "ExternalName", "example.com"
+    s.spec.cluster_ip, s.spec.cluster_ips[:] = "", []
+    s.spec.ClearField("ip_family_policy")
+    s = await c.update(s)
+    assert s.spec.cluster_ip == "" and list(s.spec.cluster_ips) == []
+
+    async def reusable() -> bool:
+        try:
+            await c.create(service("takes-nine", cluster_ip="10.100.0.9"))
+        except errors.Invalid:
+            return False
+        return True
+
+    await eventually("10.100.0.9 freed after the type change", reusable)
