@@ -1,9 +1,9 @@
 """``shoal rollout status|history|undo|restart|pause|resume`` (kubectl's, client-side).
 
-    rollout status  deployment/NAME | statefulset/NAME | daemonset/NAME [--timeout D]
-    rollout history deployment/NAME [--revision N]
-    rollout undo    deployment/NAME [--to-revision N]
-    rollout restart deployment/NAME | statefulset/NAME | daemonset/NAME
+    rollout status  KIND/NAME [--timeout D]       deployments, statefulsets, daemonsets
+    rollout history KIND/NAME [--revision N]      deployments, statefulsets, daemonsets
+    rollout undo    KIND/NAME [--to-revision N]   deployments, statefulsets, daemonsets
+    rollout restart KIND/NAME                     deployments, statefulsets, daemonsets
     rollout pause   deployment/NAME
     rollout resume  deployment/NAME
 
@@ -19,9 +19,11 @@
     --timeout elapsed ──> "timed out waiting for the condition", exit 1
 
 It returns as soon as the object says the rollout is done: nothing is left
-running after success. ``undo`` copies the target revision's pod template
-into the Deployment, as kubectl does; the controller then rolls it out as
-the newest revision. ``restart`` stamps the template annotation
+running after success. History lives in the ReplicaSets of a Deployment
+(``deployment.kubernetes.io/revision``) and in the ControllerRevisions of a
+StatefulSet or DaemonSet. ``undo`` copies the target revision's pod template
+into the object, as kubectl does; the controller then rolls it out as the
+newest revision. ``restart`` stamps the template annotation
 ``kubectl.kubernetes.io/restartedAt``. Writes are compare-and-swap on the
 object read just before, retried on a conflict.
 """
@@ -47,6 +49,7 @@ from apiserver.controllers.deployments import (
     equal_ignore_hash,
     revision_of,
 )
+from apiserver.controllers.revisions import template_of
 from shoal import errors
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
@@ -73,8 +76,8 @@ _NOT_RESTORED = frozenset({LAST_APPLIED, REVISION, REVISION_HISTORY, DESIRED_REP
 ROLLOUT_KINDS = {
     "status": ("Deployment", "StatefulSet", "DaemonSet"),
     "restart": ("Deployment", "StatefulSet", "DaemonSet"),
-    "history": ("Deployment",),
-    "undo": ("Deployment",),
+    "history": ("Deployment", "StatefulSet", "DaemonSet"),
+    "undo": ("Deployment", "StatefulSet", "DaemonSet"),
     "pause": ("Deployment",),
     "resume": ("Deployment",),
 }
@@ -208,61 +211,93 @@ def new_replicaset(d: apps_pb2.Deployment, rss: Sequence[apps_pb2.ReplicaSet]
 # --------------------------------------------------------------------------- history (pure)
 
 
-def history(d: apps_pb2.Deployment, rss: Sequence[apps_pb2.ReplicaSet]
-            ) -> list[tuple[int, apps_pb2.ReplicaSet]]:
-    """(revision, RS) of the Deployment, oldest revision first."""
-    mine = [(revision_of(rs), rs) for rs in rss if controlled_by(rs, d)]
-    return sorted(((rev, rs) for rev, rs in mine if rev > 0), key=lambda x: x[0])
+@dataclass(frozen=True)
+class Revision:
+    """One entry of a workload's history: a ReplicaSet (Deployments) or a
+    ControllerRevision (StatefulSets, DaemonSets)."""
+
+    number: int
+    template: core_pb2.PodTemplateSpec  # without the pod-template-hash label
+    change_cause: str = ""
+    # Annotations `undo` copies back onto a Deployment (a ReplicaSet's own).
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
-def history_lines(kind: Kind, d: apps_pb2.Deployment, rss: Sequence[apps_pb2.ReplicaSet]
-                  ) -> list[str]:
+def _plain_template(template: core_pb2.PodTemplateSpec) -> core_pb2.PodTemplateSpec:
+    out = core_pb2.PodTemplateSpec()
+    out.CopyFrom(template)
+    out.metadata.labels.pop(HASH_LABEL, None)
+    return out
+
+
+def history(obj: Any, owned: Sequence[Any]) -> list[Revision]:
+    """The revisions of ``obj``, oldest first, from the ReplicaSets or
+    ControllerRevisions it controls (others in ``owned`` are ignored)."""
+    out: list[Revision] = []
+    for item in owned:
+        if not controlled_by(item, obj):
+            continue
+        cause = item.metadata.annotations.get(CHANGE_CAUSE, "")
+        if isinstance(item, apps_pb2.ControllerRevision):
+            out.append(Revision(int(item.revision), template_of(item), cause))
+            continue
+        number = revision_of(item)
+        if number > 0:
+            kept = tuple(sorted((k, v) for k, v in item.metadata.annotations.items()
+                                if k not in _NOT_RESTORED))
+            out.append(Revision(number, _plain_template(item.spec.template), cause, kept))
+    return sorted(out, key=lambda r: r.number)
+
+
+def history_lines(kind: Kind, obj: Any, owned: Sequence[Any]) -> list[str]:
     rows = [("REVISION", "CHANGE-CAUSE")] + [
-        (str(rev), rs.metadata.annotations.get(CHANGE_CAUSE, "") or "<none>")
-        for rev, rs in history(d, rss)]
+        (str(r.number), r.change_cause or "<none>") for r in history(obj, owned)]
     width = max(len(r[0]) for r in rows) + 2
-    return [f"{kind_label(kind)}/{d.metadata.name}",
+    return [f"{kind_label(kind)}/{obj.metadata.name}",
             *[f"{a.ljust(width)}{b}" for a, b in rows], ""]
 
 
-def revision_template_lines(kind: Kind, d: apps_pb2.Deployment,
-                            rss: Sequence[apps_pb2.ReplicaSet], revision: int) -> list[str]:
-    found = dict(history(d, rss)).get(revision)
+def revision_template_lines(kind: Kind, obj: Any, owned: Sequence[Any],
+                            revision: int) -> list[str]:
+    found = next((r for r in history(obj, owned) if r.number == revision), None)
     if found is None:
         raise RolloutFailed(f"unable to find the specified revision {revision}")
-    return [f"{kind_label(kind)}/{d.metadata.name} with revision #{revision}",
+    return [f"{kind_label(kind)}/{obj.metadata.name} with revision #{revision}",
             "Pod Template:", *("  " + ln for ln in
-                               dump_yaml(encode_message(found.spec.template)).splitlines())]
+                               dump_yaml(encode_message(found.template)).splitlines())]
 
 
-def undo_target(d: apps_pb2.Deployment, rss: Sequence[apps_pb2.ReplicaSet],
-                to_revision: int) -> apps_pb2.ReplicaSet:
-    """The RS to go back to: ``to_revision``, or (0) the one before the current."""
-    revisions = history(d, rss)
+def undo_target(obj: Any, owned: Sequence[Any], to_revision: int) -> Revision:
+    """The revision to go back to: ``to_revision``, or (0) the one before the
+    current (the newest whose template is the object's, else the newest)."""
+    revisions = history(obj, owned)
     if to_revision > 0:
-        for rev, rs in revisions:
-            if rev == to_revision:
-                return rs
+        for r in revisions:
+            if r.number == to_revision:
+                return r
         raise RolloutFailed(f"unable to find specified revision {to_revision} in history")
-    current = revision_of(d) or (revisions[-1][0] if revisions else 0)
-    earlier = [rs for rev, rs in revisions if rev < current]
+    if not revisions:
+        raise RolloutFailed(f'no rollout history found for {type(obj).__name__.lower()} '
+                            f'"{obj.metadata.name}"')
+    mine = _plain_template(obj.spec.template)
+    matching = [r.number for r in revisions if r.template == mine]
+    current = max(matching) if matching else revisions[-1].number
+    earlier = [r for r in revisions if r.number < current]
     if not earlier:
-        raise RolloutFailed(f'no rollout history found for deployment "{d.metadata.name}"'
-                            if not revisions else "no previous revision to roll back to")
+        raise RolloutFailed("no previous revision to roll back to")
     return earlier[-1]
 
 
-def rolled_back(d: apps_pb2.Deployment, rs: apps_pb2.ReplicaSet) -> apps_pb2.Deployment | None:
-    """``d`` with ``rs``'s template (and its annotations), or None if already equal."""
-    if equal_ignore_hash(rs.spec.template, d.spec.template):
+def rolled_back(obj: Any, revision: Revision) -> Any | None:
+    """``obj`` with the revision's template (and, for a Deployment, its
+    ReplicaSet's annotations), or None if the template is already that one."""
+    if revision.template == _plain_template(obj.spec.template):
         return None
-    out = apps_pb2.Deployment()
-    out.CopyFrom(d)
-    out.spec.template.CopyFrom(rs.spec.template)
-    out.spec.template.metadata.labels.pop(HASH_LABEL, None)
-    for k, v in rs.metadata.annotations.items():
-        if k not in _NOT_RESTORED:
-            out.metadata.annotations[k] = v
+    out = type(obj)()
+    out.CopyFrom(obj)
+    out.spec.template.CopyFrom(revision.template)
+    for k, v in revision.annotations:
+        out.metadata.annotations[k] = v
     return out
 
 
@@ -321,10 +356,10 @@ async def run_rollout(session: Session, *, action: str, args: Sequence[str],
     if action == "status":
         return await _status(session, kind, name, namespace, timeout)
     if action == "history":
-        d = await client.get(apps_pb2.Deployment, name, namespace=namespace)
-        rss = (await client.list(apps_pb2.ReplicaSet, namespace=namespace)).items
-        lines = (revision_template_lines(kind, d, rss, revision) if revision > 0
-                 else history_lines(kind, d, rss))
+        obj = await client.get(kind.message, name, namespace=namespace)
+        owned = await _owned_history(client, kind, namespace)
+        lines = (revision_template_lines(kind, obj, owned, revision) if revision > 0
+                 else history_lines(kind, obj, owned))
         for line in lines:
             session.print(line)
         return ExitCode.OK
@@ -356,20 +391,27 @@ async def run_rollout(session: Session, *, action: str, args: Sequence[str],
     return await _undo(session, kind, name, namespace, to_revision)
 
 
+async def _owned_history(client: AsyncClient, kind: Kind, namespace: str) -> list[Any]:
+    """What holds the history: ReplicaSets for Deployments, else ControllerRevisions."""
+    if kind.kind == "Deployment":
+        return list((await client.list(apps_pb2.ReplicaSet, namespace=namespace)).items)
+    return list((await client.list(apps_pb2.ControllerRevision, namespace=namespace)).items)
+
+
 async def _undo(session: Session, kind: Kind, name: str, namespace: str,
                 to_revision: int) -> int:
     client = session.client()
-    rss = (await client.list(apps_pb2.ReplicaSet, namespace=namespace)).items
+    owned = await _owned_history(client, kind, namespace)
     skipped: list[int] = []
 
-    def undo(d: Any) -> Any | None:
-        if d.spec.paused:
+    def undo(obj: Any) -> Any | None:
+        if getattr(obj.spec, "paused", False):
             raise RolloutFailed("you cannot rollback a paused deployment; resume it first "
                                 "with 'shoal rollout resume' and try again")
-        target = undo_target(d, rss, to_revision)
-        out = rolled_back(d, target)
+        target = undo_target(obj, owned, to_revision)
+        out = rolled_back(obj, target)
         if out is None:
-            skipped.append(revision_of(target))
+            skipped.append(target.number)
         return out
     await _edit(client, kind, name, namespace, undo)
     label = f"{kind_label(kind)}/{name}"

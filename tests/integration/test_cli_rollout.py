@@ -375,8 +375,17 @@ async def test_statefulset_scale_status_and_restart(shoal: Any, c: AsyncClient) 
         assert (r.code, r.out.strip()) == (0, "statefulset.apps/db restarted"), r.err
         r = await asyncio.wait_for(shoal("rollout", "status", "sts/db", "--timeout=30s"), 40)
         assert r.code == 0, r.out + r.err
+        history = await shoal("rollout", "history", "statefulset/db")
+        assert history.code == 0, history.err
+        assert [ln.split()[0] for ln in history.out.splitlines()[2:] if ln] == ["1", "2"]
+        undo = await shoal("rollout", "undo", "statefulset/db")
+        assert (undo.code, undo.out.strip()) == (0, "statefulset.apps/db rolled back"), undo.err
+        got = await c.get(apps_pb2.StatefulSet, "db")
+        assert "kubectl.kubernetes.io/restartedAt" not in got.spec.template.metadata.annotations
+        r = await asyncio.wait_for(shoal("rollout", "status", "sts/db", "--timeout=30s"), 40)
+        assert r.code == 0, r.out + r.err
     finally:
         stop.set()
         await agent
-    no_undo = await shoal("rollout", "undo", "sts/db")
-    assert no_undo.code == 2 and "not supported for statefulsets" in no_undo.err
+    no_pause = await shoal("rollout", "pause", "sts/db")
+    assert no_pause.code == 2 and "not supported for statefulsets" in no_pause.err

@@ -136,7 +136,7 @@ SETS = [rs("v1", 1), rs("v2", 2), rs("v0", 5, owner="someone-else")]
 ])
 def test_undo_target(case: str, to: int, want: str) -> None:
     got = undo_target(deploy(), SETS, to)
-    assert got.spec.template.spec.containers[0].image == want, case
+    assert got.template.spec.containers[0].image == want, case
 
 
 @pytest.mark.parametrize(("case", "sets", "to", "message"), [
@@ -151,17 +151,19 @@ def test_undo_target_errors(case: str, sets: list[apps_pb2.ReplicaSet], to: int,
 
 
 def test_rolled_back_copies_the_template_without_the_hash() -> None:
-    out = rolled_back(deploy(), rs("v1", 1))
+    [v1] = [r for r in history(deploy(), SETS) if r.number == 1]
+    out = rolled_back(deploy(), v1)
     assert out is not None
     assert out.spec.template.spec.containers[0].image == "v1"
     assert "pod-template-hash" not in out.spec.template.metadata.labels
     assert out.metadata.annotations["kubernetes.io/change-cause"] == "to v1"
     assert out.metadata.annotations["deployment.kubernetes.io/revision"] == "2"  # not copied
-    assert rolled_back(deploy(image="v1"), rs("v1", 1)) is None
+    assert rolled_back(deploy(image="v1"), v1) is None
 
 
 def test_history_and_restart() -> None:
-    assert [rev for rev, _ in history(deploy(), SETS)] == [1, 2]
+    assert [r.number for r in history(deploy(), SETS)] == [1, 2]
+    assert [r.change_cause for r in history(deploy(), SETS)] == ["to v1", "to v2"]
     stamped = restarted(deploy(), 1_700_000_000)
     assert stamped.spec.template.metadata.annotations[
         "kubectl.kubernetes.io/restartedAt"] == "2023-11-14T22:13:20Z"
@@ -209,3 +211,26 @@ def test_condition_met_ignores_case_of_the_value() -> None:
     assert condition_met(d, "Available", "true")
     assert not condition_met(d, "Available", "False")
     assert not condition_met(d, "Progressing", "True")
+
+
+def controller_revision(image: str, number: int) -> apps_pb2.ControllerRevision:
+    rev = apps_pb2.ControllerRevision()
+    rev.metadata.name = f"db-{image}"
+    rev.metadata.owner_references.add(kind="StatefulSet", uid="uid-sts", controller=True)
+    rev.data = deploy(image=image).spec.template.SerializeToString(deterministic=True)
+    rev.revision = number
+    return rev
+
+
+def test_statefulset_history_and_undo_from_controller_revisions() -> None:
+    sts = apps_pb2.StatefulSet()
+    sts.metadata.name, sts.metadata.uid = "db", "uid-sts"
+    sts.spec.template.CopyFrom(deploy(image="v2").spec.template)
+    revs = [controller_revision("v1", 1), controller_revision("v2", 2)]
+    assert [r.number for r in history(sts, revs)] == [1, 2]
+    target = undo_target(sts, revs, 0)
+    assert target.number == 1
+    out = rolled_back(sts, target)
+    assert out is not None and out.spec.template.spec.containers[0].image == "v1"
+    with pytest.raises(RolloutFailed, match="no previous revision"):
+        undo_target(sts, revs[1:], 0)
