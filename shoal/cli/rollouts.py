@@ -443,8 +443,8 @@ async def _status(session: Session, kind: Kind, name: str, namespace: str,
             progress = progress_of(obj)
             if progress.failed:
                 raise RolloutFailed(progress.failed)
-            if not progress.done and isinstance(obj, apps_pb2.Deployment):
-                await _check_pods(client, obj, namespace)
+            if not progress.done:
+                await _check_pods(client, kind, obj, namespace)
             if progress.message and progress.message != last:
                 session.print(progress.message)
                 last = progress.message
@@ -472,16 +472,28 @@ async def _bounded(work: Awaitable[int], timeout: float | None) -> int:
         raise RolloutFailed("timed out waiting for the condition") from None
 
 
-async def _check_pods(client: AsyncClient, d: apps_pb2.Deployment, namespace: str) -> None:
-    selector = ",".join(f"{k}={v}" for k, v in sorted(d.spec.selector.match_labels.items()))
-    rss = (await client.list(apps_pb2.ReplicaSet, namespace=namespace,
-                             label_selector=selector)).items
-    new = new_replicaset(d, rss)
-    pod_hash = new.spec.template.metadata.labels.get(HASH_LABEL, "") if new else ""
-    if new is None or not pod_hash:
-        return
+def _selector(obj: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(obj.spec.selector.match_labels.items()))
+
+
+async def _check_pods(client: AsyncClient, kind: Kind, obj: Any, namespace: str) -> None:
+    """Fail if a pod the rollout waits for is stuck: the new ReplicaSet's pods
+    for a Deployment, the update revision's for a StatefulSet, every one of a
+    DaemonSet's."""
+    owner, label = obj, ""
+    if isinstance(obj, apps_pb2.Deployment):
+        rss = (await client.list(apps_pb2.ReplicaSet, namespace=namespace,
+                                 label_selector=_selector(obj))).items
+        new = new_replicaset(obj, rss)
+        pod_hash = new.spec.template.metadata.labels.get(HASH_LABEL, "") if new else ""
+        if new is None or not pod_hash:
+            return
+        owner, label = new, f"{HASH_LABEL}={pod_hash}"
+    elif isinstance(obj, apps_pb2.StatefulSet) and obj.status.update_revision:
+        label = f"controller-revision-hash={obj.status.update_revision}"
+    selector = ",".join(x for x in (_selector(obj), label) if x)
     pods = (await client.list(core_pb2.Pod, namespace=namespace,
-                              label_selector=f"{HASH_LABEL}={pod_hash}")).items
-    stuck = stuck_pod([p for p in pods if controlled_by(p, new)])
+                              label_selector=selector)).items
+    stuck = stuck_pod([p for p in pods if controlled_by(p, owner)])
     if stuck:
-        raise RolloutFailed(f'deployment "{d.metadata.name}" rollout failed: {stuck}')
+        raise RolloutFailed(f'{kind.singular} "{obj.metadata.name}" rollout failed: {stuck}')

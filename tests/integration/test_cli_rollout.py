@@ -389,3 +389,22 @@ async def test_statefulset_scale_status_and_restart(shoal: Any, c: AsyncClient) 
         await agent
     no_pause = await shoal("rollout", "pause", "sts/db")
     assert no_pause.code == 2 and "not supported for statefulsets" in no_pause.err
+
+
+async def test_statefulset_status_names_a_crash_looping_pod(shoal: Any, c: AsyncClient) -> None:
+    sts = apps_pb2.StatefulSet()
+    sts.metadata.name = "crash"
+    sts.spec.replicas = 1
+    sts.spec.service_name = "crash"
+    sts.spec.selector.match_labels["app"] = "crash"
+    sts.spec.template.metadata.labels["app"] = "crash"
+    sts.spec.template.spec.containers.add(name="c", image="busybox:v1")
+    await c.create(sts)
+
+    async def crash() -> None:
+        [pod] = await eventually("crash-0", lambda: live_pods(c, "crash"))
+        await set_status(c, pod, ready=False, waiting="CrashLoopBackOff")
+    r, _ = await asyncio.gather(shoal("rollout", "status", "sts/crash", "--timeout=30s"),
+                                crash())
+    assert r.code == 1
+    assert "pod crash-0: container c is waiting: CrashLoopBackOff" in r.err, r.err
