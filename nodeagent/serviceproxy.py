@@ -10,8 +10,9 @@
               a ClusterIP port with no ready endpoint --> REJECT (icmp-port-unreachable)
 
 Only ready addresses of a Service's Endpoints are used. A service port is
-matched to an Endpoints port by name. NodePorts, externalIPs and ClientIP
-session affinity are not implemented.
+matched to an Endpoints port by name. ``sessionAffinity: ClientIP`` keeps a
+client on its endpoint with ``-m recent`` for ``timeoutSeconds``. NodePorts and
+externalIPs are not implemented.
 
 Sync, level-triggered::
 
@@ -92,6 +93,8 @@ class ServicePort:
     port: int
     protocol: str  # tcp, udp or sctp
     endpoints: tuple[tuple[str, int], ...]  # (pod IP, port), sorted
+    # sessionAffinity ClientIP: seconds a client stays with its endpoint (0: off).
+    affinity_seconds: int = 0
 
 
 def _chain(prefix: str, *parts: str) -> str:
@@ -129,10 +132,15 @@ def service_ports(services: Iterable[core_pb2.Service],
                 if port is None:
                     continue
                 targets.update((a.ip, int(port.port)) for a in subset.addresses if a.ip)
+            affinity = 0
+            if svc.spec.session_affinity == "ClientIP":
+                cfg = svc.spec.session_affinity_config.client_ip
+                affinity = int(cfg.timeout_seconds) if cfg.HasField("timeout_seconds") \
+                    else 10800
             out.append(ServicePort(
                 name=f"{svc.metadata.namespace}/{svc.metadata.name}:{sp.name}",
                 cluster_ip=svc.spec.cluster_ip, port=int(sp.port), protocol=protocol,
-                endpoints=tuple(sorted(targets))))
+                endpoints=tuple(sorted(targets)), affinity_seconds=affinity))
     return sorted(out, key=lambda s: (s.name, s.protocol))
 
 
@@ -166,6 +174,15 @@ def build_ruleset(ports: Sequence[ServicePort], *, existing_chains: Iterable[str
         nat_rules.append(f"-A {SERVICES_CHAIN} -m comment --comment "
                          f"{_q(sp.name + ' cluster IP')} {match} -j {svc}")
         n = len(sp.endpoints)
+        # ClientIP affinity (``-m recent``, as kube-proxy): a client seen by an
+        # endpoint within the timeout goes back to it before any random pick.
+        recent = "-m recent --name {} --mask 255.255.255.255 --rsource"
+        if sp.affinity_seconds:
+            for ip, port in sp.endpoints:
+                sep = sep_chain(sp, ip, port)
+                nat_rules.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
+                                 f"{recent.format(sep)} --rcheck --seconds "
+                                 f"{sp.affinity_seconds} --reap -j {sep}")
         for i, (ip, port) in enumerate(sp.endpoints):
             sep = sep_chain(sp, ip, port)
             nat_chains.append(sep)
@@ -174,7 +191,8 @@ def build_ruleset(ports: Sequence[ServicePort], *, existing_chains: Iterable[str
             nat_rules.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
                              f"{spread}-j {sep}")
             nat_rules.append(f"-A {sep} -s {ip}/32 -j {MARK_MASQ_CHAIN}")
-            nat_rules.append(f"-A {sep} -p {sp.protocol} -m {sp.protocol} "
+            remember = f"{recent.format(sep)} --set " if sp.affinity_seconds else ""
+            nat_rules.append(f"-A {sep} {remember}-p {sp.protocol} -m {sp.protocol} "
                              f"-j DNAT --to-destination {ip}:{port}")
     wanted = set(nat_chains)
     stale = sorted(c for c in set(existing_chains)

@@ -236,3 +236,25 @@ async def test_a_removed_service_leaves_no_chain_behind() -> None:
     await proxy.sync()
     assert not any(c.startswith(("SHOAL-SEP-", "SHOAL-SVC-")) for c in ipt.tables["nat"])
     assert ipt.tables["nat"]["SHOAL-SERVICES"] == []
+
+
+def test_client_ip_affinity_sends_a_known_client_back_to_its_endpoint() -> None:
+    s = service("sticky", "10.96.0.20")
+    s.spec.session_affinity = "ClientIP"
+    s.spec.session_affinity_config.client_ip.timeout_seconds = 600
+    (sp,) = service_ports([s], {"default/sticky": endpoints("sticky", ["10.244.1.2",
+                                                                      "10.244.2.2"])})
+    assert sp.affinity_seconds == 600
+    lines = build_ruleset([sp]).splitlines()
+    svc = svc_chain(sp)
+    rules = [line for line in lines if line.startswith(f"-A {svc} ")]
+    # Two "seen recently" checks first, then the random spread.
+    assert ["--rcheck --seconds 600 --reap" in r for r in rules] == [True, True, False, False]
+    for ip, port in sp.endpoints:
+        sep = sep_chain(sp, ip, port)
+        assert any(r.startswith(f"-A {sep} -m recent --name {sep} ") and "--set" in r
+                   and f"--to-destination {ip}:{port}" in r for r in lines)
+    default = service("sticky2", "10.96.0.21")
+    default.spec.session_affinity = "ClientIP"
+    assert service_ports([default], {})[0].affinity_seconds == 10800
+    assert "recent" not in build_ruleset([WEB])
