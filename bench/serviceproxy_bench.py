@@ -25,8 +25,10 @@ sys.path.insert(0, str(ROOT))
 from nodeagent.serviceproxy import (  # noqa: E402
     ServicePort,
     build_ruleset,
+    changes,
     existing_chains,
     our_lines,
+    plan_ruleset,
 )
 
 
@@ -59,8 +61,9 @@ def bench(sizes: list[int], endpoints: int, binary: str) -> None:
     save, restore = [f"{binary}-save"], [f"{binary}-restore", "-w", "5", "--noflush"]
     print(f"{binary}:")
     print(f"| services x {endpoints} endpoints | rules | generate (ms) | restore, first "
-          "(ms) | restore, again (ms) | save + compare (ms) |")
-    print("|---|---|---|---|---|---|")
+          "(ms) | restore, again (ms) | one endpoint added: partial restore (ms) | "
+          "save + compare (ms) |")
+    print("|---|---|---|---|---|---|---|")
     for n in sizes:
         sp = ports(n, endpoints)
         gen, text = timed(lambda sp=sp: build_ruleset(sp))
@@ -75,10 +78,22 @@ def bench(sizes: list[int], endpoints: int, binary: str) -> None:
             run(restore, stdin=build_ruleset(sp, existing_chains=chains))
 
         refresh, _ = timed(again)
+        grown = [sp[0].__class__(name=sp[0].name, cluster_ip=sp[0].cluster_ip, port=80,
+                                 protocol="tcp",
+                                 endpoints=(*sp[0].endpoints, ("10.244.9.9", 8080))), *sp[1:]]
+        before, after = plan_ruleset(sp), plan_ruleset(grown)
+
+        def partial(before: object = before, after: object = after) -> None:
+            for a, b in ((before, after), (after, before)):
+                text = changes(a, b)  # type: ignore[arg-type]
+                assert text is not None
+                run(restore, stdin=text)
+
+        step, _ = timed(partial)
         check, _ = timed(lambda: our_lines(run([*save, "-t", "nat"]))
                          + our_lines(run([*save, "-t", "filter"])))
         print(f"| {n:,} | {rules:,} | {gen * 1e3:.1f} | {first * 1e3:.0f} | "
-              f"{refresh * 1e3:.0f} | {check * 1e3:.0f} |")
+              f"{refresh * 1e3:.0f} | {step / 2 * 1e3:.0f} | {check * 1e3:.0f} |")
         # Leave nothing for the next size: flush and delete every chain of ours.
         chains = sorted(c for c in existing_chains(run([*save, "-t", "nat"]))
                         if c.startswith("SHOAL-"))

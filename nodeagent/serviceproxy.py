@@ -19,13 +19,16 @@ Sync, level-triggered::
     Service/Endpoints informer change --> dirty --> sync (at most every min_interval)
     every check_period: read our rules back; different from what the last sync
         left (a flush, a deleted jump, an edited rule) --> sync
-    sync: iptables-save (which SHOAL-SVC/SEP chains exist) -> one generated
-          ruleset -> ``iptables-restore -w --noflush`` (every chain of ours is
-          declared, so flushed and refilled in one transaction; stale ones
-          deleted) -> jumps from the built-in chains ensured (-C, else -I 1)
-          -> our rules read back and kept as the reference for drift checks
+    sync: one generated ruleset -> ``iptables-restore -w --noflush`` in one
+          transaction: the first sync (and any after drift or a failure)
+          declares every chain of ours, so each is flushed and refilled, and
+          deletes stale ones found with iptables-save; later syncs write only
+          the chains that changed (kube-proxy's partial sync) -> jumps from the
+          built-in chains ensured (-C, else -I 1) -> our rules read back and
+          kept as the reference for drift checks
 
-``build_ruleset``, ``service_ports`` and ``our_lines`` are pure. The proxy
+``plan_ruleset``, ``render``, ``changes``, ``build_ruleset``,
+``service_ports`` and ``our_lines`` are pure. The proxy
 never removes its rules when the agent stops (kube-proxy leaves them too, so
 traffic keeps flowing across an agent restart); ``cleanup`` removes them
 (``shoal lab down``). Failed syncs are retried with back-off by the loop.
@@ -148,61 +151,105 @@ def _q(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
 
 
-def build_ruleset(ports: Sequence[ServicePort], *, existing_chains: Iterable[str] = ()) -> str:
-    """The ``iptables-restore --noflush`` input for every chain of ours (pure).
+@dataclass(frozen=True)
+class Ruleset:
+    """Every chain of ours and its rules, in order (``-A ...`` lines)."""
 
-    Each chain is declared, which flushes it; chains of ours that exist but are
-    no longer wanted (``existing_chains``) are declared and then deleted."""
-    nat_chains: list[str] = list(FIXED_NAT_CHAINS)
-    nat_rules: list[str] = [
-        f"-A {MARK_MASQ_CHAIN} -j MARK --or-mark {MASQ_MARK}",
-        f"-A {POSTROUTING_CHAIN} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
-        f"-A {POSTROUTING_CHAIN} -j MARK --xor-mark {MASQ_MARK}",
-        f"-A {POSTROUTING_CHAIN} -m comment --comment "
-        f"{_q('shoal service traffic requiring SNAT')} -j MASQUERADE",
-    ]
-    filter_rules: list[str] = []
+    nat: Mapping[str, tuple[str, ...]]
+    filter: Mapping[str, tuple[str, ...]]
+
+
+def plan_ruleset(ports: Sequence[ServicePort]) -> Ruleset:
+    """The chains and rules for these service ports (pure)."""
+    nat: dict[str, list[str]] = {
+        SERVICES_CHAIN: [],
+        POSTROUTING_CHAIN: [
+            f"-A {POSTROUTING_CHAIN} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+            f"-A {POSTROUTING_CHAIN} -j MARK --xor-mark {MASQ_MARK}",
+            f"-A {POSTROUTING_CHAIN} -m comment --comment "
+            f"{_q('shoal service traffic requiring SNAT')} -j MASQUERADE"],
+        MARK_MASQ_CHAIN: [f"-A {MARK_MASQ_CHAIN} -j MARK --or-mark {MASQ_MARK}"],
+    }
+    rejects: list[str] = []
+    # ClientIP affinity (``-m recent``, as kube-proxy): a client seen by an
+    # endpoint within the timeout goes back to it before any random pick.
+    recent = "-m recent --name {} --mask 255.255.255.255 --rsource"
     for sp in ports:
         match = f"-d {sp.cluster_ip}/32 -p {sp.protocol} -m {sp.protocol} --dport {sp.port}"
         if not sp.endpoints:
-            filter_rules.append(
+            rejects.append(
                 f"-A {SERVICES_CHAIN} -m comment --comment {_q(sp.name + ' has no endpoints')} "
                 f"{match} -j REJECT --reject-with icmp-port-unreachable")
             continue
         svc = svc_chain(sp)
-        nat_chains.append(svc)
-        nat_rules.append(f"-A {SERVICES_CHAIN} -m comment --comment "
-                         f"{_q(sp.name + ' cluster IP')} {match} -j {svc}")
-        n = len(sp.endpoints)
-        # ClientIP affinity (``-m recent``, as kube-proxy): a client seen by an
-        # endpoint within the timeout goes back to it before any random pick.
-        recent = "-m recent --name {} --mask 255.255.255.255 --rsource"
+        nat[SERVICES_CHAIN].append(f"-A {SERVICES_CHAIN} -m comment --comment "
+                                   f"{_q(sp.name + ' cluster IP')} {match} -j {svc}")
+        spread: list[str] = nat.setdefault(svc, [])
         if sp.affinity_seconds:
             for ip, port in sp.endpoints:
                 sep = sep_chain(sp, ip, port)
-                nat_rules.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
-                                 f"{recent.format(sep)} --rcheck --seconds "
-                                 f"{sp.affinity_seconds} --reap -j {sep}")
+                spread.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
+                              f"{recent.format(sep)} --rcheck --seconds "
+                              f"{sp.affinity_seconds} --reap -j {sep}")
+        n = len(sp.endpoints)
         for i, (ip, port) in enumerate(sp.endpoints):
             sep = sep_chain(sp, ip, port)
-            nat_chains.append(sep)
-            spread = (f"-m statistic --mode random --probability {1.0 / (n - i):.10f} "
-                      if i < n - 1 else "")
-            nat_rules.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
-                             f"{spread}-j {sep}")
-            nat_rules.append(f"-A {sep} -s {ip}/32 -j {MARK_MASQ_CHAIN}")
+            share = (f"-m statistic --mode random --probability {1.0 / (n - i):.10f} "
+                     if i < n - 1 else "")
+            spread.append(f"-A {svc} -m comment --comment {_q(sp.name + ' -> ' + ip)} "
+                          f"{share}-j {sep}")
             remember = f"{recent.format(sep)} --set " if sp.affinity_seconds else ""
-            nat_rules.append(f"-A {sep} {remember}-p {sp.protocol} -m {sp.protocol} "
-                             f"-j DNAT --to-destination {ip}:{port}")
-    wanted = set(nat_chains)
-    stale = sorted(c for c in set(existing_chains)
-                   if c.startswith((SVC_PREFIX, SEP_PREFIX)) and c not in wanted)
-    lines = ["*nat"]
-    lines += [f":{c} - [0:0]" for c in [*nat_chains, *stale]]
-    lines += nat_rules
-    lines += [f"-X {c}" for c in stale]
-    lines += ["COMMIT", "*filter", f":{SERVICES_CHAIN} - [0:0]", *filter_rules, "COMMIT"]
+            nat[sep] = [f"-A {sep} -s {ip}/32 -j {MARK_MASQ_CHAIN}",
+                        f"-A {sep} {remember}-p {sp.protocol} -m {sp.protocol} "
+                        f"-j DNAT --to-destination {ip}:{port}"]
+    return Ruleset(nat={c: tuple(r) for c, r in nat.items()},
+                   filter={SERVICES_CHAIN: tuple(rejects)})
+
+
+def render(rules: Ruleset, *, nat_chains: Iterable[str] | None = None,
+           stale: Iterable[str] = (), with_filter: bool = True) -> str:
+    """``iptables-restore --noflush`` input writing ``nat_chains`` (all by default)
+    and the filter chain, and deleting the ``stale`` chains (pure).
+
+    A declared chain is flushed first, so each written chain is replaced whole."""
+    write = list(rules.nat) if nat_chains is None else list(nat_chains)
+    gone = sorted(set(stale))
+    lines = ["*nat", *(f":{c} - [0:0]" for c in [*write, *gone])]
+    for chain in write:
+        lines += rules.nat[chain]
+    lines += [f"-X {c}" for c in gone]
+    lines.append("COMMIT")
+    if with_filter:
+        lines += ["*filter", *(f":{c} - [0:0]" for c in rules.filter)]
+        for chain_rules in rules.filter.values():
+            lines += chain_rules
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def build_ruleset(ports: Sequence[ServicePort], *, existing_chains: Iterable[str] = ()) -> str:
+    """The full ``iptables-restore --noflush`` input for every chain of ours (pure).
+
+    Each chain is declared, which flushes it; chains of ours that exist but are
+    no longer wanted (``existing_chains``) are declared and then deleted."""
+    rules = plan_ruleset(ports)
+    return render(rules, stale=_stale(rules, existing_chains))
+
+
+def _stale(rules: Ruleset, existing: Iterable[str]) -> list[str]:
+    return sorted(c for c in set(existing)
+                  if c.startswith((SVC_PREFIX, SEP_PREFIX)) and c not in rules.nat)
+
+
+def changes(old: Ruleset, new: Ruleset) -> str | None:
+    """The restore input turning ``old`` (what was written) into ``new``, writing
+    only the chains that differ (kube-proxy's partial sync); None if equal (pure)."""
+    write = [c for c, r in new.nat.items() if old.nat.get(c) != r]
+    stale = _stale(new, old.nat)
+    with_filter = dict(old.filter) != dict(new.filter)
+    if not write and not stale and not with_filter:
+        return None
+    return render(new, nat_chains=write, stale=stale, with_filter=with_filter)
 
 
 def _ours(chain: str) -> bool:
@@ -299,6 +346,7 @@ class ServiceProxy:
                              on_delete=self._changed)
         self._dirty = asyncio.Event()
         self.applied: list[str] | None = None  # our rules as read back after the last sync
+        self._written: Ruleset | None = None  # what the last successful sync wrote
         self.syncs = 0
         self.repairs = 0
 
@@ -312,15 +360,34 @@ class ServiceProxy:
         return our_lines(await self.iptables.save("nat")) + our_lines(
             await self.iptables.save("filter"))
 
-    async def sync(self) -> None:
-        """Write the whole ruleset for the informers' current state."""
+    async def sync(self, *, full: bool = False) -> None:
+        """Bring our rules to the informers' current state.
+
+        The first sync, one after drift or a failure, and ``full`` write every
+        chain (stale ones found with ``iptables-save``); otherwise only the
+        chains that differ from what the last sync wrote."""
         ports = service_ports(self.services.list(),
                               {key_of(e): e for e in self.endpoints.list()})
-        nat = await self.iptables.save("nat")
-        await self.iptables.restore(build_ruleset(ports, existing_chains=existing_chains(nat)))
+        rules = plan_ruleset(ports)
+        last, self._written = self._written, None  # unknown until this sync succeeds
+        # Writing only what changed is right only if the rest is as we left it
+        # (else the read-back below would take someone's flush for our state).
+        if not full and last is not None and await self.drifted():
+            log.warning("service proxy: our iptables rules changed under us; rewriting all")
+            self.repairs += 1
+            full = True
+        if full or last is None:
+            nat = await self.iptables.save("nat")
+            await self.iptables.restore(render(
+                rules, stale=_stale(rules, existing_chains(nat))))
+        else:
+            text = changes(last, rules)
+            if text is not None:
+                await self.iptables.restore(text)
         for jump in JUMPS:
             await self.iptables.ensure_jump(jump)
         self.applied = await self._read_back()
+        self._written = rules
         self.syncs += 1
         log.debug("service proxy: %d service ports synced", len(ports))
 
@@ -358,7 +425,7 @@ class ServiceProxy:
                         log.warning("service proxy: our iptables rules changed under us; "
                                     "putting them back")
                         self.repairs += 1
-                        await self.sync()
+                        await self.sync(full=True)
                     backoff.reset()
                 except errors.ShoalError as e:
                     self._dirty.set()

@@ -216,12 +216,46 @@ async def test_sync_writes_everything_and_a_flush_is_seen_as_drift() -> None:
     assert any("-j SHOAL-SERVICES" in r for r in nat["PREROUTING"])
     nat["SHOAL-SERVICES"].clear()  # someone flushes our chain
     assert await proxy.drifted()
-    await proxy.sync()
+    await proxy.sync()  # the loop calls sync(full=True); a plain sync checks first
     assert not await proxy.drifted() and any("10.96.0.10/32" in r for r in nat["SHOAL-SERVICES"])
     nat["PREROUTING"].clear()  # or removes the jump
     assert await proxy.drifted()
-    await proxy.sync()
+    await proxy.sync(full=True)
     assert any("-j SHOAL-SERVICES" in r for r in nat["PREROUTING"])
+
+
+async def test_later_syncs_write_only_the_chains_that_changed() -> None:
+    ipt = FakeIptables()
+    texts: list[str] = []
+    real_restore = ipt.restore
+
+    async def restore(text: str) -> None:
+        texts.append(text)
+        await real_restore(text)
+
+    ipt.restore = restore  # type: ignore[method-assign]
+    eps = FakeInformer([endpoints("web", ["10.244.1.2"]), endpoints("db", ["10.244.1.3"])])
+    proxy = ServiceProxy(client=None, iptables=ipt,  # type: ignore[arg-type]
+                         services=FakeInformer([service("web", "10.96.0.10"),  # type: ignore[arg-type]
+                                                service("db", "10.96.0.11")]),
+                         endpoints=eps)  # type: ignore[arg-type]
+    await proxy.sync()
+    assert "SHOAL-MARK-MASQ" in texts[-1]  # the first sync writes everything
+    await proxy.sync()
+    assert len(texts) == 1  # nothing changed: nothing written
+    eps.items = [endpoints("web", ["10.244.1.2", "10.244.2.2"]), endpoints("db", ["10.244.1.3"])]
+    await proxy.sync()
+    declared = [line for line in texts[-1].splitlines() if line.startswith(":")]
+    web = service_ports([service("web", "10.96.0.10")], {"default/web": eps.items[0]})[0]
+    new_sep = sep_chain(web, "10.244.2.2", 8080)
+    assert declared == [f":{svc_chain(web)} - [0:0]", f":{new_sep} - [0:0]"]
+    assert "*filter" not in texts[-1]
+    assert not await proxy.drifted()
+    ipt.tables["nat"]["SHOAL-SERVICES"].clear()  # drift, then a change: all is rewritten
+    eps.items = [endpoints("web", ["10.244.1.2"]), endpoints("db", ["10.244.1.3"])]
+    await proxy.sync()
+    assert "SHOAL-MARK-MASQ" in texts[-1] and len(ipt.tables["nat"]["SHOAL-SERVICES"]) == 2
+    assert proxy.repairs == 1
 
 
 async def test_a_removed_service_leaves_no_chain_behind() -> None:
