@@ -75,7 +75,10 @@ MAX_BACKOFF = 10.0
 UNSCHEDULABLE_FLUSH = 60.0     # a pod stays unschedulable at most this long untried
 FLUSH_INTERVAL = 30.0
 ASSUME_TTL = 30.0
-BIND_CONCURRENCY = 64
+# Bindings in flight. Each waits a round trip through a possibly busy apiserver,
+# so throughput is about this many per bind latency (Little's law); kube runs
+# every binding in its own goroutine.
+BIND_CONCURRENCY = 512
 _BIND_ATTEMPTS = 3
 
 

@@ -19,7 +19,8 @@ rather than the agents; so one watch feeds every agent's cache here, and the
 agents' own sync logic runs as it would. The gRPC channels are shared too
 (``clients`` round-robin), and so is the client identity (the admin
 certificate, not one per node). Containers run until stopped (the fake
-runtime's default behaviour); images are "present".
+runtime's default behaviour); images are "present". Each node brings its own
+pod CIDR (``hollow_pod_cidr``), so node IPAM is left out.
 
     python -m shoal.testing.hollow --config admin.conf --nodes 5000 [--heartbeat 10]
 
@@ -145,6 +146,14 @@ def hollow_facts(name: str, index: int, *, cpu_millis: int, memory_bytes: int,
                      reserved_cpu_millis=0, reserved_memory_bytes=0)
 
 
+def hollow_pod_cidr(index: int) -> str:
+    """Each hollow node brings its own /24 (as ``--pod-cidr``), from 10.128.0.0/9, so
+    node IPAM has nothing to hand out (it would run out of a /16 at 255 nodes)."""
+    if index >= 32768:
+        raise ValueError("at most 32,768 hollow nodes (10.128.0.0/9 in /24 blocks)")
+    return f"10.{128 + index // 256}.{index % 256}.0/24"
+
+
 class HollowCluster:
     """``count`` hollow nodes named ``{prefix}-{i}`` over the given clients."""
 
@@ -176,7 +185,8 @@ class HollowCluster:
                                    max_pods=max_pods),
                 volumes=VolumeManager(root=node_root, mounter=NullMounter()),
                 workers=workers, relist_interval=relist, resync_period=resync,
-                renew_interval=heartbeat, pods=self.dispatcher.view(client, name)))
+                renew_interval=heartbeat, pod_cidr=hollow_pod_cidr(i),
+                pods=self.dispatcher.view(client, name)))
         self.ready = asyncio.Event()
 
     @property
