@@ -381,3 +381,37 @@ def test_pods_on_a_removed_node_keep_their_accounting_until_gone() -> None:
     assert reasons(mk_pod(cpu="1"), state, "n") == ("Insufficient cpu",)
     state.remove_pod("default/a")
     assert reasons(mk_pod(cpu="1"), state, "n") == ()
+
+
+def _general(info: pl.PodInfo, state: pl.ClusterState, start: int) -> tuple[str | None, int]:
+    """The general path spelled out: find_feasible, total_scores, the first best."""
+    nodes = state.ordered()
+    found = pl.find_feasible(info, nodes, start=start,
+                             want=pl.num_feasible_nodes_to_find(len(nodes)))
+    if not found.nodes:
+        return None, found.processed
+    totals = pl.total_scores(info, found.nodes)
+    return found.nodes[totals.index(max(totals))].name, found.processed
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_pass_path_picks_what_the_general_path_picks(seed: int) -> None:
+    rnd = random.Random(seed)
+    nodes = [mk_node(f"n{i:03d}", cpu=str(rnd.choice([1, 2, 4])),
+                     memory=f"{rnd.choice([1, 2, 8])}Gi",
+                     ready=rnd.choice(["True"] * 9 + ["False"]),
+                     unschedulable=rnd.random() < 0.05,
+                     taints=(("k", "", "NoSchedule"),) if rnd.random() < 0.05 else ())
+             for i in range(rnd.choice([3, 40, 250]))]
+    state = cluster(*nodes)
+    for i in range(60):
+        pod = mk_pod(f"p{i}", cpu=rnd.choice(["", "100m", "500m", "1500m"]),
+                     memory=rnd.choice(["", "256Mi", "1Gi"]),
+                     tolerations=(("k", "Exists", "", ""),) if rnd.random() < 0.2 else ())
+        info = pl.pod_info(pod)
+        start = rnd.randrange(1000)
+        got = pl.schedule(info, state, start=start)
+        want_node, processed = _general(info, state, start)
+        assert (got.node, got.processed) == (want_node, processed)
+        if got.node is not None:
+            state.assume(info, got.node)
