@@ -331,6 +331,10 @@ class IptablesCommands:
 # --------------------------------------------------------------------------- the loop
 
 
+# However slow a read-back, drift is looked for at least this often (seconds).
+MAX_CHECK_SPACING = 30.0
+
+
 class ServiceProxy:
     def __init__(self, *, client: AsyncClient, iptables: Iptables | None = None,
                  check_period: float = 5.0, min_interval: float = 0.5,
@@ -407,8 +411,9 @@ class ServiceProxy:
             while True:
                 try:
                     # A read-back costs ~1 s at 5,000 services on nf_tables: look
-                    # at most a tenth of the time.
-                    async with asyncio.timeout(max(self.check_period, 10 * check_cost)):
+                    # at most a tenth of the time, but at least every 30 s.
+                    spacing = min(max(self.check_period, 10 * check_cost), MAX_CHECK_SPACING)
+                    async with asyncio.timeout(spacing):
                         await self._dirty.wait()
                 except TimeoutError:
                     pass

@@ -26,7 +26,9 @@ admission gives every pod 300 s). Eviction deletes the pod. On an unreachable
 node the agent cannot finish that deletion, so the controller also removes the
 agent's finalizer (``shoal.dev/nodeagent``): the pod goes at once, its controller
 recreates it elsewhere, and the agent cleans up the orphaned containers if it
-comes back (it removes runtime pods that have no API object).
+comes back (it removes runtime pods that have no API object). StatefulSet pods
+are the exception, as in Kubernetes: they stay Terminating until the node comes
+back (or someone force-deletes them), so one identity never runs twice.
 
 Contract: ``plan_node`` and ``plan_pods`` are pure and take ``now``; the worker
 for a node key re-reads everything from the informers, writes with the cached
@@ -271,6 +273,17 @@ def unreachable(node: core_pb2.Node) -> bool:
     return any(t.key == tn.UNREACHABLE and t.effect == tn.NO_EXECUTE for t in node.spec.taints)
 
 
+def releasable(pod: core_pb2.Pod) -> bool:
+    """May the controller finish this pod's deletion for an unreachable node's agent?
+
+    Not for a StatefulSet's pod: its replacement has the same name and
+    identity, so it must wait until the old one is known to be stopped."""
+    if AGENT_FINALIZER not in pod.metadata.finalizers:
+        return False
+    return not any(r.controller and r.kind == "StatefulSet"
+                   for r in pod.metadata.owner_references)
+
+
 def plan_pods(pods: Iterable[core_pb2.Pod], *, taints: Sequence[tuple[core_pb2.Taint, float]],
               unreachable: bool, now: float, default_seconds: int) -> PodPlan:
     """``taints``: the node's NoExecute taints with the time each was added;
@@ -283,7 +296,7 @@ def plan_pods(pods: Iterable[core_pb2.Pod], *, taints: Sequence[tuple[core_pb2.T
     for pod in pods:
         terminating = pod.metadata.HasField("deletion_timestamp")
         if terminating:
-            if unreachable and AGENT_FINALIZER in pod.metadata.finalizers:
+            if unreachable and releasable(pod):
                 release.append(ref_of(pod))
             continue
         if unreachable and _pod_ready(pod):
@@ -479,7 +492,8 @@ class NodeLifecycleController:
                 continue
             self.ctx.events.event(pod or deleted, "Normal", "TaintManagerEviction",
                                   f"Marking for deletion Pod {ref}")
-            if unreachable(node) and deleted.metadata.HasField("deletion_timestamp"):
+            if (unreachable(node) and deleted.metadata.HasField("deletion_timestamp")
+                    and releasable(deleted)):
                 await self._release(ref)
         for ref in plan.release:
             await self._release(ref)

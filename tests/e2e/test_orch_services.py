@@ -193,6 +193,10 @@ def test_endpoints_follow_readiness_and_scaling(
     assert got.returncode == 0, got.stderr
     wait_for("web-node-2 not ready in the endpoints",
              lambda: endpoints(cluster, "web") == (others, {node2}), timeout=60)
+    # The Endpoints changed in the API; node-1's proxy follows a moment later.
+    dnat = f"--to-destination {node2}:"
+    wait_for("node-1's proxy drops web-node-2", lambda: dnat not in in_netns(
+        "node-1", "iptables-save", "-t", "nat").stdout, timeout=30)
     for _ in range(6):  # the unready backend gets no traffic
         r = fetch(cluster, "client-node-1", f"http://{web.spec.cluster_ip}:80/")
         assert r.returncode == 0 and r.stdout.strip() != "hello from web-node-2", r
@@ -220,10 +224,10 @@ def test_flushed_rules_are_put_back_by_the_node_agent(
     removed = in_netns("node-1", "iptables", "-w", "5", "-t", "nat", "-D", "PREROUTING", *jump)
     assert removed.returncode == 0, removed.stderr
     wait_for("SHOAL-SERVICES refilled", lambda: ip in in_netns(
-        "node-1", "iptables", "-t", "nat", "-S", "SHOAL-SERVICES").stdout, timeout=30)
+        "node-1", "iptables", "-t", "nat", "-S", "SHOAL-SERVICES").stdout, timeout=60)
     wait_for("PREROUTING jump back", lambda: in_netns(
         "node-1", "iptables", "-t", "nat", "-C", "PREROUTING", *jump).returncode == 0,
-        timeout=30)
+        timeout=60)
     got = fetch(cluster, "client-node-1", f"http://{ip}:80/")
     assert got.returncode == 0 and got.stdout.startswith("hello from web-"), got
 

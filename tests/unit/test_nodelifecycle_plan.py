@@ -169,6 +169,13 @@ def test_eviction_time(name: str, p: core_pb2.Pod, taints: list[tuple[core_pb2.T
     assert nl.eviction_time(p, taints, default_seconds=DEFAULT) == when, name
 
 
+def stateful(name: str) -> core_pb2.Pod:
+    p = pod(name, terminating=True)
+    p.metadata.owner_references.add(api_version="apps/v1", kind="StatefulSet", name="web",
+                                    uid="uid-web", controller=True)
+    return p
+
+
 def test_plan_pods_on_an_unreachable_node() -> None:
     pods = [
         pod("plain"),                                        # default 5 s: 10 s old -> evict
@@ -176,6 +183,7 @@ def test_plan_pods_on_an_unreachable_node() -> None:
         pod("daemon", tol(tn.UNREACHABLE)),                  # stays; marked not ready
         pod("going", terminating=True),                      # already terminating: release
         pod("going-free", terminating=True, finalizer=False),
+        stateful("web-0"),                                   # terminating, but a StatefulSet's
         pod("unready", tol(tn.UNREACHABLE), ready=False),
     ]
     plan = nl.plan_pods(pods, taints=UNREACH_AT, unreachable=True, now=T0, default_seconds=5)
