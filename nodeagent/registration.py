@@ -71,6 +71,8 @@ class NodeRegistration:
         # Starting, RegisteredNode, NodeReady / NodeNotReady (the kubelet's Events).
         self.events = events
         self._ready_reported: bool | None = None
+        # A heartbeat failed since the last good one (see tick).
+        self._out_of_touch = False
         self.node_name = node_name
         self.facts = facts
         self.runtime_probe = runtime_probe
@@ -187,10 +189,25 @@ class NodeRegistration:
 
     async def tick(self) -> None:
         """One round: register if needed, renew the lease, post status if due."""
+        try:
+            await self._tick()
+        except errors.ShoalError:
+            self._out_of_touch = True
+            raise
+
+    async def _tick(self) -> None:
         if not self.registered.is_set():
             await self.register()
         await self.renew_lease()
-        await self.post_status()
+        if self._out_of_touch:
+            # While we could not reach the apiserver, the node lifecycle
+            # controller may have marked the node Unknown: our cached Node says
+            # nothing about that, so read it afresh and post our status now.
+            self.node = None
+            await self.post_status(force=True)
+            self._out_of_touch = False
+        else:
+            await self.post_status()
 
     async def run(self) -> None:
         while True:

@@ -74,6 +74,40 @@ async def test_register_renew_and_readiness(client: AsyncClient) -> None:
     assert node.spec.pod_cidr == "10.244.3.0/24"
 
 
+async def test_status_is_posted_again_after_the_apiserver_was_out_of_reach(
+        client: AsyncClient) -> None:
+    """A partition healed: the node controller marked the node Unknown meanwhile;
+    the agent's first good heartbeat puts Ready=True back, not 60 s later."""
+    clock = Clock()
+
+    async def probe() -> tuple[str, bool, str]:
+        return "containerd://1.6.20", True, ""
+
+    reg = NodeRegistration(client=client, node_name="node-r", facts=FACTS,
+                           runtime_probe=probe, clock=clock, status_interval=60)
+    await reg.tick()
+    node = await client.get(core_pb2.Node, "node-r")
+    for c in node.status.conditions:  # what the node lifecycle controller does
+        c.status, c.reason = "Unknown", "NodeStatusUnknown"
+    await client.update_status(node)
+
+    renew = reg.renew_lease
+
+    async def cut_off() -> coordination_pb2.Lease:
+        raise errors.Unavailable("no route to host")
+
+    reg.renew_lease = cut_off  # type: ignore[method-assign]
+    clock.now += 10
+    with pytest.raises(errors.Unavailable):
+        await reg.tick()
+    reg.renew_lease = renew  # type: ignore[method-assign]
+    clock.now += 10
+    await reg.tick()
+    node = await client.get(core_pb2.Node, "node-r")
+    ready = next(c for c in node.status.conditions if c.type == "Ready")
+    assert ready.status == "True"
+
+
 def test_condition_transition_time_is_kept_while_status_holds() -> None:
     a = node_status(FACTS, runtime_version="x", runtime_ready=True, runtime_message="",
                     previous=None, now=100)
