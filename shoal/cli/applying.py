@@ -16,14 +16,14 @@ Plan, then act. Nothing is written unless every check passes::
         v
     write each action in order: "created" / "configured" / "unchanged"
 
-An update takes the object as stored and replaces, from the manifest,
-``metadata.labels``, ``annotations``, ``ownerReferences`` and ``finalizers``
-and every top-level field except ``metadata`` and ``status``; status and
-server-set metadata are kept, and the stored ``resourceVersion`` is sent. A
-handful of spec fields that the server or a controller fills in and a
-manifest normally leaves out (a pod's ``nodeName``, a namespace's
-``spec.finalizers``, a service's ``clusterIP``) are kept when the manifest does
-not set them (:data:`SERVER_FILLED`). ``unchanged`` means the server answered
+An update is kubectl's three-way merge (:func:`three_way`) of the stored
+object, the manifest, and the manifest of the previous apply (kept in the
+``kubectl.kubernetes.io/last-applied-configuration`` annotation, which create
+and update both write): what the manifest sets wins; what the previous apply
+set and this manifest drops is removed; what someone else wrote (a Service's
+``clusterIP``, a bound pod's ``nodeName``, a controller's annotation, a label
+added by hand) stays. Lists are the manifest's, whole. Status is never sent,
+and the stored ``resourceVersion`` is. ``unchanged`` means the server answered
 with the resourceVersion it was sent: it wrote nothing.
 
 Who retries: a write that hits ``Conflict`` (the object changed since it was
@@ -34,6 +34,8 @@ first part of this module is pure; the executor (``run_apply``) is at the end.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
@@ -53,19 +55,8 @@ from shoal.manifests import Document
 WRITE_ATTEMPTS = 5
 DryRun = Literal["none", "server", "client"]
 
-# Fields (kind, attribute path) the server or a controller fills in, which a
-# manifest usually omits. An update keeps the stored value when the manifest
-# leaves the field unset; replacing it with "unset" would be refused (a bound
-# pod's nodeName) or would silently break something (a namespace's finalizer).
-SERVER_FILLED: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Namespace", ("spec", "finalizers")),
-    ("Pod", ("spec", "node_name")),
-    ("Service", ("spec", "cluster_ip")),
-    ("Service", ("spec", "cluster_ips")),
-    ("Node", ("spec", "pod_cidr")),
-    ("Node", ("spec", "pod_cidrs")),
-    ("Node", ("spec", "provider_id")),
-)
+# kubectl's annotation: the manifest as last applied, the third side of the merge.
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 # --------------------------------------------------------------------------- values
@@ -133,7 +124,7 @@ class Action:
         """What would be sent right now."""
         if self.existing is None:
             return self.desired.obj
-        return merge_for_update(self.existing, self.desired.obj)
+        return merge_for_update(self.existing, self.desired.obj, self.desired.kind)
 
 
 @dataclass(frozen=True)
@@ -241,45 +232,66 @@ def prepare(decoded: Sequence[Decoded], *, explicit_namespace: str | None,
 # --------------------------------------------------------------------------- planning
 
 
-def _keep_server_filled(merged: Any, existing: Any) -> None:
-    for kind_name, path in SERVER_FILLED:
-        if kind_name != existing.DESCRIPTOR.name:
-            continue
-        dst, src = merged, existing
-        for attr in path[:-1]:
-            dst, src = getattr(dst, attr), getattr(src, attr)
-        leaf = path[-1]
-        if getattr(dst, leaf) or not getattr(src, leaf):
-            continue
-        value = getattr(src, leaf)
-        if isinstance(value, (str, bytes, int, float, bool)):
-            setattr(dst, leaf, value)
-        else:
-            getattr(dst, leaf).extend(value)
+def last_applied_text(kind: Kind, obj: Message) -> str:
+    """The manifest as it will be remembered: canonical JSON, without itself."""
+    body: dict[str, Any] = manifests.encode_message(obj)
+    annotations = body.get("metadata", {}).get("annotations", {})
+    annotations.pop(LAST_APPLIED, None)
+    if "metadata" in body and not annotations:
+        body["metadata"].pop("annotations", None)
+    data = {"apiVersion": kind.api_version, "kind": kind.kind, **body}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def merge_for_update(existing: Message, desired: Message) -> Any:
-    """The stored object with the manifest's fields put in (see the module docstring)."""
-    merged: Any = type(existing)()
-    merged.CopyFrom(existing)
-    want: Any = desired
-    meta = merged.metadata
-    for name in ("labels", "annotations", "owner_references", "finalizers"):
-        meta.ClearField(name)
-    meta.labels.update(want.metadata.labels)
-    meta.annotations.update(want.metadata.annotations)
-    meta.owner_references.extend(want.metadata.owner_references)
-    meta.finalizers.extend(want.metadata.finalizers)
-    body: Any = type(desired)()
-    body.CopyFrom(desired)
-    for fd in merged.DESCRIPTOR.fields:
-        if fd.name not in ("metadata", "status"):
-            merged.ClearField(fd.name)
-    body.ClearField("metadata")
-    if "status" in body.DESCRIPTOR.fields_by_name:
-        body.ClearField("status")
-    merged.MergeFrom(body)
-    _keep_server_filled(merged, existing)
+def with_last_applied(kind: Kind, obj: Message) -> Any:
+    """``obj`` carrying the last-applied annotation (what a create sends)."""
+    out: Any = type(obj)()
+    out.CopyFrom(obj)
+    out.metadata.annotations[LAST_APPLIED] = last_applied_text(kind, obj)
+    return out
+
+
+def three_way(live: Any, last: Any, want: Any) -> Any:
+    """kubectl apply's merge of plain JSON values (pure).
+
+    Maps merge key by key: what the manifest sets wins, what the previous apply
+    set and this one no longer does is removed, and everything else (written
+    by the server, a controller or another client) is kept. Lists and scalars
+    are the manifest's, whole."""
+    if not (isinstance(live, dict) and isinstance(want, dict)):
+        return copy.deepcopy(want)
+    last = last if isinstance(last, dict) else {}
+    out = {k: v for k, v in live.items() if k in want or k not in last}
+    for k, v in want.items():
+        out[k] = three_way(live[k], last.get(k), v) if k in live else copy.deepcopy(v)
+    return out
+
+
+def previous_apply(existing: Any) -> dict[str, Any]:
+    """The manifest the last ``apply`` wrote ({} if none, or unreadable)."""
+    text = existing.metadata.annotations.get(LAST_APPLIED, "")
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def merge_for_update(existing: Message, desired: Message, kind: Kind) -> Any:
+    """The stored object with the manifest merged in (see the module docstring)."""
+    stored: Any = existing
+    want = manifests.encode_message(with_last_applied(kind, desired))
+    live = manifests.encode_message(existing)
+    last = previous_apply(existing)
+    for side in (want, live, last):
+        side.pop("status", None)
+        side.pop("apiVersion", None)
+        side.pop("kind", None)
+    merged: Any = manifests.decode_message(three_way(live, last, want), type(existing),
+                                           path="")
+    if "status" in merged.DESCRIPTOR.fields_by_name and stored.HasField("status"):
+        merged.status.CopyFrom(stored.status)
+    merged.metadata.resource_version = stored.metadata.resource_version
     return merged
 
 
@@ -366,12 +378,12 @@ async def write(client: AsyncClient, action: Action, *, dry_run: bool) -> str:
     for _ in range(WRITE_ATTEMPTS):
         if existing is None:
             try:
-                await client.create(d.obj, dry_run=dry_run)
+                await client.create(with_last_applied(d.kind, d.obj), dry_run=dry_run)
                 return "created"
             except errors.AlreadyExists as e:
                 last = e
         else:
-            merged = merge_for_update(existing, d.obj)
+            merged = merge_for_update(existing, d.obj, d.kind)
             try:
                 result = await client.update(merged, dry_run=dry_run)
             except (errors.Conflict, errors.NotFound) as e:

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from shoal.api.apps.v1 import apps_pb2
+from shoal.api.core.v1 import core_pb2
 from shoal.cli.main import main
 from shoal.config import load
 
@@ -112,6 +114,39 @@ async def test_apply_creates_then_unchanged_then_configured(shoal: Any, tmp_path
                                         "deployment.apps/web configured"]
     got = await shoal("get", "deploy", "web", "-n", ns, "-o", "json")
     assert json.loads(got.out)["spec"]["replicas"] == 5
+
+
+async def test_apply_keeps_what_others_wrote_and_drops_what_it_no_longer_sets(
+        shoal: Any, apiserver: Any, tmp_path: Path) -> None:
+    """kubectl's three-way merge: a Service's allocated address, a controller's
+    annotation and a label added by hand survive a re-apply; a label the previous
+    apply set and this manifest drops is removed."""
+    ns = unique()
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "namespace": ns},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    cm = cm_doc("cfg", ns, labels={"tier": "x", "app": "web"}, a="1")
+    path = write(tmp_path, "app.yaml", ns_doc(ns), cm, svc, deploy_doc("web", ns))
+    assert (await shoal("apply", "-f", path)).code == 0
+    async with apiserver.client() as c:
+        d = await c.get(apps_pb2.Deployment, "web", namespace=ns)
+        d.metadata.annotations["deployment.kubernetes.io/revision"] = "1"
+        await c.update(d)
+        got = await c.get(core_pb2.ConfigMap, "cfg", namespace=ns)
+        got.metadata.labels["by-hand"] = "yes"
+        await c.update(got)
+        ip = (await c.get(core_pb2.Service, "web", namespace=ns)).spec.cluster_ip
+    again = await shoal("apply", "-f", path)
+    assert again.out.splitlines() == [f"namespace/{ns} unchanged", "configmap/cfg unchanged",
+                                      "service/web unchanged", "deployment.apps/web unchanged"]
+    write(tmp_path, "app.yaml", ns_doc(ns), cm_doc("cfg", ns, labels={"app": "web"}, a="1"))
+    assert (await shoal("apply", "-f", path)).code == 0
+    async with apiserver.client() as c:
+        got = await c.get(core_pb2.ConfigMap, "cfg", namespace=ns)
+        assert dict(got.metadata.labels) == {"app": "web", "by-hand": "yes"}
+        d = await c.get(apps_pb2.Deployment, "web", namespace=ns)
+        assert d.metadata.annotations["deployment.kubernetes.io/revision"] == "1"
+        assert (await c.get(core_pb2.Service, "web", namespace=ns)).spec.cluster_ip == ip
 
 
 async def test_apply_with_a_bad_second_document_writes_nothing(shoal: Any) -> None:

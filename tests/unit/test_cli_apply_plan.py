@@ -6,6 +6,7 @@ Every function here is pure; the server's part is played by plain dicts of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from shoal import manifests, validation
 from shoal.cli import applying
 from shoal.cli.applying import (
+    LAST_APPLIED,
     Decoded,
     Desired,
     ObjectKey,
@@ -25,6 +27,7 @@ from shoal.cli.applying import (
     plan_apply,
     prepare,
     resolve_namespace,
+    three_way,
     update_outcome,
 )
 from shoal.cli.reporting import InputError, error_lines
@@ -221,34 +224,60 @@ def test_prepare_reports_a_file_given_twice() -> None:
 # --------------------------------------------------------------------------- merge
 
 
-def test_merge_takes_the_manifest_and_keeps_server_state() -> None:
+def test_merge_takes_the_manifest_and_keeps_what_others_wrote() -> None:
     existing = stored(deployment("web", replicas=3, labels={"app": "web", "old": "x"}),
                       status={"readyReplicas": 3})
-    existing.metadata.annotations["note"] = "old"
+    existing.metadata.annotations["deployment.kubernetes.io/revision"] = "2"
     existing.spec.paused = True
-    existing.spec.min_ready_seconds = 5
     want = desired(deployment("web", replicas=5, image="nginx:2"))[0]
-    merged = merge_for_update(existing, want.obj)
+    merged = merge_for_update(existing, want.obj, want.kind)
     meta = merged.metadata
     # Server-set metadata and status are kept; rv is the one read.
     assert (meta.uid, meta.resource_version, meta.generation) == ("u-1", "7", 2)
     assert meta.creation_timestamp.seconds == 1_700_000_000
     assert merged.status.ready_replicas == 3
-    # Labels and annotations are the manifest's.
-    assert dict(meta.labels) == {"app": "web"}
-    assert dict(meta.annotations) == {}
-    # The spec is the manifest's, whole: fields it leaves out are cleared.
+    # Never applied before: nothing is known to be the manifest's to remove.
+    assert dict(meta.labels) == {"app": "web", "old": "x"}
+    assert meta.annotations["deployment.kubernetes.io/revision"] == "2"
+    assert merged.spec.paused
+    # What the manifest sets wins, and is remembered.
     assert merged.spec.replicas == 5
     assert merged.spec.template.spec.containers[0].image == "nginx:2"
-    assert not merged.spec.paused and merged.spec.min_ready_seconds == 0
+    assert json.loads(meta.annotations[LAST_APPLIED])["spec"]["replicas"] == 5
 
 
-def test_merge_of_an_object_without_status_replaces_its_data() -> None:
-    existing = stored(configmap("a", x="1", y="2"))
+def test_merge_removes_what_the_previous_apply_set_and_this_one_drops() -> None:
+    first = desired(deployment("web", replicas=3, labels={"app": "web", "tier": "x"}))[0]
+    first.obj.spec.min_ready_seconds = 5
+    existing = stored(deployment("web", replicas=3))
+    existing.CopyFrom(merge_for_update(existing, first.obj, first.kind))
+    existing.metadata.labels["added-by-hand"] = "yes"
+    want = desired(deployment("web", replicas=3, labels={"app": "web"}))[0]
+    merged = merge_for_update(existing, want.obj, want.kind)
+    assert dict(merged.metadata.labels) == {"app": "web", "added-by-hand": "yes"}
+    assert merged.spec.min_ready_seconds == 0
+
+
+def test_merge_of_an_object_without_status_merges_its_data() -> None:
+    before = desired(configmap("a", x="1", y="2"))[0]
+    existing = stored(configmap("a"))
+    existing.CopyFrom(merge_for_update(existing, before.obj, before.kind))
     want = desired(configmap("a", x="9"))[0]
-    merged = merge_for_update(existing, want.obj)
+    merged = merge_for_update(existing, want.obj, want.kind)
     assert dict(merged.data) == {"x": "9"}
     assert merged.metadata.resource_version == "7"
+
+
+@pytest.mark.parametrize(("live", "last", "want", "out"), [
+    ({"a": 1, "b": 2}, {}, {"a": 3}, {"a": 3, "b": 2}),               # others' b stays
+    ({"a": 1, "b": 2}, {"a": 1, "b": 2}, {"a": 1}, {"a": 1}),         # b was ours: gone
+    ({"m": {"x": 1, "y": 2}}, {"m": {"x": 1}}, {"m": {}}, {"m": {"y": 2}}),
+    ({"l": [1, 2, 3]}, {"l": [1]}, {"l": [4]}, {"l": [4]}),           # lists whole
+    ({"a": {"x": 1}}, {}, {"a": 5}, {"a": 5}),                        # type change
+    ({}, {"gone": 1}, {"new": {"k": "v"}}, {"new": {"k": "v"}}),
+])
+def test_three_way(live: Any, last: Any, want: Any, out: Any) -> None:
+    assert three_way(live, last, want) == out
 
 
 @pytest.mark.parametrize(("data", "fill", "check"), [
@@ -273,7 +302,7 @@ def test_merge_keeps_server_filled_fields_the_manifest_leaves_out(
     existing = stored(data)
     fill(existing)
     want = desired(data)[0]
-    assert check(merge_for_update(existing, want.obj))
+    assert check(merge_for_update(existing, want.obj, want.kind))
 
 
 def test_merge_lets_the_manifest_set_a_server_filled_field() -> None:
@@ -282,7 +311,7 @@ def test_merge_lets_the_manifest_set_a_server_filled_field() -> None:
     existing = stored(namespace("x"))
     existing.spec.finalizers.append("kubernetes")
     want = desired(data)[0]
-    assert list(merge_for_update(existing, want.obj).spec.finalizers) == ["custom"]
+    assert list(merge_for_update(existing, want.obj, want.kind).spec.finalizers) == ["custom"]
 
 
 # --------------------------------------------------------------------------- plan
@@ -341,6 +370,11 @@ def test_local_outcome_for_client_dry_run() -> None:
     want = desired(deployment("web"))
     existing = stored(deployment("web"), ns="default")
     validation.apply_defaults(want[0].kind, existing)
+    plan = plan_apply(want, observed={want[0].key: existing}, namespaces={"default"})
+    # Created some other way: the first apply adds the last-applied annotation.
+    assert applying.local_outcome(plan.actions[0]) == "configured"
+    existing.metadata.annotations[applying.LAST_APPLIED] = applying.last_applied_text(
+        want[0].kind, want[0].obj)
     plan = plan_apply(want, observed={want[0].key: existing}, namespaces={"default"})
     assert applying.local_outcome(plan.actions[0]) == "unchanged"
     changed = desired(deployment("web", replicas=1))
