@@ -73,6 +73,8 @@ class NodeRegistration:
         self._ready_reported: bool | None = None
         # A heartbeat failed since the last good one (see tick).
         self._out_of_touch = False
+        # The Lease as last written (see renew_lease).
+        self._lease: coordination_pb2.Lease | None = None
         self.node_name = node_name
         self.facts = facts
         self.runtime_probe = runtime_probe
@@ -161,6 +163,24 @@ class NodeRegistration:
             self.events.event(node, "Normal", reason, message)
 
     async def renew_lease(self) -> coordination_pb2.Lease:
+        """Renew (or create) the node's Lease.
+
+        As the kubelet does, the Lease written last is kept and updated
+        directly: one request per renewal. Only when that fails (someone else
+        wrote it, or it is gone) is it read afresh."""
+        if self._lease is not None:
+            lease = coordination_pb2.Lease()
+            lease.CopyFrom(self._lease)
+            lease.spec.renew_time.CopyFrom(_ts(self.clock()))
+            try:
+                self._lease = await self.client.update(lease)
+                return self._lease
+            except (errors.Conflict, errors.NotFound):
+                self._lease = None
+        self._lease = await self._renew_fresh()
+        return self._lease
+
+    async def _renew_fresh(self) -> coordination_pb2.Lease:
         now = _ts(self.clock())
         try:
             lease = await self.client.get(coordination_pb2.Lease, self.node_name,

@@ -108,6 +108,31 @@ async def test_status_is_posted_again_after_the_apiserver_was_out_of_reach(
     assert ready.status == "True"
 
 
+async def test_lease_renewal_survives_others_writing_or_deleting_it(
+        client: AsyncClient) -> None:
+    clock = Clock()
+
+    async def probe() -> tuple[str, bool, str]:
+        return "containerd://1.6.20", True, ""
+
+    reg = NodeRegistration(client=client, node_name="node-r", facts=FACTS,
+                           runtime_probe=probe, clock=clock)
+    await reg.tick()
+    lease = await client.get(coordination_pb2.Lease, "node-r", namespace=LEASE_NAMESPACE)
+    lease.metadata.labels["touched"] = "yes"  # someone else writes: our copy is stale
+    await client.update(lease)
+    clock.now += 10
+    await reg.tick()
+    lease = await client.get(coordination_pb2.Lease, "node-r", namespace=LEASE_NAMESPACE)
+    assert lease.spec.renew_time.seconds == int(clock.now)
+    assert lease.metadata.labels["touched"] == "yes"
+    await client.delete(coordination_pb2.Lease, "node-r", namespace=LEASE_NAMESPACE)
+    clock.now += 10
+    await reg.tick()
+    lease = await client.get(coordination_pb2.Lease, "node-r", namespace=LEASE_NAMESPACE)
+    assert lease.spec.renew_time.seconds == int(clock.now)
+
+
 def test_condition_transition_time_is_kept_while_status_holds() -> None:
     a = node_status(FACTS, runtime_version="x", runtime_ready=True, runtime_message="",
                     previous=None, now=100)
