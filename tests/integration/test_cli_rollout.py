@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.cli.main import main
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,8 @@ class Result:
 async def ctl_api(tmp_path_factory: pytest.TempPathFactory
                   ) -> AsyncIterator[InProcessAPIServer]:
     data: Path = tmp_path_factory.mktemp("cli-rollout")
-    async with InProcessAPIServer(data, controllers=("replicaset", "deployment",
-                                                     "statefulset", "garbagecollector"),
-                                  leader_lease=(5.0, 4.0, 0.2)) as api:
-        assert api.server is not None and api.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await api.server.controller_manager.leading.wait()
+    async with leading_apiserver(data, controllers=("replicaset", "deployment",
+                                                     "statefulset", "garbagecollector")) as api:
         yield api
 
 
@@ -73,17 +70,6 @@ def shoal(ctl_api: InProcessAPIServer, c: AsyncClient,
     return run
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 15.0) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                got = await check()
-                if got:
-                    return got
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(what) from None
 
 
 def deployment(name: str, replicas: int = 2, *, image: str = "busybox:v1",

@@ -6,10 +6,9 @@ must go from its node affinity, and sets pod status (Running, Ready) itself.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 _SEQ = itertools.count()
 
@@ -28,11 +28,7 @@ _SEQ = itertools.count()
 @pytest.fixture(scope="module")
 async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcessAPIServer]:
     data: Path = tmp_path_factory.mktemp("workloads")
-    async with InProcessAPIServer(data, controllers=("daemonset", "statefulset"),
-                                  leader_lease=(5.0, 4.0, 0.2)) as srv:
-        assert srv.server is not None and srv.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await srv.server.controller_manager.leading.wait()
+    async with leading_apiserver(data, controllers=("daemonset", "statefulset")) as srv:
         yield srv
 
 
@@ -46,18 +42,6 @@ async def c(api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
         yield client
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 15.0) -> Any:
-    last: Any = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await check()
-                if last:
-                    return last
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"{what} (last: {last!r})") from None
 
 
 async def pods_of(c: AsyncClient, app: str) -> list[core_pb2.Pod]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,14 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 
 @pytest.fixture(scope="module")
 async def ep_api(tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[InProcessAPIServer]:
     data: Path = tmp_path_factory.mktemp("endpoints")
-    async with InProcessAPIServer(data, controllers=("endpoints",),
-                                  leader_lease=(5.0, 4.0, 0.2)) as api:
-        assert api.server is not None and api.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await api.server.controller_manager.leading.wait()
+    async with leading_apiserver(data, controllers=("endpoints",)) as api:
         yield api
 
 
@@ -38,18 +34,6 @@ async def c(ep_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
         yield client
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 10.0) -> Any:
-    last: Any = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await check()
-                if last:
-                    return last
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"{what} (last: {last!r})") from None
 
 
 def service(name: str, *, headless: bool = False) -> core_pb2.Service:

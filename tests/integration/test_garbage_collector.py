@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 HOLD = "test.shoal.dev/hold"
 
@@ -21,11 +22,7 @@ HOLD = "test.shoal.dev/hold"
 @pytest.fixture(scope="module")
 async def gc_api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcessAPIServer]:
     data: Path = tmp_path_factory.mktemp("gc")
-    async with InProcessAPIServer(data, controllers=("garbagecollector",),
-                                  leader_lease=(5.0, 4.0, 0.2)) as api:
-        assert api.server is not None and api.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await api.server.controller_manager.leading.wait()
+    async with leading_apiserver(data, controllers=("garbagecollector",)) as api:
         yield api
 
 
@@ -39,15 +36,6 @@ async def gc(gc_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
         yield c
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 10.0) -> Any:
-    async with asyncio.timeout(timeout):
-        while True:
-            got = await check()
-            if got:
-                return got
-            await asyncio.sleep(0.05)
-    raise AssertionError(what)  # pragma: no cover
 
 
 async def gone(c: AsyncClient, kind: type[Any], name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 GRACE = 1.0
 EVICTION = 1.0
@@ -32,12 +33,8 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProce
     data: Path = tmp_path_factory.mktemp("nodelifecycle")
     settings = ControllerSettings(node_monitor_grace_period=GRACE,
                                   pod_eviction_timeout=EVICTION)
-    async with InProcessAPIServer(data, controllers=("nodelifecycle",),
-                                  controller_settings=settings,
-                                  leader_lease=(5.0, 4.0, 0.2)) as srv:
-        assert srv.server is not None and srv.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await srv.server.controller_manager.leading.wait()
+    async with leading_apiserver(data, controllers=("nodelifecycle",),
+                                  controller_settings=settings) as srv:
         yield srv
 
 
@@ -47,17 +44,6 @@ async def c(api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
         yield client
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 15.0) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                got = await check()
-                if got:
-                    return got
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(what) from None
 
 
 def _now_ts(ts: Any) -> None:

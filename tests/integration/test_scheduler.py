@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,17 +12,14 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 NS = "default"
 
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[InProcessAPIServer]:
-    async with InProcessAPIServer(tmp_path, controllers=("scheduler",),
-                                  leader_lease=(5.0, 4.0, 0.2)) as api:
-        assert api.server is not None and api.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await api.server.controller_manager.leading.wait()
+    async with leading_apiserver(tmp_path, controllers=("scheduler",)) as api:
         yield api
 
 
@@ -35,17 +30,6 @@ async def c(api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
         yield client
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 10.0) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                got = await check()
-                if got:
-                    return got
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def node(name: str, *, cpu: str = "4", memory: str = "8Gi", pods: str = "110",

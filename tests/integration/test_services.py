@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually
 
 RANGE = "10.100.0.0/24"
 
@@ -52,15 +52,6 @@ def service(name: str, *, cluster_ip: str = "", port: int = 80,
     return s
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 10.0) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while not (got := await check()):
-                await asyncio.sleep(0.05)
-            return got
-    except TimeoutError:
-        raise AssertionError(what) from None
 
 
 async def test_a_service_gets_a_free_address_of_the_range(c: AsyncClient) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import eventually, leading_apiserver
 
 CONTROLLERS = ("replicaset", "deployment", "garbagecollector")
 
@@ -29,11 +30,7 @@ CONTROLLERS = ("replicaset", "deployment", "garbagecollector")
 async def workloads_api(tmp_path_factory: pytest.TempPathFactory
                         ) -> AsyncIterator[InProcessAPIServer]:
     data: Path = tmp_path_factory.mktemp("workloads")
-    async with InProcessAPIServer(data, controllers=CONTROLLERS,
-                                  leader_lease=(5.0, 4.0, 0.2)) as api:
-        assert api.server is not None and api.server.controller_manager is not None
-        async with asyncio.timeout(10):
-            await api.server.controller_manager.leading.wait()
+    async with leading_apiserver(data, controllers=CONTROLLERS) as api:
         yield api
 
 
@@ -47,18 +44,6 @@ async def wl(workloads_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
         yield c
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 15.0) -> Any:
-    last: Any = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await check()
-                if last:
-                    return last
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"{what} (last: {last!r})") from None
 
 
 def template(spec: Any, app: str, image: str = "busybox:v1") -> None:
