@@ -1,15 +1,14 @@
 """Helpers for tests of controllers in an in-process apiserver.
 
     async with leading_apiserver(tmp, controllers=("replicaset",)) as api:
-        ...                                   # the controllers lead and run
-    await eventually("3 pods", lambda: ...)   # poll an async check until true
+        ...   # the controllers lead and run
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,3 @@ async def leading_apiserver(data: Path, **kw: Any) -> AsyncIterator[InProcessAPI
         async with asyncio.timeout(10):
             await api.server.controller_manager.leading.wait()
         yield api
-
-
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], *,
-                     timeout: float = 15.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something true; fail naming ``what``."""
-    last: Any = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await check()
-                if last:
-                    return last
-                await asyncio.sleep(interval)
-    except TimeoutError:
-        raise AssertionError(f"{what} (last: {last!r})") from None

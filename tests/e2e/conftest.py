@@ -16,11 +16,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -53,19 +51,6 @@ class Cluster:
 
     def shoal(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return shoal_cli(*args, config=self.config, timeout=timeout)
-
-
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 60.0,
-             interval: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not after {timeout:g}s (last: {last!r})")
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from shoal import errors
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
+from shoal.testing.waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,16 +33,10 @@ UNREACHABLE = "node.kubernetes.io/unreachable"
 Cluster = Any  # tests/e2e/conftest.py's Cluster (conftest modules are not importable)
 
 
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not after {timeout:g}s (last: {last!r})")
 
+
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 90.0) -> Any:
+    return _wait_for(what, check, timeout=timeout)
 
 def httpd_template(app: str) -> core_pb2.PodTemplateSpec:
     """busybox httpd with a readiness probe: Ready means serving."""

@@ -10,7 +10,6 @@ node that ``wget`` the ClusterIP through ``shoal exec``. Needs root; run with
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
+from shoal.testing.waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -27,16 +27,10 @@ IMAGE = "docker.io/library/busybox:1.36"
 Cluster = Any  # tests/e2e/conftest.py's Cluster (conftest modules are not importable)
 
 
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not after {timeout:g}s (last: {last!r})")
 
+
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 60.0) -> Any:
+    return _wait_for(what, check, timeout=timeout)
 
 def web_pod(name: str, node: str, **labels: str) -> core_pb2.Pod:
     p = core_pb2.Pod()

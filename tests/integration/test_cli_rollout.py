@@ -25,7 +25,8 @@ from shoal.api.core.v1 import core_pb2
 from shoal.cli.main import main
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import eventually, leading_apiserver
+from shoal.testing.controllers import leading_apiserver
+from shoal.testing.waiting import eventually
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import eventually, leading_apiserver
+from shoal.testing.controllers import leading_apiserver
+from shoal.testing.waiting import eventually
 
 GRACE = 1.0
 EVICTION = 1.0

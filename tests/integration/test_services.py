@@ -15,7 +15,7 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import eventually
+from shoal.testing.waiting import eventually
 
 RANGE = "10.100.0.0/24"
 

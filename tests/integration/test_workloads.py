@@ -21,7 +21,8 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import eventually, leading_apiserver
+from shoal.testing.controllers import leading_apiserver
+from shoal.testing.waiting import eventually
 
 CONTROLLERS = ("replicaset", "deployment", "garbagecollector")
 
