@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--advertise", action="append", default=[],
                      help="HOST:PORT nodes should use for this apiserver (repeatable)")
     srv.add_argument("--bookmark-interval", type=float, default=5.0)
+    srv.add_argument("--mesh-trust-domain", default="cluster.local",
+                     help="SPIFFE trust domain of workload certificates")
+    srv.add_argument("--workload-cert-ttl", type=float, default=24 * 3600.0,
+                     help="lifetime of workload certificates, seconds (default 24 h)")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_listen=ns.metrics_listen, bookmark_interval=ns.bookmark_interval,
         join_listen=ns.join_listen, advertise=tuple(ns.advertise),
         cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size,
+        mesh_trust_domain=ns.mesh_trust_domain, workload_cert_lifetime=ns.workload_cert_ttl,
         controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),
         controller_settings=ControllerSettings(
             node_monitor_grace_period=ns.node_monitor_grace_period,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from apiserver.serviceips import ServiceIPAllocator
 from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
 from apiserver.watchcache import DELETED, MODIFIED, CacheEvent, WatchCache
+from apiserver.workloadcerts import WorkloadCertificateService
 from shoal import errors
 from shoal.config import ClientConfig
 from shoal.kinds import KindTable, builtin_kinds
@@ -74,6 +76,9 @@ class ServerConfig:
     history_revisions: int = 20_000
     shutdown_grace: float = 5.0
     tls: bool = True
+    # Mesh workload certificates: SPIFFE trust domain and lifetime.
+    mesh_trust_domain: str = "cluster.local"
+    workload_cert_lifetime: float = 24 * 3600.0
     namespaces: tuple[str, ...] = field(default=DEFAULT_NAMESPACES)
 
 
@@ -127,6 +132,12 @@ class APIServer:
                 ca=CertificateAuthority.load(config.data_dir / "pki"),
                 servers=config.advertise or (config.listen,), metrics=metrics,
                 authn=self.authn)
+        self.workload_certs: WorkloadCertificateService | None = None
+        if config.tls:
+            self.workload_certs = WorkloadCertificateService(
+                cache=self.cache, kinds=kinds, pki_dir=config.data_dir / "pki",
+                metrics=metrics, authn=self.authn, trust_domain=config.mesh_trust_domain,
+                lifetime=dt.timedelta(seconds=config.workload_cert_lifetime))
         self.namespaces = NamespaceFinalizer(objects=self.objects, cache=self.cache, kinds=kinds)
         self.ipam = (NodeIPAM(objects=self.objects, cache=self.cache, kinds=kinds,
                               cluster_cidr=config.cluster_cidr, mask=config.node_cidr_mask)
@@ -184,6 +195,8 @@ class APIServer:
             server.add_generic_rpc_handlers((self.join.handler(),))
         if self.proxy is not None:
             server.add_generic_rpc_handlers((self.proxy.handler(),))
+        if self.workload_certs is not None:
+            server.add_generic_rpc_handlers((self.workload_certs.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
