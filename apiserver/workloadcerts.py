@@ -141,7 +141,7 @@ class MeshCA:
 
     def __init__(self, pki_dir: Path) -> None:
         self.pki = pki_dir
-        self._stamp: tuple[float, ...] = ()
+        self._stamp: tuple[tuple[int, int, int], ...] = ()
         self._signer: CertificateAuthority | None = None
         self._intermediates: bytes = b""
         self._roots: bytes = b""
@@ -151,7 +151,7 @@ class MeshCA:
                                              "mesh-trust-bundle.pem"))
 
     def _load(self) -> None:
-        stamp = tuple(os.stat(p).st_mtime_ns if p.exists() else -1.0 for p in self._files())
+        stamp = tuple(_stamp(p) for p in self._files())
         if stamp == self._stamp and self._signer is not None:
             return
         cluster = x509.load_pem_x509_certificate((self.pki / "ca.crt").read_bytes())
@@ -180,6 +180,15 @@ class MeshCA:
     def roots_pem(self) -> bytes:
         self._load()
         return self._roots
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """Changes when the file is written, replaced or removed (mtime alone is coarse)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (-1, -1, -1)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _load_pair(cert_path: Path, key_path: Path) -> CertificateAuthority:

@@ -268,3 +268,65 @@ async def test_trust_bundle_holds_extra_roots_for_rotation(
         assert [c.subject for c in after] == [before[0].subject, new_root.cert.subject]
     finally:
         extra.unlink()
+
+
+async def test_root_rotation_without_an_outage(
+        apiserver: InProcessAPIServer, client: AsyncClient, namespace: str,
+        node_a: AsyncClient) -> None:
+    """The documented procedure: publish the new root, switch signing, retire the old."""
+    await _pod(client, namespace, "web", node="node-a", service_account="web")
+    await _pod(client, namespace, "shop", node="node-a", service_account="shop")
+    pki_dir = apiserver.data_dir / "pki"
+    old_root = (pki_dir / "ca.crt").read_bytes()
+    new = pki.CertificateAuthority.create("shoal-mesh-ca-2")
+    extra = pki_dir / "mesh-trust-bundle.pem"
+    # Agents refetch the bundle on every refresh_due (bundle_interval=0).
+    web_agent = IdentityManager(signer=GrpcSigner(node_a.channel), bundle_interval=0)
+    shop_agent = IdentityManager(signer=GrpcSigner(node_a.channel), bundle_interval=0)
+    web = await web_agent.get(namespace, "web")  # from the old root
+    try:
+        # 1-2. Publish the new root; agents pick it up.
+        extra.write_bytes(pki.cert_pem(new.cert))
+        await web_agent.refresh_due()
+        assert len(x509.load_pem_x509_certificates(web_agent.roots_pem)) == 2
+        # 3. Switch signing, keeping the old root published.
+        (pki_dir / "mesh-ca.key").write_bytes(pki.key_pem(new.key))
+        (pki_dir / "mesh-ca.crt").write_bytes(pki.cert_pem(new.cert))
+        extra.write_bytes(old_root + pki.cert_pem(new.cert))
+        shop = await shop_agent.get(namespace, "shop")  # from the new root
+        leaf = x509.load_pem_x509_certificate(shop.chain_pem)
+        assert leaf.issuer == new.cert.subject
+        await web_agent.refresh_due()
+        both = web_agent.roots_pem
+        assert len(x509.load_pem_x509_certificates(both)) == 2
+        # Old and new certificates talk to each other, both ways.
+        seen: list[str] = []
+        server = await _serve(web, both, seen)
+        try:
+            said, _ = await _talk(server.sockets[0].getsockname()[1], shop, both)
+            assert said == f"TLSv1.3 {shop.spiffe_id}"
+        finally:
+            server.close()
+        server = await _serve(shop, both, seen)
+        try:
+            said, _ = await _talk(server.sockets[0].getsockname()[1], web, both)
+            assert said == f"TLSv1.3 {web.spiffe_id}"
+        finally:
+            server.close()
+        # 4. Retire the old root (after a certificate lifetime): the bundle holds the
+        # new root only, and a certificate from the old root is no longer accepted.
+        extra.unlink()
+        await shop_agent.refresh_due()
+        assert x509.load_pem_x509_certificates(shop_agent.roots_pem) == [new.cert]
+        server = await _serve(shop, shop_agent.roots_pem, seen)
+        try:
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError,
+                                AssertionError)):
+                said, _ = await _talk(server.sockets[0].getsockname()[1], web,
+                                      shop_agent.roots_pem)
+                assert said, "the server closed without answering"
+        finally:
+            server.close()
+    finally:
+        for name in ("mesh-ca.key", "mesh-ca.crt", "mesh-trust-bundle.pem"):
+            (pki_dir / name).unlink(missing_ok=True)
