@@ -238,8 +238,8 @@ class IdentityManager:
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()  # before the work: an identity added meanwhile wakes us
             nxt = await self.refresh_due()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, nxt - self.clock()))
 
