@@ -1,0 +1,305 @@
+"""Transparent capture: iptables rules in the node's network namespace.
+
+    nat PREROUTING --> SHOAL-MESH-PREROUTING   (first rule: before the service proxy's
+                                                SHOAL-SERVICES jump, so the mesh sees the
+                                                original ClusterIP, not the DNAT'd pod IP)
+
+    per captured pod P (a pod on this node, with an IP, not opted out), in order:
+      -s P -d NODE_DNS -p udp/tcp --dport 53  -> REDIRECT 15053  (pod DNS)
+      -s P -d SERVICE_CIDR -p tcp             -> REDIRECT 15001  (outbound to a ClusterIP)
+      -s P -d POD_CIDR -p tcp                 -> REDIRECT 15001  (outbound to a pod)
+      -d P -p tcp                             -> REDIRECT 15006  (inbound to the pod)
+
+Pods' packets reach the node's netns through the CNI bridge, so PREROUTING sees
+them. The agent's own connections (to endpoints, to peer agents) start in the
+node's netns and only traverse OUTPUT, which the mesh does not hook: they are
+never captured on this node. On the destination node the agent's connection
+arrives from outside the pod and is captured by the inbound rule (15006).
+
+Opt-out: label ``shoal.dev/mesh: disabled`` (or Istio's
+``istio.io/dataplane-mode: none``) on the pod or on its namespace.
+
+Applying: one ``iptables-restore -w --noflush`` input declares our chain (which
+flushes it) and writes all its rules: atomic. The jump is then kept first in
+PREROUTING; a reconcile loop reads back ``iptables-save`` and rewrites on drift
+(also when the service proxy put its own jump above ours). ``cleanup`` removes
+the jump and the chain.
+
+Everything above the ``Iptables`` section is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from shoal import errors
+
+log = logging.getLogger(__name__)
+
+CHAIN = "SHOAL-MESH-PREROUTING"
+SERVICES_CHAIN = "SHOAL-SERVICES"  # the nodeagent's service proxy
+HOOK = "PREROUTING"
+
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+DNS_PORT = 15053
+
+OPT_OUT_LABELS: Mapping[str, str] = {
+    "shoal.dev/mesh": "disabled",
+    "istio.io/dataplane-mode": "none",
+}
+
+
+def opted_out(labels: Mapping[str, str]) -> bool:
+    return any(labels.get(k) == v for k, v in OPT_OUT_LABELS.items())
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    pod_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/16"
+    dns_ip: str = ""  # the node IP pods use as their DNS server; "" = no DNS capture
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
+    dns_port: int = DNS_PORT
+
+    def __post_init__(self) -> None:
+        for name in ("pod_cidr", "service_cidr"):
+            value = getattr(self, name)
+            try:
+                ipaddress.IPv4Network(value)
+            except ValueError:
+                raise errors.BadRequest(f"{name}: {value!r} is not an IPv4 CIDR") from None
+        if self.dns_ip:
+            try:
+                ipaddress.IPv4Address(self.dns_ip)
+            except ValueError:
+                raise errors.BadRequest(f"dns_ip: {self.dns_ip!r} is not an IPv4 address"
+                                        ) from None
+
+
+def _valid_ip(ip: str) -> bool:
+    try:
+        ipaddress.IPv4Address(ip)
+    except ValueError:
+        return False
+    return True
+
+
+def pod_rules(ip: str, cfg: CaptureConfig) -> list[str]:
+    """The ``-A`` lines capturing one pod (pure)."""
+    a = f"-A {CHAIN}"
+    src = f"-s {ip}/32"
+    out: list[str] = []
+    if cfg.dns_ip:
+        for proto in ("udp", "tcp"):
+            out.append(f"{a} {src} -d {cfg.dns_ip}/32 -p {proto} -m {proto} --dport 53 "
+                       f"-j REDIRECT --to-ports {cfg.dns_port}")
+    out.append(f"{a} {src} -d {cfg.service_cidr} -p tcp -j REDIRECT "
+               f"--to-ports {cfg.outbound_port}")
+    out.append(f"{a} {src} -d {cfg.pod_cidr} -p tcp -j REDIRECT "
+               f"--to-ports {cfg.outbound_port}")
+    out.append(f"{a} -d {ip}/32 -p tcp -j REDIRECT --to-ports {cfg.inbound_port}")
+    return out
+
+
+def plan_rules(pod_ips: Iterable[str], cfg: CaptureConfig) -> tuple[str, ...]:
+    """Our chain's rules for these captured pod IPs, sorted and deduplicated (pure).
+
+    Every pod's outbound rules come before any pod's inbound rule, so a
+    connection between two captured pods on this node goes out through 15001."""
+    ips = sorted({ip for ip in pod_ips if _valid_ip(ip)},
+                 key=ipaddress.IPv4Address)
+    rules = [r for ip in ips for r in pod_rules(ip, cfg)]
+    return tuple([r for r in rules if " -s " in r] + [r for r in rules if " -s " not in r])
+
+
+def render(rules: Sequence[str]) -> str:
+    """``iptables-restore --noflush`` input: declaring the chain flushes it (pure)."""
+    return "\n".join(["*nat", f":{CHAIN} - [0:0]", *rules, "COMMIT", ""])
+
+
+def render_cleanup(save: str) -> str | None:
+    """Input that deletes our jumps and chain, or None when nothing is there (pure)."""
+    lines = our_lines(save)
+    jumps = [line for line in lines if line.startswith(f"-A {HOOK} ")]
+    declared = f":{CHAIN}" in lines
+    if not jumps and not declared:
+        return None
+    out = ["*nat"]
+    out += ["-D" + j[2:] for j in jumps]
+    if declared:
+        out += [f"-F {CHAIN}", f"-X {CHAIN}"]
+    return "\n".join([*out, "COMMIT", ""])
+
+
+def our_lines(save: str) -> list[str]:
+    """``iptables-save -t nat`` lines about our chain: declaration, rules, jumps (pure)."""
+    out: list[str] = []
+    for line in save.splitlines():
+        if line.startswith(":") and line[1:].split(" ", 1)[0] == CHAIN:
+            out.append(":" + CHAIN)
+        elif line.startswith("-A "):
+            words = line.split()
+            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+            if words[1] == CHAIN or target == CHAIN:
+                out.append(line)
+    return out
+
+
+def chain_rules(save: str) -> tuple[str, ...]:
+    return tuple(line for line in our_lines(save) if line.startswith(f"-A {CHAIN} "))
+
+
+def hook_targets(save: str, hook: str = HOOK) -> list[str]:
+    """The jump targets of ``hook``'s rules, in order (pure)."""
+    out: list[str] = []
+    for line in save.splitlines():
+        words = line.split()
+        if len(words) > 2 and words[0] == "-A" and words[1] == hook:
+            out.append(words[words.index("-j") + 1] if "-j" in words[:-1] else "")
+    return out
+
+
+@dataclass(frozen=True)
+class Drift:
+    rules: bool  # our chain is missing or its rules differ
+    jump: bool  # the jump is missing, duplicated, or not first
+
+    @property
+    def any(self) -> bool:
+        return self.rules or self.jump
+
+
+def drift(save: str, want: Sequence[str]) -> Drift:
+    """What differs between ``iptables-save -t nat`` output and what we want (pure)."""
+    declared = f":{CHAIN}" in our_lines(save)
+    targets = hook_targets(save)
+    jump_ok = targets.count(CHAIN) == 1 and targets[0] == CHAIN
+    return Drift(rules=not declared or chain_rules(save) != tuple(want), jump=not jump_ok)
+
+
+def choose_backend(*, legacy_rules: int | None, nft_rules: int | None) -> str:
+    """The iptables binary to use, as kube-proxy and Istio decide (pure).
+
+    The backend that already holds rules wins (nf_tables when both do, or
+    neither); None means that backend's binary is missing."""
+    if legacy_rules is None and nft_rules is None:
+        return "iptables"
+    if nft_rules is None:
+        return "iptables-legacy"
+    if legacy_rules is None:
+        return "iptables-nft"
+    return "iptables-legacy" if legacy_rules > nft_rules else "iptables-nft"
+
+
+def count_rules(save: str) -> int:
+    return sum(1 for line in save.splitlines() if line.startswith("-A "))
+
+
+# --------------------------------------------------------------------------- iptables
+
+
+async def _run(cmd: Sequence[str], *, stdin: bytes | None = None, check: bool = True
+               ) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate(stdin)
+    code = proc.returncode or 0
+    if check and code != 0:
+        raise errors.Unavailable(f"{' '.join(cmd[:3])} failed ({code}): "
+                                 f"{err.decode(errors='replace').strip()}", retry_after=1.0)
+    return code, out.decode(errors="replace")
+
+
+async def detect_backend() -> str:
+    counts: dict[str, int | None] = {}
+    for name in ("iptables-legacy", "iptables-nft"):
+        if shutil.which(f"{name}-save") is None:
+            counts[name] = None
+            continue
+        code, out = await _run([f"{name}-save"], check=False)
+        counts[name] = count_rules(out) if code == 0 else None
+    return choose_backend(legacy_rules=counts["iptables-legacy"],
+                          nft_rules=counts["iptables-nft"])
+
+
+class IptablesNat:
+    """``*-save``/``*-restore`` of one backend's nat table (xtables lock: ``-w``)."""
+
+    def __init__(self, *, binary: str = "iptables", wait_seconds: int = 5) -> None:
+        self.binary = binary
+        self.wait = str(wait_seconds)
+
+    async def save(self) -> str:
+        return (await _run([f"{self.binary}-save", "-t", "nat"]))[1]
+
+    async def restore(self, text: str) -> None:
+        await _run([f"{self.binary}-restore", "-w", self.wait, "--noflush"],
+                   stdin=text.encode())
+
+
+def render_apply(save: str, want: Sequence[str]) -> str:
+    """One restore input: our chain rewritten, stale jumps deleted, the jump put
+    first in PREROUTING (pure)."""
+    out = ["*nat", f":{CHAIN} - [0:0]", *want]
+    out += ["-D" + line[2:] for line in our_lines(save) if line.startswith(f"-A {HOOK} ")]
+    out += [f"-I {HOOK} 1 -j {CHAIN}", "COMMIT", ""]
+    return "\n".join(out)
+
+
+class Capture:
+    """Keeps the capture rules for a set of pod IPs; level-triggered."""
+
+    def __init__(self, *, config: CaptureConfig, iptables: IptablesNat,
+                 interval: float = 1.0) -> None:
+        self.config = config
+        self.iptables = iptables
+        self.interval = interval
+        self.pod_ips: frozenset[str] = frozenset()
+        self._wake = asyncio.Event()
+        self.rewrites = 0
+
+    def set_pods(self, ips: Iterable[str]) -> None:
+        new = frozenset(ips)
+        if new != self.pod_ips:
+            self.pod_ips = new
+            self._wake.set()
+
+    async def sync(self) -> bool:
+        """Rewrite our rules if they drifted from what we want; True if rewritten."""
+        want = plan_rules(self.pod_ips, self.config)
+        save = await self.iptables.save()
+        d = drift(save, want)
+        if not d.any:
+            return False
+        await self.iptables.restore(render_apply(save, want))
+        self.rewrites += 1
+        log.info("mesh capture: rules written for %d pods%s", len(self.pod_ips),
+                 " (jump moved first)" if d.jump else "")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.sync()
+            except errors.ShoalError as e:
+                log.error("mesh capture: %s", e)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+
+    async def cleanup(self) -> None:
+        text = render_cleanup(await self.iptables.save())
+        if text is not None:
+            await self.iptables.restore(text)
+            log.info("mesh capture: rules removed")
