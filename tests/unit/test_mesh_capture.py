@@ -46,7 +46,7 @@ def test_no_pods_means_an_empty_chain() -> None:
                                 {"dns_ip": "10.0.0.300"}])
 def test_bad_config_is_refused_by_name(kw: dict[str, str]) -> None:
     with pytest.raises(errors.BadRequest, match=next(iter(kw))):
-        CaptureConfig(**kw)
+        CaptureConfig(**kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("labels", "out"), [
