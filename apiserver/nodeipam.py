@@ -17,13 +17,14 @@ on one only (the leader-election issue); until then run one apiserver.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from apiserver.objectstore import ObjectStore
-from apiserver.watchcache import CacheEvent, WatchCache
+from apiserver.watchcache import DELETED, CacheEvent, WatchCache
 from shoal import errors
 from shoal.kinds import KindTable
 from shoal.queueing import WorkQueue
@@ -31,22 +32,37 @@ from shoal.queueing import WorkQueue
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=65536)
+def _blocks(cidr: str, cluster_cidr: str, mask: int) -> range:
+    """The numbers of the ``/mask`` blocks of ``cluster_cidr`` that ``cidr`` overlaps."""
+    net: Any = ipaddress.ip_network(cluster_cidr)
+    try:
+        t: Any = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return range(0)
+    if t.version != net.version or not t.overlaps(net):
+        return range(0)
+    shift, base = net.max_prefixlen - mask, int(net.network_address)
+    first = max(int(t.network_address), base)
+    last = min(int(t.broadcast_address), int(net.broadcast_address))
+    return range((first - base) >> shift, ((last - base) >> shift) + 1)
+
+
 def allocate(cluster_cidr: str, mask: int, used: Iterable[str]) -> str:
-    """The lowest free ``/mask`` block of ``cluster_cidr`` (never the first)."""
+    """The lowest free ``/mask`` block of ``cluster_cidr`` (never the first).
+
+    Blocks are numbered by integer arithmetic (each used CIDR parsed once and
+    remembered); a used CIDR of any size takes every block it overlaps."""
     net: Any = ipaddress.ip_network(cluster_cidr, strict=True)
     if mask < net.prefixlen or mask > net.max_prefixlen:
         raise errors.BadRequest(f"node CIDR mask /{mask} does not fit in {cluster_cidr}")
-    taken: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+    taken: set[int] = set()
     for cidr in used:
-        try:
-            taken.add(ipaddress.ip_network(cidr, strict=False))
-        except ValueError:
-            continue
-    for i, block in enumerate(net.subnets(new_prefix=mask)):
-        if i == 0:
-            continue
-        if not any(block.overlaps(t) for t in taken):
-            return str(block)
+        taken.update(_blocks(cidr, cluster_cidr, mask))
+    shift, base = net.max_prefixlen - mask, int(net.network_address)
+    for i in range(1, 1 << (mask - net.prefixlen)):
+        if i not in taken:
+            return str(ipaddress.ip_network((base + (i << shift), mask)))
     raise errors.Unavailable(f"no free /{mask} left in the cluster CIDR {cluster_cidr}",
                              retry_after=30.0)
 
@@ -60,6 +76,8 @@ class NodeIPAM:
         self.cluster_cidr = cluster_cidr
         self.mask = mask
         self.queue = WorkQueue(base_delay=0.2, max_delay=30.0)
+        # Node name -> its pod CIDRs, kept from the cache's events.
+        self._cidrs: dict[str, list[str]] = {}
         allocate(cluster_cidr, mask, ())  # a bad configuration fails at start
         self.cache.cache_for(self.nodes).listeners.append(self._on_event)
 
@@ -69,15 +87,20 @@ class NodeIPAM:
         return node
 
     def _on_event(self, ev: CacheEvent) -> None:
-        if not self._decode(ev.obj.raw).spec.pod_cidr:
+        if ev.type == DELETED:
+            self._cidrs.pop(ev.obj.name, None)
+            return
+        node = self._decode(ev.obj.raw)
+        cidrs = [c for c in (node.spec.pod_cidr, *node.spec.pod_cidrs) if c]
+        if cidrs:
+            self._cidrs[ev.obj.name] = cidrs
+        else:
+            self._cidrs.pop(ev.obj.name, None)
             self.queue.add(ev.obj.name)
 
     def _used(self) -> list[str]:
-        out = []
-        for obj in self.cache.cache_for(self.nodes).objects.values():
-            node = self._decode(obj.raw)
-            out += [node.spec.pod_cidr, *node.spec.pod_cidrs]
-        return [c for c in out if c]
+        """Every Node's CIDRs, as the events have told (no decoding here)."""
+        return [c for cidrs in self._cidrs.values() for c in cidrs]
 
     async def run(self) -> None:
         await self.cache.ready.wait()

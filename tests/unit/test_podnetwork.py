@@ -16,8 +16,17 @@ from shoal.api.core.v1 import core_pb2
     (["10.244.1.0/24"], "10.244.2.0/24"),
     (["10.244.1.0/24", "10.244.3.0/24"], "10.244.2.0/24"),
     (["10.244.1.0/24", "garbage", ""], "10.244.2.0/24"),
+    (["10.244.0.0/23"], "10.244.2.0/24"),                  # a bigger block takes two
+    (["10.244.1.128/25"], "10.244.2.0/24"),                # a smaller one takes its /24
+    (["10.0.0.0/8"], None),                                # covers everything
+    (["10.245.1.0/24", "fd00::/64"], "10.244.1.0/24"),     # outside the range: ignored
+    ([f"10.244.{i}.0/24" for i in range(1, 200)], "10.244.200.0/24"),
 ])
-def test_allocate_lowest_free_block(used: list[str], expect: str) -> None:
+def test_allocate_lowest_free_block(used: list[str], expect: str | None) -> None:
+    if expect is None:
+        with pytest.raises(errors.Unavailable, match="no free /24"):
+            allocate("10.244.0.0/16", 24, used)
+        return
     assert allocate("10.244.0.0/16", 24, used) == expect
 
 
