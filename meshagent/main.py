@@ -1,0 +1,108 @@
+"""``shoal-meshagent``: the per-node mesh agent.
+
+    shoal-meshagent run --node-name N [--config /var/lib/shoal/nodeagent/node.conf]
+        [--capture --dns-ip NODE_IP] [--pod-cidr 10.244.0.0/16]
+        [--service-cidr 10.96.0.0/16] [--cluster-domain cluster.local]
+        [--upstream-dns IP] [--metrics-listen 0.0.0.0:15020]
+    shoal-meshagent cleanup [--iptables BINARY]   remove the capture rules
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from meshagent import capture
+from shoal import errors, logs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal-meshagent", description="Shoal's mesh agent.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the mesh agent")
+    r.add_argument("--node-name", default=socket.gethostname().lower())
+    r.add_argument("--config", type=Path, default=Path("/var/lib/shoal/nodeagent/node.conf"),
+                   help="client config: the node's, written by `shoal-nodeagent join`")
+    r.add_argument("--listen-host", default="0.0.0.0")
+    r.add_argument("--outbound-port", type=int, default=capture.OUTBOUND_PORT)
+    r.add_argument("--inbound-port", type=int, default=capture.INBOUND_PORT)
+    r.add_argument("--dns-port", type=int, default=capture.DNS_PORT)
+    r.add_argument("--metrics-listen", default="0.0.0.0:15020")
+    r.add_argument("--pod-cidr", default="10.244.0.0/16")
+    r.add_argument("--service-cidr", default="10.96.0.0/16")
+    r.add_argument("--cluster-domain", default="cluster.local")
+    r.add_argument("--dns-ip", default="",
+                   help="the node IP pods use as DNS server (capture its port 53)")
+    r.add_argument("--upstream-dns", default="", help="forward other names here (default: "
+                   "refuse them)")
+    r.add_argument("--capture", action="store_true",
+                   help="keep iptables capture rules in this network namespace")
+    r.add_argument("--iptables", default="", help="iptables binary (default: detect)")
+    r.add_argument("--keep-rules-on-exit", action="store_true")
+    r.add_argument("--log-level", default="info")
+    r.add_argument("--log-format", choices=["json", "text"], default="json")
+    c = sub.add_parser("cleanup", help="remove the capture rules from this network namespace")
+    c.add_argument("--iptables", default="")
+    return p
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from meshagent.daemon import MeshConfig, run
+
+    logs.setup(level=ns.log_level, fmt=ns.log_format)
+    try:
+        config = MeshConfig(
+            node_name=ns.node_name, client_config=ns.config, listen_host=ns.listen_host,
+            outbound_port=ns.outbound_port, inbound_port=ns.inbound_port,
+            dns_port=ns.dns_port, metrics_listen=ns.metrics_listen, pod_cidr=ns.pod_cidr,
+            service_cidr=ns.service_cidr, cluster_domain=ns.cluster_domain,
+            dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
+            iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit)
+        capture.CaptureConfig(pod_cidr=ns.pod_cidr, service_cidr=ns.service_cidr,
+                              dns_ip=ns.dns_ip)  # validates, before anything starts
+    except errors.ShoalError as e:
+        print(f"shoal-meshagent: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        task = asyncio.create_task(run(config))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    except (errors.ShoalError, OSError) as e:
+        print(f"shoal-meshagent: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _cleanup(binary: str) -> None:
+    ipt = capture.IptablesNat(binary=binary or await capture.detect_backend())
+    text = capture.render_cleanup(await ipt.save())
+    if text is not None:
+        await ipt.restore(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    if ns.command == "run":
+        return _run(ns)
+    try:
+        asyncio.run(_cleanup(ns.iptables))
+    except errors.ShoalError as e:
+        print(f"shoal-meshagent: cleanup failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
