@@ -112,3 +112,49 @@ def test_cleanup_removes_jumps_and_chain_and_nothing_else() -> None:
 ])
 def test_backend_with_rules_wins(legacy: int | None, nft: int | None, binary: str) -> None:
     assert capture.choose_backend(legacy_rules=legacy, nft_rules=nft) == binary
+
+
+class FakeNat:
+    """A nat table that applies our restore inputs well enough to read them back."""
+
+    def __init__(self) -> None:
+        self.prerouting = ["-A PREROUTING -j SHOAL-SERVICES"]
+        self.chain: list[str] | None = None
+        self.restores = 0
+
+    async def save(self) -> str:
+        lines = ["*nat", ":PREROUTING ACCEPT [0:0]"]
+        if self.chain is not None:
+            lines.append(f":{CHAIN} - [0:0]")
+        return "\n".join([*lines, *self.prerouting, *(self.chain or []), "COMMIT", ""])
+
+    async def restore(self, text: str) -> None:
+        self.restores += 1
+        for line in text.splitlines():
+            if line == f":{CHAIN} - [0:0]":
+                self.chain = []
+            elif line.startswith(f"-A {CHAIN} ") and self.chain is not None:
+                self.chain.append(line)
+            elif line.startswith("-D PREROUTING "):
+                self.prerouting.remove("-A" + line[2:])
+            elif line.startswith("-I PREROUTING 1 "):
+                self.prerouting.insert(0, "-A PREROUTING " + line.split(" ", 3)[3])
+            elif line == f"-X {CHAIN}":
+                self.chain = None
+
+
+@pytest.mark.asyncio
+async def test_capture_rewrites_only_on_drift_and_cleans_up() -> None:
+    nat = FakeNat()
+    cap = capture.Capture(config=CaptureConfig(), iptables=nat)  # type: ignore[arg-type]
+    cap.set_pods(["10.244.1.5"])
+    assert await cap.sync() is True
+    assert nat.prerouting[0] == f"-A PREROUTING -j {CHAIN}"
+    assert await cap.sync() is False  # nothing changed: nothing written
+    nat.chain = []  # someone flushed our chain
+    assert await cap.sync() is True and tuple(nat.chain) == WANT
+    nat.prerouting = ["-A PREROUTING -j SHOAL-SERVICES", f"-A PREROUTING -j {CHAIN}"]
+    assert await cap.sync() is True  # the service proxy got above us
+    assert nat.prerouting == [f"-A PREROUTING -j {CHAIN}", "-A PREROUTING -j SHOAL-SERVICES"]
+    await cap.cleanup()
+    assert nat.chain is None and nat.prerouting == ["-A PREROUTING -j SHOAL-SERVICES"]
