@@ -53,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from apiserver.controllers import revisions as rv
 from apiserver.controllers.base import ControllerContext
 from apiserver.controllers.keyworkers import run_workers
 from apiserver.controllers.replicasets import (
@@ -112,13 +113,7 @@ def template_hash(template: Any, collision_count: int = 0) -> str:
     the collision count, written in decimal and mapped onto a safe alphabet,
     the shape Kubernetes gives it (up to 10 characters).
     """
-    data = template.SerializeToString(deterministic=True)
-    if collision_count:
-        data += int(collision_count).to_bytes(4, "little")
-    h = 0x811C9DC5
-    for b in data:
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return "".join(_SAFE[ord(ch) % len(_SAFE)] for ch in str(h))
+    return rv.template_hash(template, collision_count, alphabet=_SAFE)
 
 
 def _without_hash(template: Any) -> Any:

@@ -32,19 +32,23 @@ def fnv32a(data: bytes) -> int:
     return h
 
 
-def safe_encode(text: str) -> str:
-    return "".join(_SAFE[ord(ch) % len(_SAFE)] for ch in text)
+def safe_encode(text: str, alphabet: str = _SAFE) -> str:
+    return "".join(alphabet[ord(ch) % len(alphabet)] for ch in text)
 
 
 def template_bytes(template: core_pb2.PodTemplateSpec) -> bytes:
     return template.SerializeToString(deterministic=True)
 
 
-def template_hash(template: core_pb2.PodTemplateSpec, collision_count: int = 0) -> str:
+def template_hash(template: core_pb2.PodTemplateSpec, collision_count: int = 0, *,
+                  alphabet: str = _SAFE) -> str:
+    """FNV-1a (32 bit) over the template's deterministic encoding plus the collision
+    count, in decimal, mapped onto ``alphabet`` (callers keep the alphabet their
+    labels were written with, so existing hashes stay stable)."""
     data = template_bytes(template)
     if collision_count:
-        data += collision_count.to_bytes(4, "little")
-    return safe_encode(str(fnv32a(data)))
+        data += int(collision_count).to_bytes(4, "little")
+    return safe_encode(str(fnv32a(data)), alphabet)
 
 
 def revision_name(owner: str, hash_: str) -> str:
