@@ -276,6 +276,21 @@ def our_lines(save: str) -> list[str]:
     return out
 
 
+# The meshagent's capture chain: it must see the original ClusterIP, so its jump
+# stays above ours (the meshagent keeps it first; we insert just below it).
+MESH_CHAIN = "SHOAL-MESH-PREROUTING"
+
+
+def jump_position(listing: str) -> int:
+    """Where to insert our jump in a built-in chain, 1-based, from its
+    ``iptables -S CHAIN`` listing: right after the mesh's jump, else first (pure)."""
+    rules = [line.split() for line in listing.splitlines() if line.startswith("-A ")]
+    for i, words in enumerate(rules, start=1):
+        if "-j" in words[:-1] and words[words.index("-j") + 1] == MESH_CHAIN:
+            return i + 1
+    return 1
+
+
 def existing_chains(save: str) -> set[str]:
     return {line[1:].split(" ", 1)[0] for line in save.splitlines() if line.startswith(":")}
 
@@ -324,7 +339,8 @@ class IptablesCommands:
         code, _ = await _run([*base, "-C", jump.chain, *jump.rule], check=False)
         if code == 0:
             return False
-        await _run([*base, "-I", jump.chain, "1", *jump.rule])
+        _, listing = await _run([*base, "-S", jump.chain])
+        await _run([*base, "-I", jump.chain, str(jump_position(listing)), *jump.rule])
         return True
 
 

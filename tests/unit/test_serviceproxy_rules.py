@@ -292,3 +292,14 @@ def test_client_ip_affinity_sends_a_known_client_back_to_its_endpoint() -> None:
     default.spec.session_affinity = "ClientIP"
     assert service_ports([default], {})[0].affinity_seconds == 10800
     assert "recent" not in build_ruleset([WEB])
+
+
+@pytest.mark.parametrize(("listing", "position"), [
+    ("-P PREROUTING ACCEPT\n", 1),
+    ("-P PREROUTING ACCEPT\n-A PREROUTING -j SHOAL-MESH-PREROUTING\n", 2),
+    ("-P PREROUTING ACCEPT\n-A PREROUTING -j OTHER\n-A PREROUTING -j SHOAL-MESH-PREROUTING\n"
+     "-A PREROUTING -j LAST\n", 3),
+])
+def test_our_jump_goes_just_below_the_mesh_capture_jump(listing: str, position: int) -> None:
+    from nodeagent.serviceproxy import jump_position
+    assert jump_position(listing) == position
