@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from shoal.api.core.v1 import core_pb2
+from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
 
 # Short leader-election timings (lease, renew deadline, retry period; seconds).
@@ -27,3 +30,15 @@ async def leading_apiserver(data: Path, **kw: Any) -> AsyncIterator[InProcessAPI
         async with asyncio.timeout(10):
             await api.server.controller_manager.leading.wait()
         yield api
+
+
+@contextlib.asynccontextmanager
+async def client_in_new_namespace(api: InProcessAPIServer, prefix: str
+                                  ) -> AsyncIterator[AsyncClient]:
+    """A client of ``api`` whose default namespace is a freshly created ``<prefix>-<random>``."""
+    async with api.client() as client:
+        ns = core_pb2.Namespace()
+        ns.metadata.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        await client.create(ns)
+        client.namespace = ns.metadata.name
+        yield client

@@ -21,6 +21,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.cli.main import main
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import client_in_new_namespace
 
 AGENT_FINALIZER = "shoal.dev/nodeagent"
 
@@ -45,11 +46,7 @@ def shoal(apiserver: InProcessAPIServer, capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.fixture
 async def c(apiserver: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with apiserver.client() as client:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"drain-{uuid.uuid4().hex[:8]}"
-        await client.create(ns)
-        client.namespace = ns.metadata.name
+    async with client_in_new_namespace(apiserver, "drain") as client:
         yield client
 
 

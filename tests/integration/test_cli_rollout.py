@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.cli.main import main
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import leading_apiserver
+from shoal.testing.controllers import client_in_new_namespace, leading_apiserver
 from shoal.testing.waiting import eventually
 
 
@@ -47,11 +46,7 @@ async def ctl_api(tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 async def c(ctl_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with ctl_api.client() as client:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"ro-{uuid.uuid4().hex[:8]}"
-        await client.create(ns)
-        client.namespace = ns.metadata.name
+    async with client_in_new_namespace(ctl_api, "ro") as client:
         yield client
 
 

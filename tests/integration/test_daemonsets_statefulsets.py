@@ -7,7 +7,6 @@ must go from its node affinity, and sets pod status (Running, Ready) itself.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,8 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import leading_apiserver
+from shoal.testing.controllers import client_in_new_namespace, leading_apiserver
 from shoal.testing.waiting import eventually
-
-_SEQ = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +32,7 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProce
 
 @pytest.fixture
 async def c(api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with api.client() as client:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"wl-{next(_SEQ)}"
-        await client.create(ns)
-        client.namespace = ns.metadata.name
+    async with client_in_new_namespace(api, "wl") as client:
         yield client
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import leading_apiserver
+from shoal.testing.controllers import client_in_new_namespace, leading_apiserver
 from shoal.testing.waiting import eventually
 
 
@@ -27,11 +26,7 @@ async def ep_api(tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 async def c(ep_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with ep_api.client() as client:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"ep-{uuid.uuid4().hex[:8]}"
-        await client.create(ns)
-        client.namespace = ns.metadata.name
+    async with client_in_new_namespace(ep_api, "ep") as client:
         yield client
 
 

@@ -14,7 +14,7 @@ from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import leading_apiserver
+from shoal.testing.controllers import client_in_new_namespace, leading_apiserver
 from shoal.testing.waiting import eventually
 
 HOLD = "test.shoal.dev/hold"
@@ -29,11 +29,7 @@ async def gc_api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InPr
 
 @pytest.fixture
 async def gc(gc_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with gc_api.client() as c:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"gc-{id(c) % 100000}"
-        await c.create(ns)
-        c.namespace = ns.metadata.name
+    async with client_in_new_namespace(gc_api, "gc") as c:
         yield c
 
 

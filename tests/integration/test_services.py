@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.controllers import client_in_new_namespace
 from shoal.testing.waiting import eventually
 
 RANGE = "10.100.0.0/24"
@@ -30,11 +30,7 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProce
 
 @pytest.fixture
 async def c(api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with api.client() as client:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"svc-{uuid.uuid4().hex[:8]}"
-        await client.create(ns)
-        client.namespace = ns.metadata.name
+    async with client_in_new_namespace(api, "svc") as client:
         yield client
 
 

@@ -21,7 +21,7 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer
-from shoal.testing.controllers import leading_apiserver
+from shoal.testing.controllers import client_in_new_namespace, leading_apiserver
 from shoal.testing.waiting import eventually
 
 CONTROLLERS = ("replicaset", "deployment", "garbagecollector")
@@ -37,11 +37,7 @@ async def workloads_api(tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 async def wl(workloads_api: InProcessAPIServer) -> AsyncIterator[AsyncClient]:
-    async with workloads_api.client() as c:
-        ns = core_pb2.Namespace()
-        ns.metadata.name = f"wl-{id(c) % 100000}-{int(time.time() * 1000) % 100000}"
-        await c.create(ns)
-        c.namespace = ns.metadata.name
+    async with client_in_new_namespace(workloads_api, "wl") as c:
         yield c
 
 
