@@ -189,7 +189,8 @@ class DNSServer:
                     return
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError,
+                asyncio.CancelledError):  # cancelled: shutting down (see proxy.py)
             pass
         finally:
             writer.close()

@@ -149,8 +149,11 @@ class Listener:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for t in list(self._conns):
+        conns = list(self._conns)
+        for t in conns:
             t.cancel()
+        # Wait for them: their sockets close and their metrics are counted.
+        await asyncio.gather(*conns, return_exceptions=True)
 
     def _target(self, dst: Address) -> tuple[Address | None, str, str]:
         """(where to connect, destination service, response flag if refused)."""
@@ -172,6 +175,10 @@ class Listener:
         self._conns.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # Shutting down. Ending normally: Python 3.11's start_server callback
+            # calls task.exception() and would log a cancelled task as an error.
+            pass
         except Exception:
             log.exception("%s connection failed", self.direction)
         finally:
