@@ -6,7 +6,9 @@ listener is driven on loopback with a fake original destination."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,3 +92,35 @@ async def _echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     w.write(await r.read())
     await w.drain()
     w.close()
+
+
+async def test_the_command_becomes_ready_and_stops_on_sigterm(api: InProcessAPIServer) -> None:
+    from shoal.testing.apiserver import free_port
+
+    metrics = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshagent.main", "run", "--node-name", "n1",
+        "--config", str(api.config_path), "--listen-host", "127.0.0.1",
+        "--outbound-port", "0", "--inbound-port", "0", "--dns-port", "0",
+        "--metrics-listen", f"127.0.0.1:{metrics}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async def ready() -> bool:
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", metrics)
+            except OSError:
+                return False
+            w.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await r.read()
+            w.close()
+            return reply.startswith(b"HTTP/1.1 200")
+        await eventually("shoal-meshagent ready", ready)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    logs = (await proc.stderr.read()).decode()
+    assert '"mesh agent n1 ready' in logs or "mesh agent n1 ready" in logs
