@@ -22,22 +22,9 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.testing.fakecri import Behaviour, ExecResult, FakeRuntime
+from shoal.testing.hollow import NullMounter as FakeMounter
 
 _n = itertools.count()
-
-
-class FakeMounter:
-    def __init__(self) -> None:
-        self.mounted: set[Path] = set()
-
-    def mount_tmpfs(self, path: Path, *, size: str = "") -> None:
-        self.mounted.add(path)
-
-    def unmount(self, path: Path) -> None:
-        self.mounted.discard(path)
-
-    def is_mount(self, path: Path) -> bool:
-        return path in self.mounted
 
 
 class Node:
