@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--apiserver-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="an extra `shoal-apiserver serve` flag, e.g. "
                         "--apiserver-arg=--pod-eviction-timeout=10 (repeatable)")
+    p.add_argument("--mesh", action="store_true",
+                   help="also run a capturing meshagent on every node (plaintext L4, "
+                        "experimental)")
     p = command("down", "stop and remove everything the lab made")
     p.add_argument("--purge", action="store_true",
                    help="also remove the lab's data and logs")
@@ -81,7 +84,8 @@ def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
     try:
         match ns.lab_command:
             case "up":
-                return lab.up(nodes=ns.nodes, apiserver_args=tuple(ns.apiserver_arg))
+                return lab.up(nodes=ns.nodes, apiserver_args=tuple(ns.apiserver_arg),
+                              mesh=ns.mesh)
             case "down":
                 return lab.down(purge=ns.purge)
             case "status":

@@ -64,6 +64,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from apiserver import pki
@@ -192,6 +193,7 @@ class Lab:
         self.sup = Supervisor()
         # Extra `shoal-apiserver serve` flags for this up (e.g. shorter timeouts).
         self.apiserver_args: tuple[str, ...] = ()
+        self.mesh = False
         self._t0 = time.monotonic()
 
     # -- helpers -----------------------------------------------------------------
@@ -246,9 +248,11 @@ class Lab:
 
     # -- up ----------------------------------------------------------------------
 
-    def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = ()) -> int:
+    def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = (), mesh: bool = False
+           ) -> int:
         topo = plan(nodes=nodes, lab_dir=self.lab_dir)
         self.apiserver_args = apiserver_args
+        self.mesh = mesh
         existing = self.file.load()
         if existing is not None and existing.phase == UP:
             return self._already_up(existing)
@@ -387,6 +391,8 @@ class Lab:
         self._mark(state, "ready")
         took = state.timings["ready"]
         self._progress(f"all {len(topo.nodes)} nodes Ready")
+        if self.mesh:
+            self._start_meshagents(state, topo)
         sup = self._start_supervisor(state, topo)
         with self.file.locked():
             state.phase = UP
@@ -534,6 +540,23 @@ class Lab:
                 raise LabError(f"{record.name} failed ({code}); see {record.log}")
             del state.processes[record.name]  # done: nothing left to stop
             self.file.save(state)
+
+    def _start_meshagents(self, state: LabState, topo: Topology) -> None:
+        """Opt-in (``up --mesh``): a capturing meshagent in every node's netns,
+        supervised; it removes its rules when stopped (``down``)."""
+        records = {}
+        for n in topo.nodes:
+            argv = [self.python, "-P", "-m", "meshagent.main", "run", "--node-name", n.name,
+                    "--config", str(n.data_dir / "node.conf"), "--capture",
+                    "--dns-ip", n.ip, "--metrics-listen", f"{n.ip}:15020"]
+            records[n.name] = self._spawn(state, f"meshagent/{n.name}", argv, netns=n.netns,
+                                          log=topo.logs_dir / f"{n.name}-meshagent.log",
+                                          supervised=True)
+        for n in topo.nodes:
+            url = f"http://{n.ip}:15020/readyz"
+            self.sup.wait_until(f"meshagent/{n.name} /readyz", partial(http_ok, url),
+                                timeout=START_TIMEOUT, watch=[records[n.name]])
+        self._progress(f"meshagents capturing pods' traffic on {len(topo.nodes)} nodes")
 
     def _agent_argv(self, n: Node, topo: Topology) -> list[str]:
         return [self.python, "-P", "-m", "nodeagent.main", "run",

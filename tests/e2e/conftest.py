@@ -64,6 +64,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     up = shoal_cli("lab", "up", "--nodes", str(len(NODES)), "--dir", str(lab_dir),
                    f"--apiserver-arg=--node-monitor-grace-period={NODE_MONITOR_GRACE}",
                    f"--apiserver-arg=--pod-eviction-timeout={POD_EVICTION_TIMEOUT}",
+                   # Opt-in: the same tests with every pod's traffic through meshagents.
+                   *(["--mesh"] if os.environ.get("SHOAL_E2E_MESH") == "1" else []),
                    timeout=300)
     try:
         assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
