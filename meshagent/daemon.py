@@ -113,6 +113,10 @@ class MeshAgent:
         self.captured_pods = Gauge("shoal_mesh_captured_pods",
                                    "pods whose traffic this agent captures",
                                    registry=self.registry)
+        self.capture_rewrites = Gauge(
+            "shoal_mesh_capture_rewrites", "times the capture rules were (re)written: "
+            "changes of the captured pods, and drift (a flushed chain, a moved jump)",
+            registry=self.registry)
         self.capture: capture.Capture | None = None
 
     # -- views for the listeners (rebuilt lazily after a change) -------------
@@ -178,6 +182,8 @@ class MeshAgent:
                                          inbound_port=self.inbound.port,
                                          dns_port=self.dns.port),
             iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval)
+        cap = self.capture
+        self.capture_rewrites.set_function(lambda: float(cap.rewrites))
         refresh = asyncio.Event()
         for inf in (self.pods, self.namespaces):
             inf.add_handlers(on_add=lambda _o: refresh.set(),

@@ -52,7 +52,8 @@ def _metric(node_ip: str, name: str, **labels: str) -> float:
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if line.startswith((name + "{", name + " ")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -99,3 +100,19 @@ def test_a_pod_reaches_a_service_on_another_node_by_name_through_the_meshagents(
                            capture_output=True, text=True, check=True).stdout
     prerouting = [line for line in rules.splitlines() if line.startswith("-A PREROUTING")]
     assert prerouting[0] == "-A PREROUTING -j SHOAL-MESH-PREROUTING"
+
+
+def _nat(node: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", f"shoal-{node}", "iptables-save", "-t", "nat"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_flushed_capture_rules_come_back(cluster: Cluster) -> None:
+    client = wait_for("client running", partial(_running, cluster, "client"), timeout=120)
+    mine = f"-A SHOAL-MESH-PREROUTING -s {client.status.pod_ip}/32"
+    assert mine in _nat("node-1")
+    subprocess.run(["ip", "netns", "exec", "shoal-node-1", "iptables", "-t", "nat", "-F",
+                    "SHOAL-MESH-PREROUTING"], check=True)
+    assert mine not in _nat("node-1")
+    wait_for("capture rules rewritten", lambda: mine in _nat("node-1"), timeout=10)
+    assert _metric(_node_ip(cluster, "node-1"), "shoal_mesh_capture_rewrites") >= 2
