@@ -2,8 +2,8 @@
 # The main job: install what is needed, bring up a 3-node Shoal lab on this
 # machine with `shoal lab up` (etcd, the apiserver and a registry on the host;
 # each node in its own network namespace with its own containerd and node
-# agent), run a demo app (a busybox httpd pod on every node) and print what to
-# try next. Remove everything with scripts/down.sh.
+# agent), run a demo app (a Deployment of busybox httpd pods behind a Service)
+# and print what to try next. Remove everything with scripts/down.sh.
 #
 #   sudo ./scripts/up.sh            # SHOAL_LAB_NODES=N and SHOAL_LAB_DIR=D change the defaults
 set -euo pipefail
@@ -34,42 +34,52 @@ SHOAL="$VENV/bin/shoal"
 "$SHOAL" lab up --nodes "$NODES" --dir "$LAB_DIR"
 export SHOAL_CONFIG="$LAB_DIR/admin.conf"
 
-log "deploying the demo app: a busybox httpd pod on each node (namespace $DEMO_NS)"
-{
-    printf 'apiVersion: v1\nkind: Namespace\nmetadata:\n  name: %s\n' "$DEMO_NS"
-    for i in $(seq 1 "$NODES"); do
-        cat <<YAML
+log "deploying the demo app: a Deployment of busybox httpd pods behind a Service (namespace $DEMO_NS)"
+"$SHOAL" apply -f - <<YAML
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $DEMO_NS
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: $DEMO_NS
+spec:
+  replicas: $NODES
+  selector:
+    matchLabels: {app: web}
+  strategy:
+    rollingUpdate: {maxUnavailable: 0, maxSurge: 1}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: httpd
+        image: docker.io/library/busybox:1.36
+        command: ["sh", "-c", "mkdir -p /www && echo hello from \$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 2}
 ---
 apiVersion: v1
-kind: Pod
+kind: Service
 metadata:
-  name: web-node-$i
+  name: web
   namespace: $DEMO_NS
-  labels: {app: web}
 spec:
-  nodeName: node-$i
-  containers:
-  - name: httpd
-    image: docker.io/library/busybox:1.36
-    command: ["sh", "-c", "mkdir -p /www && echo hello from node-$i > /www/index.html && exec httpd -f -p 8080 -h /www"]
-    ports: [{containerPort: 8080}]
-    readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 2}
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
 YAML
-    done
-} | "$SHOAL" apply -f -
 
-# Wait (bounded) until every demo pod runs; each poll asks the apiserver.
-for _ in $(seq 1 120); do
-    running="$("$SHOAL" get pods -n "$DEMO_NS" --no-headers | awk '$3 == "Running"' | wc -l)"
-    [ "$running" -ge "$NODES" ] && break
-    sleep 0.5
-done
-"$SHOAL" get pods -n "$DEMO_NS" -o wide
-[ "$running" -ge "$NODES" ] || die "the demo pods did not all start; see: shoal describe pods -n $DEMO_NS"
+"$SHOAL" rollout status deployment/web -n "$DEMO_NS" --timeout 120s ||
+    die "the demo app did not roll out; see: shoal describe deployment/web -n $DEMO_NS"
+"$SHOAL" get pods,svc -n "$DEMO_NS" -o wide
 
-ip_of() { "$SHOAL" get pod "$1" -n "$DEMO_NS" -o json | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["status"]["podIP"])'; }
-LAST="web-node-$NODES"
-LAST_IP="$(ip_of "$LAST")"
+CLUSTER_IP="$("$SHOAL" get svc web -n "$DEMO_NS" -o json | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["spec"]["clusterIP"])')"
+FIRST_POD="$("$SHOAL" get pods -n "$DEMO_NS" -l app=web -o name | head -n 1)"
+FIRST_POD="${FIRST_POD#pod/}"
 
 cat <<MSG
 
@@ -77,12 +87,14 @@ Shoal's lab is up: $NODES nodes, each running a web pod. Try:
 
   export SHOAL_CONFIG=$SHOAL_CONFIG PATH=$VENV/bin:\$PATH
   shoal get nodes -o wide
-  shoal get pods -n $DEMO_NS -o wide
-  shoal exec -n $DEMO_NS web-node-1 -- wget -q -O - http://$LAST_IP:8080/   # pod to pod, across nodes
-  shoal logs -n $DEMO_NS web-node-1
+  shoal get deploy,pods,svc,endpoints -n $DEMO_NS -o wide
+  shoal exec -n $DEMO_NS $FIRST_POD -- wget -q -O - http://$CLUSTER_IP/   # the Service, from a pod
+  shoal logs -n $DEMO_NS $FIRST_POD
+  shoal scale deployment/web -n $DEMO_NS --replicas=6
+  shoal rollout restart deployment/web -n $DEMO_NS; shoal rollout status deployment/web -n $DEMO_NS
   shoal lab status
-  shoal lab partition node-1 node-$NODES    # then the wget above times out; shoal lab heal
-  shoal lab stop-node node-$NODES           # its Lease expires in 40 s; shoal lab start-node node-$NODES
+  shoal lab partition node-1 node-$NODES    # traffic between them drops; shoal lab heal
+  shoal lab stop-node node-$NODES           # NotReady after 40 s; its pods move 300 s later
 
 Logs: $LAB_DIR/logs/    Remove everything: sudo scripts/down.sh (--purge also deletes the data)
 MSG

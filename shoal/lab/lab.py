@@ -413,7 +413,7 @@ class Lab:
         self.say(f"  shoal lab down                  # remove everything (--dir "
                  f"{self.lab_dir})")
         self.say(f"Pods may name {DEMO_IMAGE} (nodes pull docker.io/* from the lab "
-                 f"registry {topo.registry}) and must set spec.nodeName (no scheduler yet).")
+                 f"registry {topo.registry}).")
 
     def _wait_agent(self, n: Node, agent: ProcessRecord) -> None:
         url = f"http://{n.agent_metrics}/readyz"
