@@ -39,6 +39,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
 from shoal.lab.state import ProcessRecord
 from shoal.lab.supervising import alive, http_ok
+from shoal.testing.waiting import wait_for as until
 
 pytestmark = pytest.mark.e2e
 
@@ -95,18 +96,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
             yield LabEnv(dir=lab_dir, config=config, client=client, cni_netns_before=before)
     finally:
         run("lab", "down", "--purge", "--dir", str(lab_dir), timeout=300)
-
-
-def until(what: str, check: Callable[[], Any], *, timeout: float = 60.0,
-          interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not after {timeout:g}s (last: {last!r})")
 
 
 def web_pod(node: str) -> core_pb2.Pod:
