@@ -279,19 +279,13 @@ def previous_apply(existing: Any) -> dict[str, Any]:
 
 def merge_for_update(existing: Message, desired: Message, kind: Kind) -> Any:
     """The stored object with the manifest merged in (see the module docstring)."""
-    stored: Any = existing
     want = manifests.encode_message(with_last_applied(kind, desired))
-    live = manifests.encode_message(existing)
     last = previous_apply(existing)
-    for side in (want, live, last):
+    for side in (want, last):  # status is the server's: never merged in, never removed
         side.pop("status", None)
-        side.pop("apiVersion", None)
-        side.pop("kind", None)
-    merged: Any = manifests.decode_message(three_way(live, last, want), type(existing),
-                                           path="")
-    if "status" in merged.DESCRIPTOR.fields_by_name and stored.HasField("status"):
-        merged.status.CopyFrom(stored.status)
-    merged.metadata.resource_version = stored.metadata.resource_version
+    live = manifests.encode_message(existing)
+    merged: Any = manifests.decode_message(three_way(live, last, want), type(existing))
+    merged.metadata.resource_version = existing.metadata.resource_version  # type: ignore[attr-defined]
     return merged
 
 
