@@ -34,11 +34,10 @@ import asyncio
 import ipaddress
 import logging
 import shutil
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from shoal import errors
+from shoal import errors, netfilter
 
 log = logging.getLogger(__name__)
 
@@ -206,26 +205,13 @@ def count_rules(save: str) -> int:
 # --------------------------------------------------------------------------- iptables
 
 
-async def _run(cmd: Sequence[str], *, stdin: bytes | None = None, check: bool = True
-               ) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await proc.communicate(stdin)
-    code = proc.returncode or 0
-    if check and code != 0:
-        raise errors.Unavailable(f"{' '.join(cmd[:3])} failed ({code}): "
-                                 f"{err.decode(errors='replace').strip()}", retry_after=1.0)
-    return code, out.decode(errors="replace")
-
-
 async def detect_backend() -> str:
     counts: dict[str, int | None] = {}
     for name in ("iptables-legacy", "iptables-nft"):
         if shutil.which(f"{name}-save") is None:
             counts[name] = None
             continue
-        code, out = await _run([f"{name}-save"], check=False)
+        code, out = await netfilter.run([f"{name}-save"], check=False)
         counts[name] = count_rules(out) if code == 0 else None
     return choose_backend(legacy_rules=counts["iptables-legacy"],
                           nft_rules=counts["iptables-nft"])
@@ -235,15 +221,13 @@ class IptablesNat:
     """``*-save``/``*-restore`` of one backend's nat table (xtables lock: ``-w``)."""
 
     def __init__(self, *, binary: str = "iptables", wait_seconds: int = 5) -> None:
-        self.binary = binary
-        self.wait = str(wait_seconds)
+        self.commands = netfilter.IptablesCommands(binary=binary, wait_seconds=wait_seconds)
 
     async def save(self) -> str:
-        return (await _run([f"{self.binary}-save", "-t", "nat"]))[1]
+        return await self.commands.save("nat")
 
     async def restore(self, text: str) -> None:
-        await _run([f"{self.binary}-restore", "-w", self.wait, "--noflush"],
-                   stdin=text.encode())
+        await self.commands.restore(text)
 
 
 def render_apply(save: str, want: Sequence[str]) -> str:

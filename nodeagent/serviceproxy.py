@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from shoal import errors
+from shoal import errors, netfilter
 from shoal.api.core.v1 import core_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
@@ -307,40 +307,16 @@ class Iptables(Protocol):
         """Insert the jump at the top of its chain unless present; True if inserted."""
 
 
-async def _run(cmd: Sequence[str], *, stdin: bytes | None = None, check: bool = True
-               ) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await proc.communicate(stdin)
-    code = proc.returncode or 0
-    if check and code != 0:
-        raise errors.Unavailable(f"{' '.join(cmd[:3])} failed ({code}): "
-                                 f"{err.decode(errors='replace').strip()}", retry_after=1.0)
-    return code, out.decode(errors="replace")
-
-
-class IptablesCommands:
+class IptablesCommands(netfilter.IptablesCommands):
     """The ``iptables`` binaries of the namespace we run in (xtables lock: ``-w``)."""
-
-    def __init__(self, *, binary: str = "iptables", wait_seconds: int = 5) -> None:
-        self.binary = binary
-        self.wait = str(wait_seconds)
-
-    async def save(self, table: str) -> str:
-        return (await _run([f"{self.binary}-save", "-t", table]))[1]
-
-    async def restore(self, text: str) -> None:
-        await _run([f"{self.binary}-restore", "-w", self.wait, "--noflush"],
-                   stdin=text.encode())
 
     async def ensure_jump(self, jump: Jump) -> bool:
         base = [self.binary, "-w", self.wait, "-t", jump.table]
-        code, _ = await _run([*base, "-C", jump.chain, *jump.rule], check=False)
+        code, _ = await netfilter.run([*base, "-C", jump.chain, *jump.rule], check=False)
         if code == 0:
             return False
-        _, listing = await _run([*base, "-S", jump.chain])
-        await _run([*base, "-I", jump.chain, str(jump_position(listing)), *jump.rule])
+        _, listing = await netfilter.run([*base, "-S", jump.chain])
+        await netfilter.run([*base, "-I", jump.chain, str(jump_position(listing)), *jump.rule])
         return True
 
 
