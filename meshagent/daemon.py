@@ -29,7 +29,7 @@ from meshagent.routing import Address, Balancer, Route, build_routes
 from shoal import config as configmod
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
-from shoal.informer import Informer
+from shoal.informer import Informer, key_of
 from shoal.monitoring import MonitoringServer, Readiness
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ class MeshAgent:
     def _rebuild(self) -> None:
         if self._dirty:
             self._dirty = False
-            eps = {f"{e.metadata.namespace}/{e.metadata.name}": e
-                   for e in self.endpoints.list()}
+            eps = {key_of(e): e for e in self.endpoints.list()}
             services = self.services.list()
             self._routes = build_routes(services, eps)
             self._names = dns.build_names(services, eps, domain=self.config.cluster_domain)
