@@ -51,8 +51,8 @@ class EventRecorder:
         self.clock = clock
         self._pending: deque[tuple[tuple[str, ...], core_pb2.Event]] = deque(maxlen=_QUEUE)
         self._wake = asyncio.Event()
-        # (uid, type, reason, message) -> the name of the Event that counts it
-        self._seen: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        # (uid, type, reason, message) -> the Event that counts it, as last written
+        self._seen: OrderedDict[tuple[str, ...], core_pb2.Event] = OrderedDict()
 
     def event(self, obj: Any, type_: str, reason: str, message: str) -> None:
         """Record that ``reason`` happened to ``obj``. Never raises."""
@@ -84,23 +84,25 @@ class EventRecorder:
             await self._send(key, ev)
 
     async def _send(self, key: tuple[str, ...], ev: core_pb2.Event) -> None:
-        name = self._seen.get(key)
+        last = self._seen.get(key)
         try:
-            if name is not None:
+            if last is not None:
+                # Only we write this Event: bump the copy we wrote last, one request
+                # (the kubelet's correlator does the same); if it is gone or someone
+                # else changed it, start a new one.
+                bumped = core_pb2.Event()
+                bumped.CopyFrom(last)
+                bumped.count += 1
+                bumped.last_timestamp.CopyFrom(ev.last_timestamp)
                 try:
-                    old = await self.client.get(core_pb2.Event, name,
-                                                namespace=ev.metadata.namespace)
-                    old.count += 1
-                    old.last_timestamp.CopyFrom(ev.last_timestamp)
-                    await self.client.update(old)
+                    self._seen[key] = await self.client.update(bumped)
                     self._seen.move_to_end(key)
                     return
                 except (errors.NotFound, errors.Conflict):
                     pass
             ev.metadata.name = (f"{ev.involved_object.name}."
                                 f"{int(self.clock() * 1e9):x}{secrets.token_hex(2)}")
-            await self.client.create(ev)
-            self._seen[key] = ev.metadata.name
+            self._seen[key] = await self.client.create(ev)
             while len(self._seen) > _REMEMBERED:
                 self._seen.popitem(last=False)
         except errors.ShoalError as e:
