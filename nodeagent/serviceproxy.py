@@ -352,9 +352,10 @@ class ServiceProxy:
     def _changed2(self, _old: object, _new: object) -> None:
         self._dirty.set()
 
-    async def _read_back(self) -> list[str]:
-        return our_lines(await self.iptables.save("nat")) + our_lines(
-            await self.iptables.save("filter"))
+    async def _read_back(self) -> tuple[str, list[str]]:
+        """The nat table's ``iptables-save`` and our lines of both tables."""
+        nat = await self.iptables.save("nat")
+        return nat, our_lines(nat) + our_lines(await self.iptables.save("filter"))
 
     async def sync(self, *, full: bool = False) -> None:
         """Bring our rules to the informers' current state.
@@ -368,12 +369,16 @@ class ServiceProxy:
         last, self._written = self._written, None  # unknown until this sync succeeds
         # Writing only what changed is right only if the rest is as we left it
         # (else the read-back below would take someone's flush for our state).
-        if not full and last is not None and await self.drifted():
-            log.warning("service proxy: our iptables rules changed under us; rewriting all")
-            self.repairs += 1
-            full = True
+        nat: str | None = None
+        if not full and last is not None:
+            nat, ours = await self._read_back()
+            if ours != self.applied:
+                log.warning("service proxy: our iptables rules changed under us; rewriting all")
+                self.repairs += 1
+                full = True
         if full or last is None:
-            nat = await self.iptables.save("nat")
+            if nat is None:
+                nat = await self.iptables.save("nat")
             await self.iptables.restore(render(
                 rules, stale=_stale(rules, existing_chains(nat))))
         else:
@@ -382,14 +387,14 @@ class ServiceProxy:
                 await self.iptables.restore(text)
         for jump in JUMPS:
             await self.iptables.ensure_jump(jump)
-        self.applied = await self._read_back()
+        _, self.applied = await self._read_back()
         self._written = rules
         self.syncs += 1
         log.debug("service proxy: %d service ports synced", len(ports))
 
     async def drifted(self) -> bool:
         """Do our rules differ from what the last sync left?"""
-        return self.applied is None or await self._read_back() != self.applied
+        return self.applied is None or (await self._read_back())[1] != self.applied
 
     async def run(self) -> None:
         backoff = Backoff(base=0.5, cap=30.0)
