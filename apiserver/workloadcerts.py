@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from apiserver.joining import NODE_GROUP, NODE_PREFIX
 from apiserver.metrics import Metrics
 from apiserver.pki import CertificateAuthority, Identity, cert_pem
 from apiserver.rpc import Authenticator, passthrough, unary
@@ -58,8 +59,6 @@ from shoal.api.certificates.v1 import workload_pb2 as pb
 from shoal.kinds import KindTable
 
 SERVICE = "shoal.certificates.v1.WorkloadCertificates"
-NODE_GROUP = "system:nodes"
-NODE_PREFIX = "system:node:"
 ADMIN_GROUP = "system:masters"
 DEFAULT_LIFETIME = dt.timedelta(hours=24)
 FINISHED_PHASES = ("Succeeded", "Failed")
