@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
+from shoal.cli.deleting import Victim, wait_gone
 from shoal.cli.reporting import CLIError, ExitCode, InputError
 from shoal.cli.session import Session
 from shoal.client import AsyncClient
 
 _ATTEMPTS = 5
-POLL_SECONDS = 0.5
 
 NO_CONTROLLER = "cannot delete Pods that declare no controller (use --force to override)"
 DAEMONSET = "cannot delete DaemonSet-managed Pods (use --ignore-daemonsets to ignore)"
@@ -186,22 +186,23 @@ async def run_drain(session: Session, *, node: str, options: DrainOptions,
 
 async def _wait_gone(session: Session, client: AsyncClient, pods: Sequence[core_pb2.Pod], *,
                      started: float, timeout: float | None) -> None:
+    """Print each pod as it goes (a watch on it: ``shoal delete --wait``'s ``wait_gone``)."""
+    kind = session.kinds.by_message(core_pb2.Pod())
     left = {pod.metadata.uid: pod for pod in pods}
-    while left:
-        for uid, pod in list(left.items()):
-            try:
-                live = await client.get(core_pb2.Pod, pod.metadata.name,
-                                        namespace=pod.metadata.namespace)
-                gone = live.metadata.uid != uid
-            except errors.NotFound:
-                gone = True
-            if gone:
-                del left[uid]
-                session.print(f"pod/{pod.metadata.name} evicted")
-        if not left:
-            return
-        if timeout is not None and time.monotonic() - started >= timeout:
-            raise DrainTimeout(
-                f"drain did not complete within {timeout:g}s; still terminating: "
-                + ", ".join(_ref(p) for p in left.values()))
-        await asyncio.sleep(POLL_SECONDS)
+
+    async def one(pod: core_pb2.Pod) -> None:
+        victim = Victim(kind, pod.metadata.namespace, pod.metadata.name)
+        await wait_gone(client, victim, uid=pod.metadata.uid)
+        del left[pod.metadata.uid]
+        session.print(f"pod/{pod.metadata.name} evicted")
+
+    until = None if timeout is None else asyncio.get_running_loop().time() + max(
+        0.0, timeout - (time.monotonic() - started))
+    try:
+        async with asyncio.timeout_at(until), asyncio.TaskGroup() as tg:
+            for pod in pods:
+                tg.create_task(one(pod))
+    except TimeoutError:
+        raise DrainTimeout(
+            f"drain did not complete within {timeout:g}s; still terminating: "
+            + ", ".join(_ref(p) for p in left.values())) from None
