@@ -156,8 +156,6 @@ def _refuse(node: str, plan: DrainPlan, *, cordoned: bool) -> None:
 async def run_drain(session: Session, *, node: str, options: DrainOptions,
                     grace_period: int | None, timeout: float | None) -> int:
     """Drain ``node``; ``grace_period`` None: each pod's own; ``timeout`` None: no limit."""
-    if grace_period is not None and grace_period < 0:
-        grace_period = None  # kubectl: negative means "the pod's own"
     client = session.client()
     await client.get(core_pb2.Node, node)  # NotFound before anything changes
     plan = plan_drain(await _pods_on(client, node), options)
