@@ -53,6 +53,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
 
+from apiserver.controllers.taints import (
+    NO_EXECUTE,
+    NO_SCHEDULE,
+    PREFER_NO_SCHEDULE,
+)
+from apiserver.controllers.taints import NOT_READY as TAINT_NOT_READY
+from apiserver.controllers.taints import UNREACHABLE as TAINT_UNREACHABLE
+from apiserver.controllers.taints import UNSCHEDULABLE as TAINT_UNSCHEDULABLE
 from shoal import errors, quantity, selectors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.meta.v1 import meta_pb2
@@ -65,12 +73,6 @@ MIN_FEASIBLE_NODES_TO_FIND = 100
 MIN_FEASIBLE_NODES_PERCENTAGE_TO_FIND = 5
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-TAINT_NOT_READY = "node.kubernetes.io/not-ready"
-TAINT_UNREACHABLE = "node.kubernetes.io/unreachable"
-TAINT_UNSCHEDULABLE = "node.kubernetes.io/unschedulable"
-NO_SCHEDULE = "NoSchedule"
-NO_EXECUTE = "NoExecute"
-PREFER_NO_SCHEDULE = "PreferNoSchedule"
 
 # Filter failures, in kube-scheduler's words.
 REASON_UNSCHEDULABLE = "node(s) were unschedulable"
