@@ -297,13 +297,15 @@ class ObjectStore:
         await self._require_namespace(kind, obj.metadata.namespace)
         reserved = await ips.allocate(obj, dry_run=dry_run)
         try:
-            return await self._create(kind, obj, generated=generated, dry_run=dry_run)
+            return await self._create(kind, obj, generated=generated, dry_run=dry_run,
+                                      namespace_checked=True)
         except errors.ShoalError as e:
             if reserved and not isinstance(e, errors.TemporaryError):
                 await ips.release(reserved, obj.metadata.uid)
             raise
 
-    async def _create(self, kind: Kind, obj: Any, *, generated: bool, dry_run: bool) -> Any:
+    async def _create(self, kind: Kind, obj: Any, *, generated: bool, dry_run: bool,
+                      namespace_checked: bool = False) -> Any:
         meta = obj.metadata
         for attempt in range(8):
             if generated and (attempt or not meta.name):
@@ -312,7 +314,9 @@ class ObjectStore:
             problems = validation.validate(kind, obj)
             if problems:
                 raise self._invalid(kind, obj, problems)
-            await self._require_namespace(kind, meta.namespace)
+            if not namespace_checked:       # the namespace is read once per create
+                await self._require_namespace(kind, meta.namespace)
+                namespace_checked = True
             data = _serialize(obj)
             self._check_size(kind, data)
             key = kind.key(meta.namespace, meta.name)
