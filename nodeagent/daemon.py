@@ -40,7 +40,7 @@ from nodeagent.serviceproxy import ServiceProxy
 from nodeagent.serving import NodeAPI
 from nodeagent.volumes import VolumeManager
 from shoal import config as configmod
-from shoal import errors, images
+from shoal import errors, images, nodeaccess
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.events import EventRecorder
@@ -170,10 +170,7 @@ class NodeAgentDaemon:
                 await asyncio.sleep(delay)
 
     def _serve_api(self, api: NodeAPI) -> None:
-        pki = self.config.data_dir / "pki"
-        creds = grpc.ssl_server_credentials(
-            [((pki / "serving.key").read_bytes(), (pki / "serving.crt").read_bytes())],
-            root_certificates=(pki / "ca.crt").read_bytes(), require_client_auth=True)
+        creds = nodeaccess.server_credentials(self.config.data_dir / "pki")
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((api.handler(),))
         self.api_port = server.add_secure_port(self.config.listen, creds)

@@ -1,10 +1,8 @@
 """The node agent's own gRPC API (port 10250): container logs, exec, image imports.
 
-Served with TLS using the node's serving certificate (from join). Every caller
-must present a client certificate from the cluster CA whose subject is the
-apiserver's kubelet client (CN ``shoal-apiserver-kubelet-client``) or whose
-groups include ``system:masters``; users come in through the apiserver's
-PodProxy, which authenticates them.
+Served with TLS using the node's serving certificate (from join); who may call
+is :mod:`shoal.nodeaccess` (the apiserver's kubelet client or system:masters;
+users come in through the apiserver's PodProxy, which authenticates them).
 
 Logs are read from the runtime's log files (``nodeagent.logs``); ``follow``
 streams until the container instance stops or the caller goes away.
@@ -32,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from nodeagent.logs import container_logs, pod_log_dir, read_logs
 from nodeagent.podruntime import PodRuntime
@@ -41,42 +37,13 @@ from nodeagent.runtimestate import ContainerRecord, ContainerState, PodRecord
 from shoal import errors, images
 from shoal.api.core.v1 import core_pb2
 from shoal.api.node.v1 import node_pb2
+from shoal.nodeaccess import abort, authorize
 
 log = logging.getLogger(__name__)
 
 SERVICE = "shoal.node.v1.NodeAgent"
-STATUS_TRAILER = "shoal-status-bin"
-ALLOWED_USERS = frozenset({"shoal-apiserver-kubelet-client"})
-ALLOWED_GROUPS = frozenset({"system:masters"})
-GRPC_CODES = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.RequestEntityTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
-}
 IMPORT_PREFIX = "import-"
 DEFAULT_MAX_IMPORT_BYTES = 4 << 30
-
-
-def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, set[str]]:
-    props = context.auth_context() or {}
-    pems = props.get("x509_pem_cert")
-    if not pems:
-        raise errors.Unauthorized("a client certificate from the cluster CA is required")
-    cert = x509.load_pem_x509_certificate(next(iter(pems)))
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return (str(cn[0].value) if cn else ""), {str(o.value) for o in orgs}
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], e: errors.ShoalError) -> None:
-    code = next((c for cls, c in GRPC_CODES.items() if isinstance(e, cls)),
-                grpc.StatusCode.INTERNAL)
-    await context.abort(code, e.message,
-                        trailing_metadata=((STATUS_TRAILER, e.status().SerializeToString()),))
 
 
 class NodeAPI:
@@ -114,11 +81,6 @@ class NodeAPI:
                 response_serializer=ser),
         })
 
-    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        user, groups = _caller(context)
-        if user not in ALLOWED_USERS and not groups & ALLOWED_GROUPS:
-            raise errors.Forbidden(f'user "{user}" may not use the API of this node')
-
     def _locate(self, namespace: str, name: str, container: str
                 ) -> tuple[core_pb2.Pod, str, PodRecord]:
         pod = self.pod_by_name(namespace, name)
@@ -141,7 +103,7 @@ class NodeAPI:
                    context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
                        node_pb2.LogChunk]:
         try:
-            self._authorize(context)
+            authorize(context)
             pod, container, record = self._locate(request.namespace, request.pod,
                                                   request.container)
             pod_dir = pod_log_dir(self.log_root, pod.metadata.namespace, pod.metadata.name,
@@ -163,7 +125,7 @@ class NodeAPI:
                 path = next((f for f in files if int(f.stem) == current.attempt), files[-1])
                 follow = request.follow
         except errors.ShoalError as e:
-            await _abort(context, e)
+            await abort(context, e)
             return
         tail = request.tail_lines if request.HasField("tail_lines") else None
 
@@ -180,7 +142,7 @@ class NodeAPI:
     async def exec(self, request: node_pb2.ExecRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.ExecResponse:
         try:
-            self._authorize(context)
+            authorize(context)
             if not request.command:
                 raise errors.BadRequest("exec needs a command")
             pod, container, record = self._locate(request.namespace, request.pod,
@@ -192,7 +154,7 @@ class NodeAPI:
             code, out, err = await self.runtime.exec_sync(
                 inst.id, list(request.command), timeout=float(request.timeout_seconds or 60))
         except errors.ShoalError as e:
-            await _abort(context, e)
+            await abort(context, e)
             raise  # pragma: no cover - abort raises
         return node_pb2.ExecResponse(stdout=out, stderr=err, exit_code=code)
 
@@ -212,13 +174,13 @@ class NodeAPI:
                            context: grpc.aio.ServicerContext[Any, Any]
                            ) -> node_pb2.ImportResult:
         try:
-            self._authorize(context)
+            authorize(context)
             if not self.containerd_address or self.import_dir is None:
                 raise errors.MethodNotAllowed(
                     "this node agent was started without a containerd socket for imports")
             return await self._import(request_iterator)
         except errors.ShoalError as e:
-            await _abort(context, e)
+            await abort(context, e)
             raise  # pragma: no cover - abort raises
 
     async def _import(self, chunks: AsyncIterator[node_pb2.ImportChunk]
