@@ -22,8 +22,12 @@ from shoal import errors
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
+from shoal.api.security.v1 import security_pb2
 
 FieldGetter = Callable[[Any], str]
+
+# Istio's API group for mesh security policies.
+ISTIO_SECURITY = "security.istio.io"
 
 
 def _meta_fields() -> dict[str, FieldGetter]:
@@ -45,6 +49,10 @@ class Kind:
     message: type[Message]
     short_names: tuple[str, ...] = ()
     has_status: bool = True
+    # Further versions accepted on input with the same schema (Istio's
+    # security.istio.io/v1beta1 beside v1); objects are always served as
+    # ``version``.
+    also_versions: tuple[str, ...] = ()
     # Field-selector paths this kind supports, beyond metadata.name/namespace.
     extra_fields: Mapping[str, FieldGetter] = field(default_factory=dict, hash=False,
                                                     compare=False)
@@ -52,6 +60,12 @@ class Kind:
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def api_versions(self) -> tuple[str, ...]:
+        """Every apiVersion a manifest of this kind may name, served one first."""
+        return tuple(f"{self.group}/{v}" if self.group else v
+                     for v in (self.version, *self.also_versions))
 
     @property
     def type_name(self) -> str:
@@ -100,7 +114,7 @@ class KindTable:
 
     def __init__(self, kinds: Iterable[Kind]) -> None:
         self._kinds = tuple(kinds)
-        self._by_gvk = {(k.api_version, k.kind): k for k in self._kinds}
+        self._by_gvk = {(v, k.kind): k for k in self._kinds for v in k.api_versions}
         self._by_resource = {(k.group, k.resource): k for k in self._kinds}
         self._by_type = {k.type_name: k for k in self._kinds}
         names: dict[str, Kind] = {}
@@ -120,7 +134,7 @@ class KindTable:
         try:
             return self._by_gvk[(api_version, kind)]
         except KeyError:
-            known = sorted({k.kind for k in self._kinds if k.api_version == api_version})
+            known = sorted({k.kind for k in self._kinds if api_version in k.api_versions})
             hint = f" (known kinds in {api_version}: {', '.join(known)})" if known else ""
             raise errors.BadRequest(
                 f"no kind {kind!r} is registered for apiVersion {api_version!r}{hint}"
@@ -191,7 +205,7 @@ def _involved(attr: str) -> FieldGetter:
 @functools.cache
 def builtin_kinds() -> KindTable:
     """Every kind this version of Shoal serves."""
-    core, apps, coord = core_pb2, apps_pb2, coordination_pb2
+    core, apps, coord, sec = core_pb2, apps_pb2, coordination_pb2, security_pb2
     return KindTable(
         [
             Kind("", "v1", "Namespace", "namespaces", False, core.Namespace, ("ns",),
@@ -219,5 +233,11 @@ def builtin_kinds() -> KindTable:
             Kind("apps", "v1", "DaemonSet", "daemonsets", True, apps.DaemonSet, ("ds",)),
             Kind("apps", "v1", "ControllerRevision", "controllerrevisions", True,
                  apps.ControllerRevision, (), has_status=False),
+            Kind(ISTIO_SECURITY, "v1", "PeerAuthentication", "peerauthentications", True,
+                 sec.PeerAuthentication, ("pa",), has_status=False,
+                 also_versions=("v1beta1",)),
+            Kind(ISTIO_SECURITY, "v1", "AuthorizationPolicy", "authorizationpolicies", True,
+                 sec.AuthorizationPolicy, ("ap",), has_status=False,
+                 also_versions=("v1beta1",)),
         ]
     )

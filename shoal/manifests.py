@@ -167,6 +167,8 @@ class _Decoder:
             if key_fd.type == FieldDescriptor.TYPE_STRING and not isinstance(k, str):
                 self.fail(kpath, f"map keys must be strings, got {_type_name(k)}")
                 continue
+            if key_fd.type in _INT_RANGES and isinstance(k, str) and re.fullmatch(r"-?\d+", k):
+                k = int(k)  # JSON spells integer map keys as strings ("8080")
             ok, key = self.scalar(k, key_fd, kpath)
             if not ok:
                 continue

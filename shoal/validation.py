@@ -42,6 +42,7 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.meta.v1 import meta_pb2
+from shoal.api.security.v1 import security_pb2
 from shoal.errors import FieldError
 from shoal.kinds import Kind
 from shoal.manifests import encode_message
@@ -1725,6 +1726,206 @@ def _validate_endpoints(ep: core_pb2.Endpoints) -> Errors:
     return errs
 
 
+# --------------------------------------------------------------------------- security.istio.io
+
+_MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+_POLICY_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+_TARGET_REF_KINDS = (("", "Service"), ("networking.istio.io", "ServiceEntry"),
+                     ("gateway.networking.k8s.io", "Gateway"),
+                     ("gateway.networking.k8s.io", "GatewayClass"))
+# Condition keys Istio knows, exact and "key[name]" prefixes.
+_CONDITION_KEYS = ("source.ip", "remote.ip", "source.namespace", "source.principal",
+                   "request.auth.principal", "request.auth.audiences",
+                   "request.auth.presenter", "destination.ip", "destination.port",
+                   "connection.sni")
+_CONDITION_MAP_KEYS = ("request.headers", "request.auth.claims", "experimental.envoy.filters.")
+_NO_RULES = ("{action} action without `rules` is meaningless as it will never be triggered, "
+             "add an empty rule `{{}}` if you want it be triggered for every request")
+
+
+def _istio_selector(path: str, spec: Any) -> Errors:
+    """Istio's rules: no empty key, no wildcard in a key or value."""
+    errs: Errors = []
+    for key, value in sorted(spec.selector.match_labels.items()):
+        if not key:
+            errs.append(_invalid(f"{path}.matchLabels", key, "empty key is not supported"))
+        if "*" in key or "*" in value:
+            errs.append(_invalid(f"{path}.matchLabels[{key}]", value,
+                                 "wildcard is not supported in selector"))
+    return errs
+
+
+def _validate_peer_authentication(pa: security_pb2.PeerAuthentication) -> Errors:
+    spec = pa.spec
+    errs = _istio_selector("spec.selector", spec)
+    errs += _one_of("spec.mtls.mode", spec.mtls.mode, _MTLS_MODES, required=False)
+    if spec.port_level_mtls and not spec.selector.match_labels:
+        errs.append(_forbidden("spec.portLevelMtls",
+                               "mesh/namespace peer authentication cannot have port level mTLS "
+                               "(set spec.selector)"))
+    for port, mtls in sorted(spec.port_level_mtls.items()):
+        errs += _between(f"spec.portLevelMtls[{port}]", port, 1, _MAX_PORT)
+        errs += _one_of(f"spec.portLevelMtls[{port}].mode", mtls.mode, _MTLS_MODES,
+                        required=False)
+    return errs
+
+
+def _target_refs(spec: security_pb2.AuthorizationPolicySpec) -> Errors:
+    errs: Errors = []
+    set_ = _present(spec, ("selector", "target_ref")) + (["target_refs"] if spec.target_refs
+                                                          else [])
+    if len(set_) > 1:
+        errs.append(_forbidden("spec", "only one of selector, targetRef or targetRefs may be set"))
+    refs = [("spec.targetRef", spec.target_ref)] if spec.HasField("target_ref") else []
+    refs += [(f"spec.targetRefs[{i}]", r) for i, r in enumerate(spec.target_refs)]
+    for path, ref in refs:
+        if not ref.name:
+            errs.append(_required(f"{path}.name"))
+        if ref.namespace:
+            errs.append(_forbidden(f"{path}.namespace",
+                                   "cross namespace referencing is not supported"))
+        group = "" if ref.group == "core" else ref.group
+        if (group, ref.kind) not in _TARGET_REF_KINDS:
+            errs.append(_not_supported(f"{path}.kind", f"{ref.group}/{ref.kind}".lstrip("/"),
+                                       [f"{g}/{k}".lstrip("/") for g, k in _TARGET_REF_KINDS]))
+    return errs
+
+
+def _no_empty(path: str, values: Sequence[str]) -> Errors:
+    return [_invalid(f"{path}[{i}]", v, "empty value not allowed")
+            for i, v in enumerate(values) if not v]
+
+
+def _ip_blocks(path: str, values: Sequence[str]) -> Errors:
+    errs: Errors = []
+    for i, v in enumerate(values):
+        if v and "/" in v:
+            errs += _cidr(f"{path}[{i}]", v)
+        elif v and not _is_ip(v):
+            errs.append(_invalid(f"{path}[{i}]", v, "must be an IP address or a CIDR"))
+    return errs
+
+
+def _port_strings(path: str, values: Sequence[str]) -> Errors:
+    return [_invalid(f"{path}[{i}]", v, "must be a port number between 0 and 65535")
+            for i, v in enumerate(values)
+            if v and not (v.isascii() and v.isdigit() and int(v) <= _MAX_PORT)]
+
+
+def _service_accounts(path: str, values: Sequence[str]) -> Errors:
+    errs: Errors = []
+    for i, v in enumerate(values):
+        parts = v.split("/")
+        if len(parts) > 2 or not all(parts) or "*" in v:
+            errs.append(_invalid(f"{path}[{i}]", v,
+                                 "must be \"<name>\" or \"<namespace>/<name>\", without wildcards"))
+    return errs
+
+
+_SOURCE_FIELDS = ("principals", "not_principals", "request_principals", "not_request_principals",
+                  "namespaces", "not_namespaces", "ip_blocks", "not_ip_blocks", "remote_ip_blocks",
+                  "not_remote_ip_blocks", "service_accounts", "not_service_accounts")
+_OPERATION_FIELDS = ("hosts", "not_hosts", "ports", "not_ports", "methods", "not_methods", "paths",
+                     "not_paths")
+_CUSTOM_FORBIDDEN_SOURCE = ("namespaces", "not_namespaces", "service_accounts",
+                            "not_service_accounts", "principals", "not_principals",
+                            "request_principals", "not_request_principals")
+
+
+def _source(path: str, src: security_pb2.Source, *, custom: bool) -> Errors:
+    errs: Errors = []
+    if not any(getattr(src, f) for f in _SOURCE_FIELDS):
+        errs.append(_required(path, "must not be empty"))
+    for f in _SOURCE_FIELDS:
+        errs += _no_empty(f"{path}.{_json_name(src, f)}", getattr(src, f))
+    if (src.principals or src.not_principals or src.namespaces or src.not_namespaces) and (
+            src.service_accounts or src.not_service_accounts):
+        errs.append(_forbidden(f"{path}.serviceAccounts",
+                               "cannot be set together with namespaces or principals"))
+    for f in ("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks"):
+        errs += _ip_blocks(f"{path}.{_json_name(src, f)}", getattr(src, f))
+    for f in ("service_accounts", "not_service_accounts"):
+        errs += _service_accounts(f"{path}.{_json_name(src, f)}", getattr(src, f))
+    if custom:
+        errs += [_forbidden(f"{path}.{_json_name(src, f)}", "not supported with CUSTOM action")
+                 for f in _CUSTOM_FORBIDDEN_SOURCE if getattr(src, f)]
+    return errs
+
+
+def _operation(path: str, op: security_pb2.Operation) -> Errors:
+    errs: Errors = []
+    if not any(getattr(op, f) for f in _OPERATION_FIELDS):
+        errs.append(_required(path, "must not be empty"))
+    for f in _OPERATION_FIELDS:
+        errs += _no_empty(f"{path}.{_json_name(op, f)}", getattr(op, f))
+    errs += _port_strings(f"{path}.ports", op.ports)
+    errs += _port_strings(f"{path}.notPorts", op.not_ports)
+    return errs
+
+
+def _condition_values(path: str, key: str, values: Sequence[str]) -> Errors:
+    errs = _no_empty(path, values)
+    if key in ("source.ip", "remote.ip", "destination.ip"):
+        errs += _ip_blocks(path, values)
+    elif key == "destination.port":
+        errs += _port_strings(path, values)
+    return errs
+
+
+def _condition(path: str, cond: security_pb2.Condition, *, custom: bool) -> Errors:
+    key = cond.key
+    if not key:
+        return [_required(f"{path}.key")]
+    errs: Errors = []
+    if key.startswith(_CONDITION_MAP_KEYS):
+        prefix = next(p for p in _CONDITION_MAP_KEYS if key.startswith(p))
+        open_ = key.find("[")
+        if not (key.endswith("]") and open_ >= len(prefix) and open_ < len(key) - 2):
+            errs.append(_invalid(f"{path}.key", key, "should have the form a[b]"))
+    elif key not in _CONDITION_KEYS:
+        errs.append(_not_supported(f"{path}.key", key,
+                                   [*_CONDITION_KEYS, *(f"{p}[...]" for p in _CONDITION_MAP_KEYS)]))
+    if not cond.values and not cond.not_values:
+        errs.append(_required(f"{path}.values", "at least one of values or notValues must be set"))
+    errs += _condition_values(f"{path}.values", key, cond.values)
+    errs += _condition_values(f"{path}.notValues", key, cond.not_values)
+    if custom and (key in ("source.namespace", "source.serviceAccount", "source.principal")
+                   or key.startswith("request.auth.")):
+        errs.append(_forbidden(f"{path}.key", f"{key} is not supported with CUSTOM action"))
+    return errs
+
+
+def _rule(path: str, rule: security_pb2.Rule, *, custom: bool) -> Errors:
+    errs: Errors = []
+    for j, src in enumerate(rule.from_):
+        spath = f"{path}.from[{j}].source"
+        errs += (_source(spath, src.source, custom=custom) if src.HasField("source")
+                 else [_required(spath)])
+    for j, to in enumerate(rule.to):
+        opath = f"{path}.to[{j}].operation"
+        errs += _operation(opath, to.operation) if to.HasField("operation") else [_required(opath)]
+    for j, cond in enumerate(rule.when):
+        errs += _condition(f"{path}.when[{j}]", cond, custom=custom)
+    return errs
+
+
+def _validate_authorization_policy(ap: security_pb2.AuthorizationPolicy) -> Errors:
+    spec = ap.spec
+    errs = _target_refs(spec) + _istio_selector("spec.selector", spec)
+    errs += _one_of("spec.action", spec.action, _POLICY_ACTIONS, required=False)
+    custom = spec.action == "CUSTOM"
+    if spec.action in ("DENY", "CUSTOM") and not spec.rules:
+        errs.append(_required("spec.rules", _NO_RULES.format(action=spec.action)))
+    if custom and not spec.provider.name:
+        errs.append(_required("spec.provider.name", "a CUSTOM policy names its provider"))
+    if not custom and spec.HasField("provider"):
+        errs.append(_forbidden("spec.provider",
+                               f"may only be set with action CUSTOM, not {spec.action or 'ALLOW'}"))
+    for i, rule in enumerate(spec.rules):
+        errs += _rule(f"spec.rules[{i}]", rule, custom=custom)
+    return errs
+
+
 _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "Pod": _validate_pod,
     "Service": _validate_service,
@@ -1738,6 +1939,8 @@ _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "Lease": _validate_lease,
     "Event": _validate_event,
     "Endpoints": _validate_endpoints,
+    "PeerAuthentication": _validate_peer_authentication,
+    "AuthorizationPolicy": _validate_authorization_policy,
 }
 
 # --------------------------------------------------------------------------- updates

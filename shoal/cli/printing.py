@@ -425,6 +425,14 @@ def _lease_row(lease: Any, now: float) -> Cells:
     return (lease.metadata.name, holder or NONE, age(lease.metadata.creation_timestamp, now))
 
 
+def _peer_authentication_row(pa: Any, now: float) -> Cells:
+    return (pa.metadata.name, pa.spec.mtls.mode or NONE, age(pa.metadata.creation_timestamp, now))
+
+
+def _authorization_policy_row(ap: Any, now: float) -> Cells:
+    return (ap.metadata.name, ap.spec.action or "ALLOW", age(ap.metadata.creation_timestamp, now))
+
+
 def _generic_row(obj: Any, now: float) -> Cells:
     return (obj.metadata.name, age(obj.metadata.creation_timestamp, now))
 
@@ -551,6 +559,10 @@ def printer_for(kind: Kind) -> Printer:
             return Printer(("NAME", "HOLDER", "AGE"), _lease_row)
         case "ControllerRevision":
             return Printer(("NAME", "CONTROLLER", "REVISION", "AGE"), _revision_row)
+        case "PeerAuthentication":
+            return Printer(("NAME", "MODE", "AGE"), _peer_authentication_row)
+        case "AuthorizationPolicy":
+            return Printer(("NAME", "ACTION", "AGE"), _authorization_policy_row)
         case _:
             return Printer(("NAME", "AGE"), _generic_row)
 

@@ -72,20 +72,20 @@ class AuthorizationPolicy(_message.Message):
     def __init__(self, metadata: _Optional[_Union[_meta_pb2.ObjectMeta, _Mapping]] = ..., spec: _Optional[_Union[AuthorizationPolicySpec, _Mapping]] = ...) -> None: ...
 
 class AuthorizationPolicySpec(_message.Message):
-    __slots__ = ("selector", "target_ref", "target_refs", "rules", "action", "provider")
+    __slots__ = ("selector", "target_ref", "target_refs", "action", "provider", "rules")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     TARGET_REF_FIELD_NUMBER: _ClassVar[int]
     TARGET_REFS_FIELD_NUMBER: _ClassVar[int]
-    RULES_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     selector: WorkloadSelector
     target_ref: PolicyTargetReference
     target_refs: _containers.RepeatedCompositeFieldContainer[PolicyTargetReference]
-    rules: _containers.RepeatedCompositeFieldContainer[Rule]
     action: str
     provider: ExtensionProvider
-    def __init__(self, selector: _Optional[_Union[WorkloadSelector, _Mapping]] = ..., target_ref: _Optional[_Union[PolicyTargetReference, _Mapping]] = ..., target_refs: _Optional[_Iterable[_Union[PolicyTargetReference, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., action: _Optional[str] = ..., provider: _Optional[_Union[ExtensionProvider, _Mapping]] = ...) -> None: ...
+    rules: _containers.RepeatedCompositeFieldContainer[Rule]
+    def __init__(self, selector: _Optional[_Union[WorkloadSelector, _Mapping]] = ..., target_ref: _Optional[_Union[PolicyTargetReference, _Mapping]] = ..., target_refs: _Optional[_Iterable[_Union[PolicyTargetReference, _Mapping]]] = ..., action: _Optional[str] = ..., provider: _Optional[_Union[ExtensionProvider, _Mapping]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ...) -> None: ...
 
 class ExtensionProvider(_message.Message):
     __slots__ = ("name",)
