@@ -8,13 +8,17 @@
       -s P -d NODE_DNS -p udp/tcp --dport 53  -> REDIRECT 15053  (pod DNS)
       -s P -d SERVICE_CIDR -p tcp             -> REDIRECT 15001  (outbound to a ClusterIP)
       -s P -d POD_CIDR -p tcp                 -> REDIRECT 15001  (outbound to a pod)
+      -d P -p tcp --dport 15008               -> REDIRECT 15008  (a peer agent's tunnel
+                                                                 to the pod)
       -d P -p tcp                             -> REDIRECT 15006  (inbound to the pod)
 
 Pods' packets reach the node's netns through the CNI bridge, so PREROUTING sees
 them. The agent's own connections (to endpoints, to peer agents) start in the
 node's netns and only traverse OUTPUT, which the mesh does not hook: they are
-never captured on this node. On the destination node the agent's connection
-arrives from outside the pod and is captured by the inbound rule (15006).
+never captured on this node. On the destination node a peer agent's tunnel
+(to ``POD:15008``) is redirected to this agent's tunnel listener, which reads
+the pod from the original destination; other traffic to the pod from outside
+the mesh goes to the plaintext inbound listener (15006).
 
 Opt-out: label ``shoal.dev/mesh: disabled`` (or Istio's
 ``istio.io/dataplane-mode: none``) on the pod or on its namespace.
@@ -47,6 +51,7 @@ HOOK = "PREROUTING"
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
+TUNNEL_PORT = 15008
 DNS_PORT = 15053
 
 OPT_OUT_LABELS: Mapping[str, str] = {
@@ -67,6 +72,7 @@ class CaptureConfig:
     outbound_port: int = OUTBOUND_PORT
     inbound_port: int = INBOUND_PORT
     dns_port: int = DNS_PORT
+    tunnel_port: int = TUNNEL_PORT
 
     def __post_init__(self) -> None:
         for name in ("pod_cidr", "service_cidr"):
@@ -104,6 +110,8 @@ def pod_rules(ip: str, cfg: CaptureConfig) -> list[str]:
                f"--to-ports {cfg.outbound_port}")
     out.append(f"{a} {src} -d {cfg.pod_cidr} -p tcp -j REDIRECT "
                f"--to-ports {cfg.outbound_port}")
+    out.append(f"{a} -d {ip}/32 -p tcp -m tcp --dport {TUNNEL_PORT} -j REDIRECT "
+               f"--to-ports {cfg.tunnel_port}")
     out.append(f"{a} -d {ip}/32 -p tcp -j REDIRECT --to-ports {cfg.inbound_port}")
     return out
 

@@ -1,15 +1,18 @@
 """``shoal-meshagent run``: one mesh agent per node, beside the nodeagent.
 
     start: the node's client config (the nodeagent's node.conf) -> listeners bound
-           (outbound 15001, inbound 15006, DNS 15053, monitoring 15020: a bad port
-           fails here) -> informers (Pods with spec.nodeName=<node>, Services,
-           Endpoints, Namespaces) synced -> ready -> capture rules for this node's
-           pods kept on a loop (with --capture)
+           (outbound 15001, inbound 15006, tunnel 15008, DNS 15053, monitoring
+           15020: a bad port fails here) -> informers (Pods, Services, Endpoints,
+           Namespaces) synced -> ready -> per local pod: its workload certificate
+           (signed by the apiserver's CA for this node), then its capture rules
+           (with --capture), kept on a loop
     stop (SIGTERM): capture rules removed (unless --keep-rules-on-exit), listeners
-           closed.
+           and tunnel connections closed.
 
-Plaintext for now: connections go straight to the chosen endpoint; the mTLS
-tunnel (15008) comes with meshagent.identity.
+Every pod is watched, not only this node's: a connection to a pod elsewhere
+needs that pod's node and service account (the SPIFFE ID its agent must
+prove). A pod is captured only once the agent holds a certificate for its
+service account, so its first connection never waits for signing.
 
 Readiness (/readyz): ``listeners``, ``informers``.
 """
@@ -19,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import capture, dns, proxy
-from meshagent.routing import Address, Balancer, Route, build_routes
+from meshagent import capture, dns, identity, proxy, tunnel
+from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
+from shoal import errors, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
@@ -45,6 +50,8 @@ class MeshConfig:
     outbound_port: int = capture.OUTBOUND_PORT
     inbound_port: int = capture.INBOUND_PORT
     dns_port: int = capture.DNS_PORT
+    tunnel_port: int = capture.TUNNEL_PORT
+    trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN
     metrics_listen: str = "0.0.0.0:15020"
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
@@ -57,8 +64,8 @@ class MeshConfig:
     reconcile_interval: float = 1.0
 
 
-def captured(pod: core_pb2.Pod, namespaces: dict[str, core_pb2.Namespace]) -> bool:
-    """Whether this pod's traffic is captured (pure)."""
+def captured(pod: core_pb2.Pod, namespaces: Mapping[str, core_pb2.Namespace]) -> bool:
+    """Whether this pod's traffic is captured (by its node's agent) (pure)."""
     if pod.spec.host_network or not pod.status.pod_ip:
         return False
     if pod.status.phase in ("Succeeded", "Failed") or pod.metadata.deletion_timestamp.seconds:
@@ -66,6 +73,10 @@ def captured(pod: core_pb2.Pod, namespaces: dict[str, core_pb2.Namespace]) -> bo
     ns = namespaces.get(pod.metadata.namespace)
     ns_labels = dict(ns.metadata.labels) if ns is not None else {}
     return not capture.opted_out(dict(pod.metadata.labels)) and not capture.opted_out(ns_labels)
+
+
+def service_account(pod: core_pb2.Pod) -> str:
+    return str(pod.spec.service_account_name or "default")
 
 
 def workload_name(pod: core_pb2.Pod) -> str:
@@ -77,7 +88,9 @@ def workload_name(pod: core_pb2.Pod) -> str:
 
 
 class MeshAgent:
-    def __init__(self, config: MeshConfig, client: AsyncClient) -> None:
+    def __init__(self, config: MeshConfig, client: AsyncClient, *,
+                 signer: identity.Signer | None = None,
+                 original_dst: proxy.OriginalDst = proxy.original_dst) -> None:
         self.config = config
         self.client = client
         self.registry = CollectorRegistry()
@@ -86,7 +99,6 @@ class MeshAgent:
         self.monitoring = MonitoringServer(host=host or "0.0.0.0", port=int(port),
                                            registry=self.registry, readiness=self.readiness)
         self.pods = Informer(client, core_pb2.Pod,
-                             field_selector=f"spec.nodeName={config.node_name}",
                              indexers={"ip": lambda p: [p.status.pod_ip] if p.status.pod_ip
                                        else []})
         self.services = Informer(client, core_pb2.Service)
@@ -98,15 +110,28 @@ class MeshAgent:
         for inf in (self.services, self.endpoints):
             inf.add_handlers(on_add=self._changed, on_update=self._changed2,
                              on_delete=self._changed)
-        metrics = proxy.Metrics(self.registry)
-        balancer = Balancer()
-        common = {"host": config.listen_host, "routes": self.routes,
-                  "pod_cidr": config.pod_cidr, "balancer": balancer, "metrics": metrics,
-                  "workload_of": self.workload_of}
-        self.outbound = proxy.Listener(direction="outbound", port=config.outbound_port,
-                                       **common)  # type: ignore[arg-type]
-        self.inbound = proxy.Listener(direction="inbound", port=config.inbound_port,
-                                      **common)  # type: ignore[arg-type]
+        self.identities = identity.IdentityManager(
+            signer=signer or identity.GrpcSigner(client.channel),
+            trust_domain=config.trust_domain)
+        self.metrics = proxy.Metrics(self.registry)
+        ids = tunnel.Identities(self.identities)
+        self.pool = tunnel.Pool(identities=ids, metrics=self.metrics.tunnel,
+                                port=config.tunnel_port)
+        self.path = proxy.DataPath(node=config.node_name, trust_domain=config.trust_domain,
+                                   routes=self.routes, pod_cidr=config.pod_cidr,
+                                   workload=self.workload, metrics=self.metrics,
+                                   pool=self.pool, admit=self.admit)
+        self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
+                                       port=config.outbound_port, path=self.path,
+                                       original_dst=original_dst)
+        self.inbound = proxy.Listener(direction="inbound", host=config.listen_host,
+                                      port=config.inbound_port, path=self.path,
+                                      original_dst=original_dst)
+        self.tunnel = tunnel.Server(host=config.listen_host, port=config.tunnel_port,
+                                    identities=ids, metrics=self.metrics.tunnel,
+                                    local_identity=self.local_identity,
+                                    handle=self.path.inbound_tunnel,
+                                    original_dst=original_dst)
         self.dns = dns.DNSServer(host=config.listen_host, port=config.dns_port,
                                  names=self.names, namespace_of=self.namespace_of,
                                  domain=config.cluster_domain, upstream=config.upstream_dns)
@@ -117,9 +142,12 @@ class MeshAgent:
             "shoal_mesh_capture_rewrites", "times the capture rules were (re)written: "
             "changes of the captured pods, and drift (a flushed chain, a moved jump)",
             registry=self.registry)
+        self.cert_expiry = Gauge(
+            "shoal_mesh_certificate_expiry_seconds", "when each workload certificate "
+            "expires (unix time)", ("spiffe_id",), registry=self.registry)
         self.capture: capture.Capture | None = None
 
-    # -- views for the listeners (rebuilt lazily after a change) -------------
+    # -- views for the data path (rebuilt lazily after a change) ----------------
 
     def _changed(self, _obj: object) -> None:
         self._dirty = True
@@ -144,22 +172,53 @@ class MeshAgent:
         return self._names
 
     def _pod_by_ip(self, ip: str) -> core_pb2.Pod | None:
-        pods = self.pods.by_index("ip", ip)
+        # Several pods may have had this IP; the running one counts.
+        pods = [p for p in self.pods.by_index("ip", ip)
+                if p.status.phase not in ("Succeeded", "Failed")]
         return pods[0] if pods else None
 
     def namespace_of(self, ip: str) -> str | None:
         pod = self._pod_by_ip(ip)
         return str(pod.metadata.namespace) if pod is not None else None
 
-    def workload_of(self, ip: str) -> tuple[str, str]:
+    def _namespace(self, name: str) -> core_pb2.Namespace | None:
+        return self.namespaces.get("", name)
+
+    def workload(self, ip: str) -> proxy.Workload | None:
         pod = self._pod_by_ip(ip)
         if pod is None:
-            return "unknown", "unknown"
-        return workload_name(pod), str(pod.metadata.namespace)
+            return None
+        ns = pod.metadata.namespace
+        nss = {ns: n} if (n := self._namespace(ns)) is not None else {}
+        return proxy.Workload(ip=ip, name=pod.metadata.name, namespace=ns,
+                              service_account=service_account(pod),
+                              workload=workload_name(pod), node=pod.spec.node_name,
+                              meshed=captured(pod, nss), labels=dict(pod.metadata.labels))
+
+    def local_identity(self, ip: str) -> tuple[str, str] | None:
+        """(namespace, service account) of this node's pod at ``ip``, for the tunnel."""
+        w = self.workload(ip)
+        if w is None or w.node != self.config.node_name:
+            return None
+        return w.namespace, w.service_account
+
+    def admit(self, *, principal: str, namespace: str, ip: str, dst: proxy.Workload,
+              port: int, mtls: bool) -> proxy.Verdict:
+        return proxy.Verdict(True)
+
+    def local_pods(self) -> list[core_pb2.Pod]:
+        """This node's pods whose traffic goes through the mesh."""
+        nss = {n.metadata.name: n for n in self.namespaces.list()}
+        return [p for p in self.pods.list()
+                if p.spec.node_name == self.config.node_name and captured(p, nss)]
 
     def captured_ips(self) -> list[str]:
-        nss = {n.metadata.name: n for n in self.namespaces.list()}
-        return sorted(p.status.pod_ip for p in self.pods.list() if captured(p, nss))
+        """Local mesh pods whose identity is ready: those are captured."""
+        ready = {(str(i.namespace), str(i.service_account))
+                 for i, cert, _ in self.identities.identities()
+                 if cert is not None and cert.valid(self.identities.clock())}
+        return sorted(p.status.pod_ip for p in self.local_pods()
+                      if (p.metadata.namespace, service_account(p)) in ready)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -168,10 +227,52 @@ class MeshAgent:
         await self.monitoring.start()
         await self.outbound.start()
         await self.inbound.start()
+        await self.tunnel.start()
         await self.dns.start()
         self.readiness.set("listeners")
 
-    async def _keep_capture(self) -> None:
+    async def _keep_identities(self, ready: asyncio.Event) -> None:
+        """A certificate for each service account of a local mesh pod; the ones no
+        pod uses any more are forgotten. ``ready`` is set when one is signed."""
+        pending: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+        async def fetch(key: tuple[str, str]) -> None:
+            try:
+                cert = await self.identities.get(*key)
+                self.cert_expiry.labels(str(cert.spiffe_id)).set(cert.not_after)
+            except errors.ShoalError as e:
+                log.warning("no certificate for %s/%s yet: %s", *key, e)
+            ready.set()
+
+        seen = asyncio.Event()
+        self.pods.add_handlers(on_add=lambda _o: seen.set(),
+                               on_update=lambda _a, _b: seen.set(),
+                               on_delete=lambda _o: seen.set())
+        try:
+            while True:
+                seen.clear()
+                wanted = {(str(p.metadata.namespace), service_account(p))
+                          for p in self.local_pods()}
+                held = {(str(i.namespace), str(i.service_account))
+                        for i, _, _ in self.identities.identities()}
+                for key in held - wanted:
+                    self.identities.forget(*key)
+                    with contextlib.suppress(KeyError):
+                        self.cert_expiry.remove(str(spiffe.SpiffeId(
+                            self.config.trust_domain, *key)))
+                for key in wanted - held:
+                    if key not in pending or pending[key].done():
+                        pending[key] = asyncio.create_task(fetch(key))
+                with contextlib.suppress(TimeoutError):
+                    # Also every 10 s: a failed signing is retried by the manager,
+                    # and this picks up its result.
+                    await asyncio.wait_for(seen.wait(), 10.0)
+                ready.set()
+        finally:
+            for t in pending.values():
+                t.cancel()
+
+    async def _keep_capture(self, refresh: asyncio.Event) -> None:
         cfg = self.config
         binary = cfg.iptables or await capture.detect_backend()
         log.info("mesh capture: iptables backend %s", binary)
@@ -179,22 +280,18 @@ class MeshAgent:
             config=capture.CaptureConfig(pod_cidr=cfg.pod_cidr, service_cidr=cfg.service_cidr,
                                          dns_ip=cfg.dns_ip, outbound_port=self.outbound.port,
                                          inbound_port=self.inbound.port,
-                                         dns_port=self.dns.port),
+                                         dns_port=self.dns.port,
+                                         tunnel_port=self.tunnel.port),
             iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval)
         cap = self.capture
         self.capture_rewrites.set_function(lambda: float(cap.rewrites))
-        refresh = asyncio.Event()
-        for inf in (self.pods, self.namespaces):
-            inf.add_handlers(on_add=lambda _o: refresh.set(),
-                             on_update=lambda _a, _b: refresh.set(),
-                             on_delete=lambda _o: refresh.set())
         loop = asyncio.create_task(self.capture.run())
         try:
             while True:
+                refresh.clear()
                 ips = self.captured_ips()
                 self.capture.set_pods(ips)
                 self.captured_pods.set(len(ips))
-                refresh.clear()
                 await refresh.wait()
         finally:
             loop.cancel()
@@ -209,11 +306,15 @@ class MeshAgent:
                 for inf in (self.pods, self.services, self.endpoints, self.namespaces):
                     await inf.synced.wait()
                 self.readiness.set("informers")
-                log.info("mesh agent %s ready: outbound %d, inbound %d, dns %d",
+                log.info("mesh agent %s ready: outbound %d, inbound %d, tunnel %d, dns %d",
                          self.config.node_name, self.outbound.port, self.inbound.port,
-                         self.dns.port)
+                         self.tunnel.port, self.dns.port)
+                refresh = asyncio.Event()
+                self._watch_pods_into(refresh)
+                tg.create_task(self.identities.run(), name="identities")
+                tg.create_task(self._keep_identities(refresh), name="identity-keeper")
                 if self.config.capture:
-                    tg.create_task(self._keep_capture(), name="capture")
+                    tg.create_task(self._keep_capture(refresh), name="capture")
         finally:
             if self.capture is not None and not self.config.keep_rules_on_exit:
                 try:
@@ -222,8 +323,16 @@ class MeshAgent:
                     log.error("mesh capture: removing rules failed: %s", e)
             await self.outbound.close()
             await self.inbound.close()
+            await self.tunnel.close()
+            await self.pool.close()
             await self.dns.close()
             await self.monitoring.close()
+
+    def _watch_pods_into(self, refresh: asyncio.Event) -> None:
+        for inf in (self.pods, self.namespaces):
+            inf.add_handlers(on_add=lambda _o: refresh.set(),
+                             on_update=lambda _a, _b: refresh.set(),
+                             on_delete=lambda _o: refresh.set())
 
 
 async def run(config: MeshConfig) -> None:

@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--outbound-port", type=int, default=capture.OUTBOUND_PORT)
     r.add_argument("--inbound-port", type=int, default=capture.INBOUND_PORT)
     r.add_argument("--dns-port", type=int, default=capture.DNS_PORT)
+    r.add_argument("--tunnel-port", type=int, default=capture.TUNNEL_PORT,
+                   help="the mTLS tunnel's listener (peers always dial 15008, which the "
+                   "capture rules redirect here)")
+    r.add_argument("--trust-domain", default="cluster.local",
+                   help="the mesh's SPIFFE trust domain (the apiserver's "
+                   "--mesh-trust-domain)")
     r.add_argument("--metrics-listen", default="0.0.0.0:15020")
     r.add_argument("--pod-cidr", default="10.244.0.0/16")
     r.add_argument("--service-cidr", default="10.96.0.0/16")
@@ -59,7 +65,8 @@ def _run(ns: argparse.Namespace) -> int:
         config = MeshConfig(
             node_name=ns.node_name, client_config=ns.config, listen_host=ns.listen_host,
             outbound_port=ns.outbound_port, inbound_port=ns.inbound_port,
-            dns_port=ns.dns_port, metrics_listen=ns.metrics_listen, pod_cidr=ns.pod_cidr,
+            dns_port=ns.dns_port, tunnel_port=ns.tunnel_port,
+            trust_domain=ns.trust_domain, metrics_listen=ns.metrics_listen, pod_cidr=ns.pod_cidr,
             service_cidr=ns.service_cidr, cluster_domain=ns.cluster_domain,
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit)

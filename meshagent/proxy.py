@@ -1,35 +1,54 @@
-"""The capture listeners: outbound (15001) and inbound (15006), plaintext L4.
+"""The data path: what happens to a captured connection.
 
-    accept -> original destination (SO_ORIGINAL_DST, or a function given in tests)
-           -> outbound: routing.decide(): a service port -> Balancer.pick() of its
-              ready endpoints; a pod IP -> as is; else close
-              inbound: the original destination (a local pod) as is
-           -> connect (timeout) -> splice both ways until both sides are done
+    outbound (15001), a local pod connects out:
+        original destination (SO_ORIGINAL_DST) -> routing.decide(): a service port ->
+        Balancer.pick() of its ready endpoints; a pod IP -> as is; else close (NR)
+        -> the destination pod:
+             on this node            admit(source identity, pod, port) here, then connect
+                                     straight to it ("local")
+             in the mesh elsewhere   tunnel.Pool.open(source identity, pod, its expected
+                                     SPIFFE ID): mTLS to the peer agent ("mTLS")
+             not in the mesh         connect as is ("plaintext")
+    inbound tunnel (15008), a CONNECT stream from a peer agent:
+        admit(the peer's verified identity, pod, port) ? 200 and splice : 403
+    inbound plaintext (15006), a connection to a local pod from outside the mesh:
+        admit(no identity, pod, port): refused under STRICT PeerAuthentication,
+        else by AuthorizationPolicy, then connect
+
+``admit`` is the agent's policy decision (PeerAuthentication and
+AuthorizationPolicy); a refused connection is closed, counted in
+``shoal_mesh_connections_denied_total`` and in the TCP metrics with the response
+flag ``DENY``.
 
 Splicing is half-close aware (EOF one way is passed on with ``write_eof`` and
 the other way keeps flowing), reads are bounded (64 KiB) and writes drained
 (back-pressure), and a connection idle in both directions for ``idle_timeout``
 is closed. Listeners are bound in ``start()`` so a bad port fails at start-up.
 
-Metrics use Istio's names: istio_tcp_connections_opened_total,
+Metrics use Istio's names and labels: istio_tcp_connections_opened_total,
 istio_tcp_connections_closed_total, istio_tcp_sent_bytes_total (client to
-server) and istio_tcp_received_bytes_total (server to client).
+server) and istio_tcp_received_bytes_total (server to client). Live
+connections are kept in ``DataPath.live`` for ``shoal mesh tls``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from meshagent import tunnel
 from meshagent.routing import Address, Balancer, Route, decide
+from shoal import spiffe
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +56,9 @@ SO_ORIGINAL_DST = 80
 CHUNK = 64 * 1024
 
 OriginalDst = Callable[[socket.socket], Address]
-# pod IP -> (workload, namespace); ("unknown", "unknown") when not a known pod.
-WorkloadOf = Callable[[str], tuple[str, str]]
 Routes = Callable[[], dict[Address, Route]]
+
+LOCAL, MTLS, PLAINTEXT = "local", "mTLS", "plaintext"
 
 
 def original_dst(sock: socket.socket) -> Address:
@@ -49,13 +68,51 @@ def original_dst(sock: socket.socket) -> Address:
     return socket.inet_ntoa(packed), int(port)
 
 
-def _unknown(_ip: str) -> tuple[str, str]:
-    return "unknown", "unknown"
+@dataclass(frozen=True)
+class Workload:
+    """A pod as the data path sees it."""
+
+    ip: str
+    name: str
+    namespace: str
+    service_account: str
+    workload: str  # the app's name (app.kubernetes.io/name, app) or the pod's
+    node: str
+    meshed: bool  # captured: its traffic goes through an agent
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def spiffe_id(self, trust_domain: str) -> spiffe.SpiffeId:
+        return spiffe.SpiffeId(trust_domain, self.namespace, self.service_account)
 
 
-LABELS = ("reporter", "source_workload", "source_workload_namespace",
-          "destination_workload", "destination_workload_namespace", "destination_service",
-          "response_flags")
+def principal(spiffe_id: str) -> str:
+    """Istio's principal form of a SPIFFE ID: ``td/ns/NS/sa/SA``."""
+    return spiffe_id.removeprefix(spiffe.SCHEME)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str = ""  # why not (names the policy)
+
+
+class Admit(Protocol):
+    """The policy decision for a connection to ``dst``:``port``. ``principal`` is
+    the source's Istio principal ("" for plaintext), ``mtls`` whether the source
+    is an authenticated mesh workload."""
+
+    def __call__(self, *, principal: str, namespace: str, ip: str, dst: Workload,
+                 port: int, mtls: bool) -> Verdict: ...
+
+
+def admit_all(*, principal: str, namespace: str, ip: str, dst: Workload, port: int,
+              mtls: bool) -> Verdict:
+    return Verdict(True)
+
+
+LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
+          "destination_workload", "destination_workload_namespace", "destination_principal",
+          "destination_service", "connection_security_policy", "response_flags")
 
 
 class Metrics:
@@ -69,6 +126,27 @@ class Metrics:
         self.received = Counter("istio_tcp_received_bytes",
                                 "bytes received by the client from the server", LABELS,
                                 registry=registry)
+        self.denied = Counter(
+            "shoal_mesh_connections_denied", "connections refused by policy: STRICT mTLS "
+            "for plaintext, or an AuthorizationPolicy", ("reporter", "destination_workload",
+                                                         "destination_workload_namespace",
+                                                         "source_principal", "reason"),
+            registry=registry)
+        self.tunnel = tunnel.Metrics(registry)
+
+
+# -- splicing ---------------------------------------------------------------------------
+
+
+class Reader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
 
 
 @dataclass
@@ -76,8 +154,8 @@ class _Activity:
     last: float
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                count: Callable[[int], None], activity: _Activity) -> None:
+async def _pump(reader: Reader, writer: Writer, count: Callable[[int], None],
+                activity: _Activity) -> None:
     while True:
         data = await reader.read(CHUNK)
         if not data:
@@ -89,10 +167,10 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     if writer.can_write_eof():
         with contextlib.suppress(OSError):
             writer.write_eof()
+        await writer.drain()
 
 
-async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter], *,
+async def splice(a: tuple[Reader, Writer], b: tuple[Reader, Writer], *,
                  sent: Callable[[int], None], received: Callable[[int], None],
                  idle_timeout: float) -> None:
     """Copy a->b and b->a until both directions end, an error, or idleness."""
@@ -118,25 +196,283 @@ async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                 await t
 
 
-class Listener:
-    """One capture listener; ``direction`` is "outbound" or "inbound"."""
+# -- live connections ------------------------------------------------------------------
 
-    def __init__(self, *, direction: str, host: str, port: int, routes: Routes,
-                 pod_cidr: str, balancer: Balancer, metrics: Metrics,
-                 workload_of: WorkloadOf = _unknown,
-                 original_dst: OriginalDst = original_dst,
+
+@dataclass
+class Live:
+    """One connection the agent is carrying, as ``shoal mesh tls`` shows it."""
+
+    id: int
+    direction: str  # outbound | inbound
+    mode: str  # mTLS | local | plaintext
+    source_ip: str
+    source_workload: str
+    source_namespace: str
+    source_principal: str
+    destination: Address
+    destination_service: str
+    destination_workload: str
+    destination_namespace: str
+    peer_principal: str = ""  # what the TLS handshake proved about the peer
+    tls_version: str = ""
+    cipher: str = ""
+    sent: int = 0
+    received: int = 0
+    opened: float = field(default_factory=time.time)
+
+
+_ids = itertools.count(1)
+
+
+# -- the data path ---------------------------------------------------------------------
+
+Workloads = Callable[[str], Workload | None]
+
+
+class DataPath:
+    """Everything the listeners share; see the module docstring."""
+
+    def __init__(self, *, node: str, trust_domain: str, routes: Routes, pod_cidr: str,
+                 workload: Workloads, metrics: Metrics, pool: tunnel.Pool | None = None,
+                 admit: Admit = admit_all, balancer: Balancer | None = None,
                  connect_timeout: float = 5.0, idle_timeout: float = 3600.0) -> None:
+        self.node = node
+        self.trust_domain = trust_domain
+        self.routes = routes
+        self.pod_cidr = pod_cidr
+        self.workload = workload
+        self.metrics = metrics
+        self.pool = pool
+        self.admit = admit
+        self.balancer = balancer or Balancer()
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.live: dict[int, Live] = {}
+
+    def _principal_of(self, w: Workload | None) -> str:
+        return principal(str(w.spiffe_id(self.trust_domain))) if w is not None else ""
+
+    def _labels(self, reporter: str, rec: Live, dst_principal: str,
+                flag: str) -> dict[str, str]:
+        return {"reporter": reporter,
+                "source_workload": rec.source_workload or "unknown",
+                "source_workload_namespace": rec.source_namespace or "unknown",
+                "source_principal": rec.source_principal or "unknown",
+                "destination_workload": rec.destination_workload or "unknown",
+                "destination_workload_namespace": rec.destination_namespace or "unknown",
+                "destination_principal": dst_principal or "unknown",
+                "destination_service": rec.destination_service or "unknown",
+                "connection_security_policy": "mutual_tls" if rec.mode != PLAINTEXT else "none",
+                "response_flags": flag}
+
+    def _refused(self, labels: dict[str, str]) -> None:
+        self.metrics.opened.labels(**labels).inc()
+        self.metrics.closed.labels(**labels).inc()
+
+    def _denied(self, labels: dict[str, str], reason: str) -> None:
+        labels["response_flags"] = "DENY"
+        self._refused(labels)
+        self.metrics.denied.labels(labels["reporter"], labels["destination_workload"],
+                                   labels["destination_workload_namespace"],
+                                   labels["source_principal"], reason).inc()
+
+    async def _connect(self, target: Address) -> tuple[asyncio.StreamReader,
+                                                       asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(*target),
+                                      timeout=self.connect_timeout)
+
+    async def _carry(self, rec: Live, labels: dict[str, str], a: tuple[Reader, Writer],
+                     b: tuple[Reader, Writer]) -> None:
+        self.live[rec.id] = rec
+        self.metrics.opened.labels(**labels).inc()
+        sent_c = self.metrics.sent.labels(**labels)
+        recv_c = self.metrics.received.labels(**labels)
+
+        def sent(n: int) -> None:
+            rec.sent += n
+            sent_c.inc(n)
+
+        def received(n: int) -> None:
+            rec.received += n
+            recv_c.inc(n)
+
+        try:
+            await splice(a, b, sent=sent, received=received, idle_timeout=self.idle_timeout)
+        finally:
+            self.live.pop(rec.id, None)
+            self.metrics.closed.labels(**labels).inc()
+
+    # -- outbound: a local pod connects out --
+
+    async def outbound(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                       peer_ip: str, dst: Address) -> None:
+        src = self.workload(peer_ip)
+        d = decide(self.routes(), dst, pod_cidr=self.pod_cidr)
+        service = d.route.service if d.route is not None else ""
+        target: Address | None = None
+        if d.kind == "service" and d.route is not None:
+            target = self.balancer.pick(d.route)
+        elif d.kind == "passthrough":
+            target = dst
+        dst_wl = self.workload(target[0]) if target is not None else None
+        if dst_wl is not None and dst_wl.node == self.node:
+            mode = LOCAL
+        elif dst_wl is not None and dst_wl.meshed and src is not None and self.pool:
+            mode = MTLS
+        else:
+            mode = PLAINTEXT
+        rec = Live(id=next(_ids), direction="outbound", mode=mode, source_ip=peer_ip,
+                   source_workload=src.workload if src else "",
+                   source_namespace=src.namespace if src else "",
+                   source_principal=self._principal_of(src),
+                   destination=target or dst, destination_service=service,
+                   destination_workload=dst_wl.workload if dst_wl else "",
+                   destination_namespace=dst_wl.namespace if dst_wl else "")
+        dst_principal = self._principal_of(dst_wl) if mode != PLAINTEXT else ""
+        labels = self._labels("source", rec, dst_principal, "")
+        if target is None:
+            log.info("outbound: refused %s:%d: %s", dst[0], dst[1], d.reason)
+            labels["response_flags"] = "NR"  # no route, as Envoy's response flag
+            self._refused(labels)
+            return
+        if mode == LOCAL:
+            assert dst_wl is not None
+            verdict = self.admit(principal=rec.source_principal,
+                                 namespace=rec.source_namespace, ip=peer_ip, dst=dst_wl,
+                                 port=target[1], mtls=src is not None)
+            if not verdict.allowed:
+                log.info("outbound: %s -> %s:%d denied: %s", peer_ip, *target, verdict.reason)
+                self._denied(labels, verdict.reason)
+                return
+            rec.peer_principal = dst_principal
+        upstream: tuple[Reader, Writer]
+        closer: Callable[[], None]
+        try:
+            if mode == MTLS:
+                assert src is not None and dst_wl is not None and self.pool is not None
+                stream = await self.pool.open(
+                    source=(src.namespace, src.service_account), destination=target,
+                    expected=dst_wl.spiffe_id(self.trust_domain), source_ip=peer_ip)
+                rec.peer_principal = principal(stream.tls.peer)
+                rec.tls_version, rec.cipher = stream.tls.version, stream.tls.cipher
+                upstream, closer = (stream, stream), stream.close
+            else:
+                r, w = await self._connect(target)
+                upstream, closer = (r, w), w.close
+        except tunnel.TunnelError as e:
+            log.info("outbound: %s -> %s:%d: %s", peer_ip, *target, e)
+            if e.status == 403:
+                self._denied(labels, str(e))
+            else:
+                labels["response_flags"] = e.flag
+                self._refused(labels)
+            return
+        except (OSError, TimeoutError) as e:
+            log.info("outbound: connect to %s:%d failed: %s", *target, e)
+            labels["response_flags"] = "UF"  # upstream connection failure
+            self._refused(labels)
+            return
+        self.balancer.opened(target)
+        try:
+            await self._carry(rec, labels, client, upstream)
+        finally:
+            self.balancer.closed(target)
+            closer()
+
+    # -- inbound through the tunnel: a stream from a peer agent --
+
+    async def inbound_tunnel(self, stream: tunnel.Stream, ip: str, port: int) -> None:
+        conn = stream.conn
+        dst_wl = self.workload(ip)
+        peer_id = stream.tls.peer
+        try:
+            src = spiffe.parse(peer_id)
+        except spiffe.InvalidSpiffeId:  # the handshake checked it already
+            conn.respond(stream, 403, "bad peer identity")
+            return
+        source_ip = stream.headers.get(b"forwarded", b"").decode().removeprefix("for=")
+        rec = Live(id=next(_ids), direction="inbound", mode=MTLS, source_ip=source_ip,
+                   source_workload="", source_namespace=src.namespace,
+                   source_principal=principal(peer_id), destination=(ip, port),
+                   destination_service="",
+                   destination_workload=dst_wl.workload if dst_wl else "",
+                   destination_namespace=dst_wl.namespace if dst_wl else "",
+                   peer_principal=principal(peer_id), tls_version=stream.tls.version,
+                   cipher=stream.tls.cipher)
+        labels = self._labels("destination", rec, principal(stream.tls.local), "")
+        if dst_wl is None or dst_wl.node != self.node:
+            conn.respond(stream, 404, f"{ip} is not a pod of node {self.node}")
+            labels["response_flags"] = "NR"
+            self._refused(labels)
+            return
+        verdict = self.admit(principal=rec.source_principal, namespace=src.namespace,
+                             ip=source_ip, dst=dst_wl, port=port, mtls=True)
+        if not verdict.allowed:
+            log.info("inbound: %s -> %s:%d denied: %s", peer_id, ip, port, verdict.reason)
+            conn.respond(stream, 403, verdict.reason)
+            self._denied(labels, verdict.reason)
+            return
+        try:
+            r, w = await self._connect((ip, port))
+        except (OSError, TimeoutError) as e:
+            conn.respond(stream, 503, f"connect to {ip}:{port} failed: {e}")
+            labels["response_flags"] = "UF"
+            self._refused(labels)
+            return
+        conn.respond(stream, 200)
+        try:
+            await self._carry(rec, labels, (stream, stream), (r, w))
+        finally:
+            w.close()
+
+    # -- inbound plaintext: from outside the mesh to a local pod --
+
+    async def inbound_plain(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                            peer_ip: str, dst: Address) -> None:
+        dst_wl = self.workload(dst[0])
+        src = self.workload(peer_ip)
+        rec = Live(id=next(_ids), direction="inbound", mode=PLAINTEXT, source_ip=peer_ip,
+                   source_workload=src.workload if src else "",
+                   source_namespace=src.namespace if src else "", source_principal="",
+                   destination=dst, destination_service="",
+                   destination_workload=dst_wl.workload if dst_wl else "",
+                   destination_namespace=dst_wl.namespace if dst_wl else "")
+        labels = self._labels("destination", rec, "", "")
+        if dst_wl is not None:
+            verdict = self.admit(principal="", namespace="", ip=peer_ip, dst=dst_wl,
+                                 port=dst[1], mtls=False)
+            if not verdict.allowed:
+                log.info("inbound: plaintext %s -> %s:%d denied: %s", peer_ip, *dst,
+                         verdict.reason)
+                self._denied(labels, verdict.reason)
+                return
+        try:
+            r, w = await self._connect(dst)
+        except (OSError, TimeoutError) as e:
+            log.info("inbound: connect to %s:%d failed: %s", *dst, e)
+            labels["response_flags"] = "UF"
+            self._refused(labels)
+            return
+        try:
+            await self._carry(rec, labels, client, (r, w))
+        finally:
+            w.close()
+
+
+# -- listeners ------------------------------------------------------------------------
+
+
+class Listener:
+    """One capture listener; ``direction`` is "outbound" (15001) or "inbound" (15006)."""
+
+    def __init__(self, *, direction: str, host: str, port: int, path: DataPath,
+                 original_dst: OriginalDst = original_dst) -> None:
         self.direction = direction
         self.host = host
         self.port = port
-        self.routes = routes
-        self.pod_cidr = pod_cidr
-        self.balancer = balancer
-        self.metrics = metrics
-        self.workload_of = workload_of
+        self.path = path
         self.original_dst = original_dst
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -155,26 +491,23 @@ class Listener:
         # Wait for them: their sockets close and their metrics are counted.
         await asyncio.gather(*conns, return_exceptions=True)
 
-    def _target(self, dst: Address) -> tuple[Address | None, str, str]:
-        """(where to connect, destination service, response flag if refused)."""
-        if self.direction == "inbound":
-            return dst, "unknown", ""
-        d = decide(self.routes(), dst, pod_cidr=self.pod_cidr)
-        if d.kind == "service" and d.route is not None:
-            return self.balancer.pick(d.route), d.route.service, ""
-        if d.kind == "passthrough":
-            return dst, "unknown", ""
-        svc = d.route.service if d.route is not None else "unknown"
-        log.info("%s: refused %s:%d: %s", self.direction, dst[0], dst[1], d.reason)
-        return None, svc, "NR"  # no route, as Envoy's response flag
-
     async def _accepted(self, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
         try:
-            await self._serve(reader, writer)
+            sock = writer.get_extra_info("socket")
+            peer = writer.get_extra_info("peername")
+            try:
+                dst = self.original_dst(sock)
+            except OSError as e:
+                log.warning("%s: no original destination for %s: %s", self.direction, peer, e)
+                return
+            if self.direction == "inbound":
+                await self.path.inbound_plain((reader, writer), peer[0], dst)
+            else:
+                await self.path.outbound((reader, writer), peer[0], dst)
         except asyncio.CancelledError:
             # Shutting down. Ending normally: Python 3.11's start_server callback
             # calls task.exception() and would log a cancelled task as an error.
@@ -186,48 +519,3 @@ class Listener:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        peer = writer.get_extra_info("peername")
-        try:
-            dst = self.original_dst(sock)
-        except OSError as e:
-            log.warning("%s: no original destination for %s: %s", self.direction, peer, e)
-            return
-        target, service, flag = self._target(dst)
-        src_wl, src_ns = self.workload_of(peer[0])
-        dst_wl, dst_ns = self.workload_of(target[0]) if target else ("unknown", "unknown")
-        labels: dict[str, str] = {
-            "reporter": "destination" if self.direction == "inbound" else "source",
-            "source_workload": src_wl, "source_workload_namespace": src_ns,
-            "destination_workload": dst_wl, "destination_workload_namespace": dst_ns,
-            "destination_service": service, "response_flags": flag}
-        if target is None:
-            self.metrics.opened.labels(**labels).inc()
-            self.metrics.closed.labels(**labels).inc()
-            return
-        try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(*target), timeout=self.connect_timeout)
-        except (OSError, TimeoutError) as e:
-            log.info("%s: connect to %s:%d failed: %s", self.direction, *target, e)
-            labels["response_flags"] = "UF"  # upstream connection failure
-            self.metrics.opened.labels(**labels).inc()
-            self.metrics.closed.labels(**labels).inc()
-            return
-        self.balancer.opened(target)
-        self.metrics.opened.labels(**labels).inc()
-        sent = self.metrics.sent.labels(**labels)
-        received = self.metrics.received.labels(**labels)
-        try:
-            await splice((reader, writer), (up_reader, up_writer),
-                         sent=sent.inc, received=received.inc,
-                         idle_timeout=self.idle_timeout)
-        finally:
-            self.balancer.closed(target)
-            self.metrics.closed.labels(**labels).inc()
-            up_writer.close()
-            with contextlib.suppress(Exception):
-                await up_writer.wait_closed()

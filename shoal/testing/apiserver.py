@@ -97,6 +97,17 @@ class InProcessAPIServer:
     def client(self, **kw: Any) -> AsyncClient:
         return AsyncClient(self.client_config, **kw)
 
+    def node_client_config(self, node: str) -> ClientConfig:
+        """A client config as ``shoal-nodeagent join`` leaves it: the node's own
+        certificate (CN system:node:<node>, group system:nodes) from the cluster CA."""
+        ca = pki.CertificateAuthority.load(self.data_dir / "pki")
+        key = pki.new_key()
+        cn = f"system:node:{node}"
+        cert = ca.issue(key.public_key(), common_name=cn, organizations=["system:nodes"],
+                        client=True)
+        return ClientConfig(servers=self.client_config.servers, ca_pem=pki.cert_pem(ca.cert),
+                            cert_pem=pki.cert_pem(cert), key_pem=pki.key_pem(key), user=cn)
+
     def sync_client(self, **kw: Any) -> Client:
         return Client(self.client_config, **kw)
 

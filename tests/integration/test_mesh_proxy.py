@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshagent.proxy import Listener, Metrics
+from meshagent.proxy import DataPath, Listener, Metrics, Workload
 from meshagent.routing import LEAST_CONNECTIONS, Address, Balancer, Route
 
 pytestmark = pytest.mark.asyncio
@@ -38,10 +38,14 @@ async def _listener(routes: dict[Address, Route], dst: Address, *, direction: st
                     registry: CollectorRegistry | None = None) -> Listener:
     def fake_dst(_sock: socket.socket) -> Address:
         return dst
-    lst = Listener(direction=direction, host="127.0.0.1", port=0, routes=lambda: routes,
-                   pod_cidr="127.0.0.0/8", balancer=Balancer(),
-                   metrics=Metrics(registry or CollectorRegistry()),
-                   workload_of=lambda ip: ("client", "default"), original_dst=fake_dst)
+    def workload(ip: str) -> Workload:  # every address is a pod outside the mesh
+        return Workload(ip=ip, name="client", namespace="default", service_account="default",
+                        workload="client", node="elsewhere", meshed=False)
+    path = DataPath(node="n1", trust_domain="cluster.local", routes=lambda: routes,
+                    pod_cidr="127.0.0.0/8", workload=workload, balancer=Balancer(),
+                    metrics=Metrics(registry or CollectorRegistry()))
+    lst = Listener(direction=direction, host="127.0.0.1", port=0, path=path,
+                   original_dst=fake_dst)
     await lst.start()
     return lst
 
@@ -66,9 +70,11 @@ async def test_service_connections_are_balanced_round_robin(backends: list[int])
         await lst.close()
     assert sorted(replies) == [b"a:hello", b"a:hello", b"b:hello", b"b:hello"]
     labels = {"reporter": "source", "source_workload": "client",
-              "source_workload_namespace": "default", "destination_workload": "client",
-              "destination_workload_namespace": "default",
-              "destination_service": "default/web", "response_flags": ""}
+              "source_workload_namespace": "default",
+              "source_principal": "cluster.local/ns/default/sa/default",
+              "destination_workload": "client", "destination_workload_namespace": "default",
+              "destination_principal": "unknown", "destination_service": "default/web",
+              "connection_security_policy": "none", "response_flags": ""}
     assert registry.get_sample_value("istio_tcp_connections_opened_total", labels) == 4
     assert registry.get_sample_value("istio_tcp_connections_closed_total", labels) == 4
     assert registry.get_sample_value("istio_tcp_sent_bytes_total", labels) == 20
@@ -85,10 +91,10 @@ async def test_least_connections_avoids_the_busy_endpoint(backends: list[int]) -
         w.write(b"x")
         await w.drain()
         for _ in range(50):
-            if lst.balancer.active:
+            if lst.path.balancer.active:
                 break
             await asyncio.sleep(0.01)
-        busy = next(iter(lst.balancer.active))
+        busy = next(iter(lst.path.balancer.active))
         other = b"a" if busy[1] == backends[1] else b"b"
         assert [await _request(lst.port, b"q") for _ in range(3)] == [other + b":q"] * 3
         w.write_eof()
@@ -118,6 +124,8 @@ async def test_unknown_destination_is_closed_and_counted() -> None:
         await lst.close()
     assert registry.get_sample_value("istio_tcp_connections_closed_total", {
         "reporter": "source", "source_workload": "client",
-        "source_workload_namespace": "default", "destination_workload": "unknown",
-        "destination_workload_namespace": "unknown", "destination_service": "unknown",
-        "response_flags": "NR"}) == 1
+        "source_workload_namespace": "default",
+        "source_principal": "cluster.local/ns/default/sa/default",
+        "destination_workload": "unknown", "destination_workload_namespace": "unknown",
+        "destination_principal": "unknown", "destination_service": "unknown",
+        "connection_security_policy": "none", "response_flags": "NR"}) == 1

@@ -11,7 +11,7 @@ from shoal import errors
 CFG = CaptureConfig(pod_cidr="10.244.0.0/16", service_cidr="10.96.0.0/16", dns_ip="10.77.0.2")
 
 
-def test_one_pod_gets_dns_outbound_and_inbound_rules() -> None:
+def test_one_pod_gets_dns_outbound_tunnel_and_inbound_rules() -> None:
     assert capture.plan_rules(["10.244.1.5"], CFG) == (
         f"-A {CHAIN} -s 10.244.1.5/32 -d 10.77.0.2/32 -p udp -m udp --dport 53 "
         "-j REDIRECT --to-ports 15053",
@@ -19,6 +19,8 @@ def test_one_pod_gets_dns_outbound_and_inbound_rules() -> None:
         "-j REDIRECT --to-ports 15053",
         f"-A {CHAIN} -s 10.244.1.5/32 -d 10.96.0.0/16 -p tcp -j REDIRECT --to-ports 15001",
         f"-A {CHAIN} -s 10.244.1.5/32 -d 10.244.0.0/16 -p tcp -j REDIRECT --to-ports 15001",
+        f"-A {CHAIN} -d 10.244.1.5/32 -p tcp -m tcp --dport 15008 -j REDIRECT "
+        "--to-ports 15008",
         f"-A {CHAIN} -d 10.244.1.5/32 -p tcp -j REDIRECT --to-ports 15006",
     )
 
@@ -26,9 +28,9 @@ def test_one_pod_gets_dns_outbound_and_inbound_rules() -> None:
 def test_outbound_rules_of_all_pods_come_before_any_inbound_rule() -> None:
     rules = capture.plan_rules(["10.244.1.9", "10.244.1.10", "bad", "10.244.1.9"],
                                CaptureConfig())
-    inbound = [i for i, r in enumerate(rules) if "--to-ports 15006" in r]
+    inbound = [i for i, r in enumerate(rules) if "--to-ports 1500" in r and " -s " not in r]
     outbound = [i for i, r in enumerate(rules) if "--to-ports 15001" in r]
-    assert len(inbound) == 2 and len(outbound) == 4
+    assert len(inbound) == 4 and len(outbound) == 4
     assert max(outbound) < min(inbound)
     assert "10.244.1.9/32" in rules[0] and "10.244.1.10/32" in rules[2]  # numeric order
 
