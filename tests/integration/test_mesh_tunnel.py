@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +89,8 @@ async def _mesh(apiserver: InProcessAPIServer, client: AsyncClient,
                 namespace: str) -> AsyncIterator[Mesh]:
     seen: list[str] = []
 
-    def backend(name: str) -> object:
+    def backend(name: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                       Awaitable[None]]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             seen.append(f"{name}:{w.get_extra_info('peername')[0]}")
             w.write(name.encode() + b":" + await r.read())
