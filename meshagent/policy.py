@@ -20,6 +20,9 @@ PeerAuthentication (Istio's semantics):
   policy at all the mode is PERMISSIVE.
 - ``portLevelMtls`` (workload policies only) sets the mode of one destination
   port; an ``UNSET`` port inherits the workload's resolved mode.
+- The answer is Istio's resolved mode, DISABLE included. What to do with it is
+  the caller's choice; ztunnel only acts on STRICT (plaintext refused) and
+  treats DISABLE like PERMISSIVE on inbound.
 
 AuthorizationPolicy (Istio's semantics, as ztunnel enforces them):
 
