@@ -25,14 +25,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import capture, dns, identity, proxy, tunnel
+from meshagent import capture, dns, identity, policy, proxy, tunnel
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
 from shoal import errors, spiffe
 from shoal.api.core.v1 import core_pb2
+from shoal.api.security.v1 import security_pb2
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
 from shoal.monitoring import MonitoringServer, Readiness
@@ -52,6 +54,7 @@ class MeshConfig:
     dns_port: int = capture.DNS_PORT
     tunnel_port: int = capture.TUNNEL_PORT
     trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN
+    root_namespace: str = policy.DEFAULT_ROOT_NAMESPACE  # mesh-wide policies live here
     metrics_listen: str = "0.0.0.0:15020"
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
@@ -104,6 +107,10 @@ class MeshAgent:
         self.services = Informer(client, core_pb2.Service)
         self.endpoints = Informer(client, core_pb2.Endpoints)
         self.namespaces = Informer(client, core_pb2.Namespace)
+        self.peer_auths = Informer(client, security_pb2.PeerAuthentication)
+        self.authz = Informer(client, security_pb2.AuthorizationPolicy)
+        self.authz.add_handlers(on_add=self._check_policy,
+                                on_update=lambda _old, new: self._check_policy(new))
         self._routes: dict[Address, Route] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self._dirty = True
@@ -204,7 +211,21 @@ class MeshAgent:
 
     def admit(self, *, principal: str, namespace: str, ip: str, dst: proxy.Workload,
               port: int, mtls: bool) -> proxy.Verdict:
-        return proxy.Verdict(True)
+        """PeerAuthentication (STRICT refuses plaintext), then AuthorizationPolicy."""
+        root = self.config.root_namespace
+        target = policy.Target(namespace=dst.namespace, labels=dst.labels, port=port,
+                               ip=dst.ip)
+        if not mtls and policy.mtls_mode(self.peer_auths.list(), target,
+                                         root_namespace=root) == policy.STRICT:
+            return proxy.Verdict(False, "STRICT mTLS: plaintext refused")
+        v = policy.authorize(self.authz.list(), policy.Peer(principal, namespace, ip), target,
+                             root_namespace=root)
+        return proxy.Verdict(v.allowed, "" if v.allowed else v.reason)
+
+    @staticmethod
+    def _check_policy(p: security_pb2.AuthorizationPolicy) -> None:
+        for gap in policy.l4_gaps(p):
+            log.warning("AuthorizationPolicy %s: %s", key_of(p), gap)
 
     def local_pods(self) -> list[core_pb2.Pod]:
         """This node's pods whose traffic goes through the mesh."""
@@ -221,6 +242,10 @@ class MeshAgent:
                       if (p.metadata.namespace, service_account(p)) in ready)
 
     # -- lifecycle -----------------------------------------------------------
+
+    def informers(self) -> list[Informer[Any]]:
+        return [self.pods, self.services, self.endpoints, self.namespaces, self.peer_auths,
+                self.authz]
 
     async def start(self) -> None:
         """Bind every port (a bad one fails here)."""
@@ -301,9 +326,9 @@ class MeshAgent:
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                for inf in (self.pods, self.services, self.endpoints, self.namespaces):
+                for inf in self.informers():
                     tg.create_task(inf.run(), name=f"informer-{inf.kind.__name__}")
-                for inf in (self.pods, self.services, self.endpoints, self.namespaces):
+                for inf in self.informers():
                     await inf.synced.wait()
                 self.readiness.set("informers")
                 log.info("mesh agent %s ready: outbound %d, inbound %d, tunnel %d, dns %d",

@@ -21,6 +21,7 @@ from meshagent import proxy
 from meshagent.daemon import MeshAgent, MeshConfig
 from meshagent.routing import Address
 from shoal.api.core.v1 import core_pb2
+from shoal.api.security.v1 import security_pb2
 from shoal.client import AsyncClient
 from shoal.testing.apiserver import InProcessAPIServer, free_port
 from shoal.testing.waiting import eventually
@@ -272,3 +273,65 @@ async def test_pods_on_the_same_node_connect_directly_through_policy(
     assert len(mesh.seen) == 1 and mesh.seen[0].startswith("local:")  # the allowed one
     assert _sample(mesh.n1, "shoal_mesh_tls_handshakes_total",
                    {"direction": "outbound", "result": "ok"}) == 0  # no tunnel
+
+
+async def _wait_informed(agent: MeshAgent, count: int) -> None:
+    async def seen() -> bool:
+        return len(agent.authz.list()) + len(agent.peer_auths.list()) >= count
+    await eventually("the policies reach the agent", seen)
+
+
+async def test_a_deny_policy_by_principal_blocks_that_source_only(mesh: Mesh) -> None:
+    ns = mesh.namespace
+    ap = security_pb2.AuthorizationPolicy()
+    ap.metadata.name, ap.metadata.namespace = "deny-sleep", ns
+    ap.spec.selector.match_labels["app"] = "web"
+    ap.spec.action = "DENY"
+    ap.spec.rules.add().from_.add().source.principals.append(
+        f"cluster.local/ns/{ns}/sa/sleep")
+    await mesh.admin.create(ap)
+    await _wait_informed(mesh.n2, 1)
+    assert await _call(mesh.n1, b"hello") == b""
+    assert mesh.seen == []
+    assert _sample(mesh.n2, "shoal_mesh_connections_denied_total", {
+        "reporter": "destination", "destination_workload": "web",
+        "destination_workload_namespace": ns,
+        "source_principal": f"cluster.local/ns/{ns}/sa/sleep",
+        "reason": f"denied by DENY policy {ns}/deny-sleep"}) == 1
+    # Another workload on n1, with another identity, still gets through.
+    await _pod(mesh.admin, ns, "curl", node="n1", ip="127.0.1.3", sa="curl", app="curl")
+
+    async def curl_ready() -> bool:
+        return "127.0.1.3" in mesh.n1.captured_ips()
+    await eventually("the second client's certificate", curl_ready)
+    assert await _call(mesh.n1, b"hello", source="127.0.1.3") == b"remote:hello"
+
+
+async def test_strict_mtls_refuses_plaintext_but_not_the_mesh(mesh: Mesh) -> None:
+    ns = mesh.namespace
+
+    async def plaintext() -> bytes:  # from outside the mesh, into n2's inbound capture
+        mesh.n2.inbound.original_dst = lambda _s: (SERVER_IP, mesh.backend_port)
+        r, w = await asyncio.open_connection(mesh.n2.inbound.host, mesh.n2.inbound.port,
+                                             local_addr=("127.0.9.9", 0))
+        w.write(b"plain")
+        w.write_eof()
+        try:
+            return await asyncio.wait_for(r.read(), 10)
+        except ConnectionResetError:
+            return b""
+        finally:
+            w.close()
+
+    assert await plaintext() == b"remote:plain"  # PERMISSIVE by default
+    pa = security_pb2.PeerAuthentication()
+    pa.metadata.name, pa.metadata.namespace = "strict", ns
+    pa.spec.mtls.mode = "STRICT"
+    await mesh.admin.create(pa)
+    await _wait_informed(mesh.n2, 1)
+    assert await plaintext() == b""
+    assert await _call(mesh.n1, b"mesh") == b"remote:mesh"
+    assert _sample(mesh.n2, "shoal_mesh_connections_denied_total", {
+        "reporter": "destination", "destination_workload": "web",
+        "destination_workload_namespace": ns, "source_principal": "unknown",
+        "reason": "STRICT mTLS: plaintext refused"}) == 1
