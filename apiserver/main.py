@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="SPIFFE trust domain of workload certificates")
     srv.add_argument("--workload-cert-ttl", type=float, default=24 * 3600.0,
                      help="lifetime of workload certificates, seconds (default 24 h)")
+    srv.add_argument("--mesh-admin-port", type=int, default=15000,
+                     help="the port every node's meshagent serves its admin API on "
+                          "(shoal mesh status asks it through the apiserver)")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         join_listen=ns.join_listen, advertise=tuple(ns.advertise),
         cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size,
         mesh_trust_domain=ns.mesh_trust_domain, workload_cert_lifetime=ns.workload_cert_ttl,
+        mesh_admin_port=ns.mesh_admin_port,
         controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),
         controller_settings=ControllerSettings(
             node_monitor_grace_period=ns.node_monitor_grace_period,

@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 
 from apiserver.metrics import Metrics
+from apiserver.nodedialing import NodeDialer, internal_ip, relayed
 from apiserver.objectstore import ObjectStore
 from apiserver.rpc import Authenticator, abort_with, passthrough, unary
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.node.v1 import node_pb2
-from shoal.client import classify
 from shoal.kinds import KindTable
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,7 @@ class PodProxy:
         self.nodes = kinds.by_resource("", "nodes")
         self.metrics = metrics
         self.authn = authn
-        self._creds = grpc.ssl_channel_credentials(
-            root_certificates=(pki_dir / "ca.crt").read_bytes(),
-            private_key=(pki_dir / "apiserver-kubelet-client.key").read_bytes(),
-            certificate_chain=(pki_dir / "apiserver-kubelet-client.crt").read_bytes())
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.dialer = NodeDialer(pki_dir)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -72,25 +68,18 @@ class PodProxy:
 
     async def _agent_address(self, node_name: str) -> str:
         node: core_pb2.Node = await self.objects.get(self.nodes, namespace="", name=node_name)
-        ip = next((a.address for a in node.status.addresses if a.type == "InternalIP"), "")
+        ip = internal_ip(node)
         port = node.status.daemon_endpoints.kubelet_endpoint.port
         if not ip or not port:
             raise errors.Unavailable(f'node "{node_name}" reports no agent address',
                                      retry_after=2.0)
         return f"{ip}:{port}"
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = grpc.aio.secure_channel(address, self._creds)
-            self._channels[address] = ch
-        return ch
-
     @unary("Exec")
     async def exec(self, request: node_pb2.ExecRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.ExecResponse:
         address = await self._node_address(request.namespace, request.pod)
-        rpc = self._channel(address).unary_unary(
+        rpc = self.dialer.channel(address).unary_unary(
             f"/{NODE_SERVICE}/Exec", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=node_pb2.ExecResponse.FromString)
         timeout = (request.timeout_seconds or 60) + 10
@@ -107,7 +96,7 @@ class PodProxy:
         if first is None or not first.node:
             raise errors.BadRequest("the first chunk of an image import must name the node")
         address = await self._agent_address(first.node)
-        rpc = self._channel(address).stream_unary(
+        rpc = self.dialer.channel(address).stream_unary(
             f"/{NODE_SERVICE}/ImportImage", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=node_pb2.ImportResult.FromString)
 
@@ -130,7 +119,7 @@ class PodProxy:
         except errors.ShoalError as e:
             await abort_with(context, e)
             return
-        rpc = self._channel(address).unary_stream(
+        rpc = self.dialer.channel(address).unary_stream(
             f"/{NODE_SERVICE}/Logs", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=None)
         call = rpc(request)
@@ -143,14 +132,8 @@ class PodProxy:
             call.cancel()
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close(None)
-        self._channels.clear()
+        await self.dialer.close()
 
 
 def _relayed(e: grpc.aio.AioRpcError, address: str) -> errors.ShoalError:
-    err = classify(e)
-    if isinstance(err, errors.Unavailable):
-        return errors.Unavailable(f"cannot reach the node agent at {address}: {err.message}",
-                                  retry_after=2.0)
-    return err
+    return relayed(e, f"the node agent at {address}")

@@ -26,6 +26,7 @@ from apiserver.controllers import builtin_controllers
 from apiserver.controllers.base import ControllerSettings
 from apiserver.grpcapi import SERVICE, ResourceAPI
 from apiserver.joining import JoinService
+from apiserver.meshproxy import MeshProxy
 from apiserver.metrics import Metrics
 from apiserver.namespaces import NamespaceFinalizer
 from apiserver.nodeipam import NodeIPAM
@@ -79,6 +80,8 @@ class ServerConfig:
     # Mesh workload certificates: SPIFFE trust domain and lifetime.
     mesh_trust_domain: str = "cluster.local"
     workload_cert_lifetime: float = 24 * 3600.0
+    # The port every node's meshagent serves its admin API on (MeshProxy asks it).
+    mesh_admin_port: int = 15000
     namespaces: tuple[str, ...] = field(default=DEFAULT_NAMESPACES)
 
 
@@ -126,6 +129,11 @@ class APIServer:
             self.proxy = PodProxy(objects=self.objects, kinds=kinds,
                                   pki_dir=config.data_dir / "pki", metrics=metrics,
                                   authn=self.authn)
+        self.mesh_proxy: MeshProxy | None = None
+        if self.proxy is not None:
+            self.mesh_proxy = MeshProxy(objects=self.objects, cache=self.cache, kinds=kinds,
+                                        pki_dir=config.data_dir / "pki", metrics=metrics,
+                                        authn=self.authn, admin_port=config.mesh_admin_port)
         if config.tls:
             self.join = JoinService(
                 objects=self.objects, kinds=kinds,
@@ -195,6 +203,8 @@ class APIServer:
             server.add_generic_rpc_handlers((self.join.handler(),))
         if self.proxy is not None:
             server.add_generic_rpc_handlers((self.proxy.handler(),))
+        if self.mesh_proxy is not None:
+            server.add_generic_rpc_handlers((self.mesh_proxy.handler(),))
         if self.workload_certs is not None:
             server.add_generic_rpc_handlers((self.workload_certs.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -330,6 +340,8 @@ class APIServer:
     async def close(self) -> None:
         if self.proxy is not None:
             await self.proxy.close()
+        if self.mesh_proxy is not None:
+            await self.mesh_proxy.close()
         await self.store.close()
 
 

@@ -302,13 +302,16 @@ class AdminServer:
         """Bind and serve. Raises Unavailable when the port cannot be had, and
         OSError when the certificates cannot be read."""
         creds = nodeaccess.server_credentials(self.pki_dir)
-        server = grpc.aio.server()
+        # No SO_REUSEPORT: a second agent on the port must fail, not share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((self.handler(),))
         try:
             self.port = server.add_secure_port(self.listen, creds)
         except RuntimeError as e:
+            await server.stop(None)
             raise errors.Unavailable(f"cannot listen on {self.listen}: {e}") from None
         if not self.port:
+            await server.stop(None)
             raise errors.Unavailable(f"cannot listen on {self.listen}")
         await server.start()
         self._server = server

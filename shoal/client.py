@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 
 from shoal import config as configmod
 from shoal import errors
+from shoal.api.mesh.v1 import mesh_pb2
 from shoal.api.meta.v1 import meta_pb2
 from shoal.api.node.v1 import node_pb2
 from shoal.api.resources.v1 import resources_pb2 as pb
@@ -393,6 +394,22 @@ class AsyncClient:
         except grpc.aio.AioRpcError as e:
             raise classify(e) from e
 
+    async def mesh_status(self, *, node: str = "",
+                          query: mesh_pb2.StatusRequest | None = None,
+                          timeout: float | None = None) -> mesh_pb2.MeshStatusResponse:
+        """Each node's meshagent status (one node with ``node``), through the
+        apiserver; an agent that cannot be reached has ``error`` set on its entry."""
+        rpc = self.channel.unary_unary(
+            "/shoal.mesh.v1.MeshProxy/MeshStatus",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=mesh_pb2.MeshStatusResponse.FromString)
+        req = mesh_pb2.MeshStatusRequest(node=node, query=query or mesh_pb2.StatusRequest())
+        try:
+            return cast(mesh_pb2.MeshStatusResponse,
+                        await rpc(req, timeout=timeout or self.timeout))
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
     async def discover(self) -> builtins.list[pb.APIResource]:
         resp = await self._call("Discover", pb.DiscoverRequest(), pb.DiscoverResponse)
         return list(resp.resources)
@@ -525,6 +542,9 @@ class Client:
 
     def import_image(self, node: str, archive: Path, **kw: Any) -> node_pb2.ImportResult:
         return self._run(self.aio.import_image(node, archive, **kw))
+
+    def mesh_status(self, **kw: Any) -> mesh_pb2.MeshStatusResponse:
+        return self._run(self.aio.mesh_status(**kw))
 
     def discover(self) -> builtins.list[pb.APIResource]:
         return self._run(self.aio.discover())

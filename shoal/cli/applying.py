@@ -45,6 +45,7 @@ from google.protobuf.message import Message
 from shoal import errors, manifests, validation
 from shoal.cli.fetching import bounded_gather, get_or_none
 from shoal.cli.loading import read_manifests
+from shoal.cli.meshing import wait_propagated as wait_for_meshagents
 from shoal.cli.printing import resource_name
 from shoal.cli.reporting import ExitCode, InputError, server_error_line
 from shoal.cli.session import Session
@@ -125,6 +126,12 @@ class Action:
         if self.existing is None:
             return self.desired.obj
         return merge_for_update(self.existing, self.desired.obj, self.desired.kind)
+
+
+@dataclass(frozen=True)
+class Written:
+    verb: str  # "created", "configured" or "unchanged"
+    resource_version: str  # what the server stored ("" from a dry run)
 
 
 @dataclass(frozen=True)
@@ -364,16 +371,17 @@ async def observe(client: AsyncClient, desired: Sequence[Desired], *, kinds: Kin
     return observed, {n for n, obj in zip(names, ns_found, strict=True) if obj is not None}
 
 
-async def write(client: AsyncClient, action: Action, *, dry_run: bool) -> str:
-    """Create or update one object; returns 'created', 'configured' or 'unchanged'."""
+async def write(client: AsyncClient, action: Action, *, dry_run: bool) -> Written:
+    """Create or update one object: 'created', 'configured' or 'unchanged', and
+    the resourceVersion stored."""
     d = action.desired
     existing = action.existing
     last: errors.ShoalError | None = None
     for _ in range(WRITE_ATTEMPTS):
         if existing is None:
             try:
-                await client.create(with_last_applied(d.kind, d.obj), dry_run=dry_run)
-                return "created"
+                made = await client.create(with_last_applied(d.kind, d.obj), dry_run=dry_run)
+                return Written("created", made.metadata.resource_version)
             except errors.AlreadyExists as e:
                 last = e
         else:
@@ -383,9 +391,10 @@ async def write(client: AsyncClient, action: Action, *, dry_run: bool) -> str:
             except (errors.Conflict, errors.NotFound) as e:
                 last = e
             else:
-                return update_outcome(existing, result,
-                                      sent_version=merged.metadata.resource_version,
-                                      dry_run=dry_run)
+                return Written(update_outcome(existing, result,
+                                              sent_version=merged.metadata.resource_version,
+                                              dry_run=dry_run),
+                               result.metadata.resource_version)
         existing = await get_or_none(client, d.kind, namespace=d.key.namespace,
                                      name=d.key.name)
     assert last is not None
@@ -395,7 +404,7 @@ async def write(client: AsyncClient, action: Action, *, dry_run: bool) -> str:
 async def _check(client: AsyncClient, action: Action) -> tuple[str, list[Problem]]:
     """Server dry run of one action: its outcome, or the problems it has."""
     try:
-        return await write(client, action, dry_run=True), []
+        return (await write(client, action, dry_run=True)).verb, []
     except errors.Unavailable:
         raise
     except errors.ShoalError as e:
@@ -403,7 +412,10 @@ async def _check(client: AsyncClient, action: Action) -> tuple[str, list[Problem
 
 
 async def run_apply(session: Session, *, files: Sequence[str], recursive: bool,
-                    dry_run: DryRun) -> int:
+                    dry_run: DryRun, wait_propagated: bool = False,
+                    timeout: float | None = None) -> int:
+    """Apply; with ``wait_propagated`` (not with a dry run), then wait until every
+    node's meshagent has applied what was written (``shoal.cli.meshing``)."""
     docs = read_manifests(files, recursive=recursive, stdin=session.stdin)
     if not docs:
         raise InputError(["no objects passed to apply"])
@@ -441,14 +453,20 @@ async def run_apply(session: Session, *, files: Sequence[str], recursive: bool,
         return ExitCode.OK
 
     code = ExitCode.OK
+    written: dict[str, int] = {}
     for a in plan.actions:
         try:
-            verb = await write(client, a, dry_run=False)
+            done = await write(client, a, dry_run=False)
         except errors.Unavailable:
             raise
         except errors.ShoalError as e:
             session.warn(server_error_line(e))
             code = ExitCode.SERVER_REFUSED
             continue
-        session.print(f"{a.desired.display} {verb}")
+        session.print(f"{a.desired.display} {done.verb}")
+        resource = a.desired.kind.qualified_resource
+        if done.resource_version.isdigit():
+            written[resource] = max(written.get(resource, 0), int(done.resource_version))
+    if wait_propagated:
+        await wait_for_meshagents(session, written, timeout=timeout)  # raises if not
     return code

@@ -33,6 +33,8 @@ from shoal.cli.imaging import add_parser as add_image_parser
 from shoal.cli.imaging import run_image_import, run_image_local
 from shoal.cli.labbing import add_parser as add_lab_parser
 from shoal.cli.labbing import run_lab
+from shoal.cli.meshing import add_parser as add_mesh_parser
+from shoal.cli.meshing import run_mesh
 from shoal.cli.nodes import DrainOptions, run_cordon, run_drain
 from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
 from shoal.cli.rollouts import ROLLOUT_KINDS, run_rollout
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Create or update objects from manifests, all or nothing.")
     _files(p, required=True)
     _dry_run(p)
+    p.add_argument("--wait-propagated", action="store_true",
+                   help="after applying, wait until every node's meshagent has applied "
+                        "the change (exit 1 naming the nodes that have not)")
+    p.add_argument("--timeout", type=parse_duration, default=None, metavar="DURATION",
+                   help="with --wait-propagated, give up after this long (default 60s)")
 
     p = sub.add_parser("get", parents=[common], help="list objects",
                        description="Print objects as a table, YAML, JSON or names.")
@@ -267,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up waiting after this long (default: no limit)")
 
     add_image_parser(sub, common)
+    add_mesh_parser(sub, common)
     add_lab_parser(sub)
     return parser
 
@@ -277,7 +285,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
         match ns.command:
             case "apply":
                 return await run_apply(session, files=ns.files, recursive=ns.recursive,
-                                       dry_run=ns.dry_run)
+                                       dry_run=ns.dry_run, wait_propagated=ns.wait_propagated,
+                                       timeout=ns.timeout)
             case "get":
                 return await run_get(session, GetOptions(
                     args=tuple(ns.args), all_namespaces=ns.all_namespaces,
@@ -337,6 +346,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                     timeout=ns.timeout)
             case "image":
                 return await run_image_import(session, archive=ns.archive, nodes=ns.nodes)
+            case "mesh":
+                return await run_mesh(session, ns)
         raise CLIError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse
     finally:
         await session.aclose()
