@@ -323,9 +323,10 @@ async def _get_or_none(client: AsyncClient, kind: Any, name: str, namespace: str
 
 
 async def run_mesh_tls(session: Session, *, pod: str, service: str, output: Output) -> int:
+    svc_ns, svc_name = split_service(service, "")  # bad input fails before any call
     client = session.client()
     namespace = session.namespace
-    svc_ns, svc_name = split_service(service, namespace)
+    svc_ns = svc_ns or namespace
     src: core_pb2.Pod = await client.get(core_pb2.Pod, pod, namespace=namespace)
     if not src.spec.node_name or not src.status.pod_ip:
         raise MeshCommandFailed(f'pod "{pod}" is not running on a node yet (no node or IP)')
