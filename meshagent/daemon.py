@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import capture, dns, identity, policy, proxy, tunnel
+from meshagent import admin, capture, dns, identity, policy, proxy, tunnel
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
 from shoal import errors, spiffe
@@ -37,10 +38,12 @@ from shoal.api.core.v1 import core_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
+from shoal.kinds import builtin_kinds
 from shoal.monitoring import MonitoringServer, Readiness
 
 log = logging.getLogger(__name__)
 
+_KINDS = builtin_kinds()
 DEFAULT_CLIENT_CONFIG = Path("/var/lib/shoal/nodeagent/node.conf")
 
 
@@ -56,6 +59,7 @@ class MeshConfig:
     trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN
     root_namespace: str = policy.DEFAULT_ROOT_NAMESPACE  # mesh-wide policies live here
     metrics_listen: str = "0.0.0.0:15020"
+    admin_listen: str = f"0.0.0.0:{admin.ADMIN_PORT}"  # "" = no admin API
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
     cluster_domain: str = dns.DEFAULT_DOMAIN
@@ -153,6 +157,16 @@ class MeshAgent:
             "shoal_mesh_certificate_expiry_seconds", "when each workload certificate "
             "expires (unix time)", ("spiffe_id",), registry=self.registry)
         self.capture: capture.Capture | None = None
+        self.admin = (admin.AdminServer(source=self, node_name=config.node_name,
+                                        pki_dir=config.client_config.parent / "pki",
+                                        listen=config.admin_listen)
+                      if config.admin_listen else None)
+        self._applied_at = 0.0
+        self._resources = {inf: _KINDS.by_message(inf.kind()).qualified_resource
+                           for inf in self.informers()}
+        for inf in self.informers():
+            inf.add_handlers(on_add=self._applied, on_update=lambda _a, _b: self._applied(_a),
+                             on_delete=self._applied)
 
     # -- views for the data path (rebuilt lazily after a change) ----------------
 
@@ -241,6 +255,44 @@ class MeshAgent:
         return sorted(p.status.pod_ip for p in self.local_pods()
                       if (p.metadata.namespace, service_account(p)) in ready)
 
+    # -- what the admin API reports (admin.AdminSource) -----------------------
+
+    def _applied(self, _obj: object) -> None:
+        self._applied_at = time.time()
+
+    def generations(self) -> admin.Generations:
+        """Config is applied as it arrives (routes and policy are read from the
+        caches per connection; capture follows pod events), so an informer's
+        resourceVersion is what this agent has applied of that resource."""
+        return admin.generations_from(
+            {self._resources[inf]: inf.resource_version for inf in self.informers()},
+            applied_at=self._applied_at)
+
+    def certificate_rows(self) -> list[identity.CertRow]:
+        return identity.certificate_rows(self.identities)
+
+    async def netfilter_report(self) -> admin.NetfilterReport:
+        cap = self.capture
+        if cap is None:
+            return admin.NetfilterReport(backend="", error="capture is off")
+        return admin.netfilter_report(backend=cap.iptables.commands.binary,
+                                      want=capture.plan_rules(cap.pod_ips, cap.config),
+                                      save=await cap.iptables.save())
+
+    def connections(self) -> list[admin.ConnectionRow]:
+        def addr(a: Address) -> str:
+            return f"{a[0]}:{a[1]}"
+        return [admin.ConnectionRow(
+            direction=c.direction, source_ip=c.source_ip,
+            destination=addr(c.original or c.destination), mode=c.mode,
+            source_workload=c.source_workload, source_namespace=c.source_namespace,
+            source_principal=c.source_principal, destination_service=c.destination_service,
+            endpoint=addr(c.destination), destination_workload=c.destination_workload,
+            destination_namespace=c.destination_namespace, peer_principal=c.peer_principal,
+            tls_version=c.tls_version, cipher=c.cipher, bytes_sent=c.sent,
+            bytes_received=c.received, opened_at=c.opened)
+            for c in list(self.path.live.values())]
+
     # -- lifecycle -----------------------------------------------------------
 
     def informers(self) -> list[Informer[Any]]:
@@ -254,6 +306,8 @@ class MeshAgent:
         await self.inbound.start()
         await self.tunnel.start()
         await self.dns.start()
+        if self.admin is not None:
+            await self.admin.start()
         self.readiness.set("listeners")
 
     async def _keep_identities(self, ready: asyncio.Event) -> None:
@@ -351,6 +405,8 @@ class MeshAgent:
             await self.tunnel.close()
             await self.pool.close()
             await self.dns.close()
+            if self.admin is not None:
+                await self.admin.close()
             await self.monitoring.close()
 
     def _watch_pods_into(self, refresh: asyncio.Event) -> None:

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--mesh-root-namespace", default="istio-system",
                    help="where mesh-wide PeerAuthentication and AuthorizationPolicy live")
     r.add_argument("--metrics-listen", default="0.0.0.0:15020")
+    r.add_argument("--admin-listen", default="0.0.0.0:15000",
+                   help="the admin API for `shoal mesh` (TLS with the node's serving "
+                   "certificate); empty: none")
     r.add_argument("--pod-cidr", default="10.244.0.0/16")
     r.add_argument("--service-cidr", default="10.96.0.0/16")
     r.add_argument("--cluster-domain", default="cluster.local")
@@ -69,7 +72,8 @@ def _run(ns: argparse.Namespace) -> int:
             outbound_port=ns.outbound_port, inbound_port=ns.inbound_port,
             dns_port=ns.dns_port, tunnel_port=ns.tunnel_port,
             trust_domain=ns.trust_domain, root_namespace=ns.mesh_root_namespace,
-            metrics_listen=ns.metrics_listen, pod_cidr=ns.pod_cidr,
+            metrics_listen=ns.metrics_listen, admin_listen=ns.admin_listen,
+            pod_cidr=ns.pod_cidr,
             service_cidr=ns.service_cidr, cluster_domain=ns.cluster_domain,
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit)

@@ -210,13 +210,14 @@ class Live:
     source_workload: str
     source_namespace: str
     source_principal: str
-    destination: Address
+    destination: Address  # the endpoint connected to
     destination_service: str
     destination_workload: str
     destination_namespace: str
     peer_principal: str = ""  # what the TLS handshake proved about the peer
     tls_version: str = ""
     cipher: str = ""
+    original: Address | None = None  # what the client dialled, when not the endpoint
     sent: int = 0
     received: int = 0
     opened: float = field(default_factory=time.time)
@@ -326,7 +327,7 @@ class DataPath:
                    source_workload=src.workload if src else "",
                    source_namespace=src.namespace if src else "",
                    source_principal=self._principal_of(src),
-                   destination=target or dst, destination_service=service,
+                   destination=target or dst, original=dst, destination_service=service,
                    destination_workload=dst_wl.workload if dst_wl else "",
                    destination_namespace=dst_wl.namespace if dst_wl else "")
         dst_principal = self._principal_of(dst_wl) if mode != PLAINTEXT else ""

@@ -84,6 +84,8 @@ def mesh(cluster: Cluster) -> Iterator[dict[str, core_pb2.Pod]]:
     svc.spec.selector["app"] = "web"
     port = svc.spec.ports.add(name="http", port=80)
     port.target_port.str_val = "http"
+    echo_port = svc.spec.ports.add(name="tcp-echo", port=9000)
+    echo_port.target_port.int_val = 9000
     cluster.client.create(svc)
     pods = {name: wait_for(f"{name} running", partial(_running, cluster, name), timeout=120)
             for name in ("web", "sleep", "other", "outsider")}
@@ -387,34 +389,46 @@ ECHO = """
 """
 
 
-def test_stopping_the_apiserver_does_not_break_running_traffic(
-        cluster: Cluster, mesh: dict[str, core_pb2.Pod]) -> None:
+@pytest.fixture(scope="module")
+def echo(mesh: dict[str, core_pb2.Pod]) -> Iterator[None]:
+    """An echo server on port 9000 in the web pod's network namespace."""
     web_ip = mesh["web"].status.pod_ip
-    sleep_ns = _pod_netns(mesh["sleep"].status.pod_ip)
-    echo = subprocess.Popen(["ip", "netns", "exec", _pod_netns(web_ip), sys.executable, "-c",
+    proc = subprocess.Popen(["ip", "netns", "exec", _pod_netns(web_ip), sys.executable, "-c",
                              textwrap.dedent(ECHO), "9000"])
-    apiserver = _processes(cluster)["apiserver"]
-    cluster_ip = cluster.client.get(core_pb2.Service, "web", namespace=NS).spec.cluster_ip
     try:
+        sleep_ns = _pod_netns(mesh["sleep"].status.pod_ip)
         wait_for("the echo server", lambda: _in_netns(
             sleep_ns, REQUEST, web_ip, "9000", "x").stdout.startswith("OK x"), timeout=20)
-        steady = subprocess.Popen(["ip", "netns", "exec", sleep_ns, sys.executable, "-c",
-                                   textwrap.dedent(STEADY), web_ip, "9000", "6"],
-                                  stdout=subprocess.PIPE, text=True)
-        time.sleep(1)
-        os.kill(apiserver, signal.SIGSTOP)
-        try:
-            # New connections, by pod IP and by ClusterIP, while it is stopped.
-            assert MARKER in _http_get(sleep_ns, web_ip, 8080)
-            assert MARKER in _http_get(sleep_ns, cluster_ip, 80)
-            out, _ = steady.communicate(timeout=30)
-        finally:
-            os.kill(apiserver, signal.SIGCONT)
-        ok, _, err = out.strip().partition(" ")
-        assert err == "" and int(ok) >= 25, out  # ~30 round trips in 6 s, none failed
+        yield
     finally:
-        echo.terminate()
-        echo.wait(timeout=10)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _steady(netns: str, ip: str, port: int, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c",
+                             textwrap.dedent(STEADY), ip, str(port), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_stopping_the_apiserver_does_not_break_running_traffic(
+        cluster: Cluster, mesh: dict[str, core_pb2.Pod], echo: None) -> None:
+    web_ip = mesh["web"].status.pod_ip
+    sleep_ns = _pod_netns(mesh["sleep"].status.pod_ip)
+    apiserver = _processes(cluster)["apiserver"]
+    cluster_ip = cluster.client.get(core_pb2.Service, "web", namespace=NS).spec.cluster_ip
+    steady = _steady(sleep_ns, web_ip, 9000, 6)
+    time.sleep(1)
+    os.kill(apiserver, signal.SIGSTOP)
+    try:
+        # New connections, by pod IP and by ClusterIP, while it is stopped.
+        assert MARKER in _http_get(sleep_ns, web_ip, 8080)
+        assert MARKER in _http_get(sleep_ns, cluster_ip, 80)
+        out, _ = steady.communicate(timeout=30)
+    finally:
+        os.kill(apiserver, signal.SIGCONT)
+    ok, _, err = out.strip().partition(" ")
+    assert err == "" and int(ok) >= 25, out  # ~30 round trips in 6 s, none failed
 
 
 def test_a_restarted_meshagent_restores_capture_and_traffic_within_two_seconds(
@@ -439,3 +453,59 @@ def test_a_restarted_meshagent_restores_capture_and_traffic_within_two_seconds(
     # Through the new agent (its counters start at zero), over mTLS again.
     assert _metric(node1, "istio_tcp_connections_opened_total", source_workload="sleep",
                    connection_security_policy="mutual_tls") >= 1
+
+
+def test_mesh_commands_show_what_the_agents_hold_and_see(
+        cluster: Cluster, mesh: dict[str, core_pb2.Pod], echo: None,
+        tmp_path: Path) -> None:
+    def synced() -> str | None:
+        r = cluster.shoal("mesh", "status")
+        return r.stdout if r.returncode == 0 and r.stdout.count("SYNCED") == 3 else None
+    status = wait_for("every agent SYNCED", synced, timeout=30)
+    assert all(f"node-{i}" in status for i in (1, 2, 3)), status
+
+    certs = cluster.shoal("mesh", "certs", "node-1")
+    assert certs.returncode == 0, certs.stderr
+    for sa in ("sleep", "other"):
+        line = next(x for x in certs.stdout.splitlines()
+                    if f"spiffe://cluster.local/ns/{NS}/sa/{sa}" in x)
+        assert "VALID" in line, certs.stdout
+
+    rules = cluster.shoal("mesh", "netfilter", "node-1")
+    assert rules.returncode == 0, rules.stderr
+    assert f"-s {mesh['sleep'].status.pod_ip}/32" in rules.stdout
+    assert "missing:" not in rules.stdout and "unexpected:" not in rules.stdout
+
+    # No live connection: it says so, rather than what the config would do.
+    idle = cluster.shoal("mesh", "tls", "sleep", "web", "-n", NS)
+    assert idle.returncode != 0 and "no live connection" in idle.stderr
+    svc_ip = cluster.client.get(core_pb2.Service, "web", namespace=NS).spec.cluster_ip
+    steady = _steady(_pod_netns(mesh["sleep"].status.pod_ip), svc_ip, 9000, 8)
+    try:
+        def seen() -> str | None:
+            r = cluster.shoal("mesh", "tls", "sleep", "web", "-n", NS)
+            return r.stdout if r.returncode == 0 else None
+        out = wait_for("the live connection seen", seen, timeout=10)
+    finally:
+        steady.communicate(timeout=30)
+    assert "TLSv1.3" in out and "mTLS" in out, out
+    assert f"cluster.local/ns/{NS}/sa/web" in out, out  # the peer the source verified
+    assert f"cluster.local/ns/{NS}/sa/sleep" in out, out  # and the destination's
+
+    manifest = tmp_path / "allow.yaml"
+    manifest.write_text(textwrap.dedent(f"""\
+        apiVersion: security.istio.io/v1beta1
+        kind: AuthorizationPolicy
+        metadata:
+          name: allow-all
+          namespace: {NS}
+        spec:
+          rules:
+          - {{}}
+        """))
+    r = cluster.shoal("apply", "-f", str(manifest), "--wait-propagated", "--timeout", "30s")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "propagated to 3 meshagents" in r.stdout, r.stdout
+    finally:
+        cluster.shoal("delete", "-f", str(manifest))

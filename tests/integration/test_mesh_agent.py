@@ -39,7 +39,8 @@ async def test_agent_routes_a_cluster_ip_to_a_ready_endpoint(api: InProcessAPISe
         svc.spec.ports.add(name="http", port=80, target_port={"int_val": port})
         svc = await c.create(svc)
         cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
-                         inbound_port=0, dns_port=0, metrics_listen="127.0.0.1:0",
+                         inbound_port=0, dns_port=0, tunnel_port=0,
+                         metrics_listen="127.0.0.1:0", admin_listen="",
                          pod_cidr="127.0.0.0/8")
         async with api.client() as agent_client:
             agent = MeshAgent(cfg, agent_client)
@@ -102,7 +103,8 @@ async def test_the_command_becomes_ready_and_stops_on_sigterm(api: InProcessAPIS
         sys.executable, "-m", "meshagent.main", "run", "--node-name", "n1",
         "--config", str(api.config_path), "--listen-host", "127.0.0.1",
         "--outbound-port", "0", "--inbound-port", "0", "--dns-port", "0",
-        "--metrics-listen", f"127.0.0.1:{metrics}",
+        "--metrics-listen", f"127.0.0.1:{metrics}", "--admin-listen", "",
+        "--tunnel-port", "0",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         async def ready() -> bool:

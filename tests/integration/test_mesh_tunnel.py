@@ -69,6 +69,7 @@ async def _agent(api: InProcessAPIServer, node: str, host: str, tunnel_port: int
 
     cfg = MeshConfig(node_name=node, listen_host=host, outbound_port=0, inbound_port=0,
                      dns_port=0, tunnel_port=tunnel_port, metrics_listen=f"{host}:0",
+                     admin_listen="",
                      pod_cidr="127.0.0.0/8")
     agent = MeshAgent(cfg, client, original_dst=fake_dst)
     agent.pool.port = tunnel_port
