@@ -52,8 +52,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="an extra `shoal-apiserver serve` flag, e.g. "
                         "--apiserver-arg=--pod-eviction-timeout=10 (repeatable)")
     p.add_argument("--mesh", action="store_true",
-                   help="also run a capturing meshagent on every node (plaintext L4, "
-                        "experimental)")
+                   help="also run a capturing meshagent on every node: pods' traffic "
+                        "between nodes goes over mTLS, with the mesh's DNS and policy")
     p = command("down", "stop and remove everything the lab made")
     p.add_argument("--purge", action="store_true",
                    help="also remove the lab's data and logs")

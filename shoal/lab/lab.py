@@ -61,6 +61,7 @@ import os
 import select
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -601,6 +602,13 @@ class Lab:
             if alive(record):
                 self._progress(f"stopping {record.name} (pid {record.pid})")
             self.sup.stop(record, grace=20.0)
+        meshagents = [r for r in state.processes.values() if r.name.startswith("meshagent/")]
+        for record in meshagents:  # they remove their capture rules as they stop
+            if alive(record):
+                self._progress(f"stopping {record.name} (pid {record.pid})")
+            self.sup.stop(record, grace=5.0)
+        if meshagents:  # and what a crashed one left: `shoal-meshagent cleanup`
+            problems += self._mesh_cleanup(state)
         for chain in [c for c in state.chains if c.netns is not None]:
             netsetup.remove_chain(chain.chain, jumps_from=chain.jumps_from, netns=chain.netns)
         state.chains = [c for c in state.chains if c.netns is None]
@@ -650,6 +658,18 @@ class Lab:
                        + (" and its files are removed" if purge else
                           " (logs and data kept; --purge removes them)"))
         return 0
+
+    def _mesh_cleanup(self, state: LabState) -> list[str]:
+        problems = []
+        for ns in state.netns:
+            if not Path(f"/var/run/netns/{ns}").exists():
+                continue
+            done = subprocess.run(["nsenter", f"--net=/var/run/netns/{ns}", self.python, "-P",
+                                   "-m", "meshagent.main", "cleanup"], capture_output=True,
+                                  text=True, check=False, env=self._env(), timeout=60)
+            if done.returncode != 0:
+                problems.append(f"mesh capture rules in {ns}: {done.stderr.strip()}")
+        return problems
 
     async def _clean_containerds(self, topo: Topology) -> list[str]:
         async def one(n: Node) -> list[str]:

@@ -73,4 +73,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         with Client(configmod.load(config), timeout=30) as client:
             yield Cluster(dir=lab_dir, config=config, client=client)
     finally:
+        if os.environ.get("SHOAL_E2E_MESH") == "1":
+            _down_removes_the_mesh(lab_dir)
         shoal_cli("lab", "down", "--purge", "--dir", str(lab_dir), timeout=300)
+
+
+def _down_removes_the_mesh(lab_dir: Path) -> None:
+    """``lab down`` of a mesh lab: every meshagent removed its own capture rules as
+    it stopped (its log says so, while its netns still existed), and nothing of
+    the lab's netfilter state is left."""
+    down = shoal_cli("lab", "down", "--dir", str(lab_dir), timeout=300)
+    assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
+    for node in NODES:
+        log = (lab_dir / "logs" / f"{node}-meshagent.log").read_text()
+        assert "mesh capture: rules removed" in log, f"{node}'s meshagent left its rules"
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "shoal-node-" not in netns, netns
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "SHOAL" not in rules, [r for r in rules.splitlines() if "SHOAL" in r]
