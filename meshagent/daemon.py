@@ -156,6 +156,10 @@ class MeshAgent:
         self.cert_expiry = Gauge(
             "shoal_mesh_certificate_expiry_seconds", "when each workload certificate "
             "expires (unix time)", ("spiffe_id",), registry=self.registry)
+        generation = Gauge("shoal_mesh_config_generation", "the config generation applied: "
+                           "the lowest resourceVersion up to which every watched resource's "
+                           "events are applied", registry=self.registry)
+        generation.set_function(lambda: float(self.generations().overall))
         self.capture: capture.Capture | None = None
         self.admin = (admin.AdminServer(source=self, node_name=config.node_name,
                                         pki_dir=config.client_config.parent / "pki",

@@ -182,6 +182,9 @@ async def test_a_cross_node_connection_goes_through_mutual_tls(mesh: Mesh) -> No
     dest = {**source, "reporter": "destination", "source_workload": "unknown",
             "destination_service": "unknown"}
     assert _sample(mesh.n2, "istio_tcp_connections_closed_total", dest) == 2
+    # And the config generation each has applied.
+    assert _sample(mesh.n1, "shoal_mesh_config_generation", {}) == (
+        mesh.n1.generations().overall) > 0
 
 
 async def test_live_connections_show_what_the_handshake_saw(mesh: Mesh) -> None:
