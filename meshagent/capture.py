@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shoal import errors, netfilter
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +286,7 @@ class Capture:
                 await self.sync()
             except errors.ShoalError as e:
                 log.error("mesh capture: %s", e)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
+            await wait_set(self._wake, self.interval)
 
     async def cleanup(self) -> None:
         text = render_cleanup(await self.iptables.save())

@@ -40,6 +40,7 @@ from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
 from shoal.kinds import builtin_kinds
 from shoal.monitoring import MonitoringServer, Readiness
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +347,9 @@ class MeshAgent:
                 for key in wanted - held:
                     if key not in pending or pending[key].done():
                         pending[key] = asyncio.create_task(fetch(key))
-                with contextlib.suppress(TimeoutError):
-                    # Also every 10 s: a failed signing is retried by the manager,
-                    # and this picks up its result.
-                    await asyncio.wait_for(seen.wait(), 10.0)
+                # Also every 10 s: a failed signing is retried by the manager,
+                # and this picks up its result.
+                await wait_set(seen, 10.0)
                 ready.set()
         finally:
             for t in pending.values():

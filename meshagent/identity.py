@@ -44,6 +44,7 @@ from shoal import errors, spiffe
 from shoal.api.certificates.v1 import workload_pb2 as pb
 from shoal.backoff import Backoff
 from shoal.client import classify
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,7 @@ class IdentityManager:
         while True:
             self._wake.clear()  # before the work: an identity added meanwhile wakes us
             nxt = await self.refresh_due()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, nxt - self.clock()))
+            await wait_set(self._wake, nxt - self.clock())
 
     # -- internals ----------------------------------------------------------
 

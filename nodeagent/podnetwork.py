@@ -29,6 +29,7 @@ from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 from shoal.informer import Informer
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,6 @@ class PodNetwork:
                 except errors.ShoalError as e:
                     log.warning("pod network: %s", e)
                 self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), RECONCILE_SECONDS)
-                except TimeoutError:
-                    pass
+                await wait_set(self._changed, RECONCILE_SECONDS)
         finally:
             informer.cancel()

@@ -116,3 +116,19 @@ class WorkQueue:
             t.cancel()
         self._timers.clear()
         self._ready.set()
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` passes; True if it was set.
+
+    For loops that wake on an event or on a timer. Not ``asyncio.wait_for``:
+    on Python 3.11, when the event is set at the moment the task is cancelled,
+    ``wait_for`` returns normally and swallows the cancellation, so a loop
+    around it never stops. ``asyncio.timeout`` tells its own cancellation from
+    the caller's."""
+    try:
+        async with asyncio.timeout(max(0.0, timeout)):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
