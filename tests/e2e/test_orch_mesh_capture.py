@@ -27,9 +27,10 @@ async def main():
         w.write(b"backend:" + await r.read()); await w.drain(); w.close()
     await asyncio.start_server(backend, "10.244.1.1", 9000)
     routes = {("10.96.0.10", 80): Route("shop/web", "http", (("10.244.1.1", 9000),))}
-    out = proxy.Listener(direction="outbound", host="0.0.0.0", port=15001,
-                         routes=lambda: routes, pod_cidr="10.244.0.0/16", balancer=Balancer(),
-                         metrics=proxy.Metrics(CollectorRegistry()))
+    path = proxy.DataPath(node="node", trust_domain="cluster.local", routes=lambda: routes,
+                          pod_cidr="10.244.0.0/16", workload=lambda ip: None,
+                          balancer=Balancer(), metrics=proxy.Metrics(CollectorRegistry()))
+    out = proxy.Listener(direction="outbound", host="0.0.0.0", port=15001, path=path)
     await out.start()
     names = {"web.shop.svc.cluster.local": ("10.96.0.10",)}
     d = dns.DNSServer(host="0.0.0.0", port=15053, names=lambda: names,
