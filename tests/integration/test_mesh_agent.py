@@ -81,7 +81,10 @@ async def test_agent_routes_a_cluster_ip_to_a_ready_endpoint(api: InProcessAPISe
                 async def known() -> bool:
                     return agent.namespace_of("10.244.1.7") == "default"
                 await eventually("the pod known by IP", known)
-                assert agent.captured_ips() == ["10.244.1.7"]
+
+                async def captured() -> bool:  # once its certificate is signed
+                    return agent.captured_ips() == ["10.244.1.7"]
+                await eventually("the pod captured", captured)
             finally:
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
