@@ -627,6 +627,9 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
                   proxies={"mesh": mesh_pids,
                            "haproxy": {"haproxy-a": ha.pid, "haproxy-b": hb.pid}})
     say(f"proxies: {setup.proxies}")
+    idle_rss = {k: rss_mb(pid) for m in ("mesh", "haproxy")
+                for k, pid in setup.proxies[m].items()}
+    say("RSS before any load (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in idle_rss.items()))
     # A short smoke run per mode: every path works, and warms it (TLS contexts,
     # the tunnel's pooled connection, haproxy's session cache).
     for mode in MODES:
@@ -651,7 +654,73 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
             results.append(r)
     final_rss = {k: rss_mb(pid) for m in ("mesh", "haproxy")
                  for k, pid in setup.proxies[m].items()}
-    return report(results, args, final_rss, machine_info())
+    out = report(results, args, final_rss, machine_info())
+    out["idle_rss_mb"] = idle_rss
+    if args.profile:
+        out["profile"] = profile_mesh(started, setup, args)
+    return out
+
+
+def top_frames(raw: str, n: int = 15) -> dict[str, list[tuple[str, float]]]:
+    """Self and inclusive shares of py-spy's collapsed stacks (``-f raw``)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        frames = stack.split(";")
+        total += c
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+    if not total:
+        return {"self": [], "inclusive": []}
+
+    def top(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(f, 100 * c / total) for f, c in sorted(d.items(), key=lambda x: -x[1])[:n]]
+
+    return {"self": top(own), "inclusive": top(incl), "samples": [("total", float(total))]}
+
+
+def profile_mesh(started: Started, setup: Setup, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """One extra mesh run (not in the figures above) with py-spy sampling both
+    meshagents over its measured window."""
+    say("")
+    say(f"profiling: one more mesh run with py-spy on both meshagents "
+        f"(not counted above; outputs in {setup.logs})")
+    spies = {}
+    for label, pid in setup.proxies["mesh"].items():
+        out = setup.logs / f"py-spy-{label}.txt"
+        spies[label] = (out, started.spawn(f"py-spy/{label}", [
+            "py-spy", "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(out),
+            "-d", str(int(args.warmup + args.duration))], log=setup.logs / "py-spy.log"))
+    r = run_load(started, setup, "mesh", args=args, warmup=args.warmup,
+                 duration=args.duration)
+    say(f"profiled mesh run: p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms, achieved "
+        f"{r['achieved_rps']:.1f}/s")
+    result: dict[str, Any] = {"run": r}
+    for label, (out, p) in spies.items():
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            started.stop(p)
+        started.procs = [(n, q) for n, q in started.procs if q is not p]
+        if not out.exists():
+            say(f"{label}: py-spy wrote nothing (see {setup.logs / 'py-spy.log'})")
+            continue
+        tops = top_frames(out.read_text())
+        result[label] = tops
+        say(f"{label}: top self time (share of on-CPU samples)")
+        for f, pct in tops["self"]:
+            say(f"  {pct:5.1f}%  {f}")
+        say(f"{label}: top inclusive")
+        for f, pct in tops["inclusive"]:
+            say(f"  {pct:5.1f}%  {f}")
+    return result
 
 
 def main() -> int:
@@ -665,6 +734,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="request (and echo) bytes")
     p.add_argument("--lab-dir", type=Path, default=Path("/tmp/shoal-bench-lab"))
     p.add_argument("--json", type=Path, help="write every run and the summary here")
+    p.add_argument("--profile", action="store_true",
+                   help="then one extra mesh run with py-spy on both meshagents")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (the lab, network namespaces)", file=sys.stderr)
@@ -685,11 +756,15 @@ def main() -> int:
         except BlockingIOError:
             say(f"waiting for {LOCK} (another lab is running)")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if subprocess.run(["ip", "link", "show", "shoal0"], capture_output=True,
-                          check=False).returncode == 0:
-            print("a lab is already up on this machine (bridge shoal0 exists)",
-                  file=sys.stderr)
-            return 2
+        # The lock's previous holder may still be taking its lab down.
+        deadline = time.monotonic() + 60
+        while subprocess.run(["ip", "link", "show", "shoal0"], capture_output=True,
+                             check=False).returncode == 0:
+            if time.monotonic() > deadline:
+                print("a lab is already up on this machine (bridge shoal0 exists)",
+                      file=sys.stderr)
+                return 2
+            time.sleep(1)
         # Ctrl-C or SIGTERM: clean up through the finally blocks.
         signal.signal(signal.SIGTERM, _interrupt)
         started = Started()

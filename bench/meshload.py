@@ -92,9 +92,9 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, host: str = "0.0.0.0") -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "0.0.0.0", port, reuse_address=True, backlog=256)
+    server = await loop.create_server(Echo, host, port, reuse_address=True, backlog=256)
     print("READY", flush=True)
     gc.freeze()
     async with server:
@@ -174,7 +174,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def load(*, host: str, port: int, rate: float, connections: int, size: int,
-               warmup: float, duration: float, drain: float) -> dict[str, object]:
+               warmup: float, duration: float, drain: float, source: str = ""
+               ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     with open("/dev/urandom", "rb") as f:
         payload = f.read(size)
@@ -186,7 +187,8 @@ async def load(*, host: str, port: int, rate: float, connections: int, size: int
     conns: list[Conn] = []
     for _ in range(connections):
         _, proto = await loop.create_connection(
-            lambda: Conn(payload=payload, stats=placeholder), host, port)
+            lambda: Conn(payload=payload, stats=placeholder), host, port,
+            local_addr=(source, 0) if source else None)
         conns.append(proto)
     start_ns = time.monotonic_ns() + 200_000_000
     t0 = start_ns / 1e9
@@ -259,6 +261,7 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, default=9000)
+    s.add_argument("--host", default="0.0.0.0")
     g = sub.add_parser("load")
     g.add_argument("--target", required=True, metavar="IP:PORT")
     g.add_argument("--rate", type=float, default=1000.0)
@@ -267,11 +270,12 @@ def main() -> int:
     g.add_argument("--warmup", type=float, default=3.0)
     g.add_argument("--duration", type=float, default=20.0)
     g.add_argument("--drain", type=float, default=5.0)
+    g.add_argument("--source", default="", help="local address to connect from")
     ns = p.parse_args()
     _libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
     gc.disable()  # the harness keeps no cycles; no collector pauses inside a run
     if ns.cmd == "serve":
-        asyncio.run(serve(ns.port))
+        asyncio.run(serve(ns.port, ns.host))
         return 0
     host, _, port = ns.target.rpartition(":")
     if not host or not port.isdigit():
@@ -282,7 +286,7 @@ def main() -> int:
         return 2
     result = asyncio.run(load(host=host, port=int(port), rate=ns.rate,
                               connections=ns.connections, size=ns.size, warmup=ns.warmup,
-                              duration=ns.duration, drain=ns.drain))
+                              duration=ns.duration, drain=ns.drain, source=ns.source))
     print(json.dumps(result), flush=True)
     return 0
 

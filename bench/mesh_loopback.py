@@ -1,0 +1,142 @@
+"""Two meshagents in one process on loopback, the same open-loop echo load as
+``bench/mesh_bench.py``: a quick reproduction of the mesh data path for
+profiling and A/B checks, without a lab (no root, no lock needed).
+
+    python bench/mesh_loopback.py [--duration 10] [--rate 1000] [--nodelay-everywhere]
+        [--cprofile FILE]
+
+Set up as ``tests/integration/test_mesh_tunnel.py`` does: an in-process
+apiserver with its mesh CA, agents "n1" (client pod 127.0.1.1) and "n2" (server
+pod 127.0.2.1), capture replaced by fake original destinations. The echo server
+and the load generator (``bench/meshload.py``) are separate processes; the load
+connects from 127.0.1.1 to n1's outbound listener and reaches the server through
+n1's pooled mTLS tunnel to n2.
+
+``--nodelay-everywhere`` makes asyncio set TCP_NODELAY on every TCP socket it
+wraps. Python 3.11 sets it only when ``sock.proto == IPPROTO_TCP``; a socket made
+with ``socket.socket(AF_INET, SOCK_STREAM)`` (proto 0) and the sockets it accepts
+do not qualify, so they keep Nagle's algorithm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod  # noqa: E402
+
+from shoal.api.core.v1 import core_pb2  # noqa: E402
+from shoal.testing.apiserver import InProcessAPIServer, free_port  # noqa: E402
+from shoal.testing.waiting import eventually  # noqa: E402
+
+LOAD = ROOT / "bench" / "meshload.py"
+
+
+def nodelay_everywhere() -> None:
+    import asyncio.base_events as base_events
+
+    def set_nodelay(sock: socket.socket) -> None:
+        if sock.family in {socket.AF_INET, socket.AF_INET6} and \
+                sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    base_events._set_nodelay = set_nodelay  # type: ignore[attr-defined]
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    echo_port = free_port()
+    echo = await asyncio.create_subprocess_exec(
+        sys.executable, str(LOAD), "serve", "--host", SERVER_IP, "--port", str(echo_port),
+        stdout=asyncio.subprocess.PIPE)
+    assert echo.stdout is not None
+    await echo.stdout.readline()  # READY
+    with tempfile.TemporaryDirectory() as tmp:
+        async with InProcessAPIServer(Path(tmp)) as api, api.client() as client:
+            ns = "default"
+            await _pod(client, ns, "sleep", node="n1", ip=CLIENT_IP, sa="sleep", app="sleep")
+            await _pod(client, ns, "web", node="n2", ip=SERVER_IP, sa="web", app="web")
+            svc = core_pb2.Service()
+            svc.metadata.name, svc.metadata.namespace = "web", ns
+            svc.spec.ports.add(name="tcp", port=80, target_port={"int_val": echo_port})
+            cluster_ip = (await client.create(svc)).spec.cluster_ip
+            ep = core_pb2.Endpoints()
+            ep.metadata.name, ep.metadata.namespace = "web", ns
+            sub = ep.subsets.add()
+            sub.addresses.add(ip=SERVER_IP)
+            sub.ports.add(name="tcp", port=echo_port, protocol="TCP")
+            await client.create(ep)
+            tunnel_port = free_port()
+            n1, c1, t1 = await _agent(api, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
+            n2, c2, t2 = await _agent(api, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))
+            try:
+                async def ready() -> bool:
+                    route = n1.routes().get((cluster_ip, 80))
+                    return (n1.captured_ips() == [CLIENT_IP]
+                            and n2.captured_ips() == [SERVER_IP]
+                            and bool(route and route.endpoints))
+                await eventually("both agents ready", ready)
+                prof = cProfile.Profile() if args.cprofile else None
+                cpu0 = time.process_time()
+                load = await asyncio.create_subprocess_exec(
+                    sys.executable, str(LOAD), "load", "--source", CLIENT_IP, "--target",
+                    f"{n1.outbound.host}:{n1.outbound.port}", "--rate", str(args.rate),
+                    "--warmup", "2", "--duration", str(args.duration),
+                    stdout=asyncio.subprocess.PIPE)
+                assert load.stdout is not None
+                result: dict[str, object] = {}
+                while line := (await load.stdout.readline()).decode().strip():
+                    if line == "MEASURE_START":
+                        cpu0 = time.process_time()
+                        if prof is not None:
+                            prof.enable()
+                    elif line == "MEASURE_END":
+                        if prof is not None:
+                            prof.disable()
+                        result["agents_cpu_s_per_1000"] = (
+                            (time.process_time() - cpu0) / (args.rate * args.duration / 1000))
+                    elif line.startswith("{"):
+                        result.update(json.loads(line))
+                await load.wait()
+                if prof is not None:
+                    prof.dump_stats(args.cprofile)
+                return result
+            finally:
+                for t in (t1, t2):
+                    t.cancel()
+                    await asyncio.gather(t, return_exceptions=True)
+                for c in (c1, c2):
+                    await c.close()
+                echo.terminate()
+                await echo.wait()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--nodelay-everywhere", action="store_true")
+    p.add_argument("--cprofile", help="write a cProfile of the agents' process here")
+    args = p.parse_args()
+    if args.nodelay_everywhere:
+        nodelay_everywhere()
+    r = asyncio.run(run(args))
+    keys = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms", "achieved_rps",
+            "lost", "agents_cpu_s_per_1000")
+    print(json.dumps({k: r.get(k) for k in keys}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
