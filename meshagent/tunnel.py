@@ -609,7 +609,10 @@ class Server:
         self.conns: set[Connection] = set()
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: accepted sockets inherit the protocol number, and
+        # asyncio sets TCP_NODELAY only on sockets whose ``proto`` says TCP. With
+        # proto 0, Nagle's algorithm held each small write for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))
@@ -627,6 +630,7 @@ class Server:
         loop = asyncio.get_running_loop()
         while True:
             conn, _addr = await loop.sock_accept(self._sock)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(self._handshake(conn), name="tunnel-handshake")
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
