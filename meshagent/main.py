@@ -17,8 +17,6 @@ import socket
 import sys
 from pathlib import Path
 
-import uvloop
-
 from meshagent import capture
 from shoal import errors, logs
 
@@ -94,10 +92,7 @@ def _run(ns: argparse.Namespace) -> int:
             await task
 
     try:
-        # uvloop: the data path costs about a sixth less CPU per request than on
-        # asyncio's own loop, which shows in the tail latency (BENCHMARKS.md).
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
+        asyncio.run(main())
     except (errors.ShoalError, OSError) as e:
         print(f"shoal-meshagent: {e}", file=sys.stderr)
         return 1
