@@ -3,7 +3,7 @@
 profiling and A/B checks, without a lab (no root, no lock needed).
 
     python bench/mesh_loopback.py [--duration 10] [--rate 1000] [--nodelay-everywhere]
-        [--cprofile FILE]
+        [--cprofile FILE] [--setup-samples N]
 
 Set up as ``tests/integration/test_mesh_tunnel.py`` does: an in-process
 apiserver with its mesh CA, agents "n1" (client pod 127.0.1.1) and "n2" (server
@@ -25,6 +25,7 @@ import asyncio
 import cProfile
 import json
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +37,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod  # noqa: E402
 
+from meshagent.daemon import MeshAgent  # noqa: E402
+from shoal import spiffe  # noqa: E402
 from shoal.api.core.v1 import core_pb2  # noqa: E402
 from shoal.testing.apiserver import InProcessAPIServer, free_port  # noqa: E402
 from shoal.testing.waiting import eventually  # noqa: E402
@@ -52,6 +55,33 @@ def nodelay_everywhere() -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     base_events._set_nodelay = set_nodelay  # type: ignore[attr-defined]
+
+
+async def setup_times(n1: MeshAgent, port: int, samples: int) -> dict[str, object]:
+    """Open a tunnel stream ``samples`` times on a fresh connection (TCP connect,
+    TLS 1.3 mutual handshake, CONNECT) and as often on the pooled one (CONNECT
+    only); medians and p90s in ms."""
+    expected = spiffe.SpiffeId("cluster.local", "default", "web")
+
+    async def open_once() -> float:
+        t0 = time.perf_counter()
+        stream = await n1.pool.open(source=("default", "sleep"),
+                                    destination=(SERVER_IP, port), expected=expected)
+        took = time.perf_counter() - t0
+        stream.close()
+        return took * 1000
+
+    fresh, pooled = [], []
+    for _ in range(samples):
+        await n1.pool.close()
+        fresh.append(await open_once())
+        pooled.append(await open_once())
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        xs = sorted(xs)
+        return {"p50_ms": statistics.median(xs), "p90_ms": xs[int(len(xs) * 0.9) - 1]}
+    return {"fresh_connection": stats(fresh), "pooled_connection": stats(pooled),
+            "samples": samples}
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -86,6 +116,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             and n2.captured_ips() == [SERVER_IP]
                             and bool(route and route.endpoints))
                 await eventually("both agents ready", ready)
+                if args.setup_samples:
+                    return await setup_times(n1, echo_port, args.setup_samples)
                 prof = cProfile.Profile() if args.cprofile else None
                 cpu0 = time.process_time()
                 load = await asyncio.create_subprocess_exec(
@@ -128,10 +160,16 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--nodelay-everywhere", action="store_true")
     p.add_argument("--cprofile", help="write a cProfile of the agents' process here")
+    p.add_argument("--setup-samples", type=int, default=0, metavar="N",
+                   help="instead of the load: time N tunnel stream opens on a fresh "
+                        "connection and N on the pooled one")
     args = p.parse_args()
     if args.nodelay_everywhere:
         nodelay_everywhere()
     r = asyncio.run(run(args))
+    if args.setup_samples:
+        print(json.dumps(r))
+        return 0
     keys = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms", "achieved_rps",
             "lost", "agents_cpu_s_per_1000")
     print(json.dumps({k: r.get(k) for k in keys}))

@@ -185,6 +185,9 @@ class Stream:
         self._window.set()
         if not self.response.done():
             self.response.set_exception(TunnelError(why))
+            # Only a client stream's opener awaits the answer; a failed server
+            # stream's is never read, and asyncio would warn about it.
+            self.response.exception()
 
     # -- reader side --
 
