@@ -14,8 +14,10 @@ sort after it (name them ``test_orch_*.py`` / ``test_mesh_*.py``).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +55,12 @@ class Cluster:
         return shoal_cli(*args, config=self.config, timeout=timeout)
 
 
+LOGS_KEPT = Path(os.environ.get("SHOAL_E2E_LOGS", "/tmp/shoal-e2e-logs"))
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
     if subprocess.run(["ip", "link", "show", "shoal0"], capture_output=True,
@@ -73,6 +79,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         with Client(configmod.load(config), timeout=30) as client:
             yield Cluster(dir=lab_dir, config=config, client=client)
     finally:
+        if request.session.testsfailed and (lab_dir / "logs").is_dir():
+            # The daemons' logs outlive the purge when something failed (CI keeps
+            # /tmp/shoal-e2e-logs/ as an artifact).
+            kept = LOGS_KEPT / time.strftime("%Y%m%dT%H%M%S")
+            shutil.copytree(lab_dir / "logs", kept, dirs_exist_ok=True)
+            print(f"\nlab logs kept in {kept}", file=sys.stderr)
         if os.environ.get("SHOAL_E2E_MESH") == "1":
             _down_removes_the_mesh(lab_dir)
         shoal_cli("lab", "down", "--purge", "--dir", str(lab_dir), timeout=300)
