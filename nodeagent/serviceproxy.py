@@ -276,6 +276,30 @@ def our_lines(save: str) -> list[str]:
     return out
 
 
+def matches_plan(rules: Ruleset, ours: Sequence[str]) -> bool:
+    """Whether a read-back (``our_lines`` of nat, then of filter) holds every chain
+    of ``rules`` with as many rules as planned, and every jump (pure).
+
+    The read-back after a sync becomes the reference for drift checks; this
+    catches someone changing our chains while the sync was writing them, which
+    would otherwise be taken for our own state."""
+    counts: dict[tuple[str, str], int] = {}
+    targets: set[tuple[str, str, str]] = set()
+    table = ""
+    for line in ours:
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            words = line.split()
+            counts[(table, words[1])] = counts.get((table, words[1]), 0) + 1
+            if "-j" in words[:-1]:
+                targets.add((table, words[1], words[words.index("-j") + 1]))
+    for table, chains in (("nat", rules.nat), ("filter", rules.filter)):
+        if any(counts.get((table, c), 0) != len(lines) for c, lines in chains.items()):
+            return False
+    return all((j.table, j.chain, j.rule[-1]) in targets for j in JUMPS)
+
+
 # The meshagent's capture chain: it must see the original ClusterIP, so its jump
 # stays above ours (the meshagent keeps it first; we insert just below it).
 MESH_CHAIN = "SHOAL-MESH-PREROUTING"
@@ -388,6 +412,10 @@ class ServiceProxy:
         for jump in JUMPS:
             await self.iptables.ensure_jump(jump)
         _, self.applied = await self._read_back()
+        if not matches_plan(rules, self.applied):
+            log.warning("service proxy: our iptables rules changed while we wrote them; "
+                        "rewriting them at the next check")
+            self.applied = None  # drifted() is then true
         self._written = rules
         self.syncs += 1
         log.debug("service proxy: %d service ports synced", len(ports))

@@ -10,6 +10,7 @@ from nodeagent.serviceproxy import (
     ServiceProxy,
     build_ruleset,
     existing_chains,
+    matches_plan,
     our_lines,
     sep_chain,
     service_ports,
@@ -303,3 +304,41 @@ def test_client_ip_affinity_sends_a_known_client_back_to_its_endpoint() -> None:
 def test_our_jump_goes_just_below_the_mesh_capture_jump(listing: str, position: int) -> None:
     from nodeagent.serviceproxy import jump_position
     assert jump_position(listing) == position
+
+
+async def test_a_flush_while_a_sync_writes_is_not_taken_for_our_state() -> None:
+    """The read-back after a sync is the reference for drift checks: a flush that
+    lands between the write and that read-back must still be seen as drift."""
+    ipt = FakeIptables()
+    proxy = ServiceProxy(client=None, iptables=ipt,  # type: ignore[arg-type]
+                         services=FakeInformer([service("web", "10.96.0.10")]),  # type: ignore[arg-type]
+                         endpoints=FakeInformer([endpoints("web", ["10.244.1.2"])]))  # type: ignore[arg-type]
+    real_ensure = ipt.ensure_jump
+
+    async def ensure_then_flushed(jump: Jump) -> bool:
+        done = await real_ensure(jump)
+        ipt.tables["nat"]["SHOAL-SERVICES"].clear()  # someone, mid-sync
+        return done
+
+    ipt.ensure_jump = ensure_then_flushed  # type: ignore[method-assign]
+    await proxy.sync()
+    ipt.ensure_jump = real_ensure  # type: ignore[method-assign]
+    assert await proxy.drifted()
+    await proxy.sync(full=True)
+    assert not await proxy.drifted()
+    assert any("10.96.0.10/32" in r for r in ipt.tables["nat"]["SHOAL-SERVICES"])
+
+
+async def test_matches_plan_counts_each_chain_and_needs_every_jump() -> None:
+    ipt = FakeIptables()
+    proxy = ServiceProxy(client=None, iptables=ipt,  # type: ignore[arg-type]
+                         services=FakeInformer([service("web", "10.96.0.10")]),  # type: ignore[arg-type]
+                         endpoints=FakeInformer([endpoints("web", ["10.244.1.2"])]))  # type: ignore[arg-type]
+    await proxy.sync()
+    assert proxy.applied is not None and proxy._written is not None
+    rules, seen = proxy._written, proxy.applied
+    assert matches_plan(rules, seen)
+    rule = next(x for x in seen if x.startswith("-A SHOAL-SERVICES ") and "10.96.0.10" in x)
+    assert not matches_plan(rules, [x for x in seen if x != rule])  # a rule missing
+    jump = next(x for x in seen if x.startswith("-A PREROUTING "))
+    assert not matches_plan(rules, [x for x in seen if x != jump])  # a jump missing
