@@ -429,9 +429,9 @@ class Connection:
     def release(self, s: Stream) -> None:
         self.streams.pop(s.id, None)
         if not self.closed:
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                stream = self.h2._get_stream_by_id(s.id)
-                if not stream.closed:
+            stream = self.h2.streams.get(s.id)
+            if stream is not None and not stream.closed:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
                     self.h2.reset_stream(s.id, h2.errors.ErrorCodes.CANCEL)
             self.flush()
         if not self.streams:
