@@ -101,7 +101,6 @@ class MeshProxy:
                  admin_port: int = DEFAULT_ADMIN_PORT, agent_timeout: float = 5.0) -> None:
         self.objects = objects
         self.cache = cache
-        self.kinds = kinds
         self.nodes = kinds.by_resource("", "nodes")
         self.metrics = metrics
         self.authn = authn

@@ -52,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,6 +66,7 @@ from shoal.api.core.v1 import core_pb2  # noqa: E402
 from shoal.client import Client  # noqa: E402
 from shoal.lab.state import StateFile  # noqa: E402
 from shoal.lab.topology import plan  # noqa: E402
+from shoal.testing.metrics import metric_total, scrape  # noqa: E402
 from shoal.testing.waiting import wait_for  # noqa: E402
 
 LOCK = Path("/tmp/shoal-e2e.lock")
@@ -160,17 +160,7 @@ def shoal(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def metrics(ip: str) -> str:
-    with urllib.request.urlopen(f"http://{ip}:15020/metrics", timeout=5) as r:
-        return str(r.read().decode())
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return scrape(f"http://{ip}:15020/metrics")
 
 
 @dataclass(frozen=True)
@@ -184,13 +174,13 @@ class MeshCounts:
     def read(ip: str) -> MeshCounts:
         t = metrics(ip)
         return MeshCounts(
-            opened=metric(t, "istio_tcp_connections_opened_total"),
-            mtls_source=metric(t, "istio_tcp_connections_opened_total", reporter="source",
+            opened=metric_total(t, "istio_tcp_connections_opened_total"),
+            mtls_source=metric_total(t, "istio_tcp_connections_opened_total", reporter="source",
                                connection_security_policy="mutual_tls"),
-            mtls_destination=metric(t, "istio_tcp_connections_opened_total",
+            mtls_destination=metric_total(t, "istio_tcp_connections_opened_total",
                                     reporter="destination",
                                     connection_security_policy="mutual_tls"),
-            handshakes_ok=metric(t, "shoal_mesh_tls_handshakes_total", direction="outbound",
+            handshakes_ok=metric_total(t, "shoal_mesh_tls_handshakes_total", direction="outbound",
                                  result="ok"))
 
 

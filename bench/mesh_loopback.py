@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod  # noqa: E402
+from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod, _web_service  # noqa: E402
 
 from meshagent.daemon import MeshAgent  # noqa: E402
 from shoal import spiffe  # noqa: E402
-from shoal.api.core.v1 import core_pb2  # noqa: E402
 from shoal.testing.apiserver import InProcessAPIServer, free_port  # noqa: E402
 from shoal.testing.waiting import eventually  # noqa: E402
 
@@ -96,16 +95,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             ns = "default"
             await _pod(client, ns, "sleep", node="n1", ip=CLIENT_IP, sa="sleep", app="sleep")
             await _pod(client, ns, "web", node="n2", ip=SERVER_IP, sa="web", app="web")
-            svc = core_pb2.Service()
-            svc.metadata.name, svc.metadata.namespace = "web", ns
-            svc.spec.ports.add(name="tcp", port=80, target_port={"int_val": echo_port})
-            cluster_ip = (await client.create(svc)).spec.cluster_ip
-            ep = core_pb2.Endpoints()
-            ep.metadata.name, ep.metadata.namespace = "web", ns
-            sub = ep.subsets.add()
-            sub.addresses.add(ip=SERVER_IP)
-            sub.ports.add(name="tcp", port=echo_port, protocol="TCP")
-            await client.create(ep)
+            cluster_ip = await _web_service(client, ns, echo_port)
             tunnel_port = free_port()
             n1, c1, t1 = await _agent(api, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
             n2, c2, t2 = await _agent(api, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))

@@ -106,9 +106,9 @@ class MeshAgent:
         host, _, port = config.metrics_listen.rpartition(":")
         self.monitoring = MonitoringServer(host=host or "0.0.0.0", port=int(port),
                                            registry=self.registry, readiness=self.readiness)
-        self.pods = Informer(client, core_pb2.Pod,
-                             indexers={"ip": lambda p: [p.status.pod_ip] if p.status.pod_ip
-                                       else []})
+        self.pods = Informer(client, core_pb2.Pod, indexers={
+            "ip": lambda p: [p.status.pod_ip] if p.status.pod_ip else [],
+            "node": lambda p: [p.spec.node_name] if p.spec.node_name else []})
         self.services = Informer(client, core_pb2.Service)
         self.endpoints = Informer(client, core_pb2.Endpoints)
         self.namespaces = Informer(client, core_pb2.Namespace)
@@ -249,8 +249,8 @@ class MeshAgent:
     def local_pods(self) -> list[core_pb2.Pod]:
         """This node's pods whose traffic goes through the mesh."""
         nss = {n.metadata.name: n for n in self.namespaces.list()}
-        return [p for p in self.pods.list()
-                if p.spec.node_name == self.config.node_name and captured(p, nss)]
+        return [p for p in self.pods.by_index("node", self.config.node_name)
+                if captured(p, nss)]
 
     def captured_ips(self) -> list[str]:
         """Local mesh pods whose identity is ready: those are captured."""
@@ -315,9 +315,10 @@ class MeshAgent:
             await self.admin.start()
         self.readiness.set("listeners")
 
-    async def _keep_identities(self, ready: asyncio.Event) -> None:
+    async def _keep_identities(self, changed: asyncio.Event, ready: asyncio.Event) -> None:
         """A certificate for each service account of a local mesh pod; the ones no
-        pod uses any more are forgotten. ``ready`` is set when one is signed."""
+        pod uses any more are forgotten. Runs again when ``changed`` is set (pods or
+        namespaces changed); sets ``ready`` when a certificate is signed."""
         pending: dict[tuple[str, str], asyncio.Task[None]] = {}
 
         async def fetch(key: tuple[str, str]) -> None:
@@ -328,13 +329,9 @@ class MeshAgent:
                 log.warning("no certificate for %s/%s yet: %s", *key, e)
             ready.set()
 
-        seen = asyncio.Event()
-        self.pods.add_handlers(on_add=lambda _o: seen.set(),
-                               on_update=lambda _a, _b: seen.set(),
-                               on_delete=lambda _o: seen.set())
         try:
             while True:
-                seen.clear()
+                changed.clear()
                 wanted = {(str(p.metadata.namespace), service_account(p))
                           for p in self.local_pods()}
                 held = {(str(i.namespace), str(i.service_account))
@@ -349,7 +346,7 @@ class MeshAgent:
                         pending[key] = asyncio.create_task(fetch(key))
                 # Also every 10 s: a failed signing is retried by the manager,
                 # and this picks up its result.
-                await wait_set(seen, 10.0)
+                await wait_set(changed, 10.0)
                 ready.set()
         finally:
             for t in pending.values():
@@ -392,10 +389,11 @@ class MeshAgent:
                 log.info("mesh agent %s ready: outbound %d, inbound %d, tunnel %d, dns %d",
                          self.config.node_name, self.outbound.port, self.inbound.port,
                          self.tunnel.port, self.dns.port)
-                refresh = asyncio.Event()
-                self._watch_pods_into(refresh)
+                refresh, identities_due = asyncio.Event(), asyncio.Event()
+                self._on_pod_changes(refresh, identities_due)
                 tg.create_task(self.identities.run(), name="identities")
-                tg.create_task(self._keep_identities(refresh), name="identity-keeper")
+                tg.create_task(self._keep_identities(identities_due, refresh),
+                               name="identity-keeper")
                 if self.config.capture:
                     tg.create_task(self._keep_capture(refresh), name="capture")
         finally:
@@ -413,11 +411,13 @@ class MeshAgent:
                 await self.admin.close()
             await self.monitoring.close()
 
-    def _watch_pods_into(self, refresh: asyncio.Event) -> None:
+    def _on_pod_changes(self, *events: asyncio.Event) -> None:
+        """Set ``events`` whenever a pod or a namespace (its opt-out label) changes."""
+        def changed(*_: object) -> None:
+            for e in events:
+                e.set()
         for inf in (self.pods, self.namespaces):
-            inf.add_handlers(on_add=lambda _o: refresh.set(),
-                             on_update=lambda _a, _b: refresh.set(),
-                             on_delete=lambda _o: refresh.set())
+            inf.add_handlers(on_add=changed, on_update=changed, on_delete=changed)
 
 
 async def run(config: MeshConfig) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import socket
 import sys
 from pathlib import Path
 
 from meshagent import capture
 from shoal import errors, logs
+from shoal.signals import until_stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,16 +82,8 @@ def _run(ns: argparse.Namespace) -> int:
         print(f"shoal-meshagent: {e}", file=sys.stderr)
         return 2
 
-    async def main() -> None:
-        task = asyncio.create_task(run(config))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
     try:
-        asyncio.run(main())
+        asyncio.run(until_stopped(run(config)))
     except (errors.ShoalError, OSError) as e:
         print(f"shoal-meshagent: {e}", file=sys.stderr)
         return 1

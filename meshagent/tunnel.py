@@ -152,8 +152,8 @@ class Stream:
         self.conn = conn
         self.id = stream_id
         self.headers: dict[bytes, bytes] = {}
-        self.response: asyncio.Future[dict[bytes, bytes]] = (
-            asyncio.get_running_loop().create_future())
+        # The answer to our CONNECT: client streams only (set by open_stream).
+        self.response: asyncio.Future[dict[bytes, bytes]] | None = None
         self._in = bytearray()
         self._in_eof = False
         self._error: str = ""
@@ -183,11 +183,8 @@ class Stream:
         self._error = self._error or why
         self._readable.set()
         self._window.set()
-        if not self.response.done():
+        if self.response is not None and not self.response.done():
             self.response.set_exception(TunnelError(why))
-            # Only a client stream's opener awaits the answer; a failed server
-            # stream's is never read, and asyncio would warn about it.
-            self.response.exception()
 
     # -- reader side --
 
@@ -335,7 +332,7 @@ class Connection:
             self._request(ev)
         elif isinstance(ev, h2.events.ResponseReceived):
             s = self.streams.get(ev.stream_id or 0)
-            if s is not None and not s.response.done():
+            if s is not None and s.response is not None and not s.response.done():
                 s.response.set_result(dict(ev.headers or ()))
         elif isinstance(ev, h2.events.StreamEnded):
             s = self.streams.get(ev.stream_id or 0)
@@ -394,6 +391,7 @@ class Connection:
             raise TunnelError("tunnel connection closed")
         sid = self.h2.get_next_available_stream_id()
         s = Stream(self, sid)
+        s.response = asyncio.get_running_loop().create_future()
         self.streams[sid] = s
         self.idle_since = 0.0
         headers = [(b":method", b"CONNECT"), (b":authority", authority.encode())]
@@ -402,7 +400,7 @@ class Connection:
         self.h2.send_headers(sid, headers)
         self.flush()
         try:
-            answer = await asyncio.wait_for(asyncio.shield(s.response), timeout)
+            answer = await asyncio.wait_for(s.response, timeout)
         except TimeoutError:
             s.close()
             raise TunnelError(f"no answer to CONNECT {authority} in {timeout:g}s") from None

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 from nodeagent import joining
 from nodeagent.containerd import RegistryMirror, parse_registry_mirror
 from shoal import errors, logs
+from shoal.signals import until_stopped
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal/nodeagent")
 
@@ -102,13 +101,7 @@ def _run(ns: argparse.Namespace) -> int:
         restart_backoff=(float(initial), float(cap or initial)))
 
     async def main() -> None:
-        daemon = NodeAgentDaemon(config)
-        task = asyncio.create_task(daemon.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await until_stopped(NodeAgentDaemon(config).run())
 
     try:
         asyncio.run(main())

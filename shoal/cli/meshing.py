@@ -222,16 +222,13 @@ def propagation(resp: pb.MeshStatusResponse, written: Mapping[str, int]) -> Prop
             lagging[e.node] = f"UNREACHABLE: {e.error}"
             continue
         s = e.status
-        behind = []
-        for resource, rv in sorted(written.items()):
-            gen = s.generations.get(resource, s.generation)
-            if gen < rv:
-                behind.append(f"{resource} at {gen}, wrote {rv}")
+        gens = {r: s.generations.get(r, s.generation) for r in sorted(written)}
+        behind = [f"{r} at {gen}, wrote {written[r]}" for r, gen in gens.items()
+                  if gen < written[r]]
         if behind:
             lagging[e.node] = "; ".join(behind)
         else:
-            confirmed.append((e.node, min((s.generations.get(r, s.generation)
-                                           for r in written), default=s.generation)))
+            confirmed.append((e.node, min(gens.values(), default=s.generation)))
     return Propagation(confirmed=tuple(confirmed), lagging=lagging)
 
 

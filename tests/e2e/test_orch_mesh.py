@@ -17,6 +17,7 @@ and it does not need the apiserver (``shoal exec`` does).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from shoal.api.core.v1 import core_pb2
+from shoal.testing.metrics import metric_total, scrape
 from shoal.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
@@ -102,14 +103,7 @@ def _wget(cluster: Cluster, pod: str, url: str) -> str | None:
 
 
 def _metric(node_ip: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{node_ip}:15020/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_total(scrape(f"http://{node_ip}:15020/metrics"), name, **labels)
 
 
 def _node_ip(cluster: Cluster, node: str) -> str:
@@ -166,6 +160,19 @@ def _http_get(netns: str, ip: str, port: int, path: str = "/") -> str:
     r = _in_netns(netns, REQUEST, ip, str(port),
                   f"GET {path} HTTP/1.0\r\nHost: web\r\n\r\n")
     return r.stdout.strip()
+
+
+@contextlib.contextmanager
+def _applied(cluster: Cluster, path: Path, manifest: str,
+             *flags: str) -> Iterator[subprocess.CompletedProcess[str]]:
+    """``shoal apply -f`` of ``manifest`` (asserted to succeed), deleted afterwards."""
+    path.write_text(textwrap.dedent(manifest))
+    r = cluster.shoal("apply", "-f", str(path), *flags)
+    try:
+        assert r.returncode == 0, r.stderr
+        yield r
+    finally:
+        cluster.shoal("delete", "-f", str(path))
 
 
 # -- tests ------------------------------------------------------------------------
@@ -230,54 +237,44 @@ def test_strict_mtls_refuses_plaintext_from_outside_the_mesh(
     web_ip = mesh["web"].status.pod_ip
     outsider_ns = _pod_netns(mesh["outsider"].status.pod_ip)
     assert MARKER in _http_get(outsider_ns, web_ip, 8080)  # PERMISSIVE by default
-    manifest = tmp_path / "strict.yaml"
-    manifest.write_text(textwrap.dedent(f"""\
-        apiVersion: security.istio.io/v1
-        kind: PeerAuthentication
-        metadata:
-          name: strict
-          namespace: {NS}
-        spec:
-          mtls:
-            mode: STRICT
-        """))
-    r = cluster.shoal("apply", "-f", str(manifest))
-    assert r.returncode == 0, r.stderr
-    try:
+    with _applied(cluster, tmp_path / "strict.yaml", f"""\
+            apiVersion: security.istio.io/v1
+            kind: PeerAuthentication
+            metadata:
+              name: strict
+              namespace: {NS}
+            spec:
+              mtls:
+                mode: STRICT
+            """):
         wait_for("plaintext refused under STRICT",
                  lambda: MARKER not in _http_get(outsider_ns, web_ip, 8080), timeout=30)
         assert _wget(cluster, "sleep", "http://web/") == MARKER  # the mesh still works
         assert _metric(_node_ip(cluster, "node-2"), "shoal_mesh_connections_denied_total",
                        reporter="destination", destination_workload="web",
                        reason="STRICT mTLS: plaintext refused") >= 1
-    finally:
-        cluster.shoal("delete", "-f", str(manifest))
     wait_for("plaintext accepted again", lambda: MARKER in _http_get(outsider_ns, web_ip, 8080),
              timeout=30)
 
 
 def test_a_deny_policy_by_principal_blocks_one_client_and_not_another(
         cluster: Cluster, mesh: dict[str, core_pb2.Pod], tmp_path: Path) -> None:
-    manifest = tmp_path / "deny.yaml"
-    manifest.write_text(textwrap.dedent(f"""\
-        apiVersion: security.istio.io/v1
-        kind: AuthorizationPolicy
-        metadata:
-          name: deny-sleep
-          namespace: {NS}
-        spec:
-          selector:
-            matchLabels:
-              app: web
-          action: DENY
-          rules:
-          - from:
-            - source:
-                principals: ["cluster.local/ns/{NS}/sa/sleep"]
-        """))
-    r = cluster.shoal("apply", "-f", str(manifest))
-    assert r.returncode == 0, r.stderr
-    try:
+    with _applied(cluster, tmp_path / "deny.yaml", f"""\
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata:
+              name: deny-sleep
+              namespace: {NS}
+            spec:
+              selector:
+                matchLabels:
+                  app: web
+              action: DENY
+              rules:
+              - from:
+                - source:
+                    principals: ["cluster.local/ns/{NS}/sa/sleep"]
+            """):
         wait_for("sleep denied", lambda: _wget(cluster, "sleep", "http://web/") is None,
                  timeout=30)
         assert _wget(cluster, "other", "http://web/") == MARKER
@@ -285,8 +282,6 @@ def test_a_deny_policy_by_principal_blocks_one_client_and_not_another(
                        reporter="destination",
                        source_principal=f"cluster.local/ns/{NS}/sa/sleep",
                        reason=f"denied by DENY policy {NS}/deny-sleep") >= 1
-    finally:
-        cluster.shoal("delete", "-f", str(manifest))
     assert wait_for("sleep allowed again",
                     partial(_wget, cluster, "sleep", "http://web/"), timeout=30) == MARKER
 
@@ -492,20 +487,14 @@ def test_mesh_commands_show_what_the_agents_hold_and_see(
     assert f"cluster.local/ns/{NS}/sa/web" in out, out  # the peer the source verified
     assert f"cluster.local/ns/{NS}/sa/sleep" in out, out  # and the destination's
 
-    manifest = tmp_path / "allow.yaml"
-    manifest.write_text(textwrap.dedent(f"""\
-        apiVersion: security.istio.io/v1beta1
-        kind: AuthorizationPolicy
-        metadata:
-          name: allow-all
-          namespace: {NS}
-        spec:
-          rules:
-          - {{}}
-        """))
-    r = cluster.shoal("apply", "-f", str(manifest), "--wait-propagated", "--timeout", "30s")
-    try:
-        assert r.returncode == 0, r.stderr
+    with _applied(cluster, tmp_path / "allow.yaml", f"""\
+            apiVersion: security.istio.io/v1beta1
+            kind: AuthorizationPolicy
+            metadata:
+              name: allow-all
+              namespace: {NS}
+            spec:
+              rules:
+              - {{}}
+            """, "--wait-propagated", "--timeout", "30s") as r:
         assert "propagated to 3 meshagents" in r.stdout, r.stdout
-    finally:
-        cluster.shoal("delete", "-f", str(manifest))

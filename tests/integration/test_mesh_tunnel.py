@@ -56,6 +56,21 @@ async def _pod(c: AsyncClient, ns: str, name: str, *, node: str, ip: str, sa: st
     await c.update_status(pod)
 
 
+async def _web_service(c: AsyncClient, ns: str, port: int) -> str:
+    """Service web:80 whose one endpoint is SERVER_IP:``port``; its ClusterIP."""
+    svc = core_pb2.Service()
+    svc.metadata.name, svc.metadata.namespace = "web", ns
+    svc.spec.ports.add(name="tcp", port=80, target_port={"int_val": port})
+    cluster_ip = str((await c.create(svc)).spec.cluster_ip)
+    ep = core_pb2.Endpoints()
+    ep.metadata.name, ep.metadata.namespace = "web", ns
+    sub = ep.subsets.add()
+    sub.addresses.add(ip=SERVER_IP)
+    sub.ports.add(name="tcp", port=port, protocol="TCP")
+    await c.create(ep)
+    return cluster_ip
+
+
 async def _agent(api: InProcessAPIServer, node: str, host: str, tunnel_port: int,
                  outbound_dst: Address) -> tuple[MeshAgent, AsyncClient,
                                                  asyncio.Task[None]]:
@@ -105,16 +120,7 @@ async def _mesh(apiserver: InProcessAPIServer, client: AsyncClient,
                await asyncio.start_server(backend("local"), LOCAL_SERVER_IP, port)]
     await _pod(client, namespace, "sleep", node="n1", ip=CLIENT_IP, sa="sleep", app="sleep")
     await _pod(client, namespace, "web", node="n2", ip=SERVER_IP, sa="web", app="web")
-    svc = core_pb2.Service()
-    svc.metadata.name, svc.metadata.namespace = "web", namespace
-    svc.spec.ports.add(name="tcp", port=80, target_port={"int_val": port})
-    cluster_ip = (await client.create(svc)).spec.cluster_ip
-    ep = core_pb2.Endpoints()
-    ep.metadata.name, ep.metadata.namespace = "web", namespace
-    sub = ep.subsets.add()
-    sub.addresses.add(ip=SERVER_IP)
-    sub.ports.add(name="tcp", port=port, protocol="TCP")
-    await client.create(ep)
+    cluster_ip = await _web_service(client, namespace, port)
 
     tunnel_port = free_port()
     n1, c1, t1 = await _agent(apiserver, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
