@@ -22,6 +22,7 @@ from shoal import errors
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
+from shoal.api.networking.v1 import networking_pb2
 from shoal.api.security.v1 import security_pb2
 
 FieldGetter = Callable[[Any], str]
@@ -239,5 +240,7 @@ def builtin_kinds() -> KindTable:
             Kind(ISTIO_SECURITY, "v1", "AuthorizationPolicy", "authorizationpolicies", True,
                  sec.AuthorizationPolicy, ("ap",), has_status=False,
                  also_versions=("v1beta1",)),
+            Kind("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", True,
+                 networking_pb2.NetworkPolicy, ("netpol",), has_status=False),
         ]
     )

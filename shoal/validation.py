@@ -42,6 +42,7 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.meta.v1 import meta_pb2
+from shoal.api.networking.v1 import networking_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.errors import FieldError
 from shoal.kinds import Kind
@@ -573,6 +574,19 @@ def _default_namespace(ns: core_pb2.Namespace) -> None:
         ns.metadata.labels["kubernetes.io/metadata.name"] = ns.metadata.name
 
 
+def _default_network_policy(np: networking_pb2.NetworkPolicy) -> None:
+    """Kubernetes': ports are TCP unless said; policyTypes is Ingress, plus Egress
+    when there are egress rules."""
+    spec = np.spec
+    for ports in [*(r.ports for r in spec.ingress), *(r.ports for r in spec.egress)]:
+        for port in ports:
+            port.protocol = port.protocol or "TCP"
+    if not spec.policy_types:
+        spec.policy_types.append("Ingress")
+        if spec.egress:
+            spec.policy_types.append("Egress")
+
+
 def _default_endpoints(ep: core_pb2.Endpoints) -> None:
     for subset in ep.subsets:
         for port in subset.ports:
@@ -589,6 +603,7 @@ _DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
     "Secret": _default_secret,
     "Namespace": _default_namespace,
     "Endpoints": _default_endpoints,
+    "NetworkPolicy": _default_network_policy,
 }
 
 # --------------------------------------------------------------------------- metadata
@@ -1926,6 +1941,95 @@ def _validate_authorization_policy(ap: security_pb2.AuthorizationPolicy) -> Erro
     return errs
 
 
+# --------------------------------------------------------------------------- networking.k8s.io
+
+_POLICY_TYPES = ("Ingress", "Egress")
+
+
+def _network_policy_port(path: str, port: networking_pb2.NetworkPolicyPort) -> Errors:
+    errs = _one_of(f"{path}.protocol", port.protocol, _PROTOCOLS)
+    if port.HasField("port"):
+        errs += _port_num_or_name(f"{path}.port", port.port)
+    if port.HasField("end_port"):
+        if not port.HasField("port"):
+            errs.append(_required(f"{path}.port",
+                                  "must be specified when `endPort` is specified"))
+        elif port.port.WhichOneof("value") != "int_val":
+            errs.append(_invalid(f"{path}.endPort", port.end_port,
+                                 "may not be specified when `port` is non-numeric"))
+        elif port.end_port < port.port.int_val:
+            errs.append(_invalid(f"{path}.endPort", port.end_port,
+                                 "must be greater than or equal to `port`"))
+        errs += _between(f"{path}.endPort", port.end_port, 1, _MAX_PORT)
+    return errs
+
+
+def _ip_block(path: str, block: networking_pb2.IPBlock) -> Errors:
+    if not block.cidr:
+        return [_required(f"{path}.cidr")]
+    errs = _cidr(f"{path}.cidr", block.cidr)
+    if errs:
+        return errs
+    outer = ipaddress.ip_network(block.cidr, strict=False)
+    for i, text in enumerate(block.except_):
+        epath = f"{path}.except[{i}]"
+        bad = _cidr(epath, text)
+        if bad:
+            errs += bad
+            continue
+        inner = ipaddress.ip_network(text, strict=False)
+        if not _strict_subnet(inner, outer):
+            errs.append(_invalid(epath, text, "must be a strict subset of `cidr`"))
+    return errs
+
+
+def _strict_subnet(inner: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                   outer: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer) and inner != outer
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer) and inner != outer
+    return False
+
+
+def _network_policy_peer(path: str, peer: networking_pb2.NetworkPolicyPeer) -> Errors:
+    errs: Errors = []
+    for field in ("pod_selector", "namespace_selector"):
+        if peer.HasField(field):
+            errs += _label_selector(f"{path}.{_json_name(peer, field)}", getattr(peer, field))
+    if peer.HasField("ip_block"):
+        errs += _ip_block(f"{path}.ipBlock", peer.ip_block)
+    present = _present(peer, ("pod_selector", "namespace_selector", "ip_block"))
+    if not present:
+        errs.append(_required(path, "must specify a peer"))
+    elif len(present) > 1 and "ip_block" in present:
+        errs.append(_forbidden(path, "may not specify both ipBlock and another peer"))
+    return errs
+
+
+def _validate_network_policy(np: networking_pb2.NetworkPolicy) -> Errors:
+    """Kubernetes' rules: selectors, protocols, ports and endPort ranges, one kind
+    of peer with ipBlock, except inside cidr, policyTypes Ingress/Egress."""
+    spec = np.spec
+    errs = _label_selector("spec.podSelector", spec.pod_selector)
+    rules: list[tuple[str, Any, Sequence[networking_pb2.NetworkPolicyPeer]]] = [
+        *((f"spec.ingress[{i}]", r, r.from_) for i, r in enumerate(spec.ingress)),
+        *((f"spec.egress[{i}]", r, r.to) for i, r in enumerate(spec.egress))]
+    for path, rule, peers in rules:
+        peer_key = "from" if path.startswith("spec.ingress") else "to"
+        for j, port in enumerate(rule.ports):
+            errs += _network_policy_port(f"{path}.ports[{j}]", port)
+        for j, peer in enumerate(peers):
+            errs += _network_policy_peer(f"{path}.{peer_key}[{j}]", peer)
+    for i, kind in enumerate(spec.policy_types):
+        errs += _one_of(f"spec.policyTypes[{i}]", kind, _POLICY_TYPES)
+    errs += _unique(list(spec.policy_types), lambda i: f"spec.policyTypes[{i}]")
+    if len(spec.policy_types) > len(_POLICY_TYPES):
+        errs.append(_invalid("spec.policyTypes", list(spec.policy_types),
+                             "may not specify more than two policyTypes"))
+    return errs
+
+
 _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "Pod": _validate_pod,
     "Service": _validate_service,
@@ -1941,6 +2045,7 @@ _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "Endpoints": _validate_endpoints,
     "PeerAuthentication": _validate_peer_authentication,
     "AuthorizationPolicy": _validate_authorization_policy,
+    "NetworkPolicy": _validate_network_policy,
 }
 
 # --------------------------------------------------------------------------- updates
