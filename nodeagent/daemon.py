@@ -6,7 +6,8 @@
            (built locally and imported, never pulled) -> CNI config from the
            pod CIDR -> node API (TLS, 10250; logs, exec, image import) and
            monitoring (10255) bound -> NodeAgent.run(), PodNetwork.run(),
-           ServiceProxy.run() (ClusterIP iptables rules; lab nodes only)
+           ServiceProxy.run() (ClusterIP iptables rules; lab nodes only),
+           NetworkPolicies.run() (NetworkPolicy iptables rules; lab nodes only)
     stop (SIGTERM): the agent's loops stop. containerd and the pods keep
            running; the next start adopts them without restarting anything.
 
@@ -34,6 +35,7 @@ from nodeagent.containerd import (
 )
 from nodeagent.cri import Runtime, RuntimeClient
 from nodeagent.criruntime import CRIPodRuntime
+from nodeagent.networkpolicy import NetworkPolicies
 from nodeagent.nodestatus import gather_facts
 from nodeagent.podnetwork import PodNetwork
 from nodeagent.serviceproxy import ServiceProxy
@@ -75,6 +77,9 @@ class AgentConfig:
     # Keep iptables rules for Service ClusterIPs in our netns (nodeagent.serviceproxy);
     # only together with ``routes`` (never in a shared host's own netns).
     service_proxy: bool = True
+    # Enforce NetworkPolicies in our netns (nodeagent.networkpolicy); only
+    # together with ``routes``, as the service proxy.
+    network_policy: bool = True
     # Pull these registries from these endpoints (our own containerd only).
     registry_mirrors: tuple[RegistryMirror, ...] = ()
 
@@ -217,6 +222,10 @@ class NodeAgentDaemon:
                         tg.create_task(network.run(), name="pod-network")
                     if cfg.routes and cfg.service_proxy:
                         tg.create_task(ServiceProxy(client=client).run(), name="service-proxy")
+                    if cfg.routes and cfg.network_policy:
+                        tg.create_task(NetworkPolicies(client=client,
+                                                       node_name=cfg.node_name).run(),
+                                       name="network-policy")
                     if self.containerd is not None:
                         tg.create_task(self._supervise(self.containerd), name="containerd")
                     await agent.synced.wait()

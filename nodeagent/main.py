@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-service-proxy", action="store_true",
                    help="do not keep iptables rules for Service ClusterIPs (kube-proxy's "
                         "job); also off with --no-routes")
+    r.add_argument("--no-network-policy", action="store_true",
+                   help="do not enforce NetworkPolicies with iptables rules; also off with "
+                        "--no-routes")
     r.add_argument("--cni-bridge", default="cni0")
     r.add_argument("--no-cni-gateway", action="store_true",
                    help="do not make the bridge the pods' gateway (shared hosts)")
@@ -97,6 +100,7 @@ def _run(ns: argparse.Namespace) -> int:
         sandbox_image=ns.sandbox_image, relist_interval=ns.relist_interval,
         renew_interval=ns.lease_renew_interval,
         routes=not ns.no_routes, service_proxy=not ns.no_service_proxy,
+        network_policy=not ns.no_network_policy,
         registry_mirrors=tuple(ns.registry_mirrors),
         restart_backoff=(float(initial), float(cap or initial)))
 

@@ -470,7 +470,10 @@ class ServiceProxy:
 
 
 def cleanup(*, netns: str | None = None, binary: str = "iptables") -> list[str]:
-    """Remove every rule and chain of ours (``shoal lab down``). Returns problems."""
+    """Remove every rule and chain of ours (``shoal lab down``), and those of the
+    agent's network policies (``networkpolicy.cleanup``). Returns problems."""
+    from nodeagent import networkpolicy  # it builds on this module
+
     prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
     problems: list[str] = []
 
@@ -495,4 +498,4 @@ def cleanup(*, netns: str | None = None, binary: str = "iptables") -> list[str]:
                               input=text, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             problems.append(f"removing {', '.join(chains)} from {table}: {done.stderr.strip()}")
-    return problems
+    return problems + networkpolicy.cleanup(netns=netns, binary=binary)
