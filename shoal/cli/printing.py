@@ -429,6 +429,11 @@ def _peer_authentication_row(pa: Any, now: float) -> Cells:
     return (pa.metadata.name, pa.spec.mtls.mode or NONE, age(pa.metadata.creation_timestamp, now))
 
 
+def _network_policy_row(np: Any, now: float) -> Cells:
+    return (np.metadata.name, label_selector_text(np.spec.pod_selector),
+            age(np.metadata.creation_timestamp, now))
+
+
 def _authorization_policy_row(ap: Any, now: float) -> Cells:
     return (ap.metadata.name, ap.spec.action or "ALLOW", age(ap.metadata.creation_timestamp, now))
 
@@ -563,6 +568,8 @@ def printer_for(kind: Kind) -> Printer:
             return Printer(("NAME", "MODE", "AGE"), _peer_authentication_row)
         case "AuthorizationPolicy":
             return Printer(("NAME", "ACTION", "AGE"), _authorization_policy_row)
+        case "NetworkPolicy":
+            return Printer(("NAME", "POD-SELECTOR", "AGE"), _network_policy_row)
         case _:
             return Printer(("NAME", "AGE"), _generic_row)
 

@@ -180,3 +180,14 @@ def test_unknown_fields_are_refused_with_their_path() -> None:
     with pytest.raises(errors.Invalid) as raised:
         policy({"ingress": [{"form": [PEER]}]})
     assert "spec.ingress[0].form" in str(raised.value)
+
+
+def test_get_prints_kubectls_columns() -> None:
+    from shoal.cli.printing import TableOptions, table_headers, table_row
+
+    kind = KINDS.by_name("netpol")
+    opts = TableOptions()
+    assert table_headers(kind, opts) == ("NAME", "POD-SELECTOR", "AGE")
+    web = policy({"podSelector": {"matchLabels": {"app": "web"}}})
+    assert table_row(kind, web, now=0.0, options=opts)[:2] == ("p", "app=web")
+    assert table_row(kind, policy({"podSelector": {}}), now=0.0, options=opts)[1] == "<none>"
