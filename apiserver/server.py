@@ -39,7 +39,7 @@ from apiserver.storage import Store
 from apiserver.storage.instrumented import InstrumentedStore
 from apiserver.watchcache import DELETED, MODIFIED, CacheEvent, WatchCache
 from apiserver.workloadcerts import WorkloadCertificateService
-from shoal import errors
+from shoal import errors, sdnotify
 from shoal.config import ClientConfig
 from shoal.kinds import KindTable, builtin_kinds
 from shoal.monitoring import MonitoringServer, Readiness
@@ -356,7 +356,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     """Start, run until ``stop`` is set (or the task is cancelled), shut down."""
     server = build(config)
     await server.start()
-    runner = asyncio.create_task(server.run())
+    # READY=1 to systemd (Type=notify) on the signals /readyz answers from.
+    runner = asyncio.create_task(sdnotify.serving(server.run(), server.readiness,
+                                                  status="apiserver serving"))
     try:
         if stop is None:
             await runner

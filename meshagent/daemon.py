@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from meshagent import admin, capture, dns, identity, policy, proxy, tunnel
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
-from shoal import errors, spiffe
+from shoal import errors, sdnotify, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.client import AsyncClient
@@ -425,4 +425,6 @@ async def run(config: MeshConfig) -> None:
     async with AsyncClient(client_cfg) as client:
         agent = MeshAgent(config, client)
         await agent.start()
-        await agent.run()
+        # READY=1 to systemd (Type=notify) on the signals /readyz answers from.
+        await sdnotify.serving(agent.run(), agent.readiness,
+                               status=f"mesh agent {config.node_name} ready")

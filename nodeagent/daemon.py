@@ -105,6 +105,13 @@ class AgentConfig:
         """Where archives sent to ImportImage wait while they are imported."""
         return self.data_dir / "images"
 
+    def containerd_config(self) -> ContainerdConfig:
+        """The config of this node's containerd: the agent's own, or the one a
+        systemd unit runs beside it (shoal.bootstrap writes the same file)."""
+        return ContainerdConfig.under(self.containerd_dir, cni_conf_dir=self.cni_conf_dir,
+                                      sandbox_image=self.sandbox_image,
+                                      registry_config_path=self.registry_config_dir)
+
 
 async def ensure_sandbox_image(runtime: Runtime, *, image: str, address: str) -> None:
     """Build and import the pause image if containerd lacks it."""
@@ -147,9 +154,7 @@ class NodeAgentDaemon:
                                           cfg.registry_mirrors)
         for path in written:
             log.info("registry mirror: %s", path)
-        cd = ContainerdConfig.under(cfg.containerd_dir, cni_conf_dir=cfg.cni_conf_dir,
-                                    sandbox_image=cfg.sandbox_image,
-                                    registry_config_path=cfg.registry_config_dir)
+        cd = cfg.containerd_config()
         self.containerd = ContainerdProcess(cd, netns=cfg.netns)
         await self.containerd.start()
         client = self.containerd.client()

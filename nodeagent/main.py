@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nodeagent import joining
 from nodeagent.containerd import RegistryMirror, parse_registry_mirror
-from shoal import errors, logs
+from shoal import errors, logs, sdnotify
 from shoal.signals import until_stopped
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal/nodeagent")
@@ -105,7 +105,10 @@ def _run(ns: argparse.Namespace) -> int:
         restart_backoff=(float(initial), float(cap or initial)))
 
     async def main() -> None:
-        await until_stopped(NodeAgentDaemon(config).run())
+        daemon = NodeAgentDaemon(config)
+        # READY=1 to systemd (Type=notify) on the signals /readyz answers from.
+        await until_stopped(sdnotify.serving(daemon.run(), daemon.readiness,
+                                             status=f"node {config.node_name} ready"))
 
     try:
         asyncio.run(main())

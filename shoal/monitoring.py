@@ -45,6 +45,12 @@ class Readiness:
     def ready(self) -> bool:
         return not self.missing()
 
+    async def wait(self) -> None:
+        """Return once every signal is set at the same time."""
+        while not self.ready:
+            for event in list(self._signals.values()):
+                await event.wait()
+
     def snapshot(self) -> Mapping[str, bool]:
         return {n: e.is_set() for n, e in self._signals.items()}
 

@@ -68,7 +68,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from apiserver import pki
 from nodeagent import serviceproxy
 from nodeagent.containerd import (
     PIDFILE_NAME,
@@ -76,8 +75,8 @@ from nodeagent.containerd import (
     ContainerdProcess,
     mounts_under,
 )
+from shoal import bootstrap, errors, tokens
 from shoal import config as configmod
-from shoal import errors, images, pushing, tokens
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
@@ -103,7 +102,6 @@ from shoal.lab.supervising import (
     start_time,
 )
 from shoal.lab.topology import (
-    API_METRICS,
     BRIDGE,
     DEMO_IMAGE,
     FORWARD_CHAIN,
@@ -115,11 +113,10 @@ from shoal.lab.topology import (
     partition_rules,
     plan,
 )
-from shoal.testing import registry
 
 Say = Callable[[str], None]
 
-ETCD, APISERVER, REGISTRY = "etcd", "apiserver", "registry"
+ETCD, APISERVER, REGISTRY = bootstrap.ETCD, bootstrap.APISERVER, bootstrap.REGISTRY
 SUPERVISOR = supervisormod.NAME
 CONTROL_PLANE_PROCESSES = (REGISTRY, APISERVER, ETCD)  # stop order
 PARTITION_JUMPS = ("INPUT", "OUTPUT", "FORWARD")
@@ -195,6 +192,7 @@ class Lab:
         # Extra `shoal-apiserver serve` flags for this up (e.g. shorter timeouts).
         self.apiserver_args: tuple[str, ...] = ()
         self.mesh = False
+        self._control_plane: bootstrap.Spec | None = None
         self._t0 = time.monotonic()
 
     # -- helpers -----------------------------------------------------------------
@@ -231,6 +229,7 @@ class Lab:
             if extra not in path.split(os.pathsep):
                 path = f"{path}{os.pathsep}{extra}" if path else extra
         env["PATH"] = path
+        env.pop("NOTIFY_SOCKET", None)  # the lab's daemons tell the lab, not systemd
         return env
 
     def _spawn(self, state: LabState, name: str, argv: list[str], *, log: Path,
@@ -346,9 +345,7 @@ class Lab:
 
         etcd = self._start_etcd(state, topo)
         registry = self._start_registry(state, topo)
-        busybox = images.build_busybox_image(topo.images_dir / "busybox.tar",
-                                             name=DEMO_IMAGE, cmd=["sh"])
-        pause = images.build_sandbox_image(topo.images_dir / "pause.tar", name=SANDBOX_IMAGE)
+        built = bootstrap.build_images(topo.images_dir)
         self.sup.wait_until("etcd /health", lambda: http_ok(
             f"http://{state.etcd_endpoint}/health"), timeout=START_TIMEOUT, watch=[etcd])
         self._mark(state, "etcd")
@@ -357,14 +354,14 @@ class Lab:
         api = self._start_apiserver(state, topo)
         self.sup.wait_until("registry /v2/", lambda: http_ok(f"http://{topo.registry}/v2/"),
                             timeout=START_TIMEOUT, watch=[registry])
-        for ref in (busybox, pause):
-            pushing.push_archive(ref.archive, _in_registry(topo.registry, ref.name),
-                                 insecure=True)
+        for ref in built:
+            bootstrap.push_image(ref.archive, name=ref.name, registry=topo.registry)
         self._mark(state, "registry")
         self._progress(f"registry ready on {topo.registry}; pushed {DEMO_IMAGE} and "
                        f"{SANDBOX_IMAGE} to it")
-        self.sup.wait_until("apiserver /readyz", lambda: http_ok(
-            f"http://{API_METRICS}/readyz"), timeout=START_TIMEOUT, watch=[api])
+        self.sup.wait_until("apiserver /readyz", partial(http_ok, bootstrap.command(
+            self._cp(), APISERVER, python=self.python).ready_url), timeout=START_TIMEOUT,
+                            watch=[api])
         self._mark(state, "apiserver")
         self._progress(f"apiserver ready on {topo.api_server}")
 
@@ -446,44 +443,47 @@ class Lab:
             netsetup.ensure_netns(n.netns)
             netsetup.ensure_node_link(n, bridge=topo.bridge)
 
+    # Every component starts with the command and the files of shoal.bootstrap, the
+    # same as under systemd (deploy/); only the supervision is the lab's own.
+
+    def _start(self, state: LabState, spec: bootstrap.Spec, component: str, *, name: str,
+               log: Path, netns: str | None = None) -> ProcessRecord:
+        bootstrap.render(spec, component)
+        argv = list(bootstrap.command(spec, component, python=self.python).argv)
+        return self._spawn(state, name, argv, log=log, netns=netns, supervised=True)
+
+    def _cp(self) -> bootstrap.Spec:
+        if self._control_plane is None:
+            raise LabError("the control plane's ports are chosen when etcd starts")
+        return self._control_plane
+
+    def _node_spec(self, n: Node, topo: Topology) -> bootstrap.Spec:
+        """A lab node: its own containerd is run by its node agent."""
+        return bootstrap.Spec(node=bootstrap.NodeSpec(
+            name=n.name, ip=n.ip, data_dir=n.data_dir, api_server=topo.api_server,
+            registry=topo.registry, containerd=bootstrap.BY_AGENT, mesh=self.mesh,
+            # Often enough for the shortened --node-monitor-grace-period labs use.
+            lease_renew_interval=LEASE_RENEW_INTERVAL, sandbox_image=SANDBOX_IMAGE))
+
     def _start_etcd(self, state: LabState, topo: Topology) -> ProcessRecord:
-        client, peer = _free_port(), _free_port()
-        state.etcd_endpoint = f"127.0.0.1:{client}"
-        client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-        argv = [
-            "etcd", "--name", "shoal-lab", "--data-dir", str(topo.etcd_dir),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"shoal-lab={peer_url}", "--initial-cluster-state", "new",
-            "--experimental-watch-progress-notify-interval", "1s",
-            "--logger", "zap", "--log-level", "warn",
-        ]  # fmt: skip
-        return self._spawn(state, ETCD, argv, log=topo.logs_dir / "etcd.log", supervised=True)
+        self._control_plane = bootstrap.Spec(control_plane=bootstrap.ControlPlane(
+            address=topo.gateway, data_dir=self.lab_dir, etcd_client_port=_free_port(),
+            etcd_peer_port=_free_port(), etcd_name="shoal-lab",
+            apiserver_args=self.apiserver_args))
+        bootstrap.save(self._control_plane, topo.bootstrap_spec)
+        assert self._control_plane.control_plane is not None
+        state.etcd_endpoint = self._control_plane.control_plane.etcd_endpoint
+        return self._start(state, self._control_plane, ETCD, name=ETCD,
+                           log=topo.logs_dir / "etcd.log")
 
     def _start_registry(self, state: LabState, topo: Topology) -> ProcessRecord:
-        topo.registry_dir.mkdir(parents=True, exist_ok=True)
-        config = topo.registry_dir / "config.yml"
-        config.write_text(registry.render_config(address=topo.registry,
-                                                 storage_dir=topo.registry_dir / "data"))
         state.registry = topo.registry
-        return self._spawn(state, REGISTRY, ["docker-registry", "serve", str(config)],
-                           log=topo.logs_dir / "registry.log", supervised=True)
+        return self._start(state, self._cp(), REGISTRY, name=REGISTRY,
+                           log=topo.logs_dir / "registry.log")
 
     def _start_apiserver(self, state: LabState, topo: Topology) -> ProcessRecord:
-        result = pki.init(topo.apiserver_dir, server_addresses=[topo.api_server],
-                          extra_sans=[topo.gateway])
-        shutil.copyfile(result.admin_config, topo.admin_config)
-        topo.admin_config.chmod(0o600)
-        argv = [
-            self.python, "-P", "-m", "apiserver.main", "serve",
-            "--data-dir", str(topo.apiserver_dir),
-            "--listen", topo.api_server, "--join-listen", topo.join_server,
-            "--advertise", topo.api_server, "--metrics-listen", API_METRICS,
-            "--storage", "etcd", "--etcd-servers", state.etcd_endpoint,
-            *self.apiserver_args,
-        ]  # fmt: skip
-        return self._spawn(state, APISERVER, argv, log=topo.logs_dir / "apiserver.log",
-                           supervised=True)
+        return self._start(state, self._cp(), APISERVER, name=APISERVER,
+                           log=topo.logs_dir / "apiserver.log")
 
     def _start_supervisor(self, state: LabState, topo: Topology) -> ProcessRecord:
         """Start the supervisor and wait for its ``ready`` on a pipe. It is
@@ -524,11 +524,11 @@ class Lab:
         ca_hash = tokens.ca_cert_hash(cfg.ca_pem)
         joins = []
         for n in topo.nodes:
-            argv = [self.python, "-P", "-m", "nodeagent.main", "join",
-                    "--server", topo.join_server, "--token", str(token),
-                    "--ca-cert-hash", ca_hash, "--node-name", n.name, "--node-ip", n.ip,
-                    "--data-dir", str(n.data_dir), "--api-server", topo.api_server]
-            n.data_dir.mkdir(parents=True, exist_ok=True)
+            spec = self._node_spec(n, topo)
+            assert spec.node is not None
+            bootstrap.save(spec, n.bootstrap_spec)
+            argv = list(bootstrap.join_command(spec.node, token=str(token),
+                                               ca_cert_hash=ca_hash, python=self.python))
             joins.append(self._spawn(state, f"join/{n.name}", argv, netns=n.netns,
                                      log=topo.logs_dir / f"{n.name}-join.log"))
         for record in joins:
@@ -547,26 +547,19 @@ class Lab:
         supervised; it removes its rules when stopped (``down``)."""
         records = {}
         for n in topo.nodes:
-            argv = [self.python, "-P", "-m", "meshagent.main", "run", "--node-name", n.name,
-                    "--config", str(n.data_dir / "node.conf"), "--capture",
-                    "--dns-ip", n.ip, "--metrics-listen", f"{n.ip}:15020"]
-            records[n.name] = self._spawn(state, f"meshagent/{n.name}", argv, netns=n.netns,
-                                          log=topo.logs_dir / f"{n.name}-meshagent.log",
-                                          supervised=True)
+            records[n.name] = self._start(state, self._node_spec(n, topo), bootstrap.MESHAGENT,
+                                          name=f"meshagent/{n.name}", netns=n.netns,
+                                          log=topo.logs_dir / f"{n.name}-meshagent.log")
         for n in topo.nodes:
-            url = f"http://{n.ip}:15020/readyz"
+            url = bootstrap.command(self._node_spec(n, topo), bootstrap.MESHAGENT,
+                                    python=self.python).ready_url
             self.sup.wait_until(f"meshagent/{n.name} /readyz", partial(http_ok, url),
                                 timeout=START_TIMEOUT, watch=[records[n.name]])
         self._progress(f"meshagents capturing pods' traffic on {len(topo.nodes)} nodes")
 
     def _agent_argv(self, n: Node, topo: Topology) -> list[str]:
-        return [self.python, "-P", "-m", "nodeagent.main", "run",
-                "--node-name", n.name, "--node-ip", n.ip,
-                "--listen", n.agent_listen, "--metrics-listen", n.agent_metrics,
-                "--data-dir", str(n.data_dir), "--sandbox-image", SANDBOX_IMAGE,
-                # Often enough for the shortened --node-monitor-grace-period labs use.
-                "--lease-renew-interval", str(LEASE_RENEW_INTERVAL),
-                *(f"--registry-mirror={m}" for m in _mirrors(topo))]
+        return list(bootstrap.command(self._node_spec(n, topo), bootstrap.NODEAGENT,
+                                      python=self.python).argv)
 
     # -- down --------------------------------------------------------------------
 
@@ -676,7 +669,7 @@ class Lab:
             if not (n.containerd_dir / "root").exists():
                 return []
             netns = n.netns if netsetup.netns_exists(n.netns) else None
-            cd = ContainerdProcess(self._containerd_config(n), netns=netns,
+            cd = ContainerdProcess(self._containerd_config(n, topo), netns=netns,
                                    log_file=topo.logs_dir / f"{n.name}-containerd-down.log")
             try:
                 await cd.start()
@@ -694,11 +687,11 @@ class Lab:
         results = await asyncio.gather(*(one(n) for n in topo.nodes))
         return [p for r in results for p in r]
 
-    def _containerd_config(self, n: Node) -> ContainerdConfig:
+    def _containerd_config(self, n: Node, topo: Topology) -> ContainerdConfig:
         # What the agent gives its containerd, so a clean-up run is the same containerd.
-        return ContainerdConfig.under(n.containerd_dir, cni_conf_dir=n.cni_conf_dir,
-                                      sandbox_image=SANDBOX_IMAGE,
-                                      registry_config_path=n.containerd_dir / "certs.d")
+        spec = self._node_spec(n, topo).node
+        assert spec is not None
+        return bootstrap.agent_config(spec).containerd_config()
 
     def _leftovers(self, state: LabState) -> list[str]:
         left = [f"process {r.name} (pid {r.pid})" for r in state.processes.values()
@@ -911,19 +904,6 @@ class Lab:
         self.say(f"healed {count} partition{'s' if count != 1 else ''}" if count else
                  "no partitions to heal")
         return 0
-
-
-def _mirrors(topo: Topology) -> tuple[str, ...]:
-    """Registry mirrors for every node: docker.io, and the lab registry by its own
-    name, both pulled from the lab registry over plain HTTP (never the internet)."""
-    url = f"http://{topo.registry}"
-    return (f"docker.io={url}", f"{topo.registry}={url}")
-
-
-def _in_registry(registry_address: str, name: str) -> str:
-    """``docker.io/library/busybox:1.36`` as pushed to the lab registry:
-    ``10.77.0.1:5000/library/busybox:1.36`` (what a docker.io mirror serves)."""
-    return f"{registry_address}/{name.split('/', 1)[1]}"
 
 
 def _umount(point: Path) -> str | None:

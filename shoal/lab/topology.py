@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NewType
 
-from shoal import errors
+from shoal import bootstrap, errors
 
 NodeName = NewType("NodeName", str)
 
@@ -41,19 +41,19 @@ NODE_IFACE = "eth0"
 NODE_PREFIX = "node-"
 CONTROL_PLANE = "control-plane"  # the host side, as a partition endpoint
 
-API_PORT = 6443
-JOIN_PORT = 6444
-API_METRICS = "127.0.0.1:9090"
-REGISTRY_PORT = 5000
-AGENT_PORT = 10250
-AGENT_METRICS_PORT = 10255
+# Ports and images: those of every Shoal machine (shoal.bootstrap).
+API_PORT = bootstrap.API_PORT
+JOIN_PORT = bootstrap.JOIN_PORT
+API_METRICS = bootstrap.API_METRICS
+REGISTRY_PORT = bootstrap.REGISTRY_PORT
+AGENT_PORT = bootstrap.AGENT_PORT
+AGENT_METRICS_PORT = bootstrap.AGENT_METRICS_PORT
+DEMO_IMAGE = bootstrap.DEMO_IMAGE
+SANDBOX_IMAGE = bootstrap.SANDBOX_IMAGE
 
 # iptables chains the lab owns: one on the host, one in each node's netns.
 FORWARD_CHAIN = "SHOAL-LAB-FWD"
 PARTITION_CHAIN = "SHOAL-LAB-PARTITION"
-
-DEMO_IMAGE = "docker.io/library/busybox:1.36"
-SANDBOX_IMAGE = "docker.io/shoal/pause:1"
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,11 @@ class Node:
     def cni_conf_dir(self) -> Path:
         return self.data_dir / "cni" / "net.d"
 
+    @property
+    def bootstrap_spec(self) -> Path:
+        """This node's ``shoal.bootstrap`` spec, written by ``up``."""
+        return self.data_dir / "bootstrap.yaml"
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -135,6 +140,11 @@ class Topology:
         return self.lab_dir / "admin.conf"
 
     @property
+    def bootstrap_spec(self) -> Path:
+        """The control plane's ``shoal.bootstrap`` spec (each node has its own)."""
+        return self.lab_dir / "bootstrap.yaml"
+
+    @property
     def etcd_dir(self) -> Path:
         return self.lab_dir / "etcd"
 
@@ -158,8 +168,8 @@ class Topology:
     def owned_entries(self) -> tuple[Path, ...]:
         """What the lab writes in its directory (all that ``--purge`` removes)."""
         return (self.etcd_dir, self.apiserver_dir, self.registry_dir, self.images_dir,
-                self.logs_dir, self.lab_dir / "nodes", self.admin_config, self.state_file,
-                self.state_lock)
+                self.logs_dir, self.lab_dir / "nodes", self.admin_config, self.bootstrap_spec,
+                self.state_file, self.state_lock)
 
     def node(self, name: str) -> Node:
         """The node called ``name``; ``BadRequest`` names the ones there are."""

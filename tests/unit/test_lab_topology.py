@@ -128,11 +128,17 @@ def test_drop_rules_are_per_namespace_and_both_directions() -> None:
 
 
 def test_nodes_pull_docker_io_and_the_lab_registry_from_the_lab_registry() -> None:
-    from shoal.lab.lab import _in_registry, _mirrors
+    from pathlib import Path
 
-    assert _mirrors(TOPO) == ("docker.io=http://10.77.0.1:5000",
-                              "10.77.0.1:5000=http://10.77.0.1:5000")
-    assert _in_registry(TOPO.registry, "docker.io/library/busybox:1.36") == \
+    from shoal.bootstrap import in_registry
+    from shoal.lab.lab import Lab
+
+    n = TOPO.nodes[0]
+    spec = Lab(Path("/lab"), say=print)._node_spec(n, TOPO).node
+    assert spec is not None
+    assert spec.mirrors == ("docker.io=http://10.77.0.1:5000",
+                            "10.77.0.1:5000=http://10.77.0.1:5000")
+    assert in_registry(TOPO.registry, "docker.io/library/busybox:1.36") == \
         "10.77.0.1:5000/library/busybox:1.36"
-    assert _in_registry(TOPO.registry, "docker.io/shoal/pause:1") == \
+    assert in_registry(TOPO.registry, "docker.io/shoal/pause:1") == \
         "10.77.0.1:5000/shoal/pause:1"

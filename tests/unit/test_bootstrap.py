@@ -1,0 +1,200 @@
+"""The one node bootstrap (shoal.bootstrap): the same command lines and files for
+the lab and for systemd; the spec file; sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from shoal import bootstrap, errors, sdnotify
+from shoal.bootstrap import BY_AGENT, BY_SERVICE, ControlPlane, NodeSpec, Spec
+from shoal.monitoring import Readiness
+
+PY = "/opt/shoal/venv/bin/python"
+CP = ControlPlane(address="192.168.56.10", data_dir=Path("/var/lib/shoal"))
+VM_NODE = NodeSpec(name="worker-1", ip="192.168.56.11", data_dir=Path("/var/lib/shoal/node"),
+                   api_server="192.168.56.10:6443", registry="192.168.56.10:5000", mesh=True)
+
+
+def argv(spec: Spec, component: str) -> tuple[str, ...]:
+    return bootstrap.command(spec, component, python=PY).argv
+
+
+@pytest.mark.parametrize(("containerd", "has", "lacks"), [
+    (BY_SERVICE, "--cri-socket=unix:///var/lib/shoal/node/containerd/containerd.sock",
+     "--registry-mirror"),
+    (BY_AGENT, "--registry-mirror=docker.io=http://192.168.56.10:5000", "--cri-socket"),
+])
+def test_who_runs_containerd_is_the_one_difference_in_the_agents_command(
+        containerd: str, has: str, lacks: str) -> None:
+    node = NodeSpec(**{**VM_NODE.__dict__, "containerd": containerd})
+    got = argv(Spec(node=node), bootstrap.NODEAGENT)
+    joined = " ".join(got).replace("--cri-socket unix", "--cri-socket=unix")
+    assert has in joined and lacks not in joined
+    assert got[:5] == (PY, "-P", "-m", "nodeagent.main", "run")
+    assert got[got.index("--node-ip"):][:2] == ("--node-ip", "192.168.56.11")
+    assert "192.168.56.11:10250" in got and "192.168.56.11:10255" in got
+
+
+def test_the_control_plane_commands() -> None:
+    spec = Spec(control_plane=CP)
+    etcd = bootstrap.command(spec, bootstrap.ETCD, python=PY)
+    assert etcd.argv[:5] == ("etcd", "--name", "shoal", "--data-dir", "/var/lib/shoal/etcd")
+    assert etcd.ready_url == "http://127.0.0.1:2379/health" and etcd.notifies
+    reg = bootstrap.command(spec, bootstrap.REGISTRY, python=PY)
+    assert reg.argv == ("docker-registry", "serve", "/var/lib/shoal/registry/config.yml")
+    assert not reg.notifies and reg.ready_url == "http://192.168.56.10:5000/v2/"
+    api = argv(spec, bootstrap.APISERVER)
+    assert api[:5] == (PY, "-P", "-m", "apiserver.main", "serve")
+    for flag, value in (("--listen", "192.168.56.10:6443"), ("--join-listen",
+                        "192.168.56.10:6444"), ("--etcd-servers", "127.0.0.1:2379")):
+        assert api[api.index(flag) + 1] == value
+
+
+def test_the_mesh_agent_uses_the_nodes_config_and_captures() -> None:
+    got = argv(Spec(node=VM_NODE), bootstrap.MESHAGENT)
+    assert got[got.index("--config") + 1] == "/var/lib/shoal/node/node.conf"
+    assert "--capture" in got and got[got.index("--dns-ip") + 1] == "192.168.56.11"
+
+
+def test_join_goes_to_the_port_beside_the_api() -> None:
+    got = bootstrap.join_command(VM_NODE, token="abcdef.0123456789abcdef",
+                                 ca_cert_hash="sha256:00", python=PY)
+    assert got[got.index("--server") + 1] == "192.168.56.10:6444"
+    assert got[got.index("--api-server") + 1] == "192.168.56.10:6443"
+
+
+@pytest.mark.parametrize(("spec", "components"), [
+    (Spec(control_plane=CP), ("etcd", "registry", "apiserver")),
+    (Spec(node=VM_NODE), ("containerd", "nodeagent", "meshagent")),
+    (Spec(node=NodeSpec(**{**VM_NODE.__dict__, "containerd": BY_AGENT, "mesh": False})),
+     ("nodeagent",)),
+])
+def test_what_a_machine_runs(spec: Spec, components: tuple[str, ...]) -> None:
+    assert spec.components() == components
+
+
+@pytest.mark.parametrize(("spec", "component", "problem"), [
+    (Spec(node=VM_NODE), "etcd", "no controlPlane section"),
+    (Spec(control_plane=CP), "nodeagent", "no node section"),
+    (Spec(node=NodeSpec(**{**VM_NODE.__dict__, "containerd": BY_AGENT})), "containerd",
+     "run by its node agent"),
+    (Spec(control_plane=CP), "kubelet", "no component 'kubelet'"),
+])
+def test_a_component_the_machine_does_not_run_is_refused(spec: Spec, component: str,
+                                                         problem: str) -> None:
+    with pytest.raises(errors.BadRequest, match=problem):
+        bootstrap.command(spec, component, python=PY)
+
+
+def test_the_spec_file_round_trips() -> None:
+    spec = Spec(control_plane=ControlPlane(**{**CP.__dict__, "apiserver_args": ("--x=1",)}),
+                node=VM_NODE)
+    text = bootstrap.dump(spec)
+    assert "apiServer: 192.168.56.10:6443" in text and "apiserverArgs:\n  - --x=1" in text
+    assert bootstrap.parse(text) == spec
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("node: {name: a}", r"node\.ip: required"),
+    ("controlPlane: {address: 1.2.3.4, dataDir: /d, etcdPort: 1}", r"etcdPort: unknown key"),
+    ("controlPlane: {address: 1.2.3.4, dataDir: relative}", r"dataDir: must be an absolute"),
+    ("controlPlane: {address: 1.2.3.4, dataDir: /d, etcdClientPort: '2379'}",
+     r"etcdClientPort: must be int, not str"),
+    ("node: {name: a, ip: 1.2.3.4, dataDir: /d, apiServer: 'h:1', registry: 'h:2', "
+     "containerd: docker}", r"containerd: must be agent or service"),
+    ("nodes: {}", r"unknown key 'nodes'"),
+    ("{}", r"neither controlPlane nor node"),
+    ("[1]", r"must be a mapping"),
+])
+def test_a_bad_spec_names_what_is_wrong(text: str, problem: str) -> None:
+    with pytest.raises(errors.BadRequest, match=problem):
+        bootstrap.parse(text)
+
+
+def test_rendering_containerd_writes_what_the_agent_would(tmp_path: Path) -> None:
+    node = NodeSpec(**{**VM_NODE.__dict__, "data_dir": tmp_path / "node"})
+    written = bootstrap.render(Spec(node=node), bootstrap.CONTAINERD)
+    want = bootstrap.agent_config(node).containerd_config()
+    assert node.containerd_config.read_text() == want.render()
+    assert want.address == node.containerd_socket
+    hosts = tmp_path / "node/containerd/certs.d/docker.io/hosts.toml"
+    assert hosts in written and "http://192.168.56.10:5000" in hosts.read_text()
+    assert bootstrap.render(Spec(node=node), bootstrap.CONTAINERD) == written  # idempotent
+
+
+def test_rendering_the_registry_and_the_apiserver(tmp_path: Path) -> None:
+    spec = Spec(control_plane=ControlPlane(address="127.0.0.1", data_dir=tmp_path / "cp"))
+    assert spec.control_plane is not None
+    bootstrap.render(spec, bootstrap.REGISTRY)
+    assert "127.0.0.1:5000" in spec.control_plane.registry_config.read_text()
+    first = bootstrap.render(spec, bootstrap.APISERVER)
+    assert spec.control_plane.admin_config.stat().st_mode & 0o777 == 0o600
+    assert any(p.name == "ca.key" for p in first)
+    again = bootstrap.render(spec, bootstrap.APISERVER)
+    assert again == [spec.control_plane.admin_config]  # the PKI is made once
+
+
+def test_the_lab_runs_the_bootstrap_commands(tmp_path: Path) -> None:
+    """The lab's node agent command is the spec file's: what `python -m
+    shoal.bootstrap show nodeagent --spec <node>/bootstrap.yaml` prints."""
+    from shoal.lab.lab import Lab
+    from shoal.lab.topology import plan
+
+    topo = plan(nodes=2, lab_dir=tmp_path)
+    lab = Lab(tmp_path, say=print, python=PY)
+    n = topo.nodes[1]
+    bootstrap.save(lab._node_spec(n, topo), n.bootstrap_spec)
+    assert tuple(lab._agent_argv(n, topo)) == argv(bootstrap.load(n.bootstrap_spec),
+                                                   bootstrap.NODEAGENT)
+
+
+# -- sd_notify ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:
+    path = tmp_path / "notify"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    return s
+
+
+def test_notify_without_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not sdnotify.notify("READY=1")
+    assert sdnotify.socket_address({"NOTIFY_SOCKET": "@x"}) == "\0x"
+    assert sdnotify.socket_address({"NOTIFY_SOCKET": "vsock:2:3"}) is None
+
+
+def test_notify_sends_one_datagram(notify_socket: socket.socket) -> None:
+    assert sdnotify.notify("READY=1", "STATUS=up")
+    assert notify_socket.recv(100) == b"READY=1\nSTATUS=up"
+
+
+def test_a_gone_supervisor_does_not_fail_the_daemon(tmp_path: Path) -> None:
+    assert not sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone")})
+
+
+async def test_ready_once_every_signal_is_set_then_stopping(
+        notify_socket: socket.socket) -> None:
+    readiness = Readiness("storage", "cache")
+    gate = asyncio.Event()
+
+    async def daemon() -> None:
+        readiness.set("storage")
+        await asyncio.sleep(0)
+        readiness.set("cache")
+        await gate.wait()
+
+    task = asyncio.create_task(sdnotify.serving(daemon(), readiness, status="serving"))
+    got = await asyncio.to_thread(notify_socket.recv, 100)
+    assert got == b"READY=1\nSTATUS=serving"
+    gate.set()
+    await task
+    assert await asyncio.to_thread(notify_socket.recv, 100) == b"STOPPING=1"
