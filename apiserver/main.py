@@ -3,6 +3,7 @@
     shoal-apiserver init  --data-dir D [--server-address HOST:PORT ...] [--san NAME ...]
     shoal-apiserver serve --data-dir D [--storage etcd --etcd-servers H:P,...]
                           [--listen 0.0.0.0:6443] [--metrics-listen 127.0.0.1:9090]
+                          [--encryption-provider-config FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from apiserver import pki
 from apiserver.controllers.base import ControllerSettings
 from apiserver.server import ServerConfig, serve
+from apiserver.serviceaccounts import DEFAULT_ISSUER
 from shoal import errors, logs
 
 
@@ -62,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--mesh-admin-port", type=int, default=15000,
                      help="the port every node's meshagent serves its admin API on "
                           "(shoal mesh status asks it through the apiserver)")
+    srv.add_argument("--encryption-provider-config", default="",
+                     help="Kubernetes' EncryptionConfiguration file: encrypt these "
+                          "resources (e.g. secrets) at rest with AES-GCM")
+    srv.add_argument("--service-account-issuer", default=DEFAULT_ISSUER,
+                     help="the `iss` of service-account tokens this server signs")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size,
         mesh_trust_domain=ns.mesh_trust_domain, workload_cert_lifetime=ns.workload_cert_ttl,
         mesh_admin_port=ns.mesh_admin_port,
+        encryption_provider_config=ns.encryption_provider_config,
+        service_account_issuer=ns.service_account_issuer,
         controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),
         controller_settings=ControllerSettings(
             node_monitor_grace_period=ns.node_monitor_grace_period,

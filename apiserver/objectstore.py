@@ -198,11 +198,15 @@ class ObjectStore:
     # -- reads ------------------------------------------------------------------
 
     async def get(self, kind: Kind, *, namespace: str, name: str) -> Any:
+        return (await self._read(kind, namespace=namespace, name=name))[0]
+
+    async def _read(self, kind: Kind, *, namespace: str, name: str) -> tuple[Any, bool]:
+        """The object and whether storage holds it under an old encryption key."""
         kv = await self.store.get(kind.key(namespace, name))
         if kv is None:
             raise errors.NotFound(f'{kind.qualified_resource} "{name}" not found',
                                   kind=kind.kind, name=name, group=kind.group)
-        return self._load(kind, kv.value, kv.mod_revision)
+        return self._load(kind, kv.value, kv.mod_revision), kv.stale
 
     async def list_page(
         self,
@@ -369,7 +373,7 @@ class ObjectStore:
         wanted_rv = revision_of(obj)
         key = kind.key(meta.namespace, meta.name)
         for _ in range(_UPDATE_ATTEMPTS):
-            current = await self.get(kind, namespace=meta.namespace, name=meta.name)
+            current, stale = await self._read(kind, namespace=meta.namespace, name=meta.name)
             cur_rv = int(current.metadata.resource_version)
             if wanted_rv and wanted_rv != cur_rv:
                 raise self._conflict(kind, meta.name)
@@ -391,8 +395,8 @@ class ObjectStore:
                     obj.spec.cluster_ip, obj.spec.cluster_ips[:] = ip, [ip]
             data = _serialize(new)
             self._check_size(kind, data)
-            if data == _serialize(current):
-                return current  # no change, no write
+            if data == _serialize(current) and not stale:
+                return current  # no change, no write (a stale one is re-encrypted)
             if dry_run:
                 return new
             if current.metadata.HasField("deletion_timestamp") and not _finalizers(kind, new):

@@ -58,12 +58,20 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any],
         trailing_metadata=((STATUS_TRAILER, error.status().SerializeToString()),))
 
 
-class Authenticator:
-    """Who is calling: the identity in the caller's verified client certificate."""
+class TokenAuthenticator(Protocol):
+    def authenticate(self, token: str) -> Identity:
+        """The identity a bearer token stands for; ``errors.Unauthorized`` saying why not."""
 
-    def __init__(self, *, cache_size: int = 4096) -> None:
+
+class Authenticator:
+    """Who is calling: the identity in the caller's verified client certificate, else
+    (when ``tokens`` is set) the bearer token in the ``authorization`` metadata."""
+
+    def __init__(self, *, cache_size: int = 4096,
+                 tokens: TokenAuthenticator | None = None) -> None:
         self._cache: dict[bytes, Identity] = {}
         self._cache_size = cache_size
+        self.tokens = tokens
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity | None:
         try:
@@ -72,7 +80,7 @@ class Authenticator:
             return None
         pems = props.get("x509_pem_cert") if props else None
         if not pems:
-            return None
+            return self._bearer(context)
         pem = next(iter(pems))
         ident = self._cache.get(pem)
         if ident is None:
@@ -82,11 +90,28 @@ class Authenticator:
             self._cache[pem] = ident
         return ident
 
+    def _bearer(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity | None:
+        """A bearer token's identity; None when the call carries none. A token that
+        does not authenticate is refused with the reason (never treated as anonymous)."""
+        if self.tokens is None:
+            return None
+        for key, value in context.invocation_metadata() or ():
+            if key != "authorization":
+                continue
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise errors.Unauthorized("the authorization metadata must be "
+                                          "`Bearer <token>`")
+            return self.tokens.authenticate(token.strip())
+        return None
+
     def require(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         ident = self.identify(context)
         if ident is None or not ident.user:
             raise errors.Unauthorized(
-                "a client certificate signed by the cluster CA is required")
+                "a client certificate signed by the cluster CA (or a service-account "
+                "bearer token) is required")
         return ident
 
 

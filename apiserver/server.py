@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from apiserver.controllermanager import ControllerManager
 from apiserver.controllers import builtin_controllers
 from apiserver.controllers.base import ControllerSettings
+from apiserver.encryption import EncryptionConfig
+from apiserver.encryption import load_config as load_encryption_config
 from apiserver.grpcapi import SERVICE, ResourceAPI
 from apiserver.joining import JoinService
 from apiserver.meshproxy import MeshProxy
@@ -34,8 +36,17 @@ from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
 from apiserver.rpc import Authenticator
+from apiserver.serviceaccounts import (
+    DEFAULT_ISSUER,
+    DefaultServiceAccounts,
+    LiveObjects,
+    TokenAuthenticator,
+    TokenService,
+    TokenSigner,
+)
 from apiserver.serviceips import ServiceIPAllocator
 from apiserver.storage import Store
+from apiserver.storage.encrypting import EncryptingStore
 from apiserver.storage.instrumented import InstrumentedStore
 from apiserver.watchcache import DELETED, MODIFIED, CacheEvent, WatchCache
 from apiserver.workloadcerts import WorkloadCertificateService
@@ -83,6 +94,10 @@ class ServerConfig:
     # The port every node's meshagent serves its admin API on (MeshProxy asks it).
     mesh_admin_port: int = 15000
     namespaces: tuple[str, ...] = field(default=DEFAULT_NAMESPACES)
+    # Kubernetes' EncryptionConfiguration file for encryption at rest ("" = none).
+    encryption_provider_config: str = ""
+    # Service-account tokens: their `iss`, also the audience this server accepts.
+    service_account_issuer: str = DEFAULT_ISSUER
 
 
 def _split_hostport(addr: str) -> tuple[str, int]:
@@ -111,6 +126,12 @@ class APIServer:
         self.config = config
         self.metrics = metrics
         self.kinds = kinds
+        self.encryption: EncryptionConfig | None = None
+        if config.encryption_provider_config:
+            self.encryption = load_encryption_config(
+                config.encryption_provider_config,
+                known_resources=[k.qualified_resource for k in kinds])
+            store = EncryptingStore(store, self.encryption)
         self.store: Store = InstrumentedStore(store, metrics)
         self.cache = WatchCache(
             store=self.store, kinds=kinds, history_events=config.history_events,
@@ -146,6 +167,20 @@ class APIServer:
                 cache=self.cache, kinds=kinds, pki_dir=config.data_dir / "pki",
                 metrics=metrics, authn=self.authn, trust_domain=config.mesh_trust_domain,
                 lifetime=dt.timedelta(seconds=config.workload_cert_lifetime))
+        self.tokens: TokenService | None = None
+        if config.tls:
+            signer = TokenSigner.load_or_create(config.data_dir / "pki" / "sa.key")
+            live = LiveObjects(cache=self.cache, kinds=kinds)
+            audiences = (config.service_account_issuer,)
+            self.authn.tokens = TokenAuthenticator(
+                signer=signer, live=live, issuer=config.service_account_issuer,
+                audiences=audiences)
+            self.tokens = TokenService(live=live, signer=signer,
+                                       issuer=config.service_account_issuer,
+                                       audiences=audiences, metrics=metrics, authn=self.authn,
+                                       cache=self.cache)
+        self.default_service_accounts = DefaultServiceAccounts(
+            objects=self.objects, cache=self.cache, kinds=kinds)
         self.namespaces = NamespaceFinalizer(objects=self.objects, cache=self.cache, kinds=kinds)
         self.ipam = (NodeIPAM(objects=self.objects, cache=self.cache, kinds=kinds,
                               cluster_cidr=config.cluster_cidr, mask=config.node_cidr_mask)
@@ -207,6 +242,8 @@ class APIServer:
             server.add_generic_rpc_handlers((self.mesh_proxy.handler(),))
         if self.workload_certs is not None:
             server.add_generic_rpc_handlers((self.workload_certs.handler(),))
+        if self.tokens is not None:
+            server.add_generic_rpc_handlers((self.tokens.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -276,6 +313,8 @@ class APIServer:
             loops = [
                 tg.create_task(self._bookmarks(), name="bookmarks"),
                 tg.create_task(self.namespaces.run(), name="namespace-finalizer"),
+                tg.create_task(self.default_service_accounts.run(),
+                               name="default-service-accounts"),
                 *([tg.create_task(self.ipam.run(), name="node-ipam")] if self.ipam else []),
                 *([tg.create_task(self._service_ip_repair(self.service_ips),
                                   name="service-ips")] if self.service_ips else []),

@@ -26,6 +26,7 @@ import concurrent.futures
 import ipaddress
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from google.protobuf.message import Message
 
 from shoal import config as configmod
 from shoal import errors
+from shoal.api.authentication.v1 import tokens_pb2
 from shoal.api.mesh.v1 import mesh_pb2
 from shoal.api.meta.v1 import meta_pb2
 from shoal.api.node.v1 import node_pb2
@@ -139,9 +141,49 @@ def _target(servers: tuple[str, ...]) -> str:
     return servers[0]
 
 
+class _BearerToken(grpc.AuthMetadataPlugin):
+    """``authorization: Bearer <token>`` on every call; a token file is re-read
+    when it changes (the node agent rotates it before it expires)."""
+
+    def __init__(self, *, token: str = "", path: str = "") -> None:
+        self.token = token
+        self.path = path
+        self._stamp: tuple[int, int] = (0, 0)
+
+    def _current(self) -> str:
+        if not self.path:
+            return self.token
+        try:
+            st = os.stat(self.path)
+            if (st.st_mtime_ns, st.st_size) != self._stamp:
+                with open(self.path) as f:
+                    self.token = f.read().strip()
+                self._stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            pass  # keep the last token read: it may still be valid
+        return self.token
+
+    def __call__(self, context: grpc.AuthMetadataContext,
+                 callback: grpc.AuthMetadataPluginCallback) -> None:
+        token = self._current()
+        callback(((("authorization", f"Bearer {token}"),) if token else ()), None)
+
+
+def _credentials(cfg: ClientConfig) -> grpc.ChannelCredentials:
+    if not (cfg.token or cfg.token_file):
+        return grpc.ssl_channel_credentials(
+            root_certificates=cfg.ca_pem, private_key=cfg.key_pem,
+            certificate_chain=cfg.cert_pem)
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=cfg.ca_pem, private_key=cfg.key_pem or None,
+        certificate_chain=cfg.cert_pem or None)
+    bearer = grpc.metadata_call_credentials(
+        _BearerToken(token=cfg.token, path=cfg.token_file), name="bearer")
+    return grpc.composite_channel_credentials(tls, bearer)
+
+
 def _channel(cfg: ClientConfig) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=cfg.ca_pem, private_key=cfg.key_pem, certificate_chain=cfg.cert_pem)
+    creds = _credentials(cfg)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -394,6 +436,27 @@ class AsyncClient:
         except grpc.aio.AioRpcError as e:
             raise classify(e) from e
 
+    async def create_token(self, service_account: str, *, namespace: str | None = None,
+                           audiences: builtins.list[str] | None = None,
+                           expiration_seconds: int = 0, pod: str = "", pod_uid: str = "",
+                           ) -> tokens_pb2.TokenResponse:
+        """A service-account token (Kubernetes' TokenRequest), bound to ``pod`` when
+        given. Admins may ask for any; a node only for pods it runs."""
+        ref = tokens_pb2.BoundObjectReference(kind="Pod", name=pod, uid=pod_uid) if pod \
+            else None
+        req = tokens_pb2.TokenRequest(
+            namespace=self.namespace if namespace is None else namespace,
+            service_account=service_account, audiences=audiences or [],
+            expiration_seconds=expiration_seconds, bound_object_ref=ref)
+        rpc = self.channel.unary_unary(
+            "/shoal.authentication.v1.ServiceAccountTokens/CreateToken",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=tokens_pb2.TokenResponse.FromString)
+        try:
+            return cast(tokens_pb2.TokenResponse, await rpc(req, timeout=self.timeout))
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
     async def mesh_status(self, *, node: str = "",
                           query: mesh_pb2.StatusRequest | None = None,
                           timeout: float | None = None) -> mesh_pb2.MeshStatusResponse:
@@ -493,6 +556,11 @@ class Client:
     def from_config(cls, path: str | Path | None = None, **kw: Any) -> Client:
         return cls(configmod.load(path), **kw)
 
+    @classmethod
+    def in_cluster(cls, **kw: Any) -> Client:
+        """From inside a pod: its mounted service-account token (see config.in_cluster)."""
+        return cls(configmod.in_cluster(), **kw)
+
     @property
     def namespace(self) -> str:
         return self.aio.namespace
@@ -542,6 +610,9 @@ class Client:
 
     def import_image(self, node: str, archive: Path, **kw: Any) -> node_pb2.ImportResult:
         return self._run(self.aio.import_image(node, archive, **kw))
+
+    def create_token(self, service_account: str, **kw: Any) -> tokens_pb2.TokenResponse:
+        return self._run(self.aio.create_token(service_account, **kw))
 
     def mesh_status(self, **kw: Any) -> mesh_pb2.MeshStatusResponse:
         return self._run(self.aio.mesh_status(**kw))

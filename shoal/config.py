@@ -11,6 +11,15 @@ Found at ``$SHOAL_CONFIG``, else ``~/.shoal/config``. YAML::
     clientCertificateData: <base64 PEM>      # or clientCertificate: /path
     clientKeyData: <base64 PEM>              # or clientKey: /path
     tlsServerName: localhost             # optional override for the TLS name check
+    token: <service-account token>       # instead of a client certificate:
+    tokenFile: /path/token               #   sent as "authorization: Bearer"; the
+                                         #   file is re-read as it is rotated
+
+Inside a pod, :func:`in_cluster` builds a config from the mounted service-account
+token (``/var/run/secrets/kubernetes.io/serviceaccount``) and
+``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT``, as client-go does. Token
+callers use the apiserver's port for callers without client certificates
+(``--join-listen``).
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ KIND = "Config"
 _FIELDS = {
     "apiVersion", "kind", "servers", "namespace", "user", "certificateAuthorityData",
     "certificateAuthority", "clientCertificateData", "clientCertificate", "clientKeyData",
-    "clientKey", "tlsServerName",
+    "clientKey", "tlsServerName", "token", "tokenFile",
 }
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 def default_path() -> Path:
@@ -51,6 +61,9 @@ class ClientConfig:
     namespace: str = "default"
     user: str = ""
     tls_server_name: str = ""
+    # A bearer token (or a file holding one) instead of a client certificate.
+    token: str = field(default="", repr=False)
+    token_file: str = ""
     source: str = field(default="", compare=False)
 
     def with_namespace(self, namespace: str) -> ClientConfig:
@@ -71,8 +84,13 @@ class ClientConfig:
         if self.tls_server_name:
             doc["tlsServerName"] = self.tls_server_name
         doc["certificateAuthorityData"] = b64(self.ca_pem)
-        doc["clientCertificateData"] = b64(self.cert_pem)
-        doc["clientKeyData"] = "REDACTED" if redact else b64(self.key_pem)
+        if self.cert_pem:
+            doc["clientCertificateData"] = b64(self.cert_pem)
+            doc["clientKeyData"] = "REDACTED" if redact else b64(self.key_pem)
+        if self.token:
+            doc["token"] = "REDACTED" if redact else self.token
+        if self.token_file:
+            doc["tokenFile"] = self.token_file
         return yaml.safe_dump(doc, sort_keys=False)
 
     def save(self, path: Path) -> None:
@@ -120,11 +138,17 @@ def parse(text: str, *, source: str = "", base: Path | None = None) -> ClientCon
     if not servers or not all(isinstance(s, str) and s for s in servers):
         raise errors.BadRequest(f"{source}: servers must list at least one host:port")
     base = base or Path(".")
+    token, token_file = str(doc.get("token") or ""), str(doc.get("tokenFile") or "")
+    if token_file and not Path(token_file).is_absolute():
+        token_file = str(base / token_file)
+    with_cert = not (token or token_file) or any(
+        doc.get(f) for f in ("clientCertificateData", "clientCertificate"))
     return ClientConfig(
         servers=tuple(servers),
         ca_pem=_pem(doc, "certificateAuthority", base),
-        cert_pem=_pem(doc, "clientCertificate", base),
-        key_pem=_pem(doc, "clientKey", base),
+        cert_pem=_pem(doc, "clientCertificate", base) if with_cert else b"",
+        key_pem=_pem(doc, "clientKey", base) if with_cert else b"",
+        token=token, token_file=token_file,
         namespace=str(doc.get("namespace") or "default"),
         user=str(doc.get("user") or ""),
         tls_server_name=str(doc.get("tlsServerName") or ""),
@@ -144,3 +168,27 @@ def load(path: Path | str | None = None) -> ClientConfig:
     except OSError as e:
         raise errors.BadRequest(f"cannot read client config {p}: {e.strerror}") from None
     return parse(text, source=str(p), base=p.parent)
+
+
+def in_cluster(*, directory: Path = SERVICE_ACCOUNT_DIR,
+               environ: Mapping[str, str] | None = None) -> ClientConfig:
+    """A config from inside a pod: the mounted token, CA and namespace, and the
+    apiserver from KUBERNETES_SERVICE_HOST/PORT (client-go's in-cluster config)."""
+    env = os.environ if environ is None else environ
+    host, port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        raise errors.BadRequest("not in a cluster: KUBERNETES_SERVICE_HOST and "
+                                "KUBERNETES_SERVICE_PORT must be set")
+    token = directory / "token"
+    if not token.is_file():
+        raise errors.BadRequest(f"not in a cluster: no service-account token at {token}")
+    try:
+        ca = (directory / "ca.crt").read_bytes()
+        ns_file = directory / "namespace"
+        namespace = ns_file.read_text().strip() if ns_file.exists() else "default"
+    except OSError as e:
+        raise errors.BadRequest(f"cannot read {directory}: {e.strerror or e}") from None
+    server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ClientConfig(servers=(server,), ca_pem=ca, cert_pem=b"", key_pem=b"",
+                        namespace=namespace or "default", token_file=str(token),
+                        source=f"in-cluster ({directory})")

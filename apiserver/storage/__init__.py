@@ -42,6 +42,9 @@ class KeyValue:
     value: bytes
     create_revision: int
     mod_revision: int
+    # Read through an old encryption key (see apiserver.storage.encrypting): the
+    # object store rewrites it on the next update even if nothing changed.
+    stale: bool = False
 
 
 class EventType(Enum):

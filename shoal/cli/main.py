@@ -39,6 +39,7 @@ from shoal.cli.nodes import DrainOptions, run_cordon, run_drain
 from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
 from shoal.cli.rollouts import ROLLOUT_KINDS, run_rollout
 from shoal.cli.scaling import run_scale
+from shoal.cli.secrets import run_secrets_reencrypt
 from shoal.cli.session import Session
 from shoal.cli.waiting import DEFAULT_TIMEOUT as WAIT_TIMEOUT
 from shoal.cli.waiting import run_wait
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     rm = token_sub.add_parser("delete", parents=[common], help="revoke join tokens")
     rm.add_argument("tokens", nargs="+", metavar="TOKEN-ID")
 
+    p = sub.add_parser("secrets", parents=[common], help="manage Secrets at rest")
+    secrets_sub = p.add_subparsers(dest="secrets_command", metavar="COMMAND", required=True)
+    secrets_sub.add_parser("reencrypt", parents=[common],
+                           help="rewrite every Secret under the current encryption key "
+                                "(after a key rotation)")
+
     p = sub.add_parser("api-resources", parents=[common], help="the kinds the server serves")
     p.add_argument("--namespaced", type=parse_bool, default=None, metavar="true|false")
     p.add_argument("-o", "--output", choices=("wide", "name"), default="")
@@ -321,6 +328,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 if ns.token_command == "list":
                     return await run_token_list(session)
                 return await run_token_delete(session, token_ids=ns.tokens)
+            case "secrets":
+                return await run_secrets_reencrypt(session)
             case "api-resources":
                 return await run_api_resources(session, namespaced=ns.namespaced,
                                                output=ns.output, headers=not ns.no_headers)

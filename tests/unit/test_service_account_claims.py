@@ -1,0 +1,76 @@
+"""Service-account token claims and the node rule for TokenRequest (pure)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from apiserver.pki import Identity
+from apiserver.serviceaccounts import (
+    Bound,
+    PodFacts,
+    TokenSigner,
+    authorize_request,
+    check_claims,
+    make_claims,
+)
+from shoal import errors
+
+ISS = "https://kubernetes.default.svc.cluster.local"
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+BOUND = Bound(namespace="ns", name="robot", sa_uid="u1", pod_name="web", pod_uid="p1")
+
+
+def test_claims_have_kubernetes_shape_and_round_trip_through_es256() -> None:
+    claims = make_claims(issuer=ISS, audiences=[ISS], bound=BOUND, now=T0, lifetime=3600)
+    assert claims["sub"] == "system:serviceaccount:ns:robot"
+    assert claims["exp"] - claims["iat"] == 3600 and claims["nbf"] == claims["iat"]
+    assert claims["kubernetes.io"] == {"namespace": "ns",
+                                       "serviceaccount": {"name": "robot", "uid": "u1"},
+                                       "pod": {"name": "web", "uid": "p1"}}
+    signer = TokenSigner(ec.generate_private_key(ec.SECP256R1()))
+    token = signer.sign(claims)
+    assert signer.verify(token) == claims
+    assert check_claims(claims, issuer=ISS, audiences=(ISS,), now=T0.timestamp() + 10) == BOUND
+
+
+@pytest.mark.parametrize(("change", "now_offset", "message"), [
+    ({}, 3600, "expired at"),
+    ({}, -120, "not valid yet"),
+    ({"aud": ["vault"]}, 0, "audience"),
+    ({"iss": "https://elsewhere"}, 0, "issuer"),
+    ({"sub": "system:serviceaccount:ns:other"}, 0, "subject"),
+])
+def test_bad_claims_are_refused_with_the_reason(change: dict[str, object], now_offset: int,
+                                                 message: str) -> None:
+    claims = {**make_claims(issuer=ISS, audiences=[ISS], bound=BOUND, now=T0, lifetime=3600),
+              **change}
+    with pytest.raises(errors.Unauthorized, match=message):
+        check_claims(claims, issuer=ISS, audiences=(ISS,), now=T0.timestamp() + now_offset)
+
+
+ADMIN = Identity(user="admin", groups=("system:masters",))
+NODE_A = Identity(user="system:node:a", groups=("system:nodes",))
+POD_ON_A = PodFacts(uid="p1", node_name="a", service_account="robot", deleting=False)
+POD_ON_B = PodFacts(uid="p2", node_name="b", service_account="robot", deleting=False)
+
+
+@pytest.mark.parametrize(("caller", "sa", "pod", "refusal"), [
+    (ADMIN, "robot", None, None),
+    (NODE_A, "robot", POD_ON_A, None),
+    (NODE_A, "robot", POD_ON_B, "does not run the bound pod"),
+    (NODE_A, "robot", None, "only bound to a pod"),
+    (NODE_A, "other", POD_ON_A, "runs as 'robot'"),
+    (Identity(user="alice", groups=()), "robot", POD_ON_A, "may not create"),
+    (Identity(user="system:serviceaccount:ns:robot", groups=("system:serviceaccounts",)),
+     "robot", None, "may not create"),
+])
+def test_who_may_request_a_token(caller: Identity, sa: str, pod: PodFacts | None,
+                                 refusal: str | None) -> None:
+    if refusal is None:
+        authorize_request(caller, namespace="ns", service_account=sa, pod=pod)
+    else:
+        with pytest.raises(errors.Forbidden, match=refusal):
+            authorize_request(caller, namespace="ns", service_account=sa, pod=pod)
