@@ -19,9 +19,11 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
+from apiserver.authz.attributes import Attributes
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
-from apiserver.rpc import Authenticator, abort_with, grpc_code, passthrough, unary
+from apiserver.pki import Identity
+from apiserver.rpc import Authenticator, Call, Guard, abort_with, attributes, passthrough, unary
 from apiserver.watchcache import WatchCache
 from shoal import errors, selectors
 from shoal.api.resources.v1 import resources_pb2 as pb
@@ -45,9 +47,11 @@ class ResourceAPI:
         metrics: Metrics,
         storage_name: str,
         authn: Authenticator,
+        guard: Guard,
         cache_wait: float = 10.0,
     ) -> None:
         self.authn = authn
+        self.guard = guard
         self.kinds = kinds
         self.objects = objects
         self.cache = cache
@@ -91,20 +95,45 @@ class ResourceAPI:
                                         kind=kind.kind)
         return labels, fields
 
+    # -- what each request asks to do (for the authorizer and the audit) -------
+
+    def _about(self, ident: Identity, verb: str, kind: Kind, *, namespace: str, name: str,
+               subresource: str = "") -> Attributes:
+        return attributes(ident, verb, group=kind.group, resource=kind.resource,
+                          subresource=subresource,
+                          namespace=namespace if kind.namespaced else "", name=name)
+
+    def describe_write(self, request: pb.CreateRequest | pb.UpdateRequest, ident: Identity,
+                       verb: str, subresource: str = "") -> Attributes:
+        kind, obj = self.objects.decode_any(request.object)
+        return self._about(ident, verb, kind, namespace=obj.metadata.namespace,
+                           name=obj.metadata.name, subresource=subresource)
+
+    def describe_named(self, request: pb.GetRequest | pb.DeleteRequest, ident: Identity,
+                       verb: str) -> Attributes:
+        kind = self._kind(request.group, request.resource)
+        return self._about(ident, verb, kind, namespace=request.namespace, name=request.name)
+
+    def describe_collection(self, request: pb.ListRequest | pb.WatchRequest, ident: Identity,
+                            verb: str) -> Attributes:
+        kind = self._kind(request.group, request.resource)
+        return self._about(ident, verb, kind, namespace=request.namespace,
+                           name=_single_name(request.field_selector))
+
     def _response(self, kind: Kind, obj: Any) -> pb.ObjectResponse:
         return pb.ObjectResponse(object=any_pb2.Any(type_url=kind.type_url,
                                                     value=obj.SerializeToString()))
 
     # -- unary methods ----------------------------------------------------------
 
-    @unary("Create")
+    @unary("Create", describe=lambda api, r, i: api.describe_write(r, i, "create"))
     async def create(self, request: pb.CreateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
         created = await self.objects.create(kind, obj, dry_run=request.dry_run)
         return self._response(kind, created)
 
-    @unary("Get")
+    @unary("Get", describe=lambda api, r, i: api.describe_named(r, i, "get"))
     async def get(self, request: pb.GetRequest,
                   context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind = self._kind(request.group, request.resource)
@@ -114,7 +143,7 @@ class ResourceAPI:
                                      name=request.name)
         return self._response(kind, obj)
 
-    @unary("List")
+    @unary("List", describe=lambda api, r, i: api.describe_collection(r, i, "list"))
     async def list(self, request: pb.ListRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:
         kind = self._kind(request.group, request.resource)
@@ -148,14 +177,15 @@ class ResourceAPI:
             resp.remaining_item_count = page.remaining
         return resp
 
-    @unary("Update")
+    @unary("Update", describe=lambda api, r, i: api.describe_write(r, i, "update"))
     async def update(self, request: pb.UpdateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
         updated = await self.objects.update(kind, obj, dry_run=request.dry_run)
         return self._response(kind, updated)
 
-    @unary("UpdateStatus")
+    @unary("UpdateStatus",
+           describe=lambda api, r, i: api.describe_write(r, i, "update", "status"))
     async def update_status(self, request: pb.UpdateRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
@@ -163,7 +193,7 @@ class ResourceAPI:
                                             dry_run=request.dry_run)
         return self._response(kind, updated)
 
-    @unary("Delete")
+    @unary("Delete", describe=lambda api, r, i: api.describe_named(r, i, "delete"))
     async def delete(self, request: pb.DeleteRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind = self._kind(request.group, request.resource)
@@ -198,9 +228,10 @@ class ResourceAPI:
 
     async def watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        resource = request.resource or "-"
+        call = Call(self, "Watch", request)
         try:
-            self.authn.require(context)
+            await call.admit(context, request,
+                             lambda api, r, i: api.describe_collection(r, i, "watch"))
             kind = self._kind(request.group, request.resource)
             labels, fields = self._selectors(kind, request.label_selector,
                                              request.field_selector)
@@ -211,23 +242,41 @@ class ResourceAPI:
                 kind, namespace=self._namespace(kind, request.namespace), labels=labels,
                 fields=fields, resource_version=rv, bookmarks=request.allow_bookmarks)
         except errors.ShoalError as e:
-            self.metrics.requests.labels("Watch", resource, grpc_code(e).name).inc()
+            call.finish(e)
             await abort_with(context, e)
             return
-        self.metrics.requests.labels("Watch", resource, "OK").inc()
+        # Metrics count a watch once, when it starts; the audit also records its end.
+        call.count()
+        call.started()
         sent = self.metrics.watch_events.labels(kind.qualified_resource)
+        ended: BaseException | None = None
         try:
             while True:
                 try:
                     batch = await watcher.next_batch()
                 except errors.ShoalError as e:
+                    ended = e
                     await abort_with(context, e)
                     return
                 for data in batch:
                     yield data
                 sent.inc(len(batch))
+        except BaseException as e:
+            ended = ended or e
+            raise
         finally:
             self.cache.unwatch(watcher)
+            call.finish(ended)
+
+
+def _single_name(field_selector: str) -> str:
+    """The name a ``metadata.name=X`` field selector pins (kube authorizes such a
+    list or watch as one of that object, so resourceNames rules can allow it)."""
+    text = field_selector.strip()
+    for prefix in ("metadata.name==", "metadata.name="):
+        if text.startswith(prefix) and "," not in text:
+            return text[len(prefix):]
+    return ""
 
 
 def _parse_rv(text: str) -> int:

@@ -23,10 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from apiserver.authz.attributes import Attributes
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
-from apiserver.pki import CertificateAuthority, cert_pem
-from apiserver.rpc import Authenticator, passthrough, unary
+from apiserver.pki import CertificateAuthority, Identity, cert_pem
+from apiserver.rpc import Authenticator, Guard, attributes, passthrough, unary
 from shoal import errors, naming, tokens
 from shoal.api.certificates.v1 import certificates_pb2 as pb
 from shoal.kinds import KindTable
@@ -51,9 +52,11 @@ class JoinService:
         servers: tuple[str, ...],
         metrics: Metrics,
         authn: Authenticator,
+        guard: Guard,
         clock: Callable[[], dt.datetime] = _now,
     ) -> None:
         self.objects = objects
+        self.guard = guard
         self.secrets = kinds.by_resource("", "secrets")
         self.ca = ca
         self.servers = servers
@@ -68,7 +71,13 @@ class JoinService:
                 response_serializer=passthrough),
         })
 
-    @unary("Join", authenticate=False)
+    @staticmethod
+    def describe_join(service: object, request: pb.JoinRequest, ident: Identity) -> Attributes:
+        # For the audit only: the bootstrap token is the authorization.
+        return attributes(ident, "create", group="certificates.k8s.io",
+                          resource="certificatesigningrequests", name=request.node_name)
+
+    @unary("Join", authenticate=False, describe=describe_join, authorize=False)
     async def join(self, request: pb.JoinRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> pb.JoinResponse:
         token = tokens.parse(request.token)

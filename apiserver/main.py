@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                           "resources (e.g. secrets) at rest with AES-GCM")
     srv.add_argument("--service-account-issuer", default=DEFAULT_ISSUER,
                      help="the `iss` of service-account tokens this server signs")
+    srv.add_argument("--audit-log-path", default="",
+                     help="write one JSON audit event per request to this file "
+                          "('-' for stdout; default: no audit log)")
+    srv.add_argument("--audit-policy-file", default="",
+                     help="audit.k8s.io/v1 Policy: which requests are logged at which "
+                          "level (default: everything at Metadata)")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster_cidr=ns.cluster_cidr, node_cidr_mask=ns.node_cidr_mask_size,
         mesh_trust_domain=ns.mesh_trust_domain, workload_cert_lifetime=ns.workload_cert_ttl,
         mesh_admin_port=ns.mesh_admin_port,
+        audit_log_path=ns.audit_log_path, audit_policy_file=ns.audit_policy_file,
         encryption_provider_config=ns.encryption_provider_config,
         service_account_issuer=ns.service_account_issuer,
         controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),

@@ -1,7 +1,8 @@
 """``MeshProxy``: every node's meshagent status, for ``shoal mesh ...`` and
 ``shoal apply --wait-propagated``.
 
-    user --mTLS--> apiserver: authenticate; the Node (or every Node) -> InternalIP
+    user --mTLS--> apiserver: authenticate, authorize (get nodes/proxy, of the one
+           node asked about or, for all nodes, of any); the Node (or every Node) -> InternalIP
            + the mesh admin port (--mesh-admin-port, 15000) --mTLS (kubelet-client
            certificate; the node's serving certificate checked against the cluster
            CA), all nodes at once--> meshagent MeshAgent.Status
@@ -27,10 +28,12 @@ from typing import Any
 
 import grpc
 
+from apiserver.authz.attributes import Attributes
 from apiserver.metrics import Metrics
 from apiserver.nodedialing import NodeDialer, internal_ip, relayed
 from apiserver.objectstore import ObjectStore
-from apiserver.rpc import Authenticator, unary
+from apiserver.pki import Identity
+from apiserver.rpc import Authenticator, Guard, attributes, unary
 from apiserver.watchcache import CachedObject, CacheEvent, WatchCache
 from shoal.api.core.v1 import core_pb2
 from shoal.api.mesh.v1 import mesh_pb2 as pb
@@ -97,13 +100,14 @@ def lag_of(*, generations: Mapping[str, int], overall: int, kinds: Mapping[str, 
 
 class MeshProxy:
     def __init__(self, *, objects: ObjectStore, cache: WatchCache, kinds: KindTable,
-                 pki_dir: Path, metrics: Metrics, authn: Authenticator,
+                 pki_dir: Path, metrics: Metrics, authn: Authenticator, guard: Guard,
                  admin_port: int = DEFAULT_ADMIN_PORT, agent_timeout: float = 5.0) -> None:
         self.objects = objects
         self.cache = cache
         self.nodes = kinds.by_resource("", "nodes")
         self.metrics = metrics
         self.authn = authn
+        self.guard = guard
         self.admin_port = admin_port
         self.agent_timeout = agent_timeout
         self.dialer = NodeDialer(pki_dir)
@@ -157,7 +161,13 @@ class MeshProxy:
         entry.required_generation = lag.required
         entry.pending_changes = lag.pending
 
-    @unary("MeshStatus")
+    @staticmethod
+    def describe_status(service: object, request: pb.MeshStatusRequest,
+                        ident: Identity) -> Attributes:
+        return attributes(ident, "get", resource="nodes", subresource="proxy",
+                          name=request.node)
+
+    @unary("MeshStatus", describe=describe_status)
     async def mesh_status(self, request: pb.MeshStatusRequest,
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> pb.MeshStatusResponse:

@@ -1,6 +1,7 @@
 """``PodProxy``: logs, exec and image imports for users, relayed to a node agent.
 
-    user --mTLS--> apiserver: authenticate; pod -> spec.nodeName (or, for
+    user --mTLS--> apiserver: authenticate, authorize (get pods/log, create
+           pods/exec, create nodes/proxy for imports); pod -> spec.nodeName (or, for
            ImportImage, the node the first chunk names) -> Node address
            (InternalIP) and agent port (daemonEndpoints) --mTLS (the
            apiserver's kubelet-client certificate; the node's serving
@@ -22,10 +23,12 @@ from typing import Any
 
 import grpc
 
+from apiserver.authz.attributes import Attributes
 from apiserver.metrics import Metrics
 from apiserver.nodedialing import NodeDialer, internal_ip, relayed
 from apiserver.objectstore import ObjectStore
-from apiserver.rpc import Authenticator, abort_with, passthrough, unary
+from apiserver.pki import Identity
+from apiserver.rpc import Authenticator, Call, Guard, abort_with, attributes, passthrough, unary
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.node.v1 import node_pb2
@@ -39,8 +42,9 @@ NODE_SERVICE = "shoal.node.v1.NodeAgent"
 
 class PodProxy:
     def __init__(self, *, objects: ObjectStore, kinds: KindTable, pki_dir: Path,
-                 metrics: Metrics, authn: Authenticator) -> None:
+                 metrics: Metrics, authn: Authenticator, guard: Guard) -> None:
         self.objects = objects
+        self.guard = guard
         self.pods = kinds.by_resource("", "pods")
         self.nodes = kinds.by_resource("", "nodes")
         self.metrics = metrics
@@ -75,7 +79,24 @@ class PodProxy:
                                      retry_after=2.0)
         return f"{ip}:{port}"
 
-    @unary("Exec")
+    @staticmethod
+    def describe_logs(service: object, request: node_pb2.LogsRequest,
+                      ident: Identity) -> Attributes:
+        return attributes(ident, "get", resource="pods", subresource="log",
+                          namespace=request.namespace, name=request.pod)
+
+    @staticmethod
+    def describe_exec(service: object, request: node_pb2.ExecRequest,
+                      ident: Identity) -> Attributes:
+        return attributes(ident, "create", resource="pods", subresource="exec",
+                          namespace=request.namespace, name=request.pod)
+
+    @staticmethod
+    def describe_import(service: object, request: object, ident: Identity) -> Attributes:
+        # The node is named in the first chunk, read later: any node's proxy.
+        return attributes(ident, "create", resource="nodes", subresource="proxy")
+
+    @unary("Exec", describe=describe_exec)
     async def exec(self, request: node_pb2.ExecRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.ExecResponse:
         address = await self._node_address(request.namespace, request.pod)
@@ -88,7 +109,7 @@ class PodProxy:
         except grpc.aio.AioRpcError as e:
             raise _relayed(e, address) from e
 
-    @unary("ImportImage")
+    @unary("ImportImage", describe=describe_import)
     async def import_image(self, request: AsyncIterator[node_pb2.ImportChunk],
                            context: grpc.aio.ServicerContext[Any, Any]
                            ) -> node_pb2.ImportResult:
@@ -113,23 +134,33 @@ class PodProxy:
 
     async def logs(self, request: node_pb2.LogsRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        audit = Call(self, "Logs", request)
         try:
-            self.authn.require(context)
+            await audit.admit(context, request, self.describe_logs)
             address = await self._node_address(request.namespace, request.pod)
         except errors.ShoalError as e:
+            audit.finish(e)
             await abort_with(context, e)
             return
+        audit.count()
+        audit.started()
         rpc = self.dialer.channel(address).unary_stream(
             f"/{NODE_SERVICE}/Logs", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=None)
         call = rpc(request)
+        ended: BaseException | None = None
         try:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as e:
-            await abort_with(context, _relayed(e, address))
+            ended = _relayed(e, address)
+            await abort_with(context, ended)
+        except BaseException as e:
+            ended = e
+            raise
         finally:
             call.cancel()
+            audit.finish(ended)
 
     async def close(self) -> None:
         await self.dialer.close()

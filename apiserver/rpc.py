@@ -6,10 +6,14 @@ authentication of the caller.
 - Callers are authenticated by their TLS client certificate, verified against
   the cluster CA during the handshake: CN is the user, O entries the groups.
   Only the join service accepts callers without one (they bring a token).
+- Every call is then authorized (``Guard``: the method's ``describe`` turns the
+  request into authorizer attributes, ``apiserver.authz`` decides) and audited
+  (``apiserver.authz.audit``), unary and streaming calls alike (``Call``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -18,6 +22,9 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from apiserver.authz.access import AccessControl
+from apiserver.authz.attributes import Attributes, forbidden_message
+from apiserver.authz.audit import AuditLog, AuditRecord
 from apiserver.metrics import Metrics
 from apiserver.pki import Identity, identity_of
 from shoal import errors
@@ -115,6 +122,20 @@ class Authenticator:
         return ident
 
 
+AUTHENTICATED_GROUP = "system:authenticated"
+
+
+class Guard:
+    """Authorization and audit, one per server, shared by every service."""
+
+    def __init__(self, *, access: AccessControl, audit: AuditLog | None = None,
+                 render: Callable[[Any], Any] | None = None) -> None:
+        self.access = access
+        self.audit = audit
+        # The JSON form of a request, for audit events at level Request.
+        self.render = render
+
+
 class Service(Protocol):
     metrics: Metrics
     authn: Authenticator
@@ -124,6 +145,100 @@ _S = TypeVar("_S", bound=Service)
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 Unary = Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
+# What a request asks to do, given the caller; None: any authenticated caller may.
+Describe = Callable[[Any, Any, Identity], Attributes | None]
+
+
+def attributes(ident: Identity, verb: str, *, group: str = "", resource: str = "",
+               subresource: str = "", namespace: str = "", name: str = "") -> Attributes:
+    """Authorizer attributes for an authenticated caller (who is in system:authenticated)."""
+    groups = ident.groups if AUTHENTICATED_GROUP in ident.groups else (
+        *ident.groups, AUTHENTICATED_GROUP)
+    return Attributes(user=ident.user, groups=groups, verb=verb, group=group,
+                      resource=resource, subresource=subresource, namespace=namespace,
+                      name=name)
+
+
+class Call:
+    """One call's authentication, authorization, metrics and audit record.
+
+    ``admit`` raises (Unauthorized, Forbidden, BadRequest) before the handler
+    does anything; ``finish`` is idempotent and writes the ResponseComplete
+    audit line and the request metrics.
+    """
+
+    def __init__(self, service: Any, method: str, request: Any = None) -> None:
+        self.service = service
+        self.method = method
+        self.resource = resource_of(request) if request is not None else "-"
+        self.start = time.perf_counter()
+        self.guard: Guard | None = getattr(service, "guard", None)
+        audit = self.guard.audit if self.guard is not None else None
+        self.record: AuditRecord | None = audit.begin(method) if audit else None
+        self.ident: Identity | None = None
+        self.attrs: Attributes | None = None
+        self._done = False
+        self._counted = False
+
+    async def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any,
+                    describe: Describe | None, *, authenticate: bool = True,
+                    authorize: bool = True) -> Identity | None:
+        authn: Authenticator = self.service.authn
+        if self.record is not None and self.guard is not None and self.guard.render:
+            render = self.guard.render
+            self.record.request_object = lambda: render(request)
+        self.ident = authn.require(context) if authenticate else None
+        if self.ident is not None and self.record is not None:
+            self.record.user, self.record.groups = self.ident.user, self.ident.groups
+        if describe is None:
+            return self.ident
+        self.attrs = describe(self.service, request,
+                              self.ident or Identity("system:anonymous", ()))
+        if self.record is not None:
+            self.record.attrs = self.attrs
+        if self.attrs is None or not authorize:
+            return self.ident
+        if self.guard is None:
+            raise errors.InternalError(f"{self.method}: no authorizer is configured")
+        decision = await self.guard.access.decide(self.attrs)
+        if self.record is not None:
+            self.record.decision = "allow" if decision.allowed else "forbid"
+            self.record.reason = decision.reason
+        if not decision.allowed:
+            a = self.attrs
+            raise errors.Forbidden(forbidden_message(a, decision.reason), kind=a.resource,
+                                   name=a.name, group=a.group)
+        return self.ident
+
+    def started(self) -> None:
+        """A stream was admitted: the ResponseStarted audit line."""
+        if self.record is not None and self.guard is not None and self.guard.audit:
+            self.guard.audit.write(self.record, stage="ResponseStarted", code="OK")
+
+    def count(self, code: str = "OK") -> None:
+        """The request metrics, once (a stream counts when it starts)."""
+        if self._counted:
+            return
+        self._counted = True
+        m: Metrics = self.service.metrics
+        m.requests.labels(self.method, self.resource, code).inc()
+        m.latency.labels(self.method, self.resource).observe(time.perf_counter() - self.start)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        code, message = "OK", ""
+        if isinstance(error, errors.ShoalError):
+            code, message = grpc_code(error).name, error.message
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            code = "CANCELLED"
+        elif error is not None:
+            code, message = "INTERNAL", str(error)
+        self.count(code)
+        if self.record is not None and self.guard is not None and self.guard.audit:
+            self.guard.audit.write(self.record, stage="ResponseComplete", code=code,
+                                   message=message)
 
 
 def resource_of(request: Any) -> str:
@@ -134,36 +249,36 @@ def resource_of(request: Any) -> str:
     return str(res) or "-"
 
 
-def unary(method: str, *, authenticate: bool = True
+def unary(method: str, *, authenticate: bool = True, describe: Describe | None = None,
+          authorize: bool = True
           ) -> Callable[[Unary[_S, _Req, _Resp]], Unary[_S, _Req, _Resp]]:
-    """Authentication, error mapping and metrics around one unary method."""
+    """Authentication, authorization (``describe`` says what the request does;
+    without one any authenticated caller may), error mapping, metrics and audit
+    around one unary method. ``authorize=False`` describes for the audit only."""
 
     def wrap(fn: Unary[_S, _Req, _Resp]) -> Unary[_S, _Req, _Resp]:
         @functools.wraps(fn)
         async def handler(self: _S, request: _Req,
                           context: grpc.aio.ServicerContext[Any, Any]) -> _Resp:
-            start = time.perf_counter()
-            resource = resource_of(request)
-            code = "OK"
+            call = Call(self, method, request)
+            error: BaseException | None = None
             try:
-                if authenticate:
-                    self.authn.require(context)
+                await call.admit(context, request, describe, authenticate=authenticate,
+                                 authorize=authorize)
                 return await fn(self, request, context)
             except errors.ShoalError as e:
-                code = grpc_code(e).name
+                error = e
                 await abort_with(context, e)
                 raise  # pragma: no cover - abort raises
             except Exception as e:
                 if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
                     raise
-                code = "INTERNAL"
+                error = e
                 log.exception("%s failed", method)
                 await abort_with(context, errors.InternalError(f"internal error: {e}"))
                 raise  # pragma: no cover
             finally:
-                self.metrics.requests.labels(method, resource, code).inc()
-                self.metrics.latency.labels(method, resource).observe(
-                    time.perf_counter() - start)
+                call.finish(error)
 
         return handler
 

@@ -21,6 +21,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from apiserver.authz import audit as auditing
+from apiserver.authz import bootstrap as bootstrap_policy
+from apiserver.authz.access import AccessControl, AlwaysAllow, Authorizer, Chain, MastersAuthorizer
+from apiserver.authz.nodegraph import CachedNodeGraph
+from apiserver.authz.nodes import NodeAuthorizer
+from apiserver.authz.rbac import RBACAuthorizer
+from apiserver.authz.review import AccessReviewService
 from apiserver.controllermanager import ControllerManager
 from apiserver.controllers import builtin_controllers
 from apiserver.controllers.base import ControllerSettings
@@ -35,7 +42,7 @@ from apiserver.nodeipam import NodeIPAM
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
-from apiserver.rpc import Authenticator
+from apiserver.rpc import Authenticator, Guard
 from apiserver.serviceaccounts import (
     DEFAULT_ISSUER,
     DefaultServiceAccounts,
@@ -94,6 +101,10 @@ class ServerConfig:
     # The port every node's meshagent serves its admin API on (MeshProxy asks it).
     mesh_admin_port: int = 15000
     namespaces: tuple[str, ...] = field(default=DEFAULT_NAMESPACES)
+    # Audit log: JSON lines to this file ("-" stdout, "" off), by this policy
+    # (kube's audit.k8s.io Policy; "" logs everything at Metadata).
+    audit_log_path: str = ""
+    audit_policy_file: str = ""
     # Kubernetes' EncryptionConfiguration file for encryption at rest ("" = none).
     encryption_provider_config: str = ""
     # Service-account tokens: their `iss`, also the audience this server accepts.
@@ -142,30 +153,46 @@ class APIServer:
         self.service_ips = self._service_ips()
         self.objects = ObjectStore(store=self.store, kinds=kinds, service_ips=self.service_ips)
         self.authn = Authenticator()
+        # Authorization (Node, RBAC and system:masters) from the watch cache, and audit.
+        self.node_graph = CachedNodeGraph(cache=self.cache, kinds=kinds)
+        self.rbac = RBACAuthorizer(cache=self.cache, kinds=kinds)
+        authorizer: Authorizer = Chain([
+            MastersAuthorizer(), NodeAuthorizer(self.node_graph.graph), self.rbac,
+        ]) if config.tls else AlwaysAllow()
+        self.audit: auditing.AuditLog | None = None
+        if config.audit_log_path:
+            policy = (auditing.load_policy(Path(config.audit_policy_file))
+                      if config.audit_policy_file else auditing.EVERYTHING_AT_METADATA)
+            self.audit = auditing.AuditLog(path=config.audit_log_path, policy=policy)
+        self.guard = Guard(access=AccessControl(authorizer, catch_up=self.cache.caught_up),
+                           audit=self.audit, render=auditing.request_renderer(kinds))
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
-                               metrics=metrics, storage_name=store.name, authn=self.authn)
+                               metrics=metrics, storage_name=store.name, authn=self.authn,
+                               guard=self.guard)
+        self.reviews = AccessReviewService(metrics=metrics, authn=self.authn, guard=self.guard)
         self.join: JoinService | None = None
         self.proxy: PodProxy | None = None
         if config.tls and (config.data_dir / "pki" / "apiserver-kubelet-client.crt").exists():
             self.proxy = PodProxy(objects=self.objects, kinds=kinds,
                                   pki_dir=config.data_dir / "pki", metrics=metrics,
-                                  authn=self.authn)
+                                  authn=self.authn, guard=self.guard)
         self.mesh_proxy: MeshProxy | None = None
         if self.proxy is not None:
             self.mesh_proxy = MeshProxy(objects=self.objects, cache=self.cache, kinds=kinds,
                                         pki_dir=config.data_dir / "pki", metrics=metrics,
-                                        authn=self.authn, admin_port=config.mesh_admin_port)
+                                        authn=self.authn, guard=self.guard,
+                                        admin_port=config.mesh_admin_port)
         if config.tls:
             self.join = JoinService(
                 objects=self.objects, kinds=kinds,
                 ca=CertificateAuthority.load(config.data_dir / "pki"),
                 servers=config.advertise or (config.listen,), metrics=metrics,
-                authn=self.authn)
+                authn=self.authn, guard=self.guard)
         self.workload_certs: WorkloadCertificateService | None = None
         if config.tls:
             self.workload_certs = WorkloadCertificateService(
-                cache=self.cache, kinds=kinds, pki_dir=config.data_dir / "pki",
-                metrics=metrics, authn=self.authn, trust_domain=config.mesh_trust_domain,
+                pki_dir=config.data_dir / "pki", metrics=metrics, authn=self.authn,
+                guard=self.guard, trust_domain=config.mesh_trust_domain,
                 lifetime=dt.timedelta(seconds=config.workload_cert_lifetime))
         self.tokens: TokenService | None = None
         if config.tls:
@@ -234,6 +261,7 @@ class APIServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ])
         server.add_generic_rpc_handlers((self.api.handler(),))
+        server.add_generic_rpc_handlers((self.reviews.handler(),))
         if self.join is not None:
             server.add_generic_rpc_handlers((self.join.handler(),))
         if self.proxy is not None:
@@ -338,7 +366,8 @@ class APIServer:
         log.info("apiserver ready")
 
     async def _bootstrap(self) -> None:
-        """Create the default namespaces (retrying while storage is unavailable)."""
+        """Create the default namespaces and the built-in RBAC policy (retrying while
+        storage is unavailable)."""
         ns_kind = self.kinds.by_resource("", "namespaces")
         for name in self.config.namespaces:
             while True:
@@ -353,6 +382,7 @@ class APIServer:
                     await asyncio.sleep(1)
                     continue
                 break
+        await bootstrap_policy.ensure(self.objects, self.kinds)
 
     async def _service_ip_repair(self, allocator: ServiceIPAllocator) -> None:
         await self.cache.ready.wait()
@@ -382,6 +412,8 @@ class APIServer:
         if self.mesh_proxy is not None:
             await self.mesh_proxy.close()
         await self.store.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 def build(config: ServerConfig, *, store: Store | None = None,

@@ -11,10 +11,13 @@
                                                         serverAuth + clientAuth
 
 This is the node authorization istiod gives ztunnel: a node gets identities
-only for workloads it runs. A caller in system:masters (the admin, tools,
-tests) may get any identity. Refusals: PermissionDenied for the wrong caller
-or a service account with no pod on that node; InvalidArgument naming what is
-wrong with the CSR or the names.
+only for workloads it runs. The request is authorized like any other, as
+``create serviceaccounts/workloadcertificate`` on the service account: the node
+authorizer answers from the same pods-bound-to-node graph it reads Secrets by
+(``apiserver.authz.nodegraph``), system:masters (the admin, tools, tests) may
+get any identity, and RBAC may grant it to others. Refusals: PermissionDenied
+for the wrong caller or a service account with no running pod on that node;
+InvalidArgument naming what is wrong with the CSR or the names.
 
 Signer and trust bundle (files in ``<data-dir>/pki``, re-read when they change):
 
@@ -39,7 +42,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +51,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from apiserver.joining import NODE_GROUP, NODE_PREFIX
+from apiserver.authz.attributes import Attributes
+from apiserver.authz.nodes import WORKLOAD_CERTIFICATE
 from apiserver.metrics import Metrics
 from apiserver.pki import CertificateAuthority, Identity, cert_pem
-from apiserver.rpc import Authenticator, passthrough, unary
-from apiserver.watchcache import WatchCache
+from apiserver.rpc import Authenticator, Guard, attributes, passthrough, unary
 from shoal import errors, spiffe
 from shoal.api.certificates.v1 import workload_pb2 as pb
-from shoal.kinds import KindTable
 
 SERVICE = "shoal.certificates.v1.WorkloadCertificates"
-ADMIN_GROUP = "system:masters"
 DEFAULT_LIFETIME = dt.timedelta(hours=24)
-FINISHED_PHASES = ("Succeeded", "Failed")
 
 
 def _now() -> dt.datetime:
@@ -69,42 +68,6 @@ def _now() -> dt.datetime:
 
 
 # -- decisions (pure) ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PodView:
-    """What node authorization needs to know about one pod."""
-
-    namespace: str
-    node_name: str
-    service_account: str
-    phase: str
-
-
-def node_of(caller: Identity) -> str | None:
-    """The node name of a node identity, else None."""
-    if caller.user.startswith(NODE_PREFIX) and NODE_GROUP in caller.groups:
-        return caller.user[len(NODE_PREFIX):] or None
-    return None
-
-
-def authorize(caller: Identity, want: spiffe.SpiffeId, pods: list[PodView]) -> None:
-    """Raise Forbidden unless ``caller`` may hold ``want``."""
-    if ADMIN_GROUP in caller.groups:
-        return
-    node = node_of(caller)
-    if node is None:
-        raise errors.Forbidden(
-            f"user {caller.user!r} may not get workload certificates: only nodes "
-            f"(CN={NODE_PREFIX}<name>, O={NODE_GROUP}) may")
-    for p in pods:
-        if (p.node_name == node and p.namespace == want.namespace
-                and (p.service_account or "default") == want.service_account
-                and p.phase not in FINISHED_PHASES):
-            return
-    raise errors.Forbidden(
-        f"node {node!r} runs no pod in namespace {want.namespace!r} with service account "
-        f"{want.service_account!r}; it may get certificates only for its own workloads")
 
 
 def check_csr(pem: bytes, want: spiffe.SpiffeId) -> x509.CertificateSigningRequest:
@@ -233,11 +196,10 @@ class WorkloadCertificateService:
     def __init__(
         self,
         *,
-        cache: WatchCache,
-        kinds: KindTable,
         pki_dir: Path,
         metrics: Metrics,
         authn: Authenticator,
+        guard: Guard,
         trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN,
         lifetime: dt.timedelta = DEFAULT_LIFETIME,
         clock: Callable[[], dt.datetime] = _now,
@@ -245,11 +207,10 @@ class WorkloadCertificateService:
         problems = spiffe.check_trust_domain(trust_domain)
         if problems:
             raise errors.BadRequest(f"invalid mesh trust domain: {problems[0]}")
-        self.cache = cache
-        self.pods = kinds.by_resource("", "pods")
         self.ca = MeshCA(pki_dir)
         self.metrics = metrics
         self.authn = authn
+        self.guard = guard
         self.trust_domain = trust_domain
         self.lifetime = lifetime
         self.clock = clock
@@ -267,34 +228,24 @@ class WorkloadCertificateService:
     def _bundle(self) -> pb.TrustBundle:
         return pb.TrustBundle(trust_domain=self.trust_domain, roots_pem=self.ca.roots_pem())
 
-    def _pods_on(self, node: str | None, namespace: str) -> list[PodView]:
-        kc = self.cache.cache_for(self.pods)
-        out = []
-        for o in kc.by_namespace.get(namespace, {}).values():
-            if node is not None and o.fields.get("spec.nodeName") != node:
-                continue
-            out.append(PodView(namespace=o.namespace, node_name=o.fields["spec.nodeName"],
-                               service_account=o.fields.get("spec.serviceAccountName", ""),
-                               phase=o.fields.get("status.phase", "")))
-        return out
-
-    @unary("WorkloadSign")
-    async def sign(self, request: pb.WorkloadSignRequest,
-                   context: grpc.aio.ServicerContext[Any, Any]) -> pb.WorkloadSignResponse:
-        caller = self.authn.require(context)
+    def _want(self, request: pb.WorkloadSignRequest) -> spiffe.SpiffeId:
         try:
-            want = spiffe.SpiffeId.of(trust_domain=self.trust_domain,
+            return spiffe.SpiffeId.of(trust_domain=self.trust_domain,
                                       namespace=request.namespace,
                                       service_account=request.service_account)
         except spiffe.InvalidSpiffeId as e:
             raise errors.BadRequest(str(e)) from None
-        node = node_of(caller)
-        try:
-            authorize(caller, want, self._pods_on(node, want.namespace))
-        except errors.Forbidden:
-            # A pod bound a moment ago may not be in the cache yet: catch up once.
-            await self.cache.caught_up()
-            authorize(caller, want, self._pods_on(node, want.namespace))
+
+    def describe_sign(self, request: pb.WorkloadSignRequest, ident: Identity) -> Attributes:
+        want = self._want(request)  # a malformed name is a BadRequest, before authorization
+        return attributes(ident, "create", resource="serviceaccounts",
+                          subresource=WORKLOAD_CERTIFICATE, namespace=want.namespace,
+                          name=want.service_account)
+
+    @unary("WorkloadSign", describe=describe_sign)
+    async def sign(self, request: pb.WorkloadSignRequest,
+                   context: grpc.aio.ServicerContext[Any, Any]) -> pb.WorkloadSignResponse:
+        want = self._want(request)
         csr = check_csr(request.csr_pem, want)
         lifetime = self.lifetime
         if request.ttl_seconds < 0:

@@ -23,12 +23,15 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.networking.v1 import networking_pb2
+from shoal.api.rbac.v1 import rbac_pb2
 from shoal.api.security.v1 import security_pb2
 
 FieldGetter = Callable[[Any], str]
 
 # Istio's API group for mesh security policies.
 ISTIO_SECURITY = "security.istio.io"
+# Kubernetes' RBAC API group.
+RBAC = "rbac.authorization.k8s.io"
 
 
 def _meta_fields() -> dict[str, FieldGetter]:
@@ -242,5 +245,12 @@ def builtin_kinds() -> KindTable:
                  also_versions=("v1beta1",)),
             Kind("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", True,
                  networking_pb2.NetworkPolicy, ("netpol",), has_status=False),
+            Kind(RBAC, "v1", "Role", "roles", True, rbac_pb2.Role, (), has_status=False),
+            Kind(RBAC, "v1", "ClusterRole", "clusterroles", False, rbac_pb2.ClusterRole, (),
+                 has_status=False),
+            Kind(RBAC, "v1", "RoleBinding", "rolebindings", True, rbac_pb2.RoleBinding, (),
+                 has_status=False),
+            Kind(RBAC, "v1", "ClusterRoleBinding", "clusterrolebindings", False,
+                 rbac_pb2.ClusterRoleBinding, (), has_status=False),
         ]
     )

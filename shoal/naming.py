@@ -45,6 +45,14 @@ def check_dns1123_subdomain(value: str) -> list[str]:
     return problems
 
 
+def check_path_segment_name(value: str) -> list[str]:
+    """Kubernetes' rule for names that only have to be one URL path segment
+    (RBAC roles and bindings: ``system:node``, ``system:controller:x``)."""
+    if value in (".", ".."):
+        return [f"may not be '{value}'"]
+    return [f"may not contain '{c}'" for c in ("/", "%") if c in value]
+
+
 def check_dns1035_label(value: str) -> list[str]:
     problems = []
     if len(value) > DNS1123_LABEL_MAX:

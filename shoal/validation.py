@@ -43,6 +43,7 @@ from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.meta.v1 import meta_pb2
 from shoal.api.networking.v1 import networking_pb2
+from shoal.api.rbac.v1 import rbac_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.errors import FieldError
 from shoal.kinds import Kind
@@ -593,6 +594,14 @@ def _default_endpoints(ep: core_pb2.Endpoints) -> None:
             port.protocol = port.protocol or "TCP"
 
 
+def _default_binding(binding: rbac_pb2.RoleBinding | rbac_pb2.ClusterRoleBinding) -> None:
+    """Kubernetes' RBAC defaults: the RBAC group on roleRef and User/Group subjects."""
+    binding.role_ref.api_group = binding.role_ref.api_group or _RBAC_GROUP
+    for subject in binding.subjects:
+        if not subject.api_group and subject.kind in ("User", "Group"):
+            subject.api_group = _RBAC_GROUP
+
+
 _DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
     "Pod": _default_pod,
     "Service": _default_service,
@@ -604,6 +613,8 @@ _DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
     "Namespace": _default_namespace,
     "Endpoints": _default_endpoints,
     "NetworkPolicy": _default_network_policy,
+    "RoleBinding": _default_binding,
+    "ClusterRoleBinding": _default_binding,
 }
 
 # --------------------------------------------------------------------------- metadata
@@ -611,6 +622,10 @@ _DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
 _NAME_CHECKS: Mapping[str, Callable[[str], list[str]]] = {
     "Namespace": naming.check_dns1123_label,
     "Service": naming.check_dns1035_label,
+    "Role": naming.check_path_segment_name,
+    "ClusterRole": naming.check_path_segment_name,
+    "RoleBinding": naming.check_path_segment_name,
+    "ClusterRoleBinding": naming.check_path_segment_name,
 }
 
 
@@ -1941,6 +1956,89 @@ def _validate_authorization_policy(ap: security_pb2.AuthorizationPolicy) -> Erro
     return errs
 
 
+# -------------------------------------------------------------------- rbac.authorization.k8s.io
+
+_RBAC_GROUP = "rbac.authorization.k8s.io"
+_SUBJECT_KINDS = ("ServiceAccount", "User", "Group")
+
+
+def _policy_rules(rules: Sequence[rbac_pb2.PolicyRule], *, namespaced: bool) -> Errors:
+    errs: Errors = []
+    for i, rule in enumerate(rules):
+        path = f"rules[{i}]"
+        if not rule.verbs:
+            errs.append(_required(f"{path}.verbs", "verbs must contain at least one value"))
+        if rule.non_resource_urls:
+            if namespaced:
+                errs.append(_invalid(f"{path}.nonResourceURLs", list(rule.non_resource_urls),
+                                     "namespaced rules cannot apply to non-resource URLs"))
+            if rule.api_groups or rule.resources or rule.resource_names:
+                errs.append(_invalid(f"{path}.nonResourceURLs", list(rule.non_resource_urls),
+                                     "rules cannot apply to both regular resources and "
+                                     "non-resource URLs"))
+            continue
+        if not rule.api_groups:
+            errs.append(_required(f"{path}.apiGroups",
+                                  "resource rules must supply at least one api group"))
+        if not rule.resources:
+            errs.append(_required(f"{path}.resources",
+                                  "resource rules must supply at least one resource"))
+    return errs
+
+
+def _validate_role(role: rbac_pb2.Role) -> Errors:
+    return _policy_rules(role.rules, namespaced=True)
+
+
+def _validate_cluster_role(role: rbac_pb2.ClusterRole) -> Errors:
+    errs = _policy_rules(role.rules, namespaced=False)
+    for i, sel in enumerate(role.aggregation_rule.cluster_role_selectors):
+        errs += _label_selector(f"aggregationRule.clusterRoleSelectors[{i}]", sel)
+    return errs
+
+
+def _subjects(subjects: Sequence[rbac_pb2.Subject], *, namespaced: bool) -> Errors:
+    errs: Errors = []
+    for i, subject in enumerate(subjects):
+        path = f"subjects[{i}]"
+        if not subject.name:
+            errs.append(_required(f"{path}.name"))
+        if subject.kind == "ServiceAccount":
+            if subject.api_group:
+                errs.append(_not_supported(f"{path}.apiGroup", subject.api_group, ("",)))
+            if subject.name:
+                errs += _check(f"{path}.name", subject.name,
+                               naming.check_dns1123_subdomain(subject.name))
+            if not namespaced and not subject.namespace:
+                errs.append(_required(f"{path}.namespace"))
+        elif subject.kind in ("User", "Group"):
+            if subject.api_group != _RBAC_GROUP:
+                errs.append(_not_supported(f"{path}.apiGroup", subject.api_group,
+                                           (_RBAC_GROUP,)))
+        else:
+            errs.append(_not_supported(f"{path}.kind", subject.kind, _SUBJECT_KINDS))
+    return errs
+
+
+def _role_ref(ref: rbac_pb2.RoleRef, kinds: Sequence[str]) -> Errors:
+    errs: Errors = []
+    if ref.api_group != _RBAC_GROUP:
+        errs.append(_not_supported("roleRef.apiGroup", ref.api_group, (_RBAC_GROUP,)))
+    if ref.kind not in kinds:
+        errs.append(_not_supported("roleRef.kind", ref.kind, kinds))
+    return errs + _name("roleRef.name", ref.name, naming.check_path_segment_name)
+
+
+def _validate_role_binding(binding: rbac_pb2.RoleBinding) -> Errors:
+    return (_role_ref(binding.role_ref, ("Role", "ClusterRole"))
+            + _subjects(binding.subjects, namespaced=True))
+
+
+def _validate_cluster_role_binding(binding: rbac_pb2.ClusterRoleBinding) -> Errors:
+    return (_role_ref(binding.role_ref, ("ClusterRole",))
+            + _subjects(binding.subjects, namespaced=False))
+
+
 # --------------------------------------------------------------------------- networking.k8s.io
 
 _POLICY_TYPES = ("Ingress", "Egress")
@@ -2046,6 +2144,10 @@ _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "PeerAuthentication": _validate_peer_authentication,
     "AuthorizationPolicy": _validate_authorization_policy,
     "NetworkPolicy": _validate_network_policy,
+    "Role": _validate_role,
+    "ClusterRole": _validate_cluster_role,
+    "RoleBinding": _validate_role_binding,
+    "ClusterRoleBinding": _validate_cluster_role_binding,
 }
 
 # --------------------------------------------------------------------------- updates
@@ -2169,6 +2271,12 @@ def _secret_update(new: core_pb2.Secret, old: core_pb2.Secret) -> Errors:
             + _frozen_data_update(new, old, (("data", "data"), ("string_data", "stringData"))))
 
 
+def _binding_update(new: Any, old: Any) -> Errors:
+    if new.role_ref == old.role_ref:
+        return []
+    return [_invalid("roleRef", new.role_ref, "cannot change roleRef")]
+
+
 _UPDATE_RULES: Mapping[str, Callable[[Any, Any], Errors]] = {
     "Pod": _pod_update,
     "Service": _service_update,
@@ -2178,6 +2286,8 @@ _UPDATE_RULES: Mapping[str, Callable[[Any, Any], Errors]] = {
     "DaemonSet": _selector_update,
     "ConfigMap": _configmap_update,
     "Secret": _secret_update,
+    "RoleBinding": _binding_update,
+    "ClusterRoleBinding": _binding_update,
 }
 
 # --------------------------------------------------------------------------- API

@@ -22,6 +22,7 @@ from typing import Any
 
 from shoal import errors
 from shoal.cli.applying import run_apply
+from shoal.cli.authorizing import run_can_i
 from shoal.cli.bootstrapping import run_token_create, run_token_delete, run_token_list
 from shoal.cli.configuring import run_config_view
 from shoal.cli.containers import run_exec, run_logs
@@ -221,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rewrite every Secret under the current encryption key "
                                 "(after a key rotation)")
 
+    p = sub.add_parser("auth", parents=[common], help="inspect authorization")
+    auth_sub = p.add_subparsers(dest="auth_command", metavar="COMMAND", required=True)
+    can_i = auth_sub.add_parser(
+        "can-i", parents=[common], help="may I (or --as USER) do VERB on RESOURCE?",
+        description="Print yes or no; exit 0 for yes, 1 for no.")
+    can_i.add_argument("verb", metavar="VERB")
+    can_i.add_argument("resource", metavar="RESOURCE", help="pods, deploy, pods/log, ...")
+    can_i.add_argument("name", nargs="?", default="", metavar="NAME")
+    can_i.add_argument("-A", "--all-namespaces", action="store_true")
+    can_i.add_argument("--as", dest="as_user", default="", metavar="USER",
+                       help="ask about this user (needs the right to impersonate them)")
+    can_i.add_argument("--as-group", dest="as_groups", action="append", default=[],
+                       metavar="GROUP", help="with --as: a group of that user (repeatable)")
+    can_i.add_argument("-q", "--quiet", action="store_true",
+                       help="print nothing; the exit code answers")
+
     p = sub.add_parser("api-resources", parents=[common], help="the kinds the server serves")
     p.add_argument("--namespaced", type=parse_bool, default=None, metavar="true|false")
     p.add_argument("-o", "--output", choices=("wide", "name"), default="")
@@ -330,6 +347,11 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_token_delete(session, token_ids=ns.tokens)
             case "secrets":
                 return await run_secrets_reencrypt(session)
+            case "auth":
+                return await run_can_i(session, verb=ns.verb, resource=ns.resource,
+                                       name=ns.name, all_namespaces=ns.all_namespaces,
+                                       as_user=ns.as_user, as_groups=ns.as_groups,
+                                       quiet=ns.quiet)
             case "api-resources":
                 return await run_api_resources(session, namespaced=ns.namespaced,
                                                output=ns.output, headers=not ns.no_headers)

@@ -100,13 +100,18 @@ class InProcessAPIServer:
     def node_client_config(self, node: str) -> ClientConfig:
         """A client config as ``shoal-nodeagent join`` leaves it: the node's own
         certificate (CN system:node:<node>, group system:nodes) from the cluster CA."""
+        return self.user_client_config(f"system:node:{node}", ["system:nodes"])
+
+    def user_client_config(self, user: str, groups: list[str] | tuple[str, ...] = ()
+                           ) -> ClientConfig:
+        """A client config with a certificate from the cluster CA for CN=user,
+        O=groups (what an admin hands a user; authorization decides the rest)."""
         ca = pki.CertificateAuthority.load(self.data_dir / "pki")
         key = pki.new_key()
-        cn = f"system:node:{node}"
-        cert = ca.issue(key.public_key(), common_name=cn, organizations=["system:nodes"],
+        cert = ca.issue(key.public_key(), common_name=user, organizations=list(groups),
                         client=True)
         return ClientConfig(servers=self.client_config.servers, ca_pem=pki.cert_pem(ca.cert),
-                            cert_pem=pki.cert_pem(cert), key_pem=pki.key_pem(key), user=cn)
+                            cert_pem=pki.cert_pem(cert), key_pem=pki.key_pem(key), user=user)
 
     def sync_client(self, **kw: Any) -> Client:
         return Client(self.client_config, **kw)

@@ -166,7 +166,8 @@ async def test_callers_that_are_not_nodes_are_refused(
     for cn, orgs in (("jane", ["developers"]), ("system:node:node-a", []),
                      ("system:serviceaccount:x:y", ["system:serviceaccounts"])):
         async with AsyncClient(_client_config(apiserver, cn, orgs)) as c:
-            with pytest.raises(errors.Forbidden, match="only nodes"):
+            with pytest.raises(errors.Forbidden, match=f'User "{cn}" cannot create resource '
+                               '"serviceaccounts/workloadcertificate"'):
                 await GrpcSigner(c.channel).sign(csr_pem=csr, namespace=namespace,
                                                  service_account="web")
     # The admin (system:masters) may, for tools and tests.

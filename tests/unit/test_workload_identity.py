@@ -12,8 +12,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from apiserver.authz.access import Chain, MastersAuthorizer
+from apiserver.authz.attributes import Attributes
+from apiserver.authz.nodegraph import NodeGraph, PodRefs
+from apiserver.authz.nodes import NodeAuthorizer
 from apiserver.pki import CertificateAuthority, Identity, cert_pem
-from apiserver.workloadcerts import PodView, authorize, check_csr, issue_workload
+from apiserver.workloadcerts import check_csr, issue_workload
 from meshagent import identity
 from meshagent.identity import IdentityManager, Signed
 from shoal import errors, spiffe
@@ -51,36 +55,47 @@ def test_bad_spiffe_ids_say_what_is_wrong(uri: str, match: str) -> None:
         spiffe.parse(uri)
 
 
-# -- node authorization (pure) ---------------------------------------------------------
+# -- node authorization (pure): the mesh CA asks the node authorizer -----------------
 
 NODE_A = Identity(user="system:node:a", groups=("system:nodes",))
 WANT = spiffe.SpiffeId("cluster.local", "shop", "web")
 
 
+def _pod(namespace: str, node: str, sa: str, phase: str) -> PodRefs:
+    return PodRefs(namespace=namespace, name=f"p-{node}-{sa}-{phase}", node=node,
+                   service_account=sa or "default", phase=phase, refs=frozenset())
+
+
+def _may_sign(caller: Identity, want: spiffe.SpiffeId, pods: list[PodRefs]) -> bool:
+    graph = NodeGraph()
+    graph.replace(pods)
+    chain = Chain([MastersAuthorizer(), NodeAuthorizer(lambda: graph)])
+    attrs = Attributes(user=caller.user, groups=caller.groups, verb="create",
+                       resource="serviceaccounts", subresource="workloadcertificate",
+                       namespace=want.namespace, name=want.service_account)
+    return chain.authorize(attrs).allowed
+
+
 @pytest.mark.parametrize("caller,pods,allowed", [
-    (NODE_A, [PodView("shop", "a", "web", "Running")], True),
-    (NODE_A, [PodView("shop", "a", "web", "Pending")], True),
-    (NODE_A, [PodView("shop", "b", "web", "Running")], False),  # other node
-    (NODE_A, [PodView("other", "a", "web", "Running")], False),  # other namespace
-    (NODE_A, [PodView("shop", "a", "api", "Running")], False),  # other SA
-    (NODE_A, [PodView("shop", "a", "web", "Succeeded")], False),  # finished
-    (NODE_A, [PodView("shop", "a", "web", "Failed")], False),
+    (NODE_A, [_pod("shop", "a", "web", "Running")], True),
+    (NODE_A, [_pod("shop", "a", "web", "Pending")], True),
+    (NODE_A, [_pod("shop", "b", "web", "Running")], False),  # other node
+    (NODE_A, [_pod("other", "a", "web", "Running")], False),  # other namespace
+    (NODE_A, [_pod("shop", "a", "api", "Running")], False),  # other SA
+    (NODE_A, [_pod("shop", "a", "web", "Succeeded")], False),  # finished
+    (NODE_A, [_pod("shop", "a", "web", "Failed")], False),
     (NODE_A, [], False),
-    (Identity(user="system:node:a", groups=()), [PodView("shop", "a", "web", "")], False),
-    (Identity(user="bob", groups=("dev",)), [PodView("shop", "a", "web", "")], False),
+    (Identity(user="system:node:a", groups=()), [_pod("shop", "a", "web", "")], False),
+    (Identity(user="bob", groups=("dev",)), [_pod("shop", "a", "web", "")], False),
     (Identity(user="admin", groups=("system:masters",)), [], True),
 ])
-def test_node_authorization(caller: Identity, pods: list[PodView], allowed: bool) -> None:
-    if allowed:
-        authorize(caller, WANT, pods)
-    else:
-        with pytest.raises(errors.Forbidden):
-            authorize(caller, WANT, pods)
+def test_node_authorization(caller: Identity, pods: list[PodRefs], allowed: bool) -> None:
+    assert _may_sign(caller, WANT, pods) is allowed
 
 
 def test_default_service_account_when_the_pod_names_none() -> None:
-    authorize(NODE_A, spiffe.SpiffeId("cluster.local", "shop", "default"),
-              [PodView("shop", "a", "", "Running")])
+    assert _may_sign(NODE_A, spiffe.SpiffeId("cluster.local", "shop", "default"),
+                     [_pod("shop", "a", "", "Running")])
 
 
 def test_the_csr_the_agent_makes_is_what_the_ca_accepts() -> None:
