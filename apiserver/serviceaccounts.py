@@ -243,7 +243,9 @@ class PodFacts:
     uid: str
     node_name: str
     service_account: str
-    deleting: bool
+    # When a graceful deletion ends (deletionTimestamp + grace period); 0: not deleting.
+    # Its tokens work until then, as in Kubernetes, so the pod can shut down cleanly.
+    gone_at: float = 0.0
 
 
 class LiveObjects:
@@ -277,12 +279,16 @@ class LiveObjects:
         p = self._obj(self.pod_kind, namespace, name)
         if p is None:
             return None
+        gone_at = 0.0
+        if p.metadata.HasField("deletion_timestamp"):
+            gone_at = float(p.metadata.deletion_timestamp.seconds
+                            + p.metadata.deletion_grace_period_seconds)
         return PodFacts(uid=p.metadata.uid, node_name=p.spec.node_name,
                         service_account=p.spec.service_account_name or "default",
-                        deleting=p.metadata.HasField("deletion_timestamp"))
+                        gone_at=gone_at)
 
 
-def check_live(bound: Bound, live: LiveObjects) -> None:
+def check_live(bound: Bound, live: LiveObjects, *, now: float) -> None:
     """Unauthorized unless the token's service account (and pod) still exist as issued."""
     uid = live.service_account_uid(bound.namespace, bound.name)
     if uid is None:
@@ -296,9 +302,9 @@ def check_live(bound: Bound, live: LiveObjects) -> None:
         if pod is None or pod.uid != bound.pod_uid:
             raise errors.Unauthorized(f'pod "{bound.namespace}/{bound.pod_name}" the token '
                                       "is bound to no longer exists")
-        if pod.deleting:
+        if pod.gone_at and now >= pod.gone_at:
             raise errors.Unauthorized(f'pod "{bound.namespace}/{bound.pod_name}" the token '
-                                      "is bound to is being deleted")
+                                      "is bound to has been deleted")
 
 
 class TokenAuthenticator:
@@ -323,9 +329,9 @@ class TokenAuthenticator:
             if len(self._claims) >= self._cache_size:
                 self._claims.clear()
             self._claims[token] = claims
-        bound = check_claims(claims, issuer=self.issuer, audiences=self.audiences,
-                             now=self.clock())
-        check_live(bound, self.live)
+        now = self.clock()
+        bound = check_claims(claims, issuer=self.issuer, audiences=self.audiences, now=now)
+        check_live(bound, self.live, now=now)
         return identity_of(bound.namespace, bound.name)
 
 
@@ -413,8 +419,8 @@ class TokenService:
             if pod is None or (ref.uid and pod.uid != ref.uid):
                 raise errors.NotFound(f'pods "{ref.name}" not found (with uid {ref.uid!r})',
                                       kind="Pod", name=ref.name)
-            if pod.deleting:
-                raise errors.BadRequest(f'pod "{ref.name}" is being deleted')
+            if pod.gone_at and self.clock().timestamp() >= pod.gone_at:
+                raise errors.BadRequest(f'pod "{ref.name}" has been deleted')
         return Bound(namespace=ns, name=name, sa_uid=uid,
                      pod_name=ref.name if ref.kind else "",
                      pod_uid=pod.uid if pod is not None else ""), pod

@@ -39,6 +39,7 @@ from nodeagent.podstatus import Reason, pod_status, same_status
 from nodeagent.probing import ProbeManager
 from nodeagent.restarts import RestartTracker, key
 from nodeagent.runtimestate import ContainerState, PodRecord, SandboxRecord
+from nodeagent.satokens import ServiceAccountTokens, TokenKey
 from nodeagent.volumes import VolumeManager
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
@@ -81,6 +82,10 @@ class PodSyncer:
         self.restarts = restarts or RestartTracker()
         self.pulls = RestartTracker(initial=self.restarts.initial, cap=self.restarts.cap)
         self.failures: dict[str, dict[str, Reason]] = {}
+        # Service-account tokens for the pods here, bound to each pod, rotated.
+        config = getattr(client, "config", None)
+        self.tokens = ServiceAccountTokens(request=self._request_token,
+                                           ca_pem=getattr(config, "ca_pem", b""), clock=clock)
 
     def _event(self, pod: core_pb2.Pod, type_: str, reason: str, message: str) -> None:
         if self.events is not None:
@@ -99,6 +104,13 @@ class PodSyncer:
             return await self.client.get(core_pb2.Secret, name, namespace=namespace)
         except errors.NotFound:
             return None
+
+    async def _request_token(self, key: TokenKey) -> tuple[str, float]:
+        issued = await self.client.create_token(
+            key.service_account, namespace=key.namespace,
+            audiences=[key.audience] if key.audience else [],
+            expiration_seconds=key.expiration_seconds, pod=key.pod_name, pod_uid=key.pod_uid)
+        return issued.token, float(issued.expiration_timestamp.seconds)
 
     # -- the sync ---------------------------------------------------------------
 
@@ -167,7 +179,8 @@ class PodSyncer:
         facts = PodFacts(pod_ip=sandbox.ip if sandbox else "", host_ip=self.host_ip)
         try:
             paths = await self.volumes.setup(pod, configmaps=self._configmap,
-                                             secrets=self._secret, facts=facts)
+                                             secrets=self._secret, facts=facts,
+                                             tokens=self.tokens)
         except ConfigError as e:
             self._fail_all(pod, ("CreateContainerConfigError", str(e)))
             self._event(pod, "Warning", "Failed", f"Error: {e}")
@@ -280,6 +293,7 @@ class PodSyncer:
         for sb in record.sandboxes:
             await self.runtime.remove_sandbox(sb.id)
         self.volumes.teardown(uid)
+        self.tokens.forget(uid)
         self.probes.forget(uid)
         self.restarts.forget_pod(uid)
         self.pulls.forget_pod(uid)

@@ -17,6 +17,21 @@ Lifecycle per pod::
     setup (every sync; idempotent) --> mounts() for each container --> teardown
     teardown: unmount tmpfs, remove the pod's directory; idempotent
 
+Service-account tokens (``nodeagent.satokens`` requests and rotates them):
+
+- a projected ``serviceAccountToken`` source writes a token bound to the pod,
+  for its ``audience`` and ``expirationSeconds``; a projected volume holding
+  one is a tmpfs, like a secret;
+- a pod with ``automountServiceAccountToken: true`` gets Kubernetes'
+  ``kube-api-access`` volume: ``token``, ``ca.crt`` (the cluster CA) and
+  ``namespace``, mounted read-only at
+  ``/var/run/secrets/kubernetes.io/serviceaccount`` in every container that
+  mounts nothing there itself. Unlike Kubernetes (which mounts it unless told
+  not to), Shoal mounts it only when the pod asks; the ServiceAccount's own
+  ``automountServiceAccountToken`` is not consulted.
+
+Every sync rewrites a token file that is due for rotation.
+
 A missing ConfigMap or Secret (not optional) raises ``ConfigError`` (the pod
 shows ``CreateContainerConfigError``). Mounting goes through a small
 ``Mounter`` so unit tests need no root.
@@ -34,8 +49,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nodeagent.environment import ConfigError, PodFacts, field_value, resource_value
+from nodeagent.satokens import ServiceAccountTokens, TokenKey
+from shoal import errors
 
 Lookup = Callable[[str, str], Awaitable[Any | None]]
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The automounted token volume's key in setup()'s paths (no user volume can be named so).
+AUTOMOUNT = "kube-api-access/automount"
+AUTOMOUNT_EXPIRATION = 3607  # Kubernetes' value for the automounted token
+
+
+def wants_token(pod: Any) -> bool:
+    """Whether the pod asked for the automounted service-account token."""
+    spec = pod.spec
+    return bool(spec.HasField("automount_service_account_token")
+                and spec.automount_service_account_token)
 
 
 class Mounter(Protocol):
@@ -146,10 +174,20 @@ class VolumeManager:
         return data
 
     async def setup(self, pod: Any, *, configmaps: Lookup, secrets: Lookup,
-                    facts: PodFacts) -> dict[str, Path]:
+                    facts: PodFacts, tokens: ServiceAccountTokens | None = None
+                    ) -> dict[str, Path]:
         """Make every volume of ``pod`` ready; returns volume name -> host path."""
         uid, ns = pod.metadata.uid, pod.metadata.namespace
         paths: dict[str, Path] = {}
+        if wants_token(pod):
+            d = self._dir(uid, "projected", "kube-api-access")
+            self._tmpfs(d)
+            token = await _token(tokens, pod, audience="",
+                                 expiration_seconds=AUTOMOUNT_EXPIRATION)
+            assert tokens is not None
+            _sync_dir(d, {"token": (token.encode(), 0o644), "ca.crt": (tokens.ca_pem, 0o644),
+                          "namespace": (ns.encode(), 0o644)})
+            paths[AUTOMOUNT] = d
         for vol in pod.spec.volumes:
             if vol.HasField("host_path"):
                 paths[vol.name] = self._host_path(vol.host_path)
@@ -178,8 +216,11 @@ class VolumeManager:
                 paths[vol.name] = d
             elif vol.HasField("projected"):
                 d = self._dir(uid, "projected", vol.name)
+                if any(src.HasField("service_account_token") for src in vol.projected.sources):
+                    self._tmpfs(d)  # a token is a secret: keep it off the disk
                 _sync_dir(d, await self._projected(pod, vol.projected, configmaps=configmaps,
-                                                   secrets=secrets, facts=facts))
+                                                   secrets=secrets, facts=facts,
+                                                   tokens=tokens))
                 paths[vol.name] = d
             elif vol.HasField("persistent_volume_claim"):
                 raise ConfigError(f"volume {vol.name}: persistentVolumeClaim volumes are not "
@@ -222,7 +263,8 @@ class VolumeManager:
         return out
 
     async def _projected(self, pod: Any, proj: Any, *, configmaps: Lookup, secrets: Lookup,
-                         facts: PodFacts) -> dict[str, tuple[bytes, int]]:
+                         facts: PodFacts, tokens: ServiceAccountTokens | None = None,
+                         ) -> dict[str, tuple[bytes, int]]:
         mode = proj.default_mode if proj.HasField("default_mode") else 0o644
         ns = pod.metadata.namespace
         out: dict[str, tuple[bytes, int]] = {}
@@ -240,8 +282,11 @@ class VolumeManager:
             elif src.HasField("downward_api"):
                 out.update(self._downward(pod, src.downward_api.items, mode, facts))
             elif src.HasField("service_account_token"):
-                raise ConfigError("serviceAccountToken projections need service-account "
-                                  "tokens, which this cluster does not issue yet")
+                t = src.service_account_token
+                token = await _token(tokens, pod, audience=t.audience,
+                                     expiration_seconds=t.expiration_seconds
+                                     if t.HasField("expiration_seconds") else 3600)
+                out[_safe_rel(t.path)] = (token.encode(), mode)
         return out
 
     def _host_path(self, hp: Any) -> Path:
@@ -275,6 +320,11 @@ class VolumeManager:
                              readonly=vm.read_only,
                              propagation=vm.mount_propagation
                              if vm.HasField("mount_propagation") else ""))
+        auto = paths.get(AUTOMOUNT)
+        if auto is not None and not any(m.container_path.rstrip("/") == SERVICE_ACCOUNT_DIR
+                                        for m in out):
+            out.append(Mount(container_path=SERVICE_ACCOUNT_DIR, host_path=str(auto),
+                             readonly=True))
         return out
 
     def teardown(self, uid: str) -> None:
@@ -293,6 +343,20 @@ class VolumeManager:
     def known_pods(self) -> list[str]:
         d = self.root / "pods"
         return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+async def _token(tokens: ServiceAccountTokens | None, pod: Any, *, audience: str,
+                 expiration_seconds: int) -> str:
+    sa = pod.spec.service_account_name or "default"
+    if tokens is None:
+        raise ConfigError("this node cannot get service-account tokens")
+    key = TokenKey(namespace=pod.metadata.namespace, service_account=sa,
+                   pod_name=pod.metadata.name, pod_uid=pod.metadata.uid, audience=audience,
+                   expiration_seconds=expiration_seconds)
+    try:
+        return await tokens.get(key)
+    except errors.ShoalError as e:
+        raise ConfigError(f"cannot get a token for service account {sa!r}: {e}") from None
 
 
 def _tmpfs_size(limit: str) -> str:

@@ -99,6 +99,11 @@ class ControlPlane:
         return self.data_dir / "apiserver"
 
     @property
+    def encryption_config(self) -> Path:
+        """Secrets at rest: AES-GCM key made by render (apiserver.encryption)."""
+        return self.apiserver_dir / "encryption-config.yaml"
+
+    @property
     def registry_dir(self) -> Path:
         return self.data_dir / "registry"
 
@@ -231,7 +236,8 @@ def _control_plane_command(cp: ControlPlane, component: str, *, python: str) -> 
         python, "-P", "-m", "apiserver.main", "serve", "--data-dir", str(cp.apiserver_dir),
         "--listen", cp.api_server, "--join-listen", cp.join_server,
         "--advertise", cp.api_server, "--metrics-listen", API_METRICS,
-        "--storage", "etcd", "--etcd-servers", cp.etcd_endpoint, *cp.apiserver_args,
+        "--storage", "etcd", "--etcd-servers", cp.etcd_endpoint,
+        "--encryption-provider-config", str(cp.encryption_config), *cp.apiserver_args,
     ), ready_url=f"http://{API_METRICS}/readyz")  # fmt: skip
 
 
@@ -289,15 +295,17 @@ def render(spec: Spec, component: str) -> list[Path]:
     if component == APISERVER and cp is not None:
         import shutil
 
-        from apiserver import pki
+        from apiserver import encryption, pki
 
         cp.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the CA key
         result = pki.init(cp.apiserver_dir, server_addresses=[cp.api_server],
                           extra_sans=[cp.address, *cp.extra_sans])
         shutil.copyfile(result.admin_config, cp.admin_config)
         cp.admin_config.chmod(0o600)
+        made = [cp.encryption_config] if encryption.ensure_config_file(
+            cp.encryption_config) else []
         return [cp.apiserver_dir / "pki" / name for name in result.created] + [
-            cp.admin_config]
+            cp.admin_config, *made]
     if component == CONTAINERD and node is not None:
         from nodeagent.containerd import parse_registry_mirror, write_registry_mirrors
 

@@ -53,8 +53,8 @@ def test_bad_claims_are_refused_with_the_reason(change: dict[str, object], now_o
 
 ADMIN = Identity(user="admin", groups=("system:masters",))
 NODE_A = Identity(user="system:node:a", groups=("system:nodes",))
-POD_ON_A = PodFacts(uid="p1", node_name="a", service_account="robot", deleting=False)
-POD_ON_B = PodFacts(uid="p2", node_name="b", service_account="robot", deleting=False)
+POD_ON_A = PodFacts(uid="p1", node_name="a", service_account="robot")
+POD_ON_B = PodFacts(uid="p2", node_name="b", service_account="robot")
 
 
 @pytest.mark.parametrize(("caller", "sa", "pod", "refusal"), [
