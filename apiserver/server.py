@@ -205,7 +205,7 @@ class APIServer:
             self.tokens = TokenService(live=live, signer=signer,
                                        issuer=config.service_account_issuer,
                                        audiences=audiences, metrics=metrics, authn=self.authn,
-                                       cache=self.cache)
+                                       guard=self.guard, cache=self.cache)
         self.default_service_accounts = DefaultServiceAccounts(
             objects=self.objects, cache=self.cache, kinds=kinds)
         self.namespaces = NamespaceFinalizer(objects=self.objects, cache=self.cache, kinds=kinds)

@@ -53,11 +53,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from google.protobuf import timestamp_pb2
 
+from apiserver.authz.attributes import Attributes
 from apiserver.joining import NODE_GROUP, NODE_PREFIX
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import Identity
-from apiserver.rpc import Authenticator, passthrough, unary
+from apiserver.rpc import Authenticator, Guard, attributes, passthrough, unary
 from apiserver.watchcache import ADDED, DELETED, CacheEvent, WatchCache
 from shoal import errors, naming
 from shoal.api.authentication.v1 import tokens_pb2 as pb
@@ -344,16 +345,14 @@ def _node_of(caller: Identity) -> str | None:
     return None
 
 
-def authorize_request(caller: Identity, *, namespace: str, service_account: str,
-                      pod: PodFacts | None) -> None:
-    """Admins may get any token; a node only one bound to a pod it runs as that SA."""
-    if ADMIN_GROUP in caller.groups:
-        return
+def restrict_node(caller: Identity, *, service_account: str, pod: PodFacts | None) -> None:
+    """Kubernetes' NodeRestriction for TokenRequest: a node's token must be bound to
+    a pod the node runs, as that pod's service account. (Whether the caller may
+    ``create serviceaccounts/token`` at all is the authorizer's call: RBAC, or the
+    node authorizer.)"""
     node = _node_of(caller)
-    if node is None:
-        raise errors.Forbidden(
-            f"user {caller.user!r} may not create service-account tokens: only admins "
-            f"({ADMIN_GROUP}) and the node running the bound pod may")
+    if node is None or ADMIN_GROUP in caller.groups:
+        return
     if pod is None:
         raise errors.Forbidden(f"node {node!r} may create tokens only bound to a pod it runs")
     if pod.node_name != node:
@@ -367,7 +366,7 @@ def authorize_request(caller: Identity, *, namespace: str, service_account: str,
 class TokenService:
     def __init__(self, *, live: LiveObjects, signer: TokenSigner, issuer: str,
                  audiences: tuple[str, ...], metrics: Metrics, authn: Authenticator,
-                 cache: WatchCache, max_lifetime: int = MAX_LIFETIME,
+                 guard: Guard, cache: WatchCache, max_lifetime: int = MAX_LIFETIME,
                  clock: Callable[[], dt.datetime] = _now) -> None:
         self.live = live
         self.signer = signer
@@ -375,6 +374,8 @@ class TokenService:
         self.audiences = audiences
         self.metrics = metrics
         self.authn = authn
+        # Authorization (create serviceaccounts/token: RBAC, the node authorizer) and audit.
+        self.guard = guard
         self.cache = cache
         self.max_lifetime = max_lifetime
         self.clock = clock
@@ -425,7 +426,11 @@ class TokenService:
                      pod_name=ref.name if ref.kind else "",
                      pod_uid=pod.uid if pod is not None else ""), pod
 
-    @unary("CreateToken")
+    def describe_create(self, request: pb.TokenRequest, ident: Identity) -> Attributes:
+        return attributes(ident, "create", resource="serviceaccounts", subresource="token",
+                          namespace=request.namespace, name=request.service_account)
+
+    @unary("CreateToken", describe=describe_create)
     async def create_token(self, request: pb.TokenRequest,
                            context: grpc.aio.ServicerContext[Any, Any]) -> pb.TokenResponse:
         caller = self.authn.require(context)
@@ -434,8 +439,7 @@ class TokenService:
         if any(not a for a in audiences):
             raise errors.BadRequest("audiences must not contain an empty string")
         bound, pod = await self._bound(request)
-        authorize_request(caller, namespace=bound.namespace,
-                          service_account=bound.name, pod=pod)
+        restrict_node(caller, service_account=bound.name, pod=pod)
         now = self.clock()
         claims = make_claims(issuer=self.issuer, audiences=audiences, bound=bound, now=now,
                              lifetime=lifetime)
