@@ -139,3 +139,39 @@ async def test_join_port_serves_nothing_else_without_a_certificate(
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await rpc(resources_pb2.ListRequest(resource="secrets", namespace="kube-system"))
         assert isinstance(classify(e.value), errors.Unauthorized)
+
+
+async def test_tokens_made_and_revoked_with_the_cli_work_then_stop_working(
+        apiserver: InProcessAPIServer, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`shoal token create` gives a token a node can join with; after `shoal token
+    delete` the same token is refused; one created already expired is refused."""
+    import asyncio
+
+    from shoal.cli.main import main
+
+    async def cli(*args: str) -> str:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["--config", str(apiserver.config_path), *args])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return out.strip()
+
+    async def join(token: str, node: str) -> joining.JoinResult:
+        return await joining.join(server=_join_address(apiserver), token=token,
+                                  ca_cert_hash=_hash(apiserver), node_name=node,
+                                  data_dir=tmp_path / node)
+
+    token = await cli("token", "create", "--ttl", "1h")
+    assert (await join(token, "node-cli-a")).joined
+    await cli("token", "delete", token.split(".")[0])
+    with pytest.raises(errors.Unauthorized, match="not found"):
+        await join(token, "node-cli-b")
+    assert not (tmp_path / "node-cli-b" / "node.conf").exists()
+    # A token past its expiration is refused.
+    expired = tokens.generate()
+    async with apiserver.client() as c:
+        await c.create(tokens.to_secret(expired, ttl=dt.timedelta(minutes=5),
+                                        now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)))
+    with pytest.raises(errors.Unauthorized, match="expired"):
+        await join(str(expired), "node-cli-c")
