@@ -18,9 +18,7 @@ DEMO_NS=demo
 
 had_registry=0
 command -v docker-registry >/dev/null 2>&1 && had_registry=1
-install_packages etcd-server etcd-client ca-certificates containerd runc \
-    containernetworking-plugins busybox-static iproute2 iptables docker-registry \
-    util-linux procps
+install_packages "${SHOAL_PACKAGES[@]}"
 # Installing docker-registry starts its service on :5000 where systemd runs; the
 # lab runs its own registry there, so stop the one this script just installed.
 if [ "$had_registry" -eq 0 ] && command -v systemctl >/dev/null 2>&1 &&
