@@ -10,7 +10,7 @@ set -euo pipefail
 
 install_packages etcd-server etcd-client ca-certificates shellcheck \
     containerd runc containernetworking-plugins busybox-static iproute2 iptables util-linux \
-    docker-registry tcpdump vagrant systemd
+    docker-registry tcpdump kmod vagrant systemd
 make_venv "[dev]"
 cd "$ROOT"
 export PATH="$VENV/bin:$PATH"
@@ -54,9 +54,15 @@ log "generated code is current"
 python tools/genproto.py --check
 log "import-linter (layering)"
 lint-imports
+if [ "$(id -u)" -eq 0 ]; then
+    # NetworkPolicy filters traffic bridged between pods of one node through
+    # br_netfilter; loaded before the lab comes up so the lab sees it too.
+    modprobe br_netfilter || log "br_netfilter not loaded: same-node NetworkPolicy e2e will fail"
+fi
 log "pytest: unit, integration, e2e"
 pytest -q -p no:cacheprovider --durations=15 "$@"
 if [ "$#" -eq 0 ] && [ "$(id -u)" -eq 0 ]; then
     log "pytest: e2e with the mesh (a lab with --mesh)"
-    SHOAL_E2E_MESH=1 pytest -q -p no:cacheprovider tests/e2e/test_orch_mesh.py
+    SHOAL_E2E_MESH=1 pytest -q -p no:cacheprovider tests/e2e/test_orch_mesh.py \
+        tests/e2e/test_orch_netpol.py
 fi

@@ -16,6 +16,7 @@ run with ``flock /tmp/shoal-e2e.lock pytest -q tests/e2e/test_orch_netpol.py``.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -241,3 +242,55 @@ def test_cleanup_removes_our_chains_and_the_agent_restores_them(
     wait_for("node-1's policy chains restored", lambda: "SHOAL-NP-I-" in in_netns(
         "node-1", "iptables-save", "-t", "filter").stdout)
     web.settles(reach=set(), refused={"near", "far"})
+
+
+MESHED_NS = "netpol-mesh-e2e"
+
+
+@pytest.mark.skipif(os.environ.get("SHOAL_E2E_MESH") != "1",
+                    reason="shows what holds with the mesh on (SHOAL_E2E_MESH=1)")
+def test_with_the_mesh_captured_tcp_is_relayed_past_the_policy_and_icmp_is_not(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """What holds for meshed pods, as docs/security.md says: their TCP is
+    redirected to the meshagent and relayed from the node's own stack, which
+    these rules do not hook, so a default-deny does not stop it (the mesh's
+    AuthorizationPolicy is the control there); their ICMP (and UDP) still
+    crosses FORWARD and is refused."""
+    ns = core_pb2.Namespace()
+    ns.metadata.name = MESHED_NS
+    cluster.client.create(ns)
+    try:
+        web = web_pod()
+        web.metadata.namespace = MESHED_NS
+        client = client_pod("far", "node-2")
+        client.metadata.namespace = MESHED_NS
+        cluster.client.create(web)
+        cluster.client.create(client)
+
+        def up(name: str) -> core_pb2.Pod | None:
+            p = cluster.client.get(core_pb2.Pod, name, namespace=MESHED_NS)
+            return p if p.status.phase == "Running" and p.status.pod_ip else None
+
+        web_ip = wait_for("web running", lambda: up("web"), timeout=120).status.pod_ip
+        far_ip = wait_for("far running", lambda: up("far"), timeout=120).status.pod_ip
+        for node, ip in (("node-1", web_ip), ("node-2", far_ip)):
+            wait_for(f"{ip} captured on {node}", lambda n=node, i=ip: f"{i}/32" in in_netns(
+                n, "iptables-save", "-t", "nat").stdout, timeout=60)
+
+        def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return cluster.shoal("exec", "far", "-n", MESHED_NS, "--", *cmd)
+
+        url = f"http://{web_ip}:8080/"
+        wait_for("far reaches web through the mesh", lambda: run(
+            "timeout", "5", "wget", "-q", "-O", "-", url).stdout.strip() == "hello from web",
+            timeout=60)
+        assert run("ping", "-c", "1", "-W", "2", web_ip).returncode == 0
+        apply(cluster, tmp_path, DENY_INGRESS.replace(NS, MESHED_NS))
+        wait_for("web's ingress chain on node-1", lambda: "SHOAL-NP-I-" in in_netns(
+            "node-1", "iptables-save", "-t", "filter").stdout)
+        wait_for("far's ping to web refused", lambda: run(
+            "ping", "-c", "1", "-W", "2", web_ip).returncode != 0)
+        got = run("timeout", "5", "wget", "-q", "-O", "-", url)
+        assert got.stdout.strip() == "hello from web", got
+    finally:
+        cluster.client.delete(core_pb2.Namespace, MESHED_NS)
