@@ -11,12 +11,18 @@ The pod image is busybox: no Python (and so no Shoal SDK) runs inside it. The
 call is therefore made by the SDK's in-cluster config from the pod's network
 namespace (``nsenter -n`` into the container's process), reading the token
 and CA from the container's own filesystem (``/proc/<pid>/root/...``: the files
-exactly as mounted in the pod). Needs root; run with
+exactly as mounted in the pod).
+
+The lab's control plane (the host side of the bridge) has no route to pod
+CIDRs: the lab has no NAT and pods never needed the apiserver. For the call
+from the pod, the module adds the return route to the pod's node for its
+duration (a real cluster's network provides it). Needs root; run with
 ``flock /tmp/shoal-e2e.lock pytest -q tests/e2e/test_orch_security.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,8 +114,15 @@ subjects:
 
     wait_for("the reader pod running", running, timeout=120)
     pid = wait_for("the reader container's process", _container_pid, timeout=30)
-    yield pid
-    cluster.client.delete(core_pb2.Namespace, NS)
+    node = cluster.client.get(core_pb2.Node, "node-2")
+    node_ip = next(a.address for a in node.status.addresses if a.type == "InternalIP")
+    route = [node.spec.pod_cidr, "via", node_ip]
+    subprocess.run(["ip", "route", "replace", *route], check=True, timeout=30)
+    try:
+        yield pid
+    finally:
+        subprocess.run(["ip", "route", "del", *route], check=False, timeout=30)
+        cluster.client.delete(core_pb2.Namespace, NS)
 
 
 def _call_from_pod(cluster: Cluster, pid: int) -> str:
@@ -132,7 +145,8 @@ def test_the_lab_keeps_secrets_encrypted_in_etcd(cluster: Cluster) -> None:
     s.data["password"] = b"e2e-plaintext-password"
     cluster.client.create(s)
     try:
-        out = subprocess.run(["etcdctl", "--endpoints", "127.0.0.1:2379", "get",
+        state = json.loads((cluster.dir / "state.json").read_text())
+        out = subprocess.run(["etcdctl", "--endpoints", state["etcd_endpoint"], "get",
                               "/registry/secrets/default/at-rest", "--print-value-only"],
                              capture_output=True, timeout=30, check=True,
                              env={**os.environ, "ETCDCTL_API": "3"}).stdout
