@@ -27,7 +27,7 @@ from apiserver.rpc import Authenticator, Call, Guard, abort_with, attributes, pa
 from apiserver.watchcache import WatchCache
 from shoal import errors, selectors
 from shoal.api.resources.v1 import resources_pb2 as pb
-from shoal.kinds import Kind, KindTable
+from shoal.kinds import RBAC, Kind, KindTable
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,18 @@ class ResourceAPI:
         return self._about(ident, verb, kind, namespace=obj.metadata.namespace,
                            name=obj.metadata.name, subresource=subresource)
 
+    async def admit_write(self, request: pb.CreateRequest | pb.UpdateRequest,
+                          ident: Identity) -> None:
+        """RBAC escalation prevention (a Role or binding granting more than the
+        caller holds is refused)."""
+        escalation = self.guard.escalation
+        if escalation is None:
+            return
+        kind, obj = self.objects.decode_any(request.object)
+        if kind.group == RBAC:
+            a = attributes(ident, "create")
+            escalation.check(user=a.user, groups=a.groups, resource=kind.resource, obj=obj)
+
     def describe_named(self, request: pb.GetRequest | pb.DeleteRequest, ident: Identity,
                        verb: str) -> Attributes:
         kind = self._kind(request.group, request.resource)
@@ -126,7 +138,8 @@ class ResourceAPI:
 
     # -- unary methods ----------------------------------------------------------
 
-    @unary("Create", describe=lambda api, r, i: api.describe_write(r, i, "create"))
+    @unary("Create", describe=lambda api, r, i: api.describe_write(r, i, "create"),
+           admit=lambda api, r, i: api.admit_write(r, i))
     async def create(self, request: pb.CreateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)
@@ -177,7 +190,8 @@ class ResourceAPI:
             resp.remaining_item_count = page.remaining
         return resp
 
-    @unary("Update", describe=lambda api, r, i: api.describe_write(r, i, "update"))
+    @unary("Update", describe=lambda api, r, i: api.describe_write(r, i, "update"),
+           admit=lambda api, r, i: api.admit_write(r, i))
     async def update(self, request: pb.UpdateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)

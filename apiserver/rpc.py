@@ -25,6 +25,7 @@ import grpc
 from apiserver.authz.access import AccessControl
 from apiserver.authz.attributes import Attributes, forbidden_message
 from apiserver.authz.audit import AuditLog, AuditRecord
+from apiserver.authz.escalation import EscalationCheck
 from apiserver.metrics import Metrics
 from apiserver.pki import Identity, identity_of
 from shoal import errors
@@ -129,9 +130,12 @@ class Guard:
     """Authorization and audit, one per server, shared by every service."""
 
     def __init__(self, *, access: AccessControl, audit: AuditLog | None = None,
-                 render: Callable[[Any], Any] | None = None) -> None:
+                 render: Callable[[Any], Any] | None = None,
+                 escalation: EscalationCheck | None = None) -> None:
         self.access = access
         self.audit = audit
+        # RBAC writes that would grant more than the caller holds are refused.
+        self.escalation = escalation
         # The JSON form of a request, for audit events at level Request.
         self.render = render
 
@@ -147,6 +151,9 @@ _Resp = TypeVar("_Resp")
 Unary = Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
 # What a request asks to do, given the caller; None: any authenticated caller may.
 Describe = Callable[[Any, Any, Identity], Attributes | None]
+# Checks after authorization that need the request's content (RBAC escalation);
+# raise to refuse.
+Admit = Callable[[Any, Any, Identity], Awaitable[None]]
 
 
 def attributes(ident: Identity, verb: str, *, group: str = "", resource: str = "",
@@ -182,7 +189,7 @@ class Call:
 
     async def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any,
                     describe: Describe | None, *, authenticate: bool = True,
-                    authorize: bool = True) -> Identity | None:
+                    authorize: bool = True, admit: Admit | None = None) -> Identity | None:
         authn: Authenticator = self.service.authn
         if self.record is not None and self.guard is not None and self.guard.render:
             render = self.guard.render
@@ -208,6 +215,8 @@ class Call:
             a = self.attrs
             raise errors.Forbidden(forbidden_message(a, decision.reason), kind=a.resource,
                                    name=a.name, group=a.group)
+        if admit is not None and self.ident is not None:
+            await admit(self.service, request, self.ident)
         return self.ident
 
     def started(self) -> None:
@@ -250,11 +259,12 @@ def resource_of(request: Any) -> str:
 
 
 def unary(method: str, *, authenticate: bool = True, describe: Describe | None = None,
-          authorize: bool = True
+          authorize: bool = True, admit: Admit | None = None
           ) -> Callable[[Unary[_S, _Req, _Resp]], Unary[_S, _Req, _Resp]]:
     """Authentication, authorization (``describe`` says what the request does;
-    without one any authenticated caller may), error mapping, metrics and audit
-    around one unary method. ``authorize=False`` describes for the audit only."""
+    without one any authenticated caller may), ``admit`` (checks of the request's
+    content once authorized), error mapping, metrics and audit around one unary
+    method. ``authorize=False`` describes for the audit only."""
 
     def wrap(fn: Unary[_S, _Req, _Resp]) -> Unary[_S, _Req, _Resp]:
         @functools.wraps(fn)
@@ -264,7 +274,7 @@ def unary(method: str, *, authenticate: bool = True, describe: Describe | None =
             error: BaseException | None = None
             try:
                 await call.admit(context, request, describe, authenticate=authenticate,
-                                 authorize=authorize)
+                                 authorize=authorize, admit=admit)
                 return await fn(self, request, context)
             except errors.ShoalError as e:
                 error = e

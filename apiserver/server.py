@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from apiserver.authz import audit as auditing
 from apiserver.authz import bootstrap as bootstrap_policy
 from apiserver.authz.access import AccessControl, AlwaysAllow, Authorizer, Chain, MastersAuthorizer
+from apiserver.authz.escalation import EscalationCheck
 from apiserver.authz.nodegraph import CachedNodeGraph
 from apiserver.authz.nodes import NodeAuthorizer
 from apiserver.authz.rbac import RBACAuthorizer
@@ -165,7 +166,9 @@ class APIServer:
                       if config.audit_policy_file else auditing.EVERYTHING_AT_METADATA)
             self.audit = auditing.AuditLog(path=config.audit_log_path, policy=policy)
         self.guard = Guard(access=AccessControl(authorizer, catch_up=self.cache.caught_up),
-                           audit=self.audit, render=auditing.request_renderer(kinds))
+                           audit=self.audit, render=auditing.request_renderer(kinds),
+                           escalation=EscalationCheck(authorizer=authorizer,
+                                                      index=self.rbac.index))
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name, authn=self.authn,
                                guard=self.guard)

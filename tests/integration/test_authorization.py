@@ -166,6 +166,27 @@ async def test_edit_in_one_namespace_cannot_touch_another(
     assert (await client.get(apps_pb2.Deployment, "theirs", namespace=theirs)).metadata.name
 
 
+async def test_no_one_grants_what_they_do_not_hold(client: AsyncClient, user: Any) -> None:
+    ns = await _namespace(client)
+    await _bind(client, namespace=ns, role="admin", user="ada")
+    ada = user("ada")
+    await _granted(ada, verb="create", group=RBAC, resource="rolebindings", namespace=ns)
+    await _bind(ada, namespace=ns, role="edit", user="ed")  # admin holds all of edit there
+    with pytest.raises(errors.Forbidden,
+                       match="attempting to grant RBAC permissions not currently held: "
+                             r'\{APIGroups:\["\*"\], Resources:\["\*"\], Verbs:\["\*"\]\}'):
+        await _bind(ada, namespace=ns, role="cluster-admin", user="ada")
+    role = rbac_pb2.Role(rules=[rbac_pb2.PolicyRule(verbs=["get"], api_groups=[""],
+                                                    resources=["pods", "nodes"])])
+    role.metadata.name, role.metadata.namespace = "peek", ns
+    with pytest.raises(errors.Forbidden, match=r'Resources:\["nodes" "pods"\]'):
+        await ada.create(role)
+    del role.rules[0].resources[1]
+    await ada.create(role)  # pods she holds
+    # The admin (system:masters) may grant anything.
+    await _bind(client, namespace=ns, role="cluster-admin", user="ada")
+
+
 async def test_a_node_reads_only_its_pods_secrets_and_writes_only_itself(
         apiserver: InProcessAPIServer, client: AsyncClient) -> None:
     ns = await _namespace(client)

@@ -8,6 +8,7 @@ import pytest
 from apiserver.authz import bootstrap
 from apiserver.authz.access import Chain, MastersAuthorizer
 from apiserver.authz.attributes import Attributes, forbidden_message
+from apiserver.authz.escalation import describe_rule, not_held
 from apiserver.authz.rbac import RBACIndex, Rule, rule_allows
 from shoal import manifests, validation
 from shoal.api.rbac.v1 import rbac_pb2
@@ -261,3 +262,27 @@ def test_bootstrap_reconcile_restores_rules_unless_opted_out() -> None:
     assert fixed is not None and fixed.aggregation_rule == wanted.aggregation_rule
     current.metadata.annotations[bootstrap.AUTOUPDATE] = "false"
     assert bootstrap.reconciled(current, wanted) is None
+
+
+# -- escalation: no one grants what they do not hold -------------------------------------
+
+
+@pytest.mark.parametrize("rules,missing", [
+    ([_rule("get,list", "", "pods")], []),
+    ([_rule("get", "", "pods/log")], []),  # edit aggregates view
+    ([_rule("get", "", "nodes")], [0]),  # cluster-scoped: not through a RoleBinding
+    ([_rule("*", "", "pods")], [0]),  # a wildcard needs a wildcard
+    ([_rule("get", "", "pods"), _rule("create", "apps", "deployments"),
+      _rule("create", "", "rolebindings")], [2]),
+    ([_rule("get", "", "secrets", "db")], []),
+])
+def test_not_held(rules: list[Rule], missing: list[int]) -> None:
+    index = _index()
+    got = not_held(rules, user="alice", groups=(), namespace="dev",
+                   allows=lambda a: index.authorize(a).allowed)
+    assert got == [rules[i] for i in missing]
+
+
+def test_escalation_message_is_kubes() -> None:
+    assert describe_rule(_rule("get,list", "", "pods,secrets")) == (
+        '{APIGroups:[""], Resources:["pods" "secrets"], Verbs:["get" "list"]}')
