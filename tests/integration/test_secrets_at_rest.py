@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +80,17 @@ def own_etcd() -> Iterator[EtcdServer]:
         yield server
 
 
-@pytest.mark.etcd
-@pytest.mark.skipif(shutil.which("etcdctl") is None,
-                    reason="etcdctl is not installed (Debian package etcd-client)")
-async def test_etcd_holds_only_ciphertext_and_rotation_keeps_every_secret_readable(
-        own_etcd: EtcdServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    etcd = own_etcd
+def _use_keys(cfg: Path, keys: list[tuple[str, str]]) -> None:
+    cfg.write_text(_config(keys))
+
+
+async def _rotation_keeps_every_secret_readable(
+        api: InProcessAPIServer, cfg: Path, raw: Callable[[str], bytes],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """key1 -> (key2 first, key1 kept) + reencrypt -> key2 only; every step readable,
+    what storage holds is ciphertext under the expected key."""
     key1, key2 = new_key_secret(), new_key_secret()
-    cfg = tmp_path / "encryption.yaml"
-    cfg.write_text(_config([("key1", key1)]))
-    api = InProcessAPIServer(tmp_path, etcd_endpoint=etcd.endpoint,
-                             encryption_provider_config=str(cfg))
+    _use_keys(cfg, [("key1", key1)])
     await api.start()
     try:
         async with api.client() as c:
@@ -98,9 +98,9 @@ async def test_etcd_holds_only_ciphertext_and_rotation_keeps_every_secret_readab
             names = [f"s{i}" for i in range(5)]
             for name in names:
                 await c.create(_secret(name, ns))
-            raw = _etcdctl_get(etcd.endpoint, f"/registry/secrets/{ns}/s0")
-            assert raw.startswith(b"k8s:enc:aesgcm:v1:key1:")
-            assert PLAINTEXT not in raw and base64.b64encode(PLAINTEXT) not in raw
+            stored = raw(f"/registry/secrets/{ns}/s0")
+            assert stored.startswith(b"k8s:enc:aesgcm:v1:key1:")
+            assert PLAINTEXT not in stored and base64.b64encode(PLAINTEXT) not in stored
             # Reads, lists and the watch cache see plaintext.
             assert (await c.get(core_pb2.Secret, "s0", namespace=ns)).data["password"] == \
                 PLAINTEXT
@@ -112,11 +112,11 @@ async def test_etcd_holds_only_ciphertext_and_rotation_keeps_every_secret_readab
             cm.metadata.name, cm.metadata.namespace = "plain", ns
             cm.data["k"] = "visible"
             await c.create(cm)
-            assert b"visible" in _etcdctl_get(etcd.endpoint, f"/registry/configmaps/{ns}/plain")
+            assert b"visible" in raw(f"/registry/configmaps/{ns}/plain")
 
-        # Rotation step 1+2: key2 first (writes), key1 kept (reads). Restart.
+        # Rotation steps 1+2: key2 first (writes), key1 kept (reads). Restart.
         await api.stop()
-        cfg.write_text(_config([("key2", key2), ("key1", key1)]))
+        _use_keys(cfg, [("key2", key2), ("key1", key1)])
         await api.start()
         async with api.client() as c:
             before = {s.metadata.name: s for s in
@@ -126,8 +126,8 @@ async def test_etcd_holds_only_ciphertext_and_rotation_keeps_every_secret_readab
             code, out = await _reencrypt(api, capsys)
             assert code == 0 and "rewrote 5 of " in out, out
             for name in names:
-                raw = _etcdctl_get(etcd.endpoint, f"/registry/secrets/{ns}/{name}")
-                assert raw.startswith(b"k8s:enc:aesgcm:v1:key2:"), raw[:40]
+                stored = raw(f"/registry/secrets/{ns}/{name}")
+                assert stored.startswith(b"k8s:enc:aesgcm:v1:key2:"), stored[:40]
             after = {s.metadata.name: s for s in
                      (await c.list(core_pb2.Secret, namespace=ns)).items}
             for name, s in after.items():  # same data and identity; only the version moved
@@ -139,16 +139,46 @@ async def test_etcd_holds_only_ciphertext_and_rotation_keeps_every_secret_readab
             code, out = await _reencrypt(api, capsys)
             assert code == 0 and "rewrote 0 of " in out, out
 
-        # Step 4: drop key1. Everything still reads.
+        # Step 4: drop key1. Everything still reads (history under key1 is not replayed).
         await api.stop()
-        cfg.write_text(_config([("key2", key2)]))
+        _use_keys(cfg, [("key2", key2)])
         await api.start()
         async with api.client() as c:
             for name in names:
                 s = await c.get(core_pb2.Secret, name, namespace=ns)
                 assert s.data["password"] == PLAINTEXT
+            listed = await c.list(core_pb2.Secret, namespace=ns, resource_version="0")
+            assert len(listed.items) == 5  # from the watch cache
     finally:
         await api.stop()
+
+
+@pytest.mark.etcd
+@pytest.mark.skipif(shutil.which("etcdctl") is None,
+                    reason="etcdctl is not installed (Debian package etcd-client)")
+async def test_etcd_holds_only_ciphertext_and_rotation_keeps_every_secret_readable(
+        own_etcd: EtcdServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "encryption.yaml"
+    api = InProcessAPIServer(tmp_path, etcd_endpoint=own_etcd.endpoint,
+                             encryption_provider_config=str(cfg))
+    await _rotation_keeps_every_secret_readable(
+        api, cfg, lambda key: _etcdctl_get(own_etcd.endpoint, key), capsys)
+
+
+async def test_sqlite_rotation_keeps_every_secret_readable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "encryption.yaml"
+    db = tmp_path / "state.db"
+    api = InProcessAPIServer(tmp_path, sqlite_path=str(db),
+                             encryption_provider_config=str(cfg))
+
+    def raw(key: str) -> bytes:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT value FROM kv WHERE CAST(name AS TEXT) = ? "
+                               "ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+        return bytes(row[0])
+
+    await _rotation_keeps_every_secret_readable(api, cfg, raw, capsys)
 
 
 async def test_sqlite_holds_ciphertext_and_a_value_moved_to_another_key_does_not_decrypt(
