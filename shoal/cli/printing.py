@@ -13,6 +13,7 @@ same words: ``CrashLoopBackOff``, ``Init:0/1``, ``Terminating``, ``<none>``.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
@@ -438,6 +439,27 @@ def _authorization_policy_row(ap: Any, now: float) -> Cells:
     return (ap.metadata.name, ap.spec.action or "ALLOW", age(ap.metadata.creation_timestamp, now))
 
 
+def _created_at(obj: Any, now: float) -> Cells:
+    ts = seconds_of(obj.metadata.creation_timestamp)
+    when = (dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if ts is not None else UNKNOWN)
+    return (obj.metadata.name, when)
+
+
+def _binding_row(b: Any, now: float) -> Cells:
+    return (b.metadata.name, f"{b.role_ref.kind}/{b.role_ref.name}",
+            age(b.metadata.creation_timestamp, now))
+
+
+def _binding_wide(b: Any, now: float) -> Cells:
+    def of(kind: str) -> str:
+        names = [f"{s.namespace}/{s.name}" if kind == "ServiceAccount" else s.name
+                 for s in b.subjects if s.kind == kind]
+        return ", ".join(names)
+
+    return (of("User"), of("Group"), of("ServiceAccount"))
+
+
 def _generic_row(obj: Any, now: float) -> Cells:
     return (obj.metadata.name, age(obj.metadata.creation_timestamp, now))
 
@@ -570,6 +592,12 @@ def printer_for(kind: Kind) -> Printer:
             return Printer(("NAME", "ACTION", "AGE"), _authorization_policy_row)
         case "NetworkPolicy":
             return Printer(("NAME", "POD-SELECTOR", "AGE"), _network_policy_row)
+        case "Role" | "ClusterRole":
+            return Printer(("NAME", "CREATED AT"), _created_at)
+        case "RoleBinding" | "ClusterRoleBinding":
+            return Printer(("NAME", "ROLE", "AGE"), _binding_row,
+                           wide_headers=("USERS", "GROUPS", "SERVICEACCOUNTS"),
+                           wide_row=_binding_wide)
         case _:
             return Printer(("NAME", "AGE"), _generic_row)
 

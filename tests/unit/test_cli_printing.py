@@ -615,3 +615,20 @@ def test_main_exit_codes_without_a_server(argv: list[str], code: int, stderr_has
 def test_version_client_needs_no_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version", "--client", "--config", "/nonexistent/config"]) == 0
     assert capsys.readouterr().out.startswith("Client Version: ")
+
+
+def test_rbac_rows() -> None:
+    meta = {"name": "read", "namespace": "dev", "creationTimestamp": ago(60)}
+    role = make({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                 "metadata": meta, "rules": []})
+    (row,) = table_for(kind("roles"), [role], now=NOW).rows
+    assert row[0] == "read" and row[1].endswith("Z")
+    rb = make({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": meta,
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "view"},
+               "subjects": [{"kind": "User", "name": "jane"},
+                            {"kind": "ServiceAccount", "name": "bot", "namespace": "dev"}]})
+    table = table_for(kind("rolebindings"), [rb], now=NOW, options=TableOptions(wide=True))
+    assert table.headers == ("NAME", "ROLE", "AGE", "USERS", "GROUPS", "SERVICEACCOUNTS")
+    assert table.rows[0] == ("read", "ClusterRole/view", "60s", "jane", "", "dev/bot")
