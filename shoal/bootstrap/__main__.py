@@ -156,7 +156,10 @@ def _token(spec: Spec, publish: Path, ttl: dt.timedelta) -> int:
     tmp.write_text(f"# made by python -m shoal.bootstrap token; valid {ttl}\n"
                    f"SHOAL_JOIN_TOKEN={token}\nSHOAL_CA_CERT_HASH={ca_hash}\n"
                    f"SHOAL_API_SERVER={cp.api_server}\n")
-    tmp.chmod(0o600)
+    try:
+        tmp.chmod(0o600)
+    except OSError as e:  # shared folders (vboxsf) may refuse it; the token still works
+        _say(f"could not restrict {tmp} to its owner: {e}")
     tmp.replace(publish)
     _say(f"join token {token.id} published to {publish} (valid {ttl})")
     return 0

@@ -35,6 +35,9 @@ install_shoal() {
     . "$SHOAL_SRC/scripts/lib.sh"
     step "Shoal into $SHOAL_VENV (make_venv, as scripts/up.sh)"
     make_venv ""
+    # Debian's packages start their own etcd, registry and containerd; ours take
+    # their ports (and say Conflicts=), so theirs go, on every machine.
+    replace_debian_services etcd.service docker-registry.service containerd.service
 }
 
 # kernel_settings: what pods, the service proxy and containerd need, now and at boot.

@@ -11,7 +11,6 @@ set -euo pipefail
 
 install_shoal
 kernel_settings
-replace_debian_services etcd.service docker-registry.service
 
 step "bootstrap spec $SHOAL_SPEC (what this machine runs)"
 mkdir -p "$(dirname "$SHOAL_SPEC")"
@@ -36,7 +35,8 @@ bootstrap seed
 
 step "join token for the workers -> $SHOAL_SHARED_DIR/join.env"
 bootstrap token --publish "$SHOAL_SHARED_DIR/join.env"
-install -v -m 0600 /var/lib/shoal/admin.conf "$SHOAL_SHARED_DIR/admin.conf"
+# (cp, not install -m: shared folders such as vboxsf may refuse chmod)
+cp -v /var/lib/shoal/admin.conf "$SHOAL_SHARED_DIR/admin.conf"
 
 step "checks (python -m shoal.bootstrap check)"
 bootstrap check

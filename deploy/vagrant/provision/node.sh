@@ -13,7 +13,6 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 
 install_shoal
 kernel_settings
-replace_debian_services containerd.service
 
 SHOAL_TOKEN_FILE="$SHOAL_SHARED_DIR/join.env" SHOAL_SPEC="$SHOAL_SPEC" \
     SHOAL_PYTHON="$SHOAL_PYTHON" "$HERE/node-bootstrap.sh"
