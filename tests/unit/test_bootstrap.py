@@ -198,3 +198,54 @@ async def test_ready_once_every_signal_is_set_then_stopping(
     gate.set()
     await task
     assert await asyncio.to_thread(notify_socket.recv, 100) == b"STOPPING=1"
+
+
+# -- python -m shoal.bootstrap --------------------------------------------------------
+
+
+def run_cli(tmp_path: Path, text: str, *args: str) -> int:
+    from shoal.bootstrap.__main__ import main
+
+    spec = tmp_path / "bootstrap.yaml"
+    spec.write_text(text)
+    return main(["--spec", str(spec), *args])
+
+
+def test_show_prints_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    assert run_cli(tmp_path, bootstrap.dump(Spec(control_plane=CP)), "show", "registry") == 0
+    assert capsys.readouterr().out == \
+        "docker-registry serve /var/lib/shoal/registry/config.yml\n"
+
+
+@pytest.mark.parametrize(("text", "args", "problem"), [
+    ("node: {name: a}", ("show", "nodeagent"), "node.ip: required"),
+    (bootstrap.dump(Spec(control_plane=CP)), ("show", "nodeagent"), "no node section"),
+    (bootstrap.dump(Spec(node=VM_NODE)), ("wait", "containerd"), "no health endpoint"),
+    (bootstrap.dump(Spec(node=VM_NODE)), ("seed",), "seed runs on the control plane"),
+])
+def test_bad_input_is_refused_with_exit_2_and_a_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+        args: tuple[str, ...], problem: str) -> None:
+    assert run_cli(tmp_path, text, *args) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_join_needs_a_published_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    token_file = tmp_path / "join.env"
+    token_file.write_text("# nothing yet\nSHOAL_API_SERVER=192.168.56.10:6443\n")
+    node = NodeSpec(**{**VM_NODE.__dict__, "data_dir": tmp_path / "node"})
+    assert run_cli(tmp_path, bootstrap.dump(Spec(node=node)), "join", "--token-file",
+                   str(token_file)) == 2
+    assert "has no SHOAL_JOIN_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "node").exists()  # nothing changed
+
+
+def test_a_missing_spec_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    from shoal.bootstrap.__main__ import main
+
+    assert main(["--spec", str(tmp_path / "nope.yaml"), "show", "etcd"]) == 2
+    assert f"cannot read the bootstrap spec {tmp_path / 'nope.yaml'}" in \
+        capsys.readouterr().err
