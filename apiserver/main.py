@@ -139,7 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ShoalError as e:
         print(f"shoal-apiserver: {e}", file=sys.stderr)
         return 1
+    except ExceptionGroup as group:
+        # A part of the running server failed (e.g. the watch cache could not load
+        # a Secret no configured encryption key decrypts): say what, not a traceback.
+        matched, _ = group.split(errors.ShoalError)
+        if matched is None:
+            raise
+        for failure in _leaves(matched):
+            print(f"shoal-apiserver: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[errors.ShoalError]) -> list[errors.ShoalError]:
+    out: list[errors.ShoalError] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 if __name__ == "__main__":

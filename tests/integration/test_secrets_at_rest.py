@@ -242,3 +242,22 @@ def test_a_bad_config_stops_the_server_with_the_field_named(
     assert out.returncode != 0
     assert message in out.stderr, out.stderr
     assert str(cfg) in out.stderr
+
+
+async def test_a_secret_under_a_removed_key_stops_the_server_naming_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "encryption.yaml"
+    db = tmp_path / "state.db"
+    _use_keys(cfg, [("key1", new_key_secret())])
+    api = InProcessAPIServer(tmp_path, sqlite_path=str(db), encryption_provider_config=str(cfg))
+    async with api, api.client() as c:
+        await c.create(_secret("orphan", "default"))
+    _use_keys(cfg, [("key2", new_key_secret())])  # key1 dropped before a reencrypt
+    out = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "apiserver.main", "serve", "--data-dir", str(tmp_path),
+        "--sqlite-path", str(db), "--listen", "127.0.0.1:0", "--join-listen", "",
+        "--metrics-listen", "127.0.0.1:0", "--controllers", "",
+        "--encryption-provider-config", str(cfg)],
+        check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "cannot decrypt /registry/secrets/default/orphan" in out.stderr
+    assert "k8s:enc:aesgcm:v1:key1:" in out.stderr and "Traceback" not in out.stderr
