@@ -26,6 +26,7 @@ from shoal.cli.authorizing import run_can_i
 from shoal.cli.bootstrapping import run_token_create, run_token_delete, run_token_list
 from shoal.cli.configuring import run_config_view
 from shoal.cli.containers import run_exec, run_logs
+from shoal.cli.creating import run_create_token
 from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
 from shoal.cli.discovering import run_api_resources, run_version
@@ -216,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     rm = token_sub.add_parser("delete", parents=[common], help="revoke join tokens")
     rm.add_argument("tokens", nargs="+", metavar="TOKEN-ID")
 
+    p = sub.add_parser("create", parents=[common], help="create a service-account token")
+    create_sub = p.add_subparsers(dest="create_command", metavar="COMMAND", required=True)
+    ctoken = create_sub.add_parser("token", parents=[common],
+                                   help="print a token of a service account (TokenRequest)")
+    ctoken.add_argument("service_account", metavar="SERVICEACCOUNT")
+    ctoken.add_argument("--audience", action="append", default=[],
+                        help="who the token is for (repeatable; default: the apiserver)")
+    ctoken.add_argument("--duration", type=parse_duration, default=None,
+                        help="lifetime, e.g. 1h (at least 10m; default 1h)")
+    ctoken.add_argument("--bound-object-kind", default="", help="Pod")
+    ctoken.add_argument("--bound-object-name", default="",
+                        help="the token stops working when this pod is deleted")
+
     p = sub.add_parser("secrets", parents=[common], help="manage Secrets at rest")
     secrets_sub = p.add_subparsers(dest="secrets_command", metavar="COMMAND", required=True)
     secrets_sub.add_parser("reencrypt", parents=[common],
@@ -347,6 +361,11 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_token_delete(session, token_ids=ns.tokens)
             case "secrets":
                 return await run_secrets_reencrypt(session)
+            case "create":
+                return await run_create_token(
+                    session, service_account=ns.service_account, audiences=ns.audience,
+                    duration=ns.duration, bound_kind=ns.bound_object_kind,
+                    bound_name=ns.bound_object_name)
             case "auth":
                 return await run_can_i(session, verb=ns.verb, resource=ns.resource,
                                        name=ns.name, all_namespaces=ns.all_namespaces,

@@ -210,3 +210,32 @@ async def test_in_cluster_config_reads_the_mounted_token_and_follows_its_rotatio
         assert seen == "allowed" or f"system:serviceaccount:{ns}:robot" in seen
     with pytest.raises(errors.BadRequest, match="KUBERNETES_SERVICE_HOST"):
         in_cluster(directory=mount, environ={})
+
+
+async def test_shoal_create_token_prints_a_token_that_works(
+        apiserver: InProcessAPIServer, client: AsyncClient, ns: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    from shoal.cli.main import main
+
+    await _service_account(client, ns, "robot")
+    pod = await _pod(client, ns, "web")
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["--config", str(apiserver.config_path), *args])
+        out = capsys.readouterr()
+        return code, out.out.strip(), out.err
+
+    code, token, _ = await cli("create", "token", "robot", "-n", ns, "--duration", "20m",
+                               "--bound-object-kind", "Pod", "--bound-object-name", "web")
+    assert code == 0 and token.count(".") == 2
+    assert apiserver.server is not None and apiserver.server.authn.tokens is not None
+    ident = apiserver.server.authn.tokens.authenticate(token)
+    assert ident.user == f"system:serviceaccount:{ns}:robot"
+    claims = apiserver.server.tokens.signer.verify(token)  # type: ignore[union-attr]
+    assert claims["exp"] - claims["iat"] == 1200
+    assert claims["kubernetes.io"]["pod"] == {"name": "web", "uid": pod.metadata.uid}
+    code, _, err = await cli("create", "token", "robot", "-n", ns, "--duration", "1m")
+    assert code != 0 and "600 seconds" in err
