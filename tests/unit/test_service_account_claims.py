@@ -6,6 +6,8 @@ import datetime as dt
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apiserver.pki import Identity
 from apiserver.serviceaccounts import (
@@ -73,3 +75,30 @@ def test_nodes_get_tokens_only_bound_to_their_own_pods(
     else:
         with pytest.raises(errors.Forbidden, match=refusal):
             restrict_node(caller, service_account=sa, pod=pod)
+
+
+_SIGNER = TokenSigner(ec.generate_private_key(ec.SECP256R1()))
+
+
+@given(st.one_of(
+    st.text(max_size=300),
+    st.lists(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                     max_size=120), min_size=1, max_size=5).map(".".join),
+))
+@settings(max_examples=300, deadline=None)
+def test_any_malformed_bearer_token_is_unauthorized_never_a_crash(token: str) -> None:
+    with pytest.raises(errors.Unauthorized):
+        claims = _SIGNER.verify(token)
+        check_claims(claims, issuer=ISS, audiences=(ISS,), now=T0.timestamp())
+
+
+@given(st.dictionaries(st.sampled_from(["iss", "aud", "exp", "nbf", "sub", "kubernetes.io"]),
+                       st.one_of(st.none(), st.integers(), st.text(max_size=20),
+                                 st.lists(st.text(max_size=5), max_size=3),
+                                 st.dictionaries(st.text(max_size=5), st.text(max_size=5),
+                                                 max_size=3))))
+@settings(max_examples=300, deadline=None)
+def test_signed_but_odd_claims_are_unauthorized_never_a_crash(claims: dict[str, object]) -> None:
+    token = _SIGNER.sign(claims)
+    with pytest.raises(errors.Unauthorized):
+        check_claims(_SIGNER.verify(token), issuer=ISS, audiences=(ISS,), now=T0.timestamp())
