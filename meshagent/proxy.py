@@ -10,7 +10,7 @@
                                      SPIFFE ID): mTLS to the peer agent ("mTLS")
              not in the mesh         connect as is ("plaintext")
     inbound tunnel (15008), a CONNECT stream from a peer agent:
-        admit(the peer's verified identity, pod, port) ? 200 and splice : 403
+        admit(the peer's verified identity, pod, port) ? 200 and relay : 403
     inbound plaintext (15006), a connection to a local pod from outside the mesh:
         admit(no identity, pod, port): refused under STRICT PeerAuthentication,
         else by AuthorizationPolicy, then connect
@@ -20,10 +20,11 @@ AuthorizationPolicy); a refused connection is closed, counted in
 ``shoal_mesh_connections_denied_total`` and in the TCP metrics with the response
 flag ``DENY``.
 
-Splicing is half-close aware (EOF one way is passed on with ``write_eof`` and
-the other way keeps flowing), reads are bounded (64 KiB) and writes drained
-(back-pressure), and a connection idle in both directions for ``idle_timeout``
-is closed. Listeners are bound in ``start()`` so a bad port fails at start-up.
+Bytes are carried by :class:`meshagent.relay.Relay`, by callbacks: half-close
+aware (EOF one way is passed on and the other way keeps flowing), with
+back-pressure from whichever end cannot write, and a connection idle in both
+directions for ``idle_timeout`` is closed. Listeners are bound in ``start()`` so
+a bad port fails at start-up.
 
 Metrics use Istio's names and labels: istio_tcp_connections_opened_total,
 istio_tcp_connections_closed_total, istio_tcp_sent_bytes_total (client to
@@ -34,7 +35,6 @@ connections are kept in ``DataPath.live`` for ``shoal mesh tls``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
@@ -46,7 +46,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from meshagent import tunnel
+from meshagent import relay, tunnel
 from meshagent.routing import Address, Balancer, Route, decide
 from shoal import spiffe
 
@@ -138,64 +138,6 @@ class Metrics:
 # -- splicing ---------------------------------------------------------------------------
 
 
-class Reader(Protocol):
-    async def read(self, n: int = -1) -> bytes: ...
-
-
-class Writer(Protocol):
-    def write(self, data: bytes) -> None: ...
-    async def drain(self) -> None: ...
-    def can_write_eof(self) -> bool: ...
-    def write_eof(self) -> None: ...
-
-
-@dataclass
-class _Activity:
-    last: float
-
-
-async def _pump(reader: Reader, writer: Writer, count: Callable[[int], None],
-                activity: _Activity) -> None:
-    while True:
-        data = await reader.read(CHUNK)
-        if not data:
-            break
-        activity.last = time.monotonic()
-        count(len(data))
-        writer.write(data)
-        await writer.drain()
-    if writer.can_write_eof():
-        with contextlib.suppress(OSError):
-            writer.write_eof()
-        await writer.drain()
-
-
-async def splice(a: tuple[Reader, Writer], b: tuple[Reader, Writer], *,
-                 sent: Callable[[int], None], received: Callable[[int], None],
-                 idle_timeout: float) -> None:
-    """Copy a->b and b->a until both directions end, an error, or idleness."""
-    activity = _Activity(time.monotonic())
-    up = asyncio.create_task(_pump(a[0], b[1], sent, activity))
-    down = asyncio.create_task(_pump(b[0], a[1], received, activity))
-    pending: set[asyncio.Task[None]] = {up, down}
-    try:
-        while pending:
-            wait = max(0.0, activity.last + idle_timeout - time.monotonic())
-            done, pending = await asyncio.wait(pending, timeout=wait,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t.exception() is not None:
-                    return
-            if not done and time.monotonic() - activity.last >= idle_timeout:
-                return
-    finally:
-        for t in (up, down):
-            t.cancel()
-        for t in (up, down):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-
 # -- live connections ------------------------------------------------------------------
 
 
@@ -278,13 +220,14 @@ class DataPath:
                                    labels["destination_workload_namespace"],
                                    labels["source_principal"], reason).inc()
 
-    async def _connect(self, target: Address) -> tuple[asyncio.StreamReader,
-                                                       asyncio.StreamWriter]:
-        return await asyncio.wait_for(asyncio.open_connection(*target),
-                                      timeout=self.connect_timeout)
+    async def _connect(self, target: Address) -> relay.SocketEnd:
+        loop = asyncio.get_running_loop()
+        _, end = await asyncio.wait_for(loop.create_connection(relay.SocketEnd, *target),
+                                        timeout=self.connect_timeout)
+        return end
 
-    async def _carry(self, rec: Live, labels: dict[str, str], a: tuple[Reader, Writer],
-                     b: tuple[Reader, Writer]) -> None:
+    async def _carry(self, rec: Live, labels: dict[str, str], a: relay.End,
+                     b: relay.End) -> None:
         self.live[rec.id] = rec
         self.metrics.opened.labels(**labels).inc()
         sent_c = self.metrics.sent.labels(**labels)
@@ -299,15 +242,14 @@ class DataPath:
             recv_c.inc(n)
 
         try:
-            await splice(a, b, sent=sent, received=received, idle_timeout=self.idle_timeout)
+            await relay.Relay(a, b, sent=sent, received=received).run(self.idle_timeout)
         finally:
             self.live.pop(rec.id, None)
             self.metrics.closed.labels(**labels).inc()
 
     # -- outbound: a local pod connects out --
 
-    async def outbound(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                       peer_ip: str, dst: Address) -> None:
+    async def outbound(self, client: relay.SocketEnd, peer_ip: str, dst: Address) -> None:
         src = self.workload(peer_ip)
         d = decide(self.routes(), dst, pod_cidr=self.pod_cidr)
         service = d.route.service if d.route is not None else ""
@@ -347,8 +289,7 @@ class DataPath:
                 self._denied(labels, verdict.reason)
                 return
             rec.peer_principal = dst_principal
-        upstream: tuple[Reader, Writer]
-        closer: Callable[[], None]
+        upstream: relay.End
         try:
             if mode == MTLS:
                 assert src is not None and dst_wl is not None and self.pool is not None
@@ -357,10 +298,9 @@ class DataPath:
                     expected=dst_wl.spiffe_id(self.trust_domain), source_ip=peer_ip)
                 rec.peer_principal = principal(stream.tls.peer)
                 rec.tls_version, rec.cipher = stream.tls.version, stream.tls.cipher
-                upstream, closer = (stream, stream), stream.close
+                upstream = stream
             else:
-                r, w = await self._connect(target)
-                upstream, closer = (r, w), w.close
+                upstream = await self._connect(target)
         except tunnel.TunnelError as e:
             log.info("outbound: %s -> %s:%d: %s", peer_ip, *target, e)
             if e.status == 403:
@@ -379,7 +319,7 @@ class DataPath:
             await self._carry(rec, labels, client, upstream)
         finally:
             self.balancer.closed(target)
-            closer()
+            upstream.close()
 
     # -- inbound through the tunnel: a stream from a peer agent --
 
@@ -415,7 +355,7 @@ class DataPath:
             self._denied(labels, verdict.reason)
             return
         try:
-            r, w = await self._connect((ip, port))
+            pod = await self._connect((ip, port))
         except (OSError, TimeoutError) as e:
             conn.respond(stream, 503, f"connect to {ip}:{port} failed: {e}")
             labels["response_flags"] = "UF"
@@ -423,14 +363,14 @@ class DataPath:
             return
         conn.respond(stream, 200)
         try:
-            await self._carry(rec, labels, (stream, stream), (r, w))
+            await self._carry(rec, labels, stream, pod)
         finally:
-            w.close()
+            pod.close()
 
     # -- inbound plaintext: from outside the mesh to a local pod --
 
-    async def inbound_plain(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                            peer_ip: str, dst: Address) -> None:
+    async def inbound_plain(self, client: relay.SocketEnd, peer_ip: str,
+                            dst: Address) -> None:
         dst_wl = self.workload(dst[0])
         src = self.workload(peer_ip)
         rec = Live(id=next(_ids), direction="inbound", mode=PLAINTEXT, source_ip=peer_ip,
@@ -449,16 +389,16 @@ class DataPath:
                 self._denied(labels, verdict.reason)
                 return
         try:
-            r, w = await self._connect(dst)
+            pod = await self._connect(dst)
         except (OSError, TimeoutError) as e:
             log.info("inbound: connect to %s:%d failed: %s", *dst, e)
             labels["response_flags"] = "UF"
             self._refused(labels)
             return
         try:
-            await self._carry(rec, labels, client, (r, w))
+            await self._carry(rec, labels, client, pod)
         finally:
-            w.close()
+            pod.close()
 
 
 # -- listeners ------------------------------------------------------------------------
@@ -478,8 +418,10 @@ class Listener:
         self._conns: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accepted, self.host, self.port,
-                                                  reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: relay.SocketEnd(self._accepted), self.host, self.port,
+            reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -492,31 +434,28 @@ class Listener:
         # Wait for them: their sockets close and their metrics are counted.
         await asyncio.gather(*conns, return_exceptions=True)
 
-    async def _accepted(self, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accepted(self, client: relay.SocketEnd) -> None:
+        task = asyncio.create_task(self._serve(client), name=f"{self.direction}-conn")
         self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, client: relay.SocketEnd) -> None:
+        assert client.transport is not None
         try:
-            sock = writer.get_extra_info("socket")
-            peer = writer.get_extra_info("peername")
+            sock = client.transport.get_extra_info("socket")
+            peer = client.transport.get_extra_info("peername")
             try:
                 dst = self.original_dst(sock)
             except OSError as e:
                 log.warning("%s: no original destination for %s: %s", self.direction, peer, e)
                 return
             if self.direction == "inbound":
-                await self.path.inbound_plain((reader, writer), peer[0], dst)
+                await self.path.inbound_plain(client, peer[0], dst)
             else:
-                await self.path.outbound((reader, writer), peer[0], dst)
+                await self.path.outbound(client, peer[0], dst)
         except asyncio.CancelledError:
-            # Shutting down. Ending normally: Python 3.11's start_server callback
-            # calls task.exception() and would log a cancelled task as an error.
-            pass
+            pass  # shutting down
         except Exception:
             log.exception("%s connection failed", self.direction)
         finally:
-            self._conns.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            client.close()

@@ -10,8 +10,8 @@ destination ``podIP:port``::
                             POD, expected peer)     |  -> the local pod's identity -> its cert
                       --TLS 1.3, mutual, ALPN h2--> |  client cert chain checked, SPIFFE ID read
                       CONNECT POD:port              |  admit(peer, pod, port)? 200 : 403
-                      <---------- 200 ------------  |  connect POD:port -> splice
-                      splice(local conn, stream)
+                      <---------- 200 ------------  |  connect POD:port -> relay
+                      relay(local conn, stream)
 
 The client presents the *source workload's* certificate and checks that the
 server's SPIFFE ID is the destination workload's. The server presents the
@@ -24,11 +24,11 @@ shared by every stream between them, up to the peer's MAX_CONCURRENT_STREAMS;
 an idle connection is closed after ``idle_timeout``. Concurrent opens for one
 key wait for the same handshake. Handshake time and failures are measured.
 
-Streams look like asyncio streams (``read``, ``write``/``drain``,
-``write_eof``, ``close``), so :func:`meshagent.proxy.splice` copies between a
-local socket and a stream. HTTP/2 flow control gives back-pressure: received
-data is acknowledged only as the consumer reads it, and ``drain`` waits for
-send window.
+A stream is a :class:`meshagent.relay.End`: the relay hands a local socket's
+bytes to it and its bytes to the socket by callbacks, the connection being the
+TLS transport's protocol (no task or queue per chunk). HTTP/2 flow control
+gives back-pressure: received data is acknowledged only once handed on, and a
+stream out of send window makes the relay pause the other end.
 """
 
 from __future__ import annotations
@@ -51,13 +51,12 @@ import h2.exceptions
 import h2.settings
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from meshagent import identity
+from meshagent import identity, relay
 from shoal import errors, spiffe
 
 log = logging.getLogger(__name__)
 
 TUNNEL_PORT = 15008
-READ_SIZE = 64 * 1024
 STREAM_WINDOW = 1 << 20  # per-stream receive window
 CONNECTION_WINDOW = 1 << 24
 MAX_FRAME = 1 << 16
@@ -146,7 +145,12 @@ class Identities:
 
 
 class Stream:
-    """One CONNECT stream, used like an asyncio (reader, writer) pair."""
+    """One CONNECT stream, a :class:`meshagent.relay.End`.
+
+    Data that arrives before the relay starts (or while it has paused us) is
+    kept and acknowledged only when handed on, so HTTP/2 flow control bounds
+    it to the stream window. Writes go out as far as the send window allows;
+    the rest waits for WINDOW_UPDATE and the relay pauses the other end."""
 
     def __init__(self, conn: Connection, stream_id: int) -> None:
         self.conn = conn
@@ -154,13 +158,18 @@ class Stream:
         self.headers: dict[bytes, bytes] = {}
         # The answer to our CONNECT: client streams only (set by open_stream).
         self.response: asyncio.Future[dict[bytes, bytes]] | None = None
-        self._in = bytearray()
+        self._relay: relay.Relay | None = None
+        self._side = 0
+        self._paused = False
+        self._in = bytearray()  # received, not yet handed on
+        self._unacked = 0  # flow-controlled bytes received and not acknowledged
         self._in_eof = False
-        self._error: str = ""
-        self._readable = asyncio.Event()
-        self._out = bytearray()
+        self._error: str | None = None
+        self._out = bytearray()  # written, waiting for send window
         self._out_eof = False
-        self._window = asyncio.Event()
+        self._full = False  # told the relay we cannot take more
+        self._sent_all = asyncio.Event()
+        self._sent_all.set()
         self._closed = False
 
     @property
@@ -170,75 +179,122 @@ class Stream:
     # -- fed by the connection --
 
     def _data(self, data: bytes, flow_length: int) -> None:
-        if flow_length > len(data):  # padding: nobody will read it
-            self.conn.ack(self.id, flow_length - len(data))
+        if self._relay is not None and not self._paused and not self._in:
+            self._relay.data(self._side, data)
+            self.conn.ack(self.id, flow_length, flush=False)
+            return
         self._in += data
-        self._readable.set()
+        self._unacked += flow_length
 
     def _eof(self) -> None:
         self._in_eof = True
-        self._readable.set()
+        if self._relay is not None and not self._paused and not self._in:
+            self._relay.eof(self._side)
 
     def _fail(self, why: str) -> None:
-        self._error = self._error or why
-        self._readable.set()
-        self._window.set()
+        if self._error is None:
+            self._error = why
+        self._sent_all.set()
         if self.response is not None and not self.response.done():
             self.response.set_exception(TunnelError(why))
+        if self._relay is not None:
+            self._relay.lost(self._side, why)
 
-    # -- reader side --
+    def _window_opened(self) -> None:
+        if self._out or self._out_eof:
+            self._send()
+        self._update_full()
 
-    async def read(self, n: int = READ_SIZE) -> bytes:
-        while not self._in and not self._in_eof and not self._error:
-            self._readable.clear()
-            await self._readable.wait()
-        if self._in:
-            data = bytes(self._in[:n])
-            del self._in[:n]
-            self.conn.ack(self.id, len(data))
-            return data
-        if self._error and not self._in_eof:
-            raise ConnectionResetError(self._error)
-        return b""
+    def _update_full(self) -> None:
+        full = bool(self._out) or self.conn.paused
+        if full != self._full and self._relay is not None:
+            self._full = full
+            if full:
+                self._relay.full(self._side)
+            else:
+                self._relay.drained(self._side)
 
-    # -- writer side --
-
-    def write(self, data: bytes) -> None:
-        self._out += data
-
-    async def drain(self) -> None:
+    def _send(self) -> None:
         h2c = self.conn.h2
-        while self._out or self._out_eof:
-            if self._error:
-                raise ConnectionResetError(self._error)
-            if not self._out:
+        try:
+            while self._out:
+                size = min(h2c.local_flow_control_window(self.id), len(self._out),
+                           h2c.max_outbound_frame_size)
+                if size <= 0:
+                    break
+                if size == len(self._out):
+                    chunk, self._out = bytes(self._out), bytearray()
+                else:
+                    chunk = bytes(self._out[:size])
+                    del self._out[:size]
+                h2c.send_data(self.id, chunk)
+            if not self._out and self._out_eof:
                 self._out_eof = False
                 h2c.end_stream(self.id)
-                self.conn.flush()
-                break
-            size = min(h2c.local_flow_control_window(self.id), len(self._out),
-                       h2c.max_outbound_frame_size)
-            if size <= 0:
-                self._window.clear()
-                await self._window.wait()
-                continue
-            h2c.send_data(self.id, bytes(self._out[:size]))
-            del self._out[:size]
-            self.conn.flush()
-        await self.conn.drain()
+        except h2.exceptions.ProtocolError as e:  # the stream was reset meanwhile
+            self._out.clear()
+            self._fail(f"stream {self.id}: {e}")
+        self.conn.flush()
+        if not self._out:
+            self._sent_all.set()
 
-    def can_write_eof(self) -> bool:
-        return True
+    # -- relay.End --
+
+    def start(self, relay_: relay.Relay, side: int) -> None:
+        self._relay, self._side = relay_, side
+        self._deliver()
+        if self._error is not None:
+            relay_.lost(side, self._error)
+        else:
+            self._update_full()
+
+    def _deliver(self) -> None:
+        assert self._relay is not None
+        if self._in:
+            data, self._in = bytes(self._in), bytearray()
+            self._relay.data(self._side, data)
+        if self._unacked:
+            self.conn.ack(self.id, self._unacked, flush=True)
+            self._unacked = 0
+        if self._in_eof:
+            self._relay.eof(self._side)
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None or self._closed:
+            return
+        if not self._out:  # the common case: it fits the window, send it as is
+            h2c = self.conn.h2
+            if len(data) <= min(h2c.local_flow_control_window(self.id),
+                                h2c.max_outbound_frame_size):
+                try:
+                    h2c.send_data(self.id, data)
+                except h2.exceptions.ProtocolError as e:
+                    self._fail(f"stream {self.id}: {e}")
+                    return
+                self.conn.flush()
+                return
+        self._out += data
+        self._sent_all.clear()
+        self._send()
+        self._update_full()
 
     def write_eof(self) -> None:
-        if self._error or self._closed:
+        if self._error is not None or self._closed:
             return
-        if self._out:
-            self._out_eof = True  # after the data, in drain()
-            return
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.h2.end_stream(self.id)
-            self.conn.flush()
+        self._out_eof = True
+        self._send()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._relay is not None:
+                self._deliver()
+
+    async def flushed(self) -> None:
+        await self._sent_all.wait()
 
     def close(self) -> None:
         """Done with the stream: reset it if either side is still open."""
@@ -248,25 +304,41 @@ class Stream:
         self.conn.release(self)
 
 
-class Connection:
-    """An HTTP/2 connection over TLS; the client or the server side."""
+class Connection(asyncio.Protocol):
+    """An HTTP/2 connection over TLS, the client or the server side: the TLS
+    transport's protocol. ``local`` is our SPIFFE ID; the handshake's result is
+    read in ``connection_made`` (a peer without a valid one is dropped there,
+    before any of its bytes is read: ``failed`` says why)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 client: bool, tls: TLSInfo,
+    def __init__(self, *, client: bool, local: spiffe.SpiffeId,
                  on_request: Callable[[Stream], Awaitable[None]] | None = None) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.tls = tls
+        self.client = client
+        self.local = local
         self.on_request = on_request
+        self.tls = TLSInfo(local=str(local), peer="", version="", cipher="")
+        self.failed = ""
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=client, header_encoding=None))
         self.streams: dict[int, Stream] = {}
         self.closed = False
+        self.paused = False
         self.idle_since = time.monotonic()
+        self.transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reader_task: asyncio.Task[None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def start(self) -> None:
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        try:
+            self.tls = tls_info(transport.get_extra_info("ssl_object"), self.local)
+        except identity.PeerIdentityError as e:
+            self.failed = str(e)
+            self.closed = True
+            transport.abort()
+            return
         self.h2.initiate_connection()
         self.h2.update_settings({
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -275,50 +347,56 @@ class Connection:
         })
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        self._reader_task = asyncio.create_task(self._read_loop(), name="tunnel-reader")
 
-    # -- I/O --
-
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.closed:
-            self.writer.write(data)
-
-    async def drain(self) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.closed:
-            raise ConnectionResetError("tunnel connection closed")
-        await self.writer.drain()
-
-    def ack(self, stream_id: int, size: int) -> None:
-        if self.closed or size <= 0:
             return
-        self.h2.acknowledge_received_data(size, stream_id)
-        self.flush()
-
-    async def _read_loop(self) -> None:
-        why = "the peer closed the tunnel connection"
         try:
-            while True:
-                data = await self.reader.read(READ_SIZE)
-                if not data:
-                    break
-                events = self.h2.receive_data(data)
-                for ev in events:
-                    self._event(ev)
-                self.flush()
+            events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             why = f"HTTP/2 protocol error: {e}"
             log.warning("tunnel with %s: %s", self.tls.peer, why)
             with contextlib.suppress(Exception):
                 self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 self.flush()
-        except (OSError, ssl.SSLError) as e:
-            why = f"tunnel connection failed: {e}"
-        except asyncio.CancelledError:
-            why = "tunnel connection closed"
-            raise
-        finally:
             self._shut(why)
+            return
+        for ev in events:
+            self._event(ev)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        return False  # close: TLS has no half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shut(f"tunnel connection failed: {exc}" if exc is not None
+                   else "the peer closed the tunnel connection")
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        for s in list(self.streams.values()):
+            s._update_full()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for s in list(self.streams.values()):
+            s._update_full()
+
+    # -- I/O --
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def ack(self, stream_id: int, size: int, *, flush: bool) -> None:
+        if self.closed or size <= 0:
+            return
+        self.h2.acknowledge_received_data(size, stream_id)
+        if flush:
+            self.flush()
 
     def _event(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.DataReceived):
@@ -345,11 +423,11 @@ class Connection:
         elif isinstance(ev, h2.events.WindowUpdated):
             targets = (self.streams.values() if not ev.stream_id
                        else [s for s in [self.streams.get(ev.stream_id)] if s is not None])
-            for s in targets:
-                s._window.set()
+            for s in list(targets):
+                s._window_opened()
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            for s in self.streams.values():
-                s._window.set()
+            for s in list(self.streams.values()):
+                s._window_opened()
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self._shut(f"the peer ended the tunnel connection ({ev.error_code!r})")
 
@@ -443,7 +521,8 @@ class Connection:
         self.closed = True
         for s in list(self.streams.values()):
             s._fail(why)
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
     async def close(self) -> None:
         if not self.closed:
@@ -451,12 +530,13 @@ class Connection:
                 self.h2.close_connection()
                 self.flush()
             self._shut("tunnel connection closed")
-        tasks = [t for t in (self._reader_task, *self._tasks) if t is not None]
+        tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+        if self.transport is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.lost), 5.0)
 
 
 # -- the client side: a pool --------------------------------------------------------------
@@ -519,29 +599,26 @@ class Pool:
             self.metrics.handshakes.labels("outbound", "no_certificate").inc()
             raise TunnelError(f"no certificate for {source[0]}/{source[1]}: {e}") from None
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(ip, self.port, ssl=ctx, limit=READ_SIZE * 4),
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: Connection(client=True, local=local), ip, self.port, ssl=ctx),
                 self.connect_timeout)
         except (OSError, TimeoutError, ssl.SSLError) as e:
             result = "tls_failed" if isinstance(e, ssl.SSLError) else "connect_failed"
             self.metrics.handshakes.labels("outbound", result).inc()
             raise TunnelError(f"tunnel to {ip}:{self.port}: {e or type(e).__name__}"
                               ) from None
-        try:
-            info = tls_info(writer.get_extra_info("ssl_object"), local)
-        except identity.PeerIdentityError as e:
-            writer.close()
+        if conn.failed:
             self.metrics.handshakes.labels("outbound", "bad_peer_identity").inc()
-            raise TunnelError(f"tunnel to {ip}: {e}") from None
-        if info.peer != str(expected):
-            writer.close()
+            raise TunnelError(f"tunnel to {ip}: {conn.failed}")
+        if conn.tls.peer != str(expected):
+            await conn.close()
             self.metrics.handshakes.labels("outbound", "wrong_peer_identity").inc()
-            raise TunnelError(f"tunnel to {ip}: the peer is {info.peer}, expected {expected}")
+            raise TunnelError(
+                f"tunnel to {ip}: the peer is {conn.tls.peer}, expected {expected}")
         self.metrics.setup.labels("outbound").observe(time.monotonic() - started)
         self.metrics.handshakes.labels("outbound", "ok").inc()
-        conn = Connection(reader, writer, client=True, tls=info)
-        conn.start()
         return conn
 
     async def _reap(self) -> None:
@@ -655,38 +732,28 @@ class Server:
             return
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_SIZE * 4)
-        protocol = asyncio.StreamReaderProtocol(reader)
+
+        async def on_request(s: Stream) -> None:
+            await self._stream(s.conn, s, dst_ip)
+
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout)
+            _, conn = await loop.connect_accepted_socket(
+                lambda: Connection(client=False, local=local, on_request=on_request),
+                sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             self.metrics.handshakes.labels("inbound", "tls_failed").inc()
             log.info("tunnel from %s to %s: TLS handshake failed: %s", peer, dst_ip, e)
             sock.close()
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        try:
-            info = tls_info(writer.get_extra_info("ssl_object"), local)
-        except identity.PeerIdentityError as e:
+        if conn.failed:
             self.metrics.handshakes.labels("inbound", "bad_peer_identity").inc()
-            log.info("tunnel from %s: %s", peer, e)
-            writer.close()
+            log.info("tunnel from %s: %s", peer, conn.failed)
             return
         self.metrics.setup.labels("inbound").observe(time.monotonic() - started)
         self.metrics.handshakes.labels("inbound", "ok").inc()
-
-        async def on_request(s: Stream) -> None:
-            await self._stream(conn, s, dst_ip)
-
-        conn = Connection(reader, writer, client=False, tls=info, on_request=on_request)
         self.conns.add(conn)
-        conn.start()
-        assert conn._reader_task is not None
         try:
-            await conn._reader_task
-        except Exception:  # the reader logged it
-            pass
+            await asyncio.shield(conn.lost)
         finally:
             self.conns.discard(conn)
             await conn.close()
