@@ -340,6 +340,21 @@ def _check_selectors(policy: networking_pb2.NetworkPolicy) -> None:
             block_cidrs(peer.ip_block.cidr, peer.ip_block.except_)
 
 
+def _pod_chain(pod: PodView, direction: str, allows: Sequence[Allow]
+               ) -> tuple[str, str, tuple[str, ...]]:
+    """The jump from SHOAL-NETPOL for one isolated direction of a pod, its
+    chain's name, and the chain: what is allowed, then REJECT (pure)."""
+    egress = direction == "egress"
+    chain = egress_chain(pod) if egress else ingress_chain(pod)
+    own, peer = ("-s", "-d") if egress else ("-d", "-s")
+    jump = (f"-A {POLICY_CHAIN} {own} {pod.ip}/32 -m comment --comment "
+            f"{_q(pod.key + ' ' + direction)} -j {chain}")
+    lines = (*(_allow_line(chain, a, peer_flag=peer) for a in allows),
+             f"-A {chain} -m comment --comment "
+             f"{_q(pod.key + ' ' + direction + ': no policy allows it')} -j {REJECT}")
+    return jump, chain, lines
+
+
 def plan_ruleset(*, local: Sequence[PodView], pods: Sequence[PodView],
                  namespaces: Mapping[str, Mapping[str, str]],
                  policies: Sequence[networking_pb2.NetworkPolicy]) -> Ruleset:
@@ -357,25 +372,19 @@ def plan_ruleset(*, local: Sequence[PodView], pods: Sequence[PodView],
             usable.append(policy)
         except (errors.ShoalError, ValueError) as e:
             problems.append(f"{policy.metadata.namespace}/{policy.metadata.name}: {e}")
-    top: list[str] = []
     chains: dict[str, tuple[str, ...]] = {}
-    egress_jumps: list[str] = []
-    ingress_jumps: list[str] = []
+    jumps: dict[str, list[str]] = {"egress": [], "ingress": []}
     for pod in sorted(local, key=lambda p: p.key):
         iso = isolation(pod, usable, cluster)
-        for allows, chain, flag, jumps, match, what in (
-                (iso.egress, egress_chain(pod), "-d", egress_jumps, "-s", "egress"),
-                (iso.ingress, ingress_chain(pod), "-s", ingress_jumps, "-d", "ingress")):
-            if allows is None:
-                continue
-            jumps.append(f"-A {POLICY_CHAIN} {match} {pod.ip}/32 -m comment --comment "
-                         f"{_q(pod.key + ' ' + what)} -j {chain}")
-            chains[chain] = (*(_allow_line(chain, a, peer_flag=flag) for a in allows),
-                             f"-A {chain} -m comment --comment "
-                             f"{_q(pod.key + ' ' + what + ': no policy allows it')} -j {REJECT}")
-    if egress_jumps or ingress_jumps:
+        for direction, allows in (("egress", iso.egress), ("ingress", iso.ingress)):
+            if allows is not None:
+                jump, chain, lines = _pod_chain(pod, direction, allows)
+                jumps[direction].append(jump)
+                chains[chain] = lines
+    top: list[str] = []
+    if jumps["egress"] or jumps["ingress"]:
         top = [f"-A {POLICY_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-               *egress_jumps, *ingress_jumps]
+               *jumps["egress"], *jumps["ingress"]]
     return Ruleset(chains={POLICY_CHAIN: tuple(top), **chains}, problems=tuple(problems))
 
 
