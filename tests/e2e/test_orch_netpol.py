@@ -232,11 +232,13 @@ def test_deleting_the_policies_restores_traffic(cluster: Cluster, web: Web) -> N
 
 def test_cleanup_removes_our_chains_and_the_agent_restores_them(
         cluster: Cluster, web: Web, tmp_path: Path) -> None:
-    from nodeagent import networkpolicy
+    """What ``shoal lab down`` runs in every node's netns (serviceproxy.cleanup,
+    which removes the network policy chains too)."""
+    from nodeagent import serviceproxy
 
     apply(cluster, tmp_path, DENY_INGRESS)
     web.settles(reach=set(), refused={"near", "far"})
-    assert networkpolicy.cleanup(netns="shoal-node-1") == []
+    assert serviceproxy.cleanup(netns="shoal-node-1") == []
     saved = in_netns("node-1", "iptables-save", "-t", "filter").stdout
     assert "SHOAL-NETPOL" not in saved and "SHOAL-NP-" not in saved, saved
     wait_for("node-1's policy chains restored", lambda: "SHOAL-NP-I-" in in_netns(
