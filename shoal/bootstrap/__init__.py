@@ -73,6 +73,7 @@ class ControlPlane:
     etcd_name: str = "shoal"
     extra_sans: tuple[str, ...] = ()  # more names/IPs for the serving certificate
     apiserver_args: tuple[str, ...] = ()
+    apiserver_metrics: str = API_METRICS  # /metrics and /readyz (local only by default)
 
     @property
     def api_server(self) -> str:
@@ -235,10 +236,10 @@ def _control_plane_command(cp: ControlPlane, component: str, *, python: str) -> 
     return Command(APISERVER, (
         python, "-P", "-m", "apiserver.main", "serve", "--data-dir", str(cp.apiserver_dir),
         "--listen", cp.api_server, "--join-listen", cp.join_server,
-        "--advertise", cp.api_server, "--metrics-listen", API_METRICS,
+        "--advertise", cp.api_server, "--metrics-listen", cp.apiserver_metrics,
         "--storage", "etcd", "--etcd-servers", cp.etcd_endpoint,
         "--encryption-provider-config", str(cp.encryption_config), *cp.apiserver_args,
-    ), ready_url=f"http://{API_METRICS}/readyz")  # fmt: skip
+    ), ready_url=f"http://{cp.apiserver_metrics}/readyz")  # fmt: skip
 
 
 def _node_command(node: NodeSpec, component: str, *, python: str) -> Command:

@@ -2,8 +2,8 @@
 components serve (``shoal lab doctor``-style checks for a VM or a real node).
 
 Each check is a line and a verdict, in the order a person would fix them:
-binaries, kernel settings, the node's address, the systemd units (only where
-systemd runs), each component's health endpoint, and, on the control plane,
+binaries, kernel settings, the node's address, the systemd units (where systemd
+runs and they are installed), each component's health endpoint, and, on the control plane,
 every Node's Ready condition from the API. Nothing is changed.
 """
 
@@ -32,6 +32,9 @@ def _local_address(ip: str) -> bool:
     except OSError:
         return False
     return True
+
+
+UNIT_DIR = Path("/etc/systemd/system")
 
 
 def _systemd_running() -> bool:
@@ -78,8 +81,10 @@ def doctor(spec: Spec, *, python: str, http_ok: Callable[[str], bool]) -> list[C
     if spec.control_plane is not None:
         admin = spec.control_plane.admin_config
         checks.append((f"admin config {admin}", admin.exists()))
-    if _systemd_running():
+    if _systemd_running():  # the units this machine has installed (not in a lab)
         for c in components:
+            if not (UNIT_DIR / f"shoal-{c}.service").exists():
+                continue
             active, enabled = _unit_state(f"shoal-{c}.service")
             checks.append((f"unit shoal-{c}.service: {active}, {enabled}",
                            active == "active" and enabled == "enabled"))

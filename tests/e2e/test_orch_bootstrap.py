@@ -14,7 +14,9 @@ node-side provisioning is run here against the local lab instead:
   ``NOTIFY_SOCKET`` of the test's own, standing in for systemd.
 
 The node must say READY=1 as systemd would hear it, become Ready, run a pod the
-scheduler puts on it and serve it to the lab's node-1 across nodes. The test
+scheduler puts on it and serve it to the lab's node-1 across nodes; a killed
+agent started again (systemd's Restart=on-failure) adopts the pod, which kept
+running beside containerd's own unit. The test
 then removes the node (pod, agent, containerd, Node, Lease, netns), so the other
 modules find the 3-node lab as it was. Needs root; run with
 ``flock /tmp/shoal-e2e.lock pytest -q tests/e2e/test_orch_bootstrap.py``.
@@ -30,6 +32,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +86,15 @@ class VMNode:
     procs: dict[str, subprocess.Popen[bytes]]
     notify: socket.socket
 
-    def start(self, unit: str) -> subprocess.Popen[bytes]:
-        """Start a unit's ExecStart in the node's netns, as systemd would (with a
+    def start(self, unit: str, *, netns: str | None = NETNS) -> subprocess.Popen[bytes]:
+        """Start a unit's ExecStart (in the node's netns), as systemd would (with a
         NOTIFY_SOCKET), logging to a file."""
         log = self.dir / f"{unit}.log"
         self.logs.append(log)
+        enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                ["nsenter", f"--net=/var/run/netns/{NETNS}",
-                 *unit_exec_start(unit, spec=self.spec)],
+                [*enter, *unit_exec_start(unit, spec=self.spec)],
                 env={**env(), "NOTIFY_SOCKET": str(self.dir / "notify")},
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
@@ -201,6 +204,73 @@ def _clean_containerd(node: VMNode) -> None:
     asyncio.run(clean())
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_control_plane_bootstrap_serves_and_publishes_a_token(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """control-plane.sh's steps after the packages, beside any lab (on 127.0.0.3):
+    etcd, the registry and the apiserver started with the units' ExecStart lines
+    (READY=1 from etcd's and the apiserver's main PIDs; the registry unit's
+    health check), then seed, token (twice: the second keeps it) and check."""
+    base = tmp_path_factory.mktemp("cp")
+    addr = "127.0.0.3"
+    spec_path = base / "bootstrap.yaml"
+    bootstrap.save(bootstrap.Spec(control_plane=bootstrap.ControlPlane(
+        address=addr, data_dir=base / "data", etcd_client_port=_free_port("127.0.0.1"),
+        etcd_peer_port=_free_port("127.0.0.1"), apiserver_metrics=f"{addr}:9090")),
+        spec_path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    notify.bind(str(base / "notify"))
+    notify.settimeout(90)
+    cp = VMNode(dir=base, spec=spec_path, data=base / "data", logs=[], procs={},
+                notify=notify)
+
+    def tool(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-P", "-m", "shoal.bootstrap", "--spec",
+                               str(spec_path), *args], capture_output=True, text=True,
+                              env=env(), timeout=120, check=False)
+
+    try:
+        render = tool("render")
+        assert render.returncode == 0, render.stderr
+        etcd = cp.start("shoal-etcd.service", netns=None)
+        assert cp.ready_sent(etcd), "etcd: no READY=1\n" + cp.tails()
+        cp.start("shoal-registry.service", netns=None)
+        waited = tool("wait", "registry", "--timeout", "60")  # the unit's ExecStartPost
+        assert waited.returncode == 0, waited.stderr + cp.tails()
+        api = cp.start("shoal-apiserver.service", netns=None)
+        assert cp.ready_sent(api), "apiserver: no READY=1\n" + cp.tails()
+
+        seeded = tool("seed")
+        assert seeded.returncode == 0, seeded.stderr
+        assert f"pushed {addr}:5000/library/busybox:1.36" in seeded.stderr
+        token_file = base / "shared" / "join.env"
+        first = tool("token", "--publish", str(token_file))
+        assert first.returncode == 0, first.stderr
+        published = token_file.read_text()
+        again = tool("token", "--publish", str(token_file))
+        assert again.returncode == 0 and "still valid; kept" in again.stderr, again.stderr
+        assert token_file.read_text() == published
+        checked = tool("check")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert f"apiserver: http://{addr}:9090/readyz answers" in checked.stdout
+    finally:
+        for proc in reversed(cp.procs.values()):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        notify.close()
+
+
 def test_the_vm_node_bootstrap_joins_a_node_that_runs_pods(cluster: Cluster,
                                                            vm_node: VMNode) -> None:
     # The control plane's step: a join token published to the "shared folder".
@@ -274,6 +344,26 @@ def test_the_vm_node_bootstrap_joins_a_node_that_runs_pods(cluster: Cluster,
         print("--- from vm-1 itself:", fetch(NETNS))
         print("--- from node-1:", fetch("shoal-node-1"))
         raise
+
+    # The agent dies; systemd would start it again (Restart=on-failure). containerd
+    # is a unit of its own, so the pod kept running, and the new agent adopts it.
+    cid = running.status.container_statuses[0].container_id
+    agent.kill()
+    agent.wait()
+    restarted = time.time()
+    again = vm_node.start("shoal-nodeagent.service")
+    assert vm_node.ready_sent(again), "nodeagent again: no READY=1\n" + vm_node.tails()
+
+    def renewed_twice() -> bool:  # the new agent's loops have run for a while
+        lease = get(cluster, coordination_pb2.Lease, NAME, "kube-node-lease")
+        return lease is not None and \
+            lease.spec.renew_time.ToMicroseconds() / 1e6 >= restarted + 2
+    wait_for("vm-1's Lease renewed twice by the new agent", renewed_twice, timeout=30)
+    adopted = get(cluster, core_pb2.Pod, "on-vm", "default")
+    assert adopted.status.phase == "Running"
+    assert adopted.status.container_statuses[0].container_id == cid
+    assert adopted.status.container_statuses[0].restart_count == 0
+    assert from_node_1() == "hello from on-vm"
 
 
 def test_the_lab_runs_what_the_bootstrap_shows(cluster: Cluster) -> None:
