@@ -6,7 +6,7 @@
 #   env: SHOAL_CP_IP (the private network's address; required), SHOAL_SHARED_DIR
 set -euo pipefail
 # shellcheck source=deploy/vagrant/provision/common.sh
-. "$(dirname "$0")/common.sh"
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 : "${SHOAL_CP_IP:?set SHOAL_CP_IP to the private address of the control plane}"
 
 install_shoal

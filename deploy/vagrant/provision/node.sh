@@ -7,7 +7,7 @@
 #   env: SHOAL_NODE_NAME, SHOAL_NODE_IP, SHOAL_API_SERVER, SHOAL_REGISTRY (see
 #        node-bootstrap.sh), SHOAL_SHARED_DIR
 set -euo pipefail
-HERE="$(cd "$(dirname "$0")" && pwd)"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=deploy/vagrant/provision/common.sh
 . "$HERE/common.sh"
 
