@@ -100,6 +100,23 @@ def rss_mb(pid: int) -> float:
     raise LookupError(f"no VmRSS for pid {pid}")
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """RSS split as smaps_rollup tells it: private pages (USS: the process's own
+    heap and the libraries' pages it wrote), shared pages (mapped library code
+    and read-only data, also mapped by other processes such as the node agent,
+    which runs the same Python and libraries), and PSS (shared pages divided
+    among the processes mapping them)."""
+    kb: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            kb[key] = int(value.split()[0])
+    private = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
+    shared = kb.get("Shared_Clean", 0) + kb.get("Shared_Dirty", 0)
+    return {"rss": kb.get("Rss", 0) / 1024, "private": private / 1024,
+            "shared": shared / 1024, "pss": kb.get("Pss", 0) / 1024}
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
@@ -644,8 +661,14 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
             results.append(r)
     final_rss = {k: rss_mb(pid) for m in ("mesh", "haproxy")
                  for k, pid in setup.proxies[m].items()}
+    memory = {k: memory_mb(pid) for m in ("mesh", "haproxy")
+              for k, pid in setup.proxies[m].items()}
     out = report(results, args, final_rss, machine_info())
+    say("memory at the end (MB): " + "; ".join(
+        f"{k} RSS {v['rss']:.1f} = private {v['private']:.1f} + shared {v['shared']:.1f}, "
+        f"PSS {v['pss']:.1f}" for k, v in memory.items()))
     out["idle_rss_mb"] = idle_rss
+    out["memory_mb"] = memory
     if args.profile:
         out["profile"] = profile_mesh(started, setup, args)
     return out
