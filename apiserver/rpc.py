@@ -213,6 +213,9 @@ class Call:
             self.record.reason = decision.reason
         if not decision.allowed:
             a = self.attrs
+            log.info("%s: forbidden: user %r %s %s/%s %s/%s%s", self.method, a.user, a.verb,
+                     a.group, a.full_resource, a.namespace, a.name,
+                     f" ({decision.reason})" if decision.reason else "")
             raise errors.Forbidden(forbidden_message(a, decision.reason), kind=a.resource,
                                    name=a.name, group=a.group)
         if admit is not None and self.ident is not None:
