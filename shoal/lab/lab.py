@@ -733,7 +733,11 @@ class Lab:
         healthy = healthy and supervising
         rows: list[tuple[str, ...]] = [("PROCESS", "PID", "STATE", "RESTARTS", "LAST EXIT",
                                         "RSS")]
-        for name in (SUPERVISOR, ETCD, APISERVER, REGISTRY, *map(agent_key, topo.nodes)):
+        # The meshagents are there only in a lab brought up with --mesh.
+        meshagents = [f"meshagent/{n.name}" for n in topo.nodes
+                      if f"meshagent/{n.name}" in state.processes]
+        for name in (SUPERVISOR, ETCD, APISERVER, REGISTRY, *map(agent_key, topo.nodes),
+                     *meshagents):
             r = state.processes.get(name)
             if r is None:
                 healthy = False
