@@ -1,8 +1,10 @@
 """Workload identities: keys, certificates and TLS contexts for the mesh tunnel.
 
 One certificate per (namespace, service account) that some pod on this node
-runs as. The key is made here and never leaves the node (not even to disk:
-TLS contexts load it from an anonymous memory file). Life of one identity::
+runs as. The key is made on this node and never leaves it (not even to disk:
+a short-lived ``meshagent.keygen`` process makes it and the CSR, and checks what
+the CA signs, so the agent itself never loads ``cryptography``; TLS contexts load
+the key from an anonymous memory file). Life of one identity::
 
     get(ns, sa) --> PENDING --sign ok--> VALID --half-life--> renew --ok--> VALID
                        |                   |                     |
@@ -26,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import ssl
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,9 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from shoal import errors, spiffe
 from shoal.api.certificates.v1 import workload_pb2 as pb
@@ -120,45 +121,79 @@ class WorkloadCert:
         return self.not_before <= now < self.not_after
 
 
-def make_csr(ident: spiffe.SpiffeId) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """A fresh P-256 key and a CSR whose only SAN is the SPIFFE URI."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName(
-               [x509.UniformResourceIdentifier(str(ident))]), critical=True)
-           .sign(key, hashes.SHA256()))
-    return key, csr.public_bytes(serialization.Encoding.PEM)
+class Keys(Protocol):
+    """Key, CSR and certificate work (``cryptography``), kept out of the agent."""
+
+    async def new(self, ident: spiffe.SpiffeId) -> tuple[bytes, bytes]:
+        """A fresh key (PEM) and a CSR (PEM) for ``ident``."""
+
+    async def accept(self, signed: Signed, key_pem: bytes,
+                     ident: spiffe.SpiffeId) -> WorkloadCert:
+        """The CA's answer checked against our key and identity (InternalError if
+        it is not for them)."""
 
 
-def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith(spiffe.SCHEME)]
+class HelperKeys:
+    """Each step in a short-lived ``python -m meshagent.keygen`` (see that module)."""
+
+    def __init__(self, *, python: str = sys.executable, timeout: float = 30.0) -> None:
+        self.python = python
+        self.timeout = timeout
+
+    async def _ask(self, request: dict[str, str]) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            self.python, "-m", "meshagent.keygen", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(
+                proc.communicate(json.dumps(request).encode()), self.timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise errors.InternalError(
+                f"meshagent.keygen {request['op']} failed ({proc.returncode}): {last[0]}")
+        answer: dict[str, Any] = json.loads(out)
+        return answer
+
+    async def new(self, ident: spiffe.SpiffeId) -> tuple[bytes, bytes]:
+        answer = await self._ask({"op": "new", "spiffe_id": str(ident)})
+        return answer["key_pem"].encode(), answer["csr_pem"].encode()
+
+    async def accept(self, signed: Signed, key_pem: bytes,
+                     ident: spiffe.SpiffeId) -> WorkloadCert:
+        answer = await self._ask({"op": "accept", "spiffe_id": str(ident),
+                                  "key_pem": key_pem.decode(),
+                                  "chain_pem": signed.chain_pem.decode()})
+        if "error" in answer:
+            raise errors.InternalError(answer["error"])
+        return WorkloadCert(spiffe_id=ident, chain_pem=signed.chain_pem, key_pem=key_pem,
+                            not_before=answer["not_before"], not_after=answer["not_after"],
+                            serial=answer["serial"])
 
 
-def accept(signed: Signed, key: ec.EllipticCurvePrivateKey,
-           ident: spiffe.SpiffeId) -> WorkloadCert:
-    """Check what the CA sent back belongs to our key and identity."""
-    try:
-        certs = x509.load_pem_x509_certificates(signed.chain_pem)
-    except ValueError as e:
-        raise errors.InternalError(f"the CA sent an unreadable chain: {e}") from None
-    leaf = certs[0]
-    if leaf.public_key() != key.public_key():
-        raise errors.InternalError("the CA's certificate is not for our key")
-    if spiffe_ids_of(leaf) != [str(ident)]:
-        raise errors.InternalError(
-            f"the CA's certificate names {spiffe_ids_of(leaf)}, not {ident}")
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return WorkloadCert(spiffe_id=ident, chain_pem=signed.chain_pem, key_pem=key_pem,
-                        not_before=leaf.not_valid_before_utc.timestamp(),
-                        not_after=leaf.not_valid_after_utc.timestamp(),
-                        serial=leaf.serial_number)
+class LocalKeys:
+    """The same work in this process (tests, tools): loads ``cryptography``."""
+
+    async def new(self, ident: spiffe.SpiffeId) -> tuple[bytes, bytes]:
+        from meshagent import keygen
+
+        return keygen.make_csr(ident)
+
+    async def accept(self, signed: Signed, key_pem: bytes,
+                     ident: spiffe.SpiffeId) -> WorkloadCert:
+        from meshagent import keygen
+
+        try:
+            facts = keygen.accept(signed.chain_pem, key_pem, ident)
+        except keygen.RejectedCertificate as e:
+            raise errors.InternalError(str(e)) from None
+        return WorkloadCert(spiffe_id=ident, chain_pem=signed.chain_pem, key_pem=key_pem,
+                            not_before=facts.not_before, not_after=facts.not_after,
+                            serial=facts.serial)
 
 
 # -- the manager -------------------------------------------------------------------
@@ -182,12 +217,14 @@ class IdentityManager:
         self,
         *,
         signer: Signer,
+        keys: Keys | None = None,
         trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN,
         clock: Callable[[], float] = time.time,
         backoff: Callable[[], Backoff] = lambda: Backoff(base=1.0, cap=300.0),
         bundle_interval: float = 300.0,
     ) -> None:
         self.signer = signer
+        self.keys: Keys = keys or HelperKeys()
         self.trust_domain = trust_domain
         self.clock = clock
         self._new_backoff = backoff
@@ -268,10 +305,10 @@ class IdentityManager:
     async def _renew(self, slot: _Slot) -> None:
         ident = slot.ident
         try:
-            key, csr = make_csr(ident)
+            key_pem, csr = await self.keys.new(ident)
             signed = await self.signer.sign(csr_pem=csr, namespace=ident.namespace,
                                             service_account=ident.service_account)
-            cert = accept(signed, key, ident)
+            cert = await self.keys.accept(signed, key_pem, ident)
         except (errors.ShoalError, OSError) as e:
             slot.failures += 1
             slot.last_error = str(e)

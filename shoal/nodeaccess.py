@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from shoal import errors
 
@@ -37,15 +35,61 @@ GRPC_CODES = {
 
 
 def caller(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, set[str]]:
-    """The user (CN) and groups (O) of the caller's verified client certificate."""
+    """The user (CN) and groups (O) of the caller's verified client certificate, as
+    gRPC's TLS layer reports them (no certificate parsing here: the meshagent
+    serves this API and does not load ``cryptography``)."""
     props = context.auth_context() or {}
-    pems = props.get("x509_pem_cert")
-    if not pems:
+    if not props.get("x509_pem_cert"):
         raise errors.Unauthorized("a client certificate from the cluster CA is required")
-    cert = x509.load_pem_x509_certificate(next(iter(pems)))
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return (str(cn[0].value) if cn else ""), {str(o.value) for o in orgs}
+    cns = props.get("x509_common_name") or [b""]
+    subject = b"".join(props.get("x509_subject") or [b""]).decode(errors="replace")
+    return next(iter(cns)).decode(errors="replace"), set(rdn_values(subject, "O"))
+
+
+def rdn_values(subject: str, attribute: str) -> list[str]:
+    """The values of ``attribute`` in an RFC 4514 subject string such as OpenSSL
+    prints (``CN=al\\,ice,O=g\\+2,O=system:masters``): split on unescaped ``,``
+    and ``+``, then undo backslash escapes (``\\,`` and hex pairs ``\\2C``)."""
+    values: list[str] = []
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(subject):
+        ch = subject[i]
+        if ch == "\\" and i + 1 < len(subject):
+            current.append(subject[i:i + 2])
+            i += 2
+            continue
+        if ch in ",+":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    for part in parts:
+        key, sep, raw = part.partition("=")
+        if sep and key.strip().upper() == attribute.upper():
+            values.append(_unescape(raw))
+    return values
+
+
+def _unescape(raw: str) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == "\\" and i + 1 < len(raw):
+            pair = raw[i + 1:i + 3]
+            if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+                out.append(int(pair, 16))
+                i += 3
+                continue
+            out += raw[i + 1].encode()
+            i += 2
+            continue
+        out += raw[i].encode()
+        i += 1
+    return out.decode(errors="replace")
 
 
 def authorize(context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from apiserver import pki
 from apiserver.workloadcerts import issue_workload
-from meshagent import identity
+from meshagent import identity, keygen
 from meshagent.identity import GrpcSigner, IdentityManager, WorkloadCert
 from shoal import errors, spiffe
 from shoal.api.core.v1 import core_pb2
@@ -94,7 +94,7 @@ async def test_a_node_gets_certificates_for_its_own_workloads_only(
     cert = await manager.get(namespace, "web")
     assert str(cert.spiffe_id) == f"spiffe://cluster.local/ns/{namespace}/sa/web"
     leaf = x509.load_pem_x509_certificate(cert.chain_pem)
-    assert identity.spiffe_ids_of(leaf) == [str(cert.spiffe_id)]
+    assert keygen.spiffe_ids_of(leaf) == [str(cert.spiffe_id)]
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == \
         dt.timedelta(hours=24, minutes=1)  # 24 h from now, backdated a minute for skew
     assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from apiserver.authz.access import Chain, MastersAuthorizer
 from apiserver.authz.attributes import Attributes
@@ -18,8 +19,8 @@ from apiserver.authz.nodegraph import NodeGraph, PodRefs
 from apiserver.authz.nodes import NodeAuthorizer
 from apiserver.pki import CertificateAuthority, Identity, cert_pem
 from apiserver.workloadcerts import check_csr, issue_workload
-from meshagent import identity
-from meshagent.identity import IdentityManager, Signed
+from meshagent import identity, keygen
+from meshagent.identity import IdentityManager, LocalKeys, Signed
 from shoal import errors, spiffe
 from shoal.backoff import Backoff
 
@@ -99,7 +100,8 @@ def test_default_service_account_when_the_pod_names_none() -> None:
 
 
 def test_the_csr_the_agent_makes_is_what_the_ca_accepts() -> None:
-    key, csr = identity.make_csr(WANT)
+    key_pem, csr = keygen.make_csr(WANT)
+    key = serialization.load_pem_private_key(key_pem, password=None)
     assert check_csr(csr, WANT).public_key() == key.public_key()
     with pytest.raises(errors.BadRequest, match="exactly one URI SAN"):
         check_csr(csr, spiffe.SpiffeId("cluster.local", "shop", "api"))
@@ -148,7 +150,7 @@ class ScriptedCA:
 def _manager(**kw: Any) -> tuple[IdentityManager, ScriptedCA, FakeClock]:
     clock = FakeClock()
     ca = ScriptedCA(clock)
-    mgr = IdentityManager(signer=ca, clock=clock,
+    mgr = IdentityManager(signer=ca, clock=clock, keys=LocalKeys(),
                           backoff=lambda: Backoff(base=1.0, cap=8.0, jitter=0.0), **kw)
     return mgr, ca, clock
 
@@ -274,3 +276,34 @@ def test_peer_spiffe_id(peer: dict[str, Any] | None, result: str) -> None:
     else:
         with pytest.raises(identity.PeerIdentityError, match=result):
             identity.peer_spiffe_id(FakeSSL(peer))
+
+
+# -- the key helper process -----------------------------------------------------------
+
+
+async def test_the_helper_process_makes_keys_and_refuses_a_foreign_certificate() -> None:
+    """What the agent runs: ``python -m meshagent.keygen``, one step per process."""
+    keys = identity.HelperKeys()
+    key_pem, csr = await keys.new(WANT)
+    ca = CertificateAuthority.create()
+    leaf = issue_workload(ca, check_csr(csr, WANT).public_key(), WANT,  # type: ignore[arg-type]
+                          now=dt.datetime.now(dt.UTC), lifetime=dt.timedelta(hours=24))
+    cert = await keys.accept(Signed(chain_pem=cert_pem(leaf), roots_pem=b""), key_pem, WANT)
+    assert cert.serial == leaf.serial_number and cert.spiffe_id == WANT
+    assert (cert.not_before, cert.not_after) == (leaf.not_valid_before_utc.timestamp(),
+                                                 leaf.not_valid_after_utc.timestamp())
+    other_key, _ = await keys.new(WANT)
+    with pytest.raises(errors.InternalError, match="not for our key"):
+        await keys.accept(Signed(chain_pem=cert_pem(leaf), roots_pem=b""), other_key, WANT)
+
+
+def test_the_meshagent_does_not_load_cryptography() -> None:
+    """9 MB of the agent's memory: key work happens in the helper process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, meshagent.main, meshagent.daemon; "
+         "print(sorted(m for m in sys.modules if m.startswith('cryptography')))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
