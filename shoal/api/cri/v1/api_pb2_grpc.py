@@ -109,6 +109,11 @@ class RuntimeServiceStub:
                 request_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.PortForward = channel.unary_unary(
+                '/runtime.v1.RuntimeService/PortForward',
+                request_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.FromString,
+                _registered_method=True)
         self.ContainerStats = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ContainerStats',
                 request_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ContainerStatsRequest.SerializeToString,
@@ -229,6 +234,14 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request, context):
+        """A URL on the runtime's streaming server that forwards to ports in the
+        sandbox's network namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContainerStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -320,6 +333,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ExecRequest.FromString,
                     response_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ExecResponse.SerializeToString,
+            ),
+            'PortForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.FromString,
+                    response_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.SerializeToString,
             ),
             'ContainerStats': grpc.unary_unary_rpc_method_handler(
                     servicer.ContainerStats,
@@ -720,6 +738,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/Exec',
             shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
             shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/PortForward',
+            shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.SerializeToString,
+            shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,16 @@ class NodeAgentStub:
                 request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.FromString,
                 _registered_method=True)
+        self.ExecStream = channel.stream_stream(
+                '/shoal.node.v1.NodeAgent/ExecStream',
+                request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecInput.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecOutput.FromString,
+                _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/shoal.node.v1.NodeAgent/PortForward',
+                request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -75,6 +85,24 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecStream(self, request_iterator, context):
+        """An interactive command (shoal exec -it): the first input is the start,
+        then stdin and terminal resizes; the outputs end with the exit code.
+        Carried to the runtime through CRI's streaming Exec.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PortForward(self, request_iterator, context):
+        """One TCP connection to a port inside the pod's network namespace: the
+        first input names the pod and port, then bytes both ways until either
+        side closes. Carried through CRI's PortForward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +120,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.ImportImage,
                     request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.FromString,
                     response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.SerializeToString,
+            ),
+            'ExecStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecStream,
+                    request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecInput.FromString,
+                    response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecOutput.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.FromString,
+                    response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +213,60 @@ class NodeAgent:
             '/shoal.node.v1.NodeAgent/ImportImage',
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportChunk.SerializeToString,
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ImportResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.node.v1.NodeAgent/ExecStream',
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecInput.SerializeToString,
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.node.v1.NodeAgent/PortForward',
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.SerializeToString,
+            shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shoal.api.node.v1 import node_pb2 as shoal_dot_api_dot_node_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shoal/api/resources/v1/podproxy.proto\x12\x12shoal.resources.v1\x1a\x1cshoal/api/node/v1/node.proto2\xd4\x01\n\x08PodProxy\x12=\n\x04Logs\x12\x1a.shoal.node.v1.LogsRequest\x1a\x17.shoal.node.v1.LogChunk0\x01\x12?\n\x04\x45xec\x12\x1a.shoal.node.v1.ExecRequest\x1a\x1b.shoal.node.v1.ExecResponse\x12H\n\x0bImportImage\x12\x1a.shoal.node.v1.ImportChunk\x1a\x1b.shoal.node.v1.ImportResult(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shoal/api/resources/v1/podproxy.proto\x12\x12shoal.resources.v1\x1a\x1cshoal/api/node/v1/node.proto2\xf1\x02\n\x08PodProxy\x12=\n\x04Logs\x12\x1a.shoal.node.v1.LogsRequest\x1a\x17.shoal.node.v1.LogChunk0\x01\x12?\n\x04\x45xec\x12\x1a.shoal.node.v1.ExecRequest\x1a\x1b.shoal.node.v1.ExecResponse\x12H\n\x0bImportImage\x12\x1a.shoal.node.v1.ImportChunk\x1a\x1b.shoal.node.v1.ImportResult(\x01\x12\x45\n\nExecStream\x12\x18.shoal.node.v1.ExecInput\x1a\x19.shoal.node.v1.ExecOutput(\x01\x30\x01\x12T\n\x0bPortForward\x12\x1f.shoal.node.v1.PortForwardInput\x1a .shoal.node.v1.PortForwardOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.api.resources.v1.podp
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PODPROXY']._serialized_start=92
-  _globals['_PODPROXY']._serialized_end=304
+  _globals['_PODPROXY']._serialized_end=461
 # @@protoc_insertion_point(module_scope)
