@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
-import ipaddress
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from shoal.api.node.v1 import node_pb2
 from shoal.api.resources.v1 import resources_pb2 as pb
 from shoal.backoff import Backoff
 from shoal.config import ClientConfig
+from shoal.failover import Failover
 from shoal.kinds import Kind, KindTable, builtin_kinds
 
 log = logging.getLogger(__name__)
@@ -124,23 +124,6 @@ class ObjectList(Generic[T]):
     remaining_item_count: int | None = None
 
 
-def _target(servers: tuple[str, ...]) -> str:
-    """One gRPC target for the server list: pick_first over IP literals when
-    there are several, else the first server."""
-    if len(servers) > 1:
-        hosts = []
-        for s in servers:
-            host = s.rsplit(":", 1)[0].strip("[]")
-            try:
-                if ipaddress.ip_address(host).version != 4:
-                    raise ValueError
-            except ValueError:
-                return servers[0]
-            hosts.append(s)
-        return "ipv4:" + ",".join(hosts)
-    return servers[0]
-
-
 class _BearerToken(grpc.AuthMetadataPlugin):
     """``authorization: Bearer <token>`` on every call; a token file is re-read
     when it changes (the node agent rotates it before it expires)."""
@@ -182,7 +165,7 @@ def _credentials(cfg: ClientConfig) -> grpc.ChannelCredentials:
     return grpc.composite_channel_credentials(tls, bearer)
 
 
-def _channel(cfg: ClientConfig) -> grpc.aio.Channel:
+def _channel(cfg: ClientConfig, server: str) -> grpc.aio.Channel:
     creds = _credentials(cfg)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -196,7 +179,7 @@ def _channel(cfg: ClientConfig) -> grpc.aio.Channel:
     ]
     if cfg.tls_server_name:
         options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
-    return grpc.aio.secure_channel(_target(cfg.servers), creds, options=options)
+    return grpc.aio.secure_channel(server, creds, options=options)
 
 
 class AsyncClient:
@@ -208,21 +191,34 @@ class AsyncClient:
         self.kinds = kinds or builtin_kinds()
         self.timeout = timeout
         self.namespace = config.namespace or "default"
-        self._channel: grpc.aio.Channel | None = None
+        # One channel per apiserver of the config; calls go to the failover's
+        # current one and move on when it is unavailable (shoal.failover).
+        self.failover = Failover(tuple(config.servers))
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **kw: Any) -> AsyncClient:
         return cls(configmod.load(path), **kw)
 
     @property
+    def server(self) -> str:
+        """The apiserver calls go to now."""
+        return self.failover.current()
+
+    @property
     def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = _channel(self.config)
-        return self._channel
+        """The channel to the current apiserver (streams use it as they start)."""
+        return self._channel_to(self.failover.current())
+
+    def _channel_to(self, server: str) -> grpc.aio.Channel:
+        channel = self._channels.get(server)
+        if channel is None:
+            channel = self._channels[server] = _channel(self.config, server)
+        return channel
 
     async def close(self) -> None:
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
             await channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
@@ -242,13 +238,32 @@ class AsyncClient:
 
     async def _call(self, method: str, request: Message, response_type: type[Message],
                     timeout: float | None = None) -> Any:
-        rpc = self.channel.unary_unary(
-            f"/{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response_type.FromString)
-        try:
-            return await rpc(request, timeout=timeout or self.timeout)
-        except grpc.aio.AioRpcError as e:
-            raise classify(e) from e
+        """One unary call. On ``UNAVAILABLE`` (connection lost or refused, or the
+        server is going away) it is tried once on each other apiserver of the
+        config, in failover order; any other answer is final."""
+        tries = len(self.failover.servers)
+        for attempt in range(tries):
+            server = self.failover.current()
+            wait = self.failover.delay()
+            if wait:
+                await asyncio.sleep(wait)
+            rpc = self._channel_to(server).unary_unary(
+                f"/{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response_type.FromString)
+            try:
+                response = await rpc(request, timeout=timeout or self.timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == tries - 1:
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.failover.failed(server)
+                    raise classify(e) from e
+                moved = self.failover.failed(server)
+                log.info("%s via %s: unavailable (%s); trying %s", method, server,
+                         e.details(), moved)
+                continue
+            self.failover.succeeded(server)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _unpack(self, packed: any_pb2.Any) -> Any:
         kind = self.kinds.by_type_url(packed.type_url)
@@ -503,10 +518,11 @@ class AsyncClient:
         k = self.kind_of(kind)
         rv = resource_version
         backoff = Backoff(base=0.1, cap=5.0)
-        rpc = self.channel.unary_stream(
-            f"/{SERVICE}/Watch", request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=pb.WatchEvent.FromString)
         while True:
+            server = self.failover.current()
+            rpc = self._channel_to(server).unary_stream(
+                f"/{SERVICE}/Watch", request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.WatchEvent.FromString)
             req = pb.WatchRequest(
                 group=k.group, resource=k.resource,
                 namespace="" if all_namespaces else self._ns(k, namespace),
@@ -516,6 +532,7 @@ class AsyncClient:
             try:
                 async for ev in call:
                     backoff.reset()
+                    self.failover.succeeded(server)
                     if ev.resource_version:
                         rv = ev.resource_version
                     if ev.type == pb.BOOKMARK:
@@ -529,8 +546,17 @@ class AsyncClient:
                 err = classify(e)
                 if not isinstance(err, errors.Unavailable):
                     raise err from e
-                delay = backoff.next()
-                log.debug("watch %s: %s; resuming from %s in %.2fs", k.resource, err, rv, delay)
+                if len(self.failover.servers) > 1:
+                    # Resume on the next apiserver: they share etcd's revisions, and
+                    # each watch cache replays its history window from there.
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.failover.failed(server)
+                    delay = self.failover.delay() if e.code() == grpc.StatusCode.UNAVAILABLE \
+                        else backoff.next()
+                else:
+                    delay = backoff.next()
+                log.debug("watch %s via %s: %s; resuming from %s via %s in %.2fs", k.resource,
+                          server, err, rv, self.failover.current(), delay)
                 await asyncio.sleep(delay)
             finally:
                 call.cancel()
