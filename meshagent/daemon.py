@@ -103,6 +103,9 @@ class MeshAgent:
         self.client = client
         self.registry = CollectorRegistry()
         self.readiness = Readiness("listeners", "informers")
+        # Set once every informer has synced: the listeners are bound from start(),
+        # but decide nothing before (see DataPath.wait_ready).
+        self.synced = asyncio.Event()
         host, _, port = config.metrics_listen.rpartition(":")
         self.monitoring = MonitoringServer(host=host or "0.0.0.0", port=int(port),
                                            registry=self.registry, readiness=self.readiness)
@@ -132,7 +135,7 @@ class MeshAgent:
         self.path = proxy.DataPath(node=config.node_name, trust_domain=config.trust_domain,
                                    routes=self.routes, pod_cidr=config.pod_cidr,
                                    workload=self.workload, metrics=self.metrics,
-                                   pool=self.pool, admit=self.admit)
+                                   pool=self.pool, admit=self.admit, ready=self.synced)
         self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
                                        port=config.outbound_port, path=self.path,
                                        original_dst=original_dst)
@@ -143,10 +146,11 @@ class MeshAgent:
                                     identities=ids, metrics=self.metrics.tunnel,
                                     local_identity=self.local_identity,
                                     handle=self.path.inbound_tunnel,
-                                    original_dst=original_dst)
+                                    original_dst=original_dst, ready=self.path.wait_ready)
         self.dns = dns.DNSServer(host=config.listen_host, port=config.dns_port,
                                  names=self.names, namespace_of=self.namespace_of,
-                                 domain=config.cluster_domain, upstream=config.upstream_dns)
+                                 domain=config.cluster_domain, upstream=config.upstream_dns,
+                                 ready=self.path.wait_ready)
         self.captured_pods = Gauge("shoal_mesh_captured_pods",
                                    "pods whose traffic this agent captures",
                                    registry=self.registry)
@@ -385,6 +389,7 @@ class MeshAgent:
                     tg.create_task(inf.run(), name=f"informer-{inf.kind.__name__}")
                 for inf in self.informers():
                     await inf.synced.wait()
+                self.synced.set()
                 self.readiness.set("informers")
                 log.info("mesh agent %s ready: outbound %d, inbound %d, tunnel %d, dns %d",
                          self.config.node_name, self.outbound.port, self.inbound.port,

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import dns.exception
 import dns.flags
@@ -120,7 +120,8 @@ class DNSServer:
     def __init__(self, *, host: str, port: int, names: Callable[[], Names],
                  namespace_of: Callable[[str], str | None],
                  domain: str = DEFAULT_DOMAIN, upstream: str = "",
-                 timeout: float = 2.0) -> None:
+                 timeout: float = 2.0,
+                 ready: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.host = host
         self.port = port
         self.names = names
@@ -128,6 +129,7 @@ class DNSServer:
         self.domain = domain
         self.upstream = upstream
         self.timeout = timeout
+        self.ready = ready  # False: the names are not known yet (answer SERVFAIL)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
 
@@ -136,6 +138,11 @@ class DNSServer:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
             return None
+        if self.ready is not None and not await self.ready():
+            # Not NXDOMAIN: that would be cached as "no such name".
+            unsynced = dns.message.make_response(query)
+            unsynced.set_rcode(dns.rcode.SERVFAIL)
+            return unsynced.to_wire()
         resp = answer(query, self.names(), domain=self.domain,
                       search=search_path(self.namespace_of(source_ip), self.domain))
         if resp is None:

@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, Counter
 from meshagent import relay, tunnel
 from meshagent.routing import Address, Balancer, Route, decide
 from shoal import spiffe
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ class DataPath:
     def __init__(self, *, node: str, trust_domain: str, routes: Routes, pod_cidr: str,
                  workload: Workloads, metrics: Metrics, pool: tunnel.Pool | None = None,
                  admit: Admit = admit_all, balancer: Balancer | None = None,
-                 connect_timeout: float = 5.0, idle_timeout: float = 3600.0) -> None:
+                 connect_timeout: float = 5.0, idle_timeout: float = 3600.0,
+                 ready: asyncio.Event | None = None, ready_timeout: float = 10.0) -> None:
         self.node = node
         self.trust_domain = trust_domain
         self.routes = routes
@@ -191,7 +193,18 @@ class DataPath:
         self.balancer = balancer or Balancer()
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.ready = ready
+        self.ready_timeout = ready_timeout
         self.live: dict[int, Live] = {}
+
+    async def wait_ready(self) -> bool:
+        """Wait until the agent knows the cluster (``ready``, set once its
+        informers have synced); False after ``ready_timeout``. Until then nothing
+        is decided: a connection captured by rules a previous agent left would
+        otherwise find no workload and leave in plaintext."""
+        if self.ready is None or self.ready.is_set():
+            return True
+        return await wait_set(self.ready, self.ready_timeout)
 
     def _principal_of(self, w: Workload | None) -> str:
         return principal(str(w.spiffe_id(self.trust_domain))) if w is not None else ""
@@ -448,6 +461,10 @@ class Listener:
                 dst = self.original_dst(sock)
             except OSError as e:
                 log.warning("%s: no original destination for %s: %s", self.direction, peer, e)
+                return
+            if not await self.path.wait_ready():
+                log.warning("%s: %s -> %s:%d closed: the agent has not synced yet",
+                            self.direction, peer[0], *dst)
                 return
             if self.direction == "inbound":
                 await self.path.inbound_plain(client, peer[0], dst)

@@ -672,7 +672,8 @@ class Server:
     def __init__(self, *, host: str, port: int, identities: Identities, metrics: Metrics,
                  local_identity: LocalIdentity, handle: StreamHandler,
                  original_dst: Callable[[socket.socket], Address],
-                 handshake_timeout: float = 5.0) -> None:
+                 handshake_timeout: float = 5.0,
+                 ready: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.host = host
         self.port = port
         self.identities = identities
@@ -681,6 +682,7 @@ class Server:
         self.handle = handle
         self.original_dst = original_dst
         self.handshake_timeout = handshake_timeout
+        self.ready = ready  # False: the agent does not know its pods yet
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -718,6 +720,11 @@ class Server:
         try:
             peer = sock.getpeername()[0]
             dst_ip, _ = self.original_dst(sock)
+            if self.ready is not None and not await self.ready():
+                log.warning("tunnel from %s to %s closed: the agent has not synced yet",
+                            peer, dst_ip)
+                sock.close()
+                return
             owner = self.local_identity(dst_ip)
             if owner is None:
                 self.metrics.handshakes.labels("inbound", "unknown_destination").inc()

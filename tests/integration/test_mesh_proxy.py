@@ -35,7 +35,9 @@ async def backends() -> AsyncIterator[list[int]]:
 
 
 async def _listener(routes: dict[Address, Route], dst: Address, *, direction: str = "outbound",
-                    registry: CollectorRegistry | None = None) -> Listener:
+                    registry: CollectorRegistry | None = None,
+                    ready: asyncio.Event | None = None, ready_timeout: float = 10.0
+                    ) -> Listener:
     def fake_dst(_sock: socket.socket) -> Address:
         return dst
     def workload(ip: str) -> Workload:  # every address is a pod outside the mesh
@@ -43,7 +45,8 @@ async def _listener(routes: dict[Address, Route], dst: Address, *, direction: st
                         workload="client", node="elsewhere", meshed=False)
     path = DataPath(node="n1", trust_domain="cluster.local", routes=lambda: routes,
                     pod_cidr="127.0.0.0/8", workload=workload, balancer=Balancer(),
-                    metrics=Metrics(registry or CollectorRegistry()))
+                    metrics=Metrics(registry or CollectorRegistry()), ready=ready,
+                    ready_timeout=ready_timeout)
     lst = Listener(direction=direction, host="127.0.0.1", port=0, path=path,
                    original_dst=fake_dst)
     await lst.start()
@@ -129,3 +132,40 @@ async def test_unknown_destination_is_closed_and_counted() -> None:
         "destination_workload": "unknown", "destination_workload_namespace": "unknown",
         "destination_principal": "unknown", "destination_service": "unknown",
         "connection_security_policy": "none", "response_flags": "NR"}) == 1
+
+
+async def test_nothing_is_decided_before_the_agent_has_synced(backends: list[int]) -> None:
+    """A restarted agent behind the old agent's rules: connections wait for its
+    view of the cluster, and are closed (not forwarded) if it never comes."""
+    synced = asyncio.Event()
+    lst = await _listener({}, ("127.0.0.1", backends[0]), ready=synced)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+        w.write(b"early")
+        w.write_eof()
+        reply = asyncio.create_task(r.read())
+        await asyncio.sleep(0.1)
+        assert not reply.done()  # held, not forwarded with an empty view
+        synced.set()
+        assert await asyncio.wait_for(reply, 5) == b"a:early"
+        w.close()
+    finally:
+        await lst.close()
+    registry = CollectorRegistry()
+    lst = await _listener({}, ("127.0.0.1", backends[0]), ready=asyncio.Event(),
+                          ready_timeout=0.1, registry=registry)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+        w.write(b"never")
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 5) == b""  # closed, nothing sent on
+        w.close()
+    finally:
+        await lst.close()
+    assert registry.get_sample_value("istio_tcp_connections_opened_total", {
+        "reporter": "source", "source_workload": "client",
+        "source_workload_namespace": "default",
+        "source_principal": "cluster.local/ns/default/sa/default",
+        "destination_workload": "client", "destination_workload_namespace": "default",
+        "destination_principal": "unknown", "destination_service": "unknown",
+        "connection_security_policy": "none", "response_flags": ""}) is None
