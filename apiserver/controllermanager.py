@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from apiserver.controllers.base import (
     Controller,
@@ -47,9 +47,12 @@ class ControllerManager:
         self.identity = f"{socket.gethostname()}_{os.getpid()}_{id(self):x}"
         self.lease = (lease_duration, renew_deadline, retry_period)
         self.leading = asyncio.Event()
+        # Loops of the apiserver itself that one apiserver only may run (node
+        # IPAM, storage compaction): they run beside the controllers, while leading.
+        self.leader_tasks: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
     async def run(self) -> None:
-        if not self.factories:
+        if not self.factories and not self.leader_tasks:
             return
         async with AsyncClient(self.client_config) as client:
             duration, deadline, period = self.lease
@@ -77,6 +80,8 @@ class ControllerManager:
                 tg.create_task(events.run(), name="events")
                 for c in controllers:
                     tg.create_task(c.run(ctx), name=f"controller-{c.name}")
+                for name, task in self.leader_tasks:
+                    tg.create_task(task(), name=name)  # type: ignore[arg-type]
                 log.info("controllers running: %s", ", ".join(c.name for c in controllers))
         finally:
             self.leading.clear()

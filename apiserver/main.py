@@ -75,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--audit-policy-file", default="",
                      help="audit.k8s.io/v1 Policy: which requests are logged at which "
                           "level (default: everything at Metadata)")
+    srv.add_argument("--etcd-compaction-interval", type=float, default=300.0,
+                     help="seconds of storage history kept: the leading apiserver compacts "
+                          "older revisions (0: never)")
+    srv.add_argument("--etcd-defrag-interval", type=float, default=0.0,
+                     help="seconds between defragmentations of each etcd member, one at a "
+                          "time, by the leading apiserver (0: never)")
+    srv.add_argument("--etcd-defrag-window", default="",
+                     help="off-peak UTC window for defragmentation, HH:MM-HH:MM")
+    srv.add_argument("--leader-elect-lease-duration", type=float, default=15.0,
+                     help="seconds the controller Lease is held without renewal before "
+                          "another apiserver may take it")
+    srv.add_argument("--leader-elect-renew-deadline", type=float, default=10.0)
+    srv.add_argument("--leader-elect-retry-period", type=float, default=2.0)
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
@@ -128,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         audit_log_path=ns.audit_log_path, audit_policy_file=ns.audit_policy_file,
         encryption_provider_config=ns.encryption_provider_config,
         service_account_issuer=ns.service_account_issuer,
+        etcd_compaction_interval=ns.etcd_compaction_interval,
+        etcd_defrag_interval=ns.etcd_defrag_interval, etcd_defrag_window=ns.etcd_defrag_window,
+        leader_lease=(ns.leader_elect_lease_duration, ns.leader_elect_renew_deadline,
+                      ns.leader_elect_retry_period),
         controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),
         controller_settings=ControllerSettings(
             node_monitor_grace_period=ns.node_monitor_grace_period,

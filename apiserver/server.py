@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from apiserver.encryption import EncryptionConfig
 from apiserver.encryption import load_config as load_encryption_config
 from apiserver.grpcapi import SERVICE, ResourceAPI
 from apiserver.joining import JoinService
+from apiserver.maintenance import Maintenance
 from apiserver.meshproxy import MeshProxy
 from apiserver.metrics import Metrics
 from apiserver.namespaces import NamespaceFinalizer
@@ -53,7 +55,7 @@ from apiserver.serviceaccounts import (
     TokenSigner,
 )
 from apiserver.serviceips import ServiceIPAllocator
-from apiserver.storage import Store
+from apiserver.storage import Store, etcdadmin
 from apiserver.storage.encrypting import EncryptingStore
 from apiserver.storage.instrumented import InstrumentedStore
 from apiserver.watchcache import DELETED, MODIFIED, CacheEvent, WatchCache
@@ -110,6 +112,12 @@ class ServerConfig:
     encryption_provider_config: str = ""
     # Service-account tokens: their `iss`, also the audience this server accepts.
     service_account_issuer: str = DEFAULT_ISSUER
+    # Storage maintenance by the leader (apiserver.maintenance): keep this many
+    # seconds of history (0 = never compact); defragment each etcd member every
+    # interval seconds (0 = never), inside the UTC window "HH:MM-HH:MM" if set.
+    etcd_compaction_interval: float = 300.0
+    etcd_defrag_interval: float = 0.0
+    etcd_defrag_window: str = ""
 
 
 def _split_hostport(addr: str) -> tuple[str, int]:
@@ -215,6 +223,12 @@ class APIServer:
         self.ipam = (NodeIPAM(objects=self.objects, cache=self.cache, kinds=kinds,
                               cluster_cidr=config.cluster_cidr, mask=config.node_cidr_mask)
                      if config.cluster_cidr else None)
+        self.maintenance = Maintenance(
+            store=store, retention=config.etcd_compaction_interval,
+            defrag_interval=config.etcd_defrag_interval,
+            defrag_window=config.etcd_defrag_window,
+            defragment=(functools.partial(etcdadmin.defragment_each, config.etcd_servers)
+                        if config.storage == "etcd" else None))
         self.readiness = Readiness("storage", "watch-cache", "bootstrap")
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         host, port = _split_hostport(config.metrics_listen)
@@ -303,6 +317,10 @@ class APIServer:
         await server.start()
         self.grpc_server = server
         self.controller_manager = self._controller_manager()
+        if self.controller_manager is not None:  # one apiserver only runs these
+            self.controller_manager.leader_tasks.append(("maintenance", self.maintenance.run))
+            if self.ipam is not None:
+                self.controller_manager.leader_tasks.append(("node-ipam", self.ipam.run))
         await self.monitoring.start()
         log.info("apiserver listening on %s (port %d), metrics on %s:%d, storage %s",
                  self.config.listen, self.port, self.monitoring.host, self.monitoring.port,
@@ -346,7 +364,11 @@ class APIServer:
                 tg.create_task(self.namespaces.run(), name="namespace-finalizer"),
                 tg.create_task(self.default_service_accounts.run(),
                                name="default-service-accounts"),
-                *([tg.create_task(self.ipam.run(), name="node-ipam")] if self.ipam else []),
+                # Without leader election (no controllers), every apiserver runs these.
+                *([tg.create_task(self.ipam.run(), name="node-ipam")]
+                  if self.ipam and self.controller_manager is None else []),
+                *([tg.create_task(self.maintenance.run(), name="maintenance")]
+                  if self.controller_manager is None else []),
                 *([tg.create_task(self._service_ip_repair(self.service_ips),
                                   name="service-ips")] if self.service_ips else []),
                 tg.create_task(self._become_ready(), name="readiness"),

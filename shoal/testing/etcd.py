@@ -11,6 +11,8 @@ Contract:
 - ``stop()`` terminates exactly the process it started (by its PID: never
   ``pkill``), waits for it (then kills it if it lingers), and removes the temp
   directory. It is idempotent, and also runs at interpreter exit if forgotten.
+- ``data_dir`` serves an existing data directory (a restored snapshot) instead
+  of a fresh one; it is left in place on ``stop()``.
 - ``unsafe_no_fsync=True`` adds ``--unsafe-no-fsync`` (faster, loses data on a
   crash); off by default.
 - ``progress_notify_interval`` (seconds) sets etcd's periodic watch progress
@@ -91,8 +93,11 @@ class EtcdServer:
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         extra_args: Sequence[str] = (),
+        data_dir: Path | None = None,
     ) -> None:
         self._binary = binary
+        # An existing data dir to serve (e.g. a restored snapshot); kept on stop.
+        self._data_dir = data_dir
         self._unsafe_no_fsync = unsafe_no_fsync
         self._progress_notify_interval = progress_notify_interval
         self._start_timeout = start_timeout
@@ -123,7 +128,7 @@ class EtcdServer:
     def data_dir(self) -> Path:
         if self._workdir is None:
             raise RuntimeError("etcd is not running")
-        return Path(self._workdir) / "data"
+        return self._data_dir or Path(self._workdir) / "data"
 
     def start(self) -> None:
         if self._proc is not None:
@@ -150,7 +155,7 @@ class EtcdServer:
         args = [
             binary,
             "--name", name,
-            "--data-dir", str(Path(workdir) / "data"),
+            "--data-dir", str(self._data_dir or Path(workdir) / "data"),
             "--listen-client-urls", self.client_url,
             "--advertise-client-urls", self.client_url,
             "--listen-peer-urls", peer_url,
