@@ -25,11 +25,16 @@ from shoal.api.core.v1 import core_pb2
 from shoal.api.networking.v1 import networking_pb2
 from shoal.api.rbac.v1 import rbac_pb2
 from shoal.api.security.v1 import security_pb2
+from shoal.api.traffic.v1 import traffic_pb2
 
 FieldGetter = Callable[[Any], str]
 
 # Istio's API group for mesh security policies.
 ISTIO_SECURITY = "security.istio.io"
+# Istio's API group for traffic management.
+ISTIO_NETWORKING = "networking.istio.io"
+# Versions of Istio's API groups accepted on input beside v1 (same schema).
+_ISTIO_NETWORKING_ALSO = ("v1beta1", "v1alpha3")
 # Kubernetes' RBAC API group.
 RBAC = "rbac.authorization.k8s.io"
 
@@ -243,6 +248,17 @@ def builtin_kinds() -> KindTable:
             Kind(ISTIO_SECURITY, "v1", "AuthorizationPolicy", "authorizationpolicies", True,
                  sec.AuthorizationPolicy, ("ap",), has_status=False,
                  also_versions=("v1beta1",)),
+            Kind(ISTIO_NETWORKING, "v1", "VirtualService", "virtualservices", True,
+                 traffic_pb2.VirtualService, ("vs",), has_status=False,
+                 also_versions=_ISTIO_NETWORKING_ALSO),
+            Kind(ISTIO_NETWORKING, "v1", "DestinationRule", "destinationrules", True,
+                 traffic_pb2.DestinationRule, ("dr",), has_status=False,
+                 also_versions=_ISTIO_NETWORKING_ALSO),
+            Kind(ISTIO_NETWORKING, "v1", "Gateway", "gateways", True, traffic_pb2.Gateway,
+                 ("gw",), has_status=False, also_versions=_ISTIO_NETWORKING_ALSO),
+            Kind(ISTIO_NETWORKING, "v1", "ServiceEntry", "serviceentries", True,
+                 traffic_pb2.ServiceEntry, ("se",), has_status=False,
+                 also_versions=_ISTIO_NETWORKING_ALSO),
             Kind("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", True,
                  networking_pb2.NetworkPolicy, ("netpol",), has_status=False),
             Kind(RBAC, "v1", "Role", "roles", True, rbac_pb2.Role, (), has_status=False),

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from shoal import errors, naming, quantity, selectors
+from shoal import errors, naming, quantity, selectors, trafficrules
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
@@ -615,6 +615,7 @@ _DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
     "NetworkPolicy": _default_network_policy,
     "RoleBinding": _default_binding,
     "ClusterRoleBinding": _default_binding,
+    **trafficrules.DEFAULTERS,
 }
 
 # --------------------------------------------------------------------------- metadata
@@ -2148,6 +2149,8 @@ _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "ClusterRole": _validate_cluster_role,
     "RoleBinding": _validate_role_binding,
     "ClusterRoleBinding": _validate_cluster_role_binding,
+    # networking.istio.io: VirtualService, DestinationRule, Gateway, ServiceEntry.
+    **trafficrules.VALIDATORS,
 }
 
 # --------------------------------------------------------------------------- updates

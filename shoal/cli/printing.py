@@ -14,6 +14,7 @@ same words: ``CrashLoopBackOff``, ``Init:0/1``, ``Terminating``, ``<none>``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
@@ -439,6 +440,25 @@ def _authorization_policy_row(ap: Any, now: float) -> Cells:
     return (ap.metadata.name, ap.spec.action or "ALLOW", age(ap.metadata.creation_timestamp, now))
 
 
+def _json_list(values: Sequence[str]) -> str:
+    """A list column as kubectl prints a CRD's printer column: ``["a","b"]``, or blank."""
+    return json.dumps(list(values), separators=(",", ":")) if values else ""
+
+
+def _virtual_service_row(vs: Any, now: float) -> Cells:
+    return (vs.metadata.name, _json_list(vs.spec.gateways), _json_list(vs.spec.hosts),
+            age(vs.metadata.creation_timestamp, now))
+
+
+def _destination_rule_row(dr: Any, now: float) -> Cells:
+    return (dr.metadata.name, dr.spec.host, age(dr.metadata.creation_timestamp, now))
+
+
+def _service_entry_row(se: Any, now: float) -> Cells:
+    return (se.metadata.name, _json_list(se.spec.hosts), se.spec.location, se.spec.resolution,
+            age(se.metadata.creation_timestamp, now))
+
+
 def _created_at(obj: Any, now: float) -> Cells:
     ts = seconds_of(obj.metadata.creation_timestamp)
     when = (dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -592,6 +612,14 @@ def printer_for(kind: Kind) -> Printer:
             return Printer(("NAME", "ACTION", "AGE"), _authorization_policy_row)
         case "NetworkPolicy":
             return Printer(("NAME", "POD-SELECTOR", "AGE"), _network_policy_row)
+        # Istio's CRDs' printer columns (Gateway has only NAME and AGE).
+        case "VirtualService":
+            return Printer(("NAME", "GATEWAYS", "HOSTS", "AGE"), _virtual_service_row)
+        case "DestinationRule":
+            return Printer(("NAME", "HOST", "AGE"), _destination_rule_row)
+        case "ServiceEntry":
+            return Printer(("NAME", "HOSTS", "LOCATION", "RESOLUTION", "AGE"),
+                           _service_entry_row)
         case "Role" | "ClusterRole":
             return Printer(("NAME", "CREATED AT"), _created_at)
         case "RoleBinding" | "ClusterRoleBinding":
