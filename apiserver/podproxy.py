@@ -1,11 +1,17 @@
-"""``PodProxy``: logs, exec and image imports for users, relayed to a node agent.
+"""``PodProxy``: logs, exec, port-forward and image imports for users, relayed to a node agent.
 
     user --mTLS--> apiserver: authenticate, authorize (get pods/log, create
-           pods/exec, create nodes/proxy for imports); pod -> spec.nodeName (or, for
+           pods/exec for Exec and ExecStream, create pods/portforward, create
+           nodes/proxy for imports); pod -> spec.nodeName (or, for
            ImportImage, the node the first chunk names) -> Node address
            (InternalIP) and agent port (daemonEndpoints) --mTLS (the
            apiserver's kubelet-client certificate; the node's serving
            certificate checked against the cluster CA)--> node agent
+
+ExecStream and PortForward are bidirectional: the first message names the pod
+(and is what the authorizer sees), then messages are relayed both ways as they
+come; either side ending ends the other (a user who goes away cancels the
+node's stream, which closes the runtime's).
 
 Errors say which hop failed: the pod is not scheduled yet, the node has no
 address, or the node agent cannot be reached. Log streams are relayed chunk by
@@ -62,6 +68,12 @@ class PodProxy:
             "ImportImage": grpc.stream_unary_rpc_method_handler(
                 self.import_image, request_deserializer=node_pb2.ImportChunk.FromString,
                 response_serializer=passthrough),
+            "ExecStream": grpc.stream_stream_rpc_method_handler(
+                self.exec_stream, request_deserializer=node_pb2.ExecInput.FromString,
+                response_serializer=passthrough),
+            "PortForward": grpc.stream_stream_rpc_method_handler(
+                self.port_forward, request_deserializer=node_pb2.PortForwardInput.FromString,
+                response_serializer=passthrough),
         })
 
     async def _node_address(self, namespace: str, name: str) -> str:
@@ -90,6 +102,18 @@ class PodProxy:
                       ident: Identity) -> Attributes:
         return attributes(ident, "create", resource="pods", subresource="exec",
                           namespace=request.namespace, name=request.pod)
+
+    @staticmethod
+    def describe_exec_stream(service: object, request: node_pb2.ExecInput,
+                             ident: Identity) -> Attributes:
+        return attributes(ident, "create", resource="pods", subresource="exec",
+                          namespace=request.start.namespace, name=request.start.pod)
+
+    @staticmethod
+    def describe_port_forward(service: object, request: node_pb2.PortForwardInput,
+                              ident: Identity) -> Attributes:
+        return attributes(ident, "create", resource="pods", subresource="portforward",
+                          namespace=request.start.namespace, name=request.start.pod)
 
     @staticmethod
     def describe_import(service: object, request: object, ident: Identity) -> Attributes:
@@ -148,6 +172,61 @@ class PodProxy:
             f"/{NODE_SERVICE}/Logs", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=None)
         call = rpc(request)
+        ended: BaseException | None = None
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            ended = _relayed(e, address)
+            await abort_with(context, ended)
+        except BaseException as e:
+            ended = e
+            raise
+        finally:
+            call.cancel()
+            audit.finish(ended)
+
+    async def exec_stream(self, request: AsyncIterator[node_pb2.ExecInput],
+                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        async for chunk in self._relay_stream("ExecStream", request, context,
+                                              self.describe_exec_stream):
+            yield chunk
+
+    async def port_forward(self, request: AsyncIterator[node_pb2.PortForwardInput],
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> AsyncIterator[bytes]:
+        async for chunk in self._relay_stream("PortForward", request, context,
+                                              self.describe_port_forward):
+            yield chunk
+
+    async def _relay_stream(self, method: str, request: AsyncIterator[Any],
+                            context: grpc.aio.ServicerContext[Any, Any],
+                            describe: Any) -> AsyncIterator[bytes]:
+        """Admit on the first message (its ``start`` names the pod), then relay
+        both ways to the pod's node agent until either side ends."""
+        first = await anext(aiter(request), None)
+        audit = Call(self, method, first)
+        try:
+            if first is None or first.WhichOneof("input") != "start":
+                raise errors.BadRequest(f"a {method} stream must start with the pod")
+            await audit.admit(context, first, describe)
+            address = await self._node_address(first.start.namespace, first.start.pod)
+        except errors.ShoalError as e:
+            audit.finish(e)
+            await abort_with(context, e)
+            return
+        audit.count()
+        audit.started()
+        rpc = self.dialer.channel(address).stream_stream(
+            f"/{NODE_SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=None)
+
+        async def inputs() -> AsyncIterator[Any]:
+            yield first
+            async for message in request:
+                yield message
+
+        call = rpc(inputs())
         ended: BaseException | None = None
         try:
             async for chunk in call:

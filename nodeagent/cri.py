@@ -450,6 +450,22 @@ class RuntimeClient:
             timeout=(limit + self.timeout) if limit else _UNLIMITED_EXEC_DEADLINE)
         return ExecResult(exit_code=resp.exit_code, stdout=resp.stdout, stderr=resp.stderr)
 
+    async def exec_url(self, container_id: str, cmd: list[str], *, stdin: bool,
+                       tty: bool) -> str:
+        """A one-time URL on the streaming server for an interactive command
+        (see ``nodeagent.streaming``); with a TTY, stderr is merged into stdout."""
+        resp = await self._runtime("Exec", cri.ExecRequest(
+            container_id=container_id, cmd=list(cmd), tty=tty, stdin=stdin, stdout=True,
+            stderr=not tty), cri.ExecResponse)
+        return str(resp.url)
+
+    async def port_forward_url(self, sandbox_id: str, port: int) -> str:
+        """A one-time URL on the streaming server forwarding to ``port`` in the
+        sandbox's network namespace."""
+        resp = await self._runtime("PortForward", cri.PortForwardRequest(
+            pod_sandbox_id=sandbox_id, port=[port]), cri.PortForwardResponse)
+        return str(resp.url)
+
     async def container_stats(self, container_id: str) -> cri.ContainerStats:
         resp = await self._runtime("ContainerStats",
                                    cri.ContainerStatsRequest(container_id=container_id),

@@ -208,7 +208,8 @@ class NodeAgentDaemon:
             agent = self.agent
             api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
                           runtime=pod_runtime, log_root=cfg.log_root, node_name=cfg.node_name,
-                          containerd_address=address, import_dir=cfg.import_dir)
+                          containerd_address=address, import_dir=cfg.import_dir,
+                          streaming=runtime if isinstance(runtime, RuntimeClient) else None)
             await asyncio.to_thread(api.remove_stale_imports)
             network = PodNetwork(client=client, node_name=cfg.node_name,
                                  cni_conf_dir=cfg.cni_conf_dir,

@@ -34,6 +34,19 @@ import grpc
 from nodeagent.logs import container_logs, pod_log_dir, read_logs
 from nodeagent.podruntime import PodRuntime
 from nodeagent.runtimestate import ContainerRecord, ContainerState, PodRecord
+from nodeagent.streaming import (
+    ERROR,
+    PF_DATA,
+    PF_ERROR,
+    RESIZE,
+    STDERR,
+    STDIN,
+    STDOUT,
+    ChannelSocket,
+    StreamingRuntime,
+    exit_status,
+    resize_message,
+)
 from shoal import errors, images
 from shoal.api.core.v1 import core_pb2
 from shoal.api.node.v1 import node_pb2
@@ -54,7 +67,8 @@ class NodeAPI:
                  records: Callable[[], dict[str, PodRecord]], runtime: PodRuntime,
                  log_root: Path, node_name: str = "", containerd_address: str = "",
                  import_dir: Path | None = None,
-                 max_import_bytes: int = DEFAULT_MAX_IMPORT_BYTES) -> None:
+                 max_import_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+                 streaming: StreamingRuntime | None = None) -> None:
         self.pod_by_name = pod_by_name
         self.records = records
         self.runtime = runtime
@@ -63,6 +77,7 @@ class NodeAPI:
         self.containerd_address = containerd_address
         self.import_dir = import_dir
         self.max_import_bytes = max_import_bytes
+        self.streaming = streaming
         self._import_lock = asyncio.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
@@ -78,6 +93,12 @@ class NodeAPI:
                 response_serializer=ser),
             "ImportImage": grpc.stream_unary_rpc_method_handler(
                 self.import_image, request_deserializer=node_pb2.ImportChunk.FromString,
+                response_serializer=ser),
+            "ExecStream": grpc.stream_stream_rpc_method_handler(
+                self.exec_stream, request_deserializer=node_pb2.ExecInput.FromString,
+                response_serializer=ser),
+            "PortForward": grpc.stream_stream_rpc_method_handler(
+                self.port_forward, request_deserializer=node_pb2.PortForwardInput.FromString,
                 response_serializer=ser),
         })
 
@@ -157,6 +178,128 @@ class NodeAPI:
             await abort(context, e)
             raise  # pragma: no cover - abort raises
         return node_pb2.ExecResponse(stdout=out, stderr=err, exit_code=code)
+
+    # -- streams (interactive exec, port-forward) ----------------------------------
+
+    def _streams(self) -> StreamingRuntime:
+        if self.streaming is None:
+            raise errors.MethodNotAllowed(
+                "this node agent's runtime offers no streaming server")
+        return self.streaming
+
+    async def exec_stream(self, request_iterator: AsyncIterator[node_pb2.ExecInput],
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> AsyncIterator[node_pb2.ExecOutput]:
+        """stdin/resize in, stdout/stderr out, then the exit code; the caller
+        going away closes the runtime's stream (the command gets a hangup)."""
+        try:
+            authorize(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("input") != "start":
+                raise errors.BadRequest("an exec stream must start with the command")
+            start = first.start
+            if not start.command:
+                raise errors.BadRequest("exec needs a command")
+            pod, container, record = self._locate(start.namespace, start.pod, start.container)
+            inst = record.latest(container)
+            if inst is None or inst.state is not ContainerState.RUNNING:
+                raise errors.BadRequest(
+                    f'container "{container}" in pod "{pod.metadata.name}" is not running')
+            url = await self._streams().exec_url(inst.id, list(start.command),
+                                                 stdin=start.stdin, tty=start.tty)
+            sock = await ChannelSocket.connect(url)
+        except errors.ShoalError as e:
+            await abort(context, e)
+            return
+        if start.tty and start.size.width and start.size.height:
+            await sock.send(RESIZE, resize_message(start.size.width, start.size.height))
+
+        async def forward_input() -> None:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("input")
+                if kind == "stdin" and start.stdin:
+                    await sock.send(STDIN, msg.stdin)
+                elif kind == "resize" and start.tty:
+                    await sock.send(RESIZE, resize_message(msg.resize.width, msg.resize.height))
+
+        pump = asyncio.create_task(forward_input())
+        status = b""
+        try:
+            while (message := await sock.recv()) is not None:
+                channel, data = message
+                if channel == STDOUT:
+                    yield node_pb2.ExecOutput(stdout=data)
+                elif channel == STDERR:
+                    yield node_pb2.ExecOutput(stderr=data)
+                elif channel == ERROR:
+                    status += data
+            ended = exit_status(status) if status else None
+            if ended is None:
+                raise errors.Unavailable("the runtime ended the exec stream without an "
+                                         "exit status", retry_after=1.0)
+            if ended.message:
+                yield node_pb2.ExecOutput(stderr=(ended.message + "\n").encode())
+            yield node_pb2.ExecOutput(exit_code=ended.code)
+        except errors.ShoalError as e:
+            await abort(context, e)
+        finally:
+            pump.cancel()
+            await sock.close()
+
+    async def port_forward(self, request_iterator: AsyncIterator[node_pb2.PortForwardInput],
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> AsyncIterator[node_pb2.PortForwardOutput]:
+        """One TCP connection to ``port`` inside the pod's network namespace
+        (the runtime dials it from the sandbox): bytes both ways until the
+        pod side closes or the caller goes away."""
+        try:
+            authorize(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("input") != "start":
+                raise errors.BadRequest("a port-forward stream must start with the port")
+            start = first.start
+            if not 0 < start.port < 65536:
+                raise errors.BadRequest(f"port {start.port} is not a valid port number")
+            pod = self.pod_by_name(start.namespace, start.pod)
+            if pod is None:
+                raise errors.NotFound(f'pod "{start.pod}" is not on this node')
+            record = self.records().get(pod.metadata.uid)
+            sandbox = record.sandbox if record else None
+            if sandbox is None or not sandbox.ready:
+                raise errors.BadRequest(f'pod "{start.pod}" has no running sandbox')
+            url = await self._streams().port_forward_url(sandbox.id, start.port)
+            sock = await ChannelSocket.connect(url, query=f"port={start.port}")
+        except errors.ShoalError as e:
+            await abort(context, e)
+            return
+
+        async def forward_input() -> None:
+            async for msg in request_iterator:
+                if msg.data:
+                    await sock.send(PF_DATA, msg.data)
+
+        pump = asyncio.create_task(forward_input())
+        seen: set[int] = set()
+        failure = b""
+        try:
+            while (message := await sock.recv()) is not None:
+                channel, data = message
+                if channel not in seen:  # each channel opens with the port (uint16 LE)
+                    seen.add(channel)
+                    data = data[2:]
+                if channel == PF_DATA and data:
+                    yield node_pb2.PortForwardOutput(data=data)
+                elif channel == PF_ERROR:
+                    failure += data
+            if failure:
+                raise errors.Unavailable(
+                    f"port-forward to {start.pod}:{start.port}: "
+                    f"{failure.decode('utf-8', 'replace').strip()}", retry_after=1.0)
+        except errors.ShoalError as e:
+            await abort(context, e)
+        finally:
+            pump.cancel()
+            await sock.close()
 
     # -- image import -------------------------------------------------------------
 

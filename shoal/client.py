@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -421,6 +421,28 @@ class AsyncClient:
         except grpc.aio.AioRpcError as e:
             raise classify(e) from e
 
+    def exec_stream(self, start: node_pb2.ExecStart) -> Duplex:
+        """An interactive command: write ExecInput (stdin, resize), read
+        ExecOutput until the exit code. ``start.namespace`` defaults to ours."""
+        if not start.namespace:
+            start.namespace = self.namespace
+        return self._duplex("ExecStream", node_pb2.ExecInput(start=start),
+                            node_pb2.ExecOutput.FromString)
+
+    def port_forward(self, start: node_pb2.PortForwardStart) -> Duplex:
+        """One TCP connection to a port in a pod: write PortForwardInput(data),
+        read PortForwardOutput until the pod side closes."""
+        if not start.namespace:
+            start.namespace = self.namespace
+        return self._duplex("PortForward", node_pb2.PortForwardInput(start=start),
+                            node_pb2.PortForwardOutput.FromString)
+
+    def _duplex(self, method: str, first: Any, parse: Callable[[bytes], Any]) -> Duplex:
+        rpc = self.channel.stream_stream(
+            f"/shoal.resources.v1.PodProxy/{method}",
+            request_serializer=lambda m: m.SerializeToString(), response_deserializer=parse)
+        return Duplex(rpc(), first)  # type: ignore[call-arg]
+
     async def import_image(self, node: str, archive: Path, *, image: str = "",
                            digest: str = "", timeout: float | None = 600.0,
                            chunk_size: int = IMPORT_CHUNK_BYTES) -> node_pb2.ImportResult:
@@ -665,3 +687,38 @@ class Client:
 
 async def _next(agen: AsyncGenerator[E, None]) -> E:
     return await agen.__anext__()
+
+
+class Duplex:
+    """A bidirectional stream: ``open`` sends the start, then ``write``
+    messages (one writer at a time) and ``read`` them (None at the end);
+    ``done_writing`` half-closes, ``cancel`` ends it. Errors are Shoal's."""
+
+    def __init__(self, call: Any, first: Any) -> None:
+        self.call = call
+        self.first = first
+
+    async def open(self) -> None:
+        await self.write(self.first)
+
+    async def write(self, message: Any) -> None:
+        try:
+            await self.call.write(message)
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
+    async def done_writing(self) -> None:
+        try:
+            await self.call.done_writing()
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
+    async def read(self) -> Any | None:
+        try:
+            message = await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+        return None if message is grpc.aio.EOF else message  # type: ignore[attr-defined]
+
+    def cancel(self) -> None:
+        self.call.cancel()

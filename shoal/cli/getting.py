@@ -6,7 +6,16 @@
 With ``-w`` the current objects are printed, then one row (or document, or
 name) per change, read with a watch from the list's resourceVersion. It runs
 until Ctrl-C, or for ``--request-timeout`` when that is given (as kubectl), and
-both end it with exit code 0.
+both end it with exit code 0. ``--output-watch-events`` adds the event type
+(an EVENT column, or ``{type, object}`` documents with -o yaml/json).
+
+Resume: a dropped stream or a restarted apiserver is picked up by the SDK's
+watch, which reconnects from the last resourceVersion it yielded (the watch
+cache replays what came after it), so nothing is printed twice or missed. If
+that version has left the server's history (``Expired``), the objects are
+listed again and only the differences from what was last printed come out
+(ADDED/MODIFIED for new or changed versions, DELETED for objects gone), then
+the watch goes on from the new list.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ class GetOptions:
     watch: bool = False
     no_headers: bool = False
     show_labels: bool = False
+    output_watch_events: bool = False
 
 
 def check_selectors(targets: Sequence[Target], *, label_selector: str,
@@ -138,11 +148,13 @@ class WatchPrinter:
                                   namespace_column=options.all_namespaces,
                                   show_labels=options.show_labels)
         self.widths: list[int] | None = None
+        self.events = options.output_watch_events
 
     def _rows(self, rows: list[Cells]) -> None:
         if self.widths is None:
             if self.headers:
-                rows = [table_headers(self.kind, self.table), *rows]
+                head = table_headers(self.kind, self.table)
+                rows = [("EVENT", *head) if self.events else head, *rows]
             self.widths = column_widths(rows)
         else:
             for i, w in enumerate(column_widths(rows)):
@@ -153,22 +165,50 @@ class WatchPrinter:
         for cells in rows:
             self.session.print(format_row(cells, self.widths))
 
-    def show(self, objects: Sequence[Any]) -> None:
+    def show(self, objects: Sequence[Any], *, event: str = "ADDED") -> None:
         if not objects:
             return
         if self.output in ("", "wide"):
             now = self.session.clock()
-            self._rows([table_row(self.kind, o, now=now, options=self.table) for o in objects])
+            rows = [table_row(self.kind, o, now=now, options=self.table) for o in objects]
+            self._rows([(event, *r) for r in rows] if self.events else rows)
         else:
             for o in objects:
                 if self.output == "name":
-                    self.session.print(resource_name(self.kind, o.metadata.name))
+                    name = resource_name(self.kind, o.metadata.name)
+                    self.session.print(f"{event} {name}" if self.events else name)
                 else:
                     if self.output == "yaml":
                         self.session.print("---")
-                    self.session.out.write(
-                        format_manifest(encode(o, self.session.kinds), self.output))
+                    doc = encode(o, self.session.kinds)
+                    if self.events:
+                        doc = {"type": event, "object": doc}
+                    self.session.out.write(format_manifest(doc, self.output))
         self.session.out.flush()
+
+
+def object_key(obj: Any) -> str:
+    return f"{obj.metadata.namespace}/{obj.metadata.name}"
+
+
+def relist_changes(last: dict[str, Any], items: Sequence[Any]) -> list[tuple[str, Any]]:
+    """What a relist after ``Expired`` shows, against what was last printed
+    (``last`` by namespace/name): ADDED for new objects (or the same name with
+    a new UID, after a DELETED), MODIFIED for a new version, DELETED for objects
+    gone; unchanged ones are not repeated."""
+    out: list[tuple[str, Any]] = []
+    current = {object_key(o): o for o in items}
+    for key, old in last.items():
+        now = current.get(key)
+        if now is None or now.metadata.uid != old.metadata.uid:
+            out.append(("DELETED", old))
+    for key, obj in current.items():
+        old = last.get(key)
+        if old is None or old.metadata.uid != obj.metadata.uid:
+            out.append(("ADDED", obj))
+        elif old.metadata.resource_version != obj.metadata.resource_version:
+            out.append(("MODIFIED", obj))
+    return out
 
 
 async def _watch(session: Session, targets: Sequence[Target], *, options: GetOptions) -> int:
@@ -195,12 +235,29 @@ async def _watch(session: Session, targets: Sequence[Target], *, options: GetOpt
     if not listing.items and not target.names:
         session.warn(no_resources_message(targets, namespace=namespace,
                                           all_namespaces=options.all_namespaces))
+    last = {object_key(o): o for o in listing.items}
+    rv = listing.resource_version
     try:
-        events = client.watch(kind.message, resource_version=listing.resource_version, **scope)
-        async with asyncio.timeout(session.request_timeout), contextlib.aclosing(events):
-            async for ev in events:
-                if ev.object is not None:
-                    printer.show([ev.object])
+        async with asyncio.timeout(session.request_timeout):
+            while True:
+                events = client.watch(kind.message, resource_version=rv, **scope)
+                try:
+                    async with contextlib.aclosing(events):
+                        async for ev in events:
+                            rv = ev.resource_version or rv
+                            if ev.object is None:
+                                continue
+                            if ev.type == "DELETED":
+                                last.pop(object_key(ev.object), None)
+                            else:
+                                last[object_key(ev.object)] = ev.object
+                            printer.show([ev.object], event=ev.type)
+                except errors.Expired:
+                    listing = await client.list_all(kind.message, **scope)
+                    for event, obj in relist_changes(last, listing.items):
+                        printer.show([obj], event=event)
+                    last = {object_key(o): o for o in listing.items}
+                    rv = listing.resource_version
     except TimeoutError:
         pass
     await drain_cancelled_stream()

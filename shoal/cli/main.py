@@ -30,6 +30,7 @@ from shoal.cli.creating import run_create_token
 from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
 from shoal.cli.discovering import run_api_resources, run_version
+from shoal.cli.forwarding import run_port_forward
 from shoal.cli.getting import OUTPUTS, GetOptions, run_get
 from shoal.cli.imaging import add_parser as add_image_parser
 from shoal.cli.imaging import run_image_import, run_image_local
@@ -43,6 +44,7 @@ from shoal.cli.rollouts import ROLLOUT_KINDS, run_rollout
 from shoal.cli.scaling import run_scale
 from shoal.cli.secrets import run_secrets_reencrypt
 from shoal.cli.session import Session
+from shoal.cli.terminal import run_exec_interactive
 from shoal.cli.waiting import DEFAULT_TIMEOUT as WAIT_TIMEOUT
 from shoal.cli.waiting import run_wait
 from shoal.kinds import builtin_kinds
@@ -149,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field-selector", default="", metavar="SELECTOR")
     p.add_argument("-o", "--output", choices=OUTPUTS, default="")
     p.add_argument("-w", "--watch", action="store_true",
-                   help="after the list, print each change (Ctrl-C stops)")
+                   help="after the list, print each change (Ctrl-C stops); resumes "
+                        "by itself after a dropped stream or an apiserver restart")
+    p.add_argument("--output-watch-events", action="store_true",
+                   help="with --watch, show the event type (ADDED, MODIFIED, DELETED)")
     p.add_argument("--no-headers", action="store_true")
     p.add_argument("--show-labels", action="store_true")
 
@@ -202,8 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pod", metavar="POD")
     p.add_argument("-c", "--container", default="")
     p.add_argument("--timeout", type=int, default=60, help="seconds (default 60)")
+    p.add_argument("-i", "--stdin", action="store_true",
+                   help="pass stdin to the command (streamed)")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="allocate a terminal (the local one goes raw; implies -i)")
     p.add_argument("exec_command", nargs="*", metavar="CMD",
                    help="the command and its arguments, after --")
+
+    p = sub.add_parser("port-forward", parents=[common],
+                       help="forward local ports to a pod",
+                       description="Forward local TCP ports to a pod (or a ready pod of a "
+                                   "workload or Service); new connections follow a "
+                                   "replaced pod.")
+    p.add_argument("target", metavar="POD | KIND/NAME")
+    p.add_argument("ports", nargs="+", metavar="[LOCAL:]REMOTE")
+    p.add_argument("--address", action="append", default=[], metavar="ADDR",
+                   help="addresses to listen on, comma-separated (default localhost)")
 
     p = sub.add_parser("token", parents=[common], help="bootstrap tokens for joining nodes")
     token_sub = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
@@ -330,7 +349,7 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                     args=tuple(ns.args), all_namespaces=ns.all_namespaces,
                     label_selector=ns.selector, field_selector=ns.field_selector,
                     output=ns.output, watch=ns.watch, no_headers=ns.no_headers,
-                    show_labels=ns.show_labels))
+                    show_labels=ns.show_labels, output_watch_events=ns.output_watch_events))
             case "describe":
                 return await run_describe(session, args=ns.args, label_selector=ns.selector,
                                           all_namespaces=ns.all_namespaces)
@@ -348,6 +367,12 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_logs(session, target=ns.target, container=ns.container,
                                       follow=ns.follow, tail=None if ns.tail < 0 else ns.tail,
                                       previous=ns.previous, timestamps=ns.timestamps)
+            case "exec" if ns.stdin or ns.tty:
+                return await run_exec_interactive(session, pod=ns.pod, container=ns.container,
+                                                  command=ns.exec_command, tty=ns.tty)
+            case "port-forward":
+                return await run_port_forward(session, target=ns.target, ports=ns.ports,
+                                              addresses=ns.address)
             case "exec":
                 return await run_exec(session, pod=ns.pod, container=ns.container,
                                       command=ns.exec_command, timeout=ns.timeout)
@@ -445,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(dispatch(session, ns))
     except KeyboardInterrupt:
         # Ctrl-C is how a watch is meant to end.
-        return ExitCode.OK if getattr(ns, "watch", False) else 130
+        return ExitCode.OK if getattr(ns, "watch", False) or ns.command == "port-forward" \
+            else 130
     except BrokenPipeError:
         _silence_stdout()
         return ExitCode.OK

@@ -1,0 +1,127 @@
+"""The operator's commands against an in-process apiserver: ``get -w`` resuming
+across an apiserver restart, ``diff``, ``explain``, and who may open exec and
+port-forward streams.
+
+``get -w`` runs as a task on the test's loop (the apiserver's loop) with its
+output in a StringIO, so the test sees what it printed while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal import errors
+from shoal.api.core.v1 import core_pb2
+from shoal.api.node.v1 import node_pb2
+from shoal.api.rbac.v1 import rbac_pb2
+from shoal.cli.getting import GetOptions, run_get
+from shoal.cli.session import Session
+from shoal.kinds import builtin_kinds
+from shoal.testing.apiserver import InProcessAPIServer
+
+
+def configmap(name: str, namespace: str, **data: str) -> core_pb2.ConfigMap:
+    cm = core_pb2.ConfigMap()
+    cm.metadata.name, cm.metadata.namespace = name, namespace
+    cm.data.update(data)
+    return cm
+
+
+async def wait_until(pred: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.02)
+
+
+def event_lines(out: str) -> list[tuple[str, str]]:
+    return [(parts[0], parts[1]) for line in out.splitlines()
+            if (parts := line.split()) and parts[0] != "EVENT"]
+
+
+async def test_get_watch_resumes_after_an_apiserver_restart_without_repeats_or_gaps(
+        tmp_path: Path) -> None:
+    api = InProcessAPIServer(tmp_path)
+    await api.start()
+    out, err = io.StringIO(), io.StringIO()
+    session = Session(kinds=builtin_kinds(), out=out, err=err, stdin=io.StringIO(),
+                      config_path=str(api.config_path), namespace_flag="watched")
+    try:
+        async with api.client() as c:
+            ns = core_pb2.Namespace()
+            ns.metadata.name = "watched"
+            await c.create(ns)
+            await c.create(configmap("before", "watched"))
+            watch = asyncio.create_task(run_get(session, GetOptions(
+                args=("configmaps",), watch=True, output_watch_events=True)))
+            await wait_until(lambda: ("ADDED", "before") in event_lines(out.getvalue()))
+            await c.create(configmap("a", "watched"))
+            await wait_until(lambda: ("ADDED", "a") in event_lines(out.getvalue()))
+
+            await api.restart()  # the watch stream drops; the CLI resumes by itself
+            await c.create(configmap("b", "watched"))
+            a = await c.get(core_pb2.ConfigMap, "a", namespace="watched")
+            a.data["k"] = "v"
+            await c.update(a)
+            await c.delete(core_pb2.ConfigMap, "before", namespace="watched")
+            await wait_until(lambda: ("DELETED", "before") in event_lines(out.getvalue()))
+            await asyncio.sleep(0.5)  # a repeated event would arrive by now
+            watch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await watch
+        assert event_lines(out.getvalue()) == [
+            ("ADDED", "before"), ("ADDED", "a"), ("ADDED", "b"), ("MODIFIED", "a"),
+            ("DELETED", "before")], out.getvalue()
+        assert out.getvalue().splitlines()[0].split()[:2] == ["EVENT", "NAME"]
+    finally:
+        await session.aclose()
+        await api.stop()
+
+
+async def test_exec_and_port_forward_streams_are_authorized_per_pod(
+        apiserver: InProcessAPIServer) -> None:
+    """Without create pods/exec (pods/portforward) the stream is refused before
+    anything reaches a node, naming the subresource; with it, the request gets
+    as far as finding the pod."""
+    async with apiserver.client() as admin:
+        ns = core_pb2.Namespace()
+        ns.metadata.name = "streams"
+        try:
+            await admin.create(ns)
+        except errors.AlreadyExists:
+            pass
+        role = rbac_pb2.Role()
+        role.metadata.name, role.metadata.namespace = "pf-only", "streams"
+        rule = role.rules.add()
+        rule.api_groups.append("")
+        rule.resources.append("pods/portforward")
+        rule.verbs.append("create")
+        await admin.create(role)
+        binding = rbac_pb2.RoleBinding()
+        binding.metadata.name, binding.metadata.namespace = "pf-only", "streams"
+        binding.role_ref.kind, binding.role_ref.name = "Role", "pf-only"
+        binding.role_ref.api_group = "rbac.authorization.k8s.io"
+        binding.subjects.add(kind="User", name="forwarder",
+                             api_group="rbac.authorization.k8s.io")
+        await admin.create(binding)
+
+    from shoal.client import AsyncClient
+
+    async with AsyncClient(apiserver.user_client_config("forwarder")) as user:
+        stream = user.exec_stream(node_pb2.ExecStart(namespace="streams", pod="web",
+                                                     command=["sh"], stdin=True, tty=True))
+        await stream.open()
+        with pytest.raises(errors.Forbidden, match="pods/exec"):
+            await stream.read()
+        stream.cancel()
+
+        pf = user.port_forward(node_pb2.PortForwardStart(namespace="streams", pod="web",
+                                                         port=80))
+        await pf.open()
+        with pytest.raises(errors.NotFound, match="web"):
+            await pf.read()  # allowed: it got as far as looking for the pod
+        pf.cancel()
