@@ -29,6 +29,7 @@ from shoal.cli.containers import run_exec, run_logs
 from shoal.cli.creating import run_create_token
 from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
+from shoal.cli.diffing import run_diff
 from shoal.cli.discovering import run_api_resources, run_version
 from shoal.cli.forwarding import run_port_forward
 from shoal.cli.getting import OUTPUTS, GetOptions, run_get
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the change (exit 1 naming the nodes that have not)")
     p.add_argument("--timeout", type=parse_duration, default=None, metavar="DURATION",
                    help="with --wait-propagated, give up after this long (default 60s)")
+
+    p = sub.add_parser("diff", parents=[common], help="show what apply would change",
+                       description="Show what apply would change, as a unified diff of "
+                                   "YAML (server dry run). Exit codes: 0 no differences, "
+                                   "1 differences, 2 or more an error.")
+    _files(p, required=True)
 
     p = sub.add_parser("get", parents=[common], help="list objects",
                        description="Print objects as a table, YAML, JSON or names.")
@@ -344,6 +351,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_apply(session, files=ns.files, recursive=ns.recursive,
                                        dry_run=ns.dry_run, wait_propagated=ns.wait_propagated,
                                        timeout=ns.timeout)
+            case "diff":
+                return await run_diff(session, files=ns.files, recursive=ns.recursive)
             case "get":
                 return await run_get(session, GetOptions(
                     args=tuple(ns.args), all_namespaces=ns.all_namespaces,

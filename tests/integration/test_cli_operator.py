@@ -125,3 +125,53 @@ async def test_exec_and_port_forward_streams_are_authorized_per_pod(
         with pytest.raises(errors.NotFound, match="web"):
             await pf.read()  # allowed: it got as far as looking for the pod
         pf.cancel()
+
+
+@pytest.fixture
+def shoal(apiserver: InProcessAPIServer, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``await shoal("diff", ...)`` -> (exit code, stdout, stderr)."""
+    from shoal.cli.main import main
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["--config", str(apiserver.config_path), *args])
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return code, captured.out, captured.err
+
+    return run
+
+
+def cm_yaml(name: str, ns: str, value: str) -> str:
+    return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"
+            f"  namespace: {ns}\ndata:\n  k: {value}\n")
+
+
+async def test_diff_shows_what_apply_would_change_with_kubectl_exit_codes(
+        shoal: Any, tmp_path: Path) -> None:
+    ns = "diffs"
+    (tmp_path / "ns.yaml").write_text(f"apiVersion: v1\nkind: Namespace\nmetadata:\n"
+                                      f"  name: {ns}\n")
+    assert (await shoal("apply", "-f", str(tmp_path / "ns.yaml")))[0] == 0
+    f = tmp_path / "cm.yaml"
+    f.write_text(cm_yaml("settings", ns, "one"))
+
+    code, out, _ = await shoal("diff", "-f", str(f))  # not there yet: all added
+    assert code == 1
+    assert out.startswith(f"diff -u -N LIVE/v1.ConfigMap.{ns}.settings "
+                          f"MERGED/v1.ConfigMap.{ns}.settings\n")
+    assert "+kind: ConfigMap\n" in out and "+  k: one\n" in out
+
+    assert (await shoal("apply", "-f", str(f)))[0] == 0
+    assert await shoal("diff", "-f", str(f)) == (0, "", "")  # applied: nothing to change
+
+    f.write_text(cm_yaml("settings", ns, "two"))
+    code, out, _ = await shoal("diff", "-f", str(f))
+    assert code == 1
+    assert "-  k: one\n" in out and "+  k: two\n" in out
+    live = (await shoal("get", "cm", "settings", "-n", ns, "-o", "yaml"))[1]
+    assert "k: one" in live  # diff wrote nothing
+
+    f.write_text(cm_yaml("settings", ns, "two") + "  bad: [\n")
+    code, _, err = await shoal("diff", "-f", str(f))
+    assert code == 2 and err
