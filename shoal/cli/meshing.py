@@ -1,4 +1,4 @@
-"""``shoal mesh status|certs|tls|netfilter`` and ``shoal apply --wait-propagated``:
+"""``shoal mesh status|certs|tls|check|netfilter`` and ``shoal apply --wait-propagated``:
 what each node's meshagent has applied and what it sees, asked through the
 apiserver (``MeshProxy``) from every agent's admin API.
 
@@ -9,6 +9,8 @@ apiserver (``MeshProxy``) from every agent's admin API.
     mesh tls SRC-POD DST-SVC the live connections from that pod to that Service,
                              from the source pod's agent, and the destination
                              side's view from the agents of the Service's endpoints
+    mesh check [-n NS | -A]  config that will not do what it says, like istioctl
+                             analyze (shoal/cli/meshcheck.py; reads the API only)
     mesh netfilter NODE      the capture rules the agent keeps, as the kernel
                              holds them, and each difference
     apply --wait-propagated  after the writes, until every agent reports a
@@ -36,6 +38,7 @@ from google.protobuf import json_format
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.mesh.v1 import mesh_pb2 as pb
+from shoal.cli.meshcheck import FOUND_ISSUES, run_mesh_check
 from shoal.cli.printing import NONE, Table, age, render_table
 from shoal.cli.reporting import CLIError, ExitCode, UsageError
 from shoal.cli.session import Session
@@ -73,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     t.add_argument("pod", metavar="SRC-POD")
     t.add_argument("service", metavar="DST-SVC", help="NAME (in -n) or NAMESPACE/NAME")
     t.add_argument("-o", "--output", choices=OUTPUTS, default="")
+    k = cmds.add_parser("check", parents=[common],
+                        help="config that will not do what it says (like istioctl analyze)",
+                        description="Warn about Service ports whose protocol nothing declares, "
+                                    "VirtualService routes to unknown hosts or subsets, and "
+                                    "DestinationRule subsets that select no pod. Exit code 0 "
+                                    f"when nothing is found, {FOUND_ISSUES} when anything is.")
+    k.add_argument("-A", "--all-namespaces", action="store_true")
+    k.add_argument("-o", "--output", choices=OUTPUTS, default="")
     n = cmds.add_parser("netfilter", parents=[common],
                         help="a node's capture rules and their drift")
     n.add_argument("node", metavar="NODE")
@@ -90,6 +101,9 @@ async def run_mesh(session: Session, ns: argparse.Namespace) -> int:
                                       output=ns.output)
         case "netfilter":
             return await run_mesh_netfilter(session, node=ns.node, output=ns.output)
+        case "check":
+            return await run_mesh_check(session, all_namespaces=ns.all_namespaces,
+                                        output=ns.output)
     raise CLIError(f"unknown mesh command {ns.mesh_command!r}")  # pragma: no cover
 
 
