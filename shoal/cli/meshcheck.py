@@ -120,7 +120,7 @@ def _matches(selector: Iterable[tuple[str, str]], labels: Any) -> bool:
 
 
 def analyze(objects: MeshObjects, *, namespaces: frozenset[str] | None) -> list[Finding]:
-    """Every finding about objects in ``namespaces`` (None: all), sorted."""
+    """Every finding about objects in ``namespaces`` (None: all), by object."""
 
     def wanted(meta: Any) -> bool:
         return namespaces is None or meta.namespace in namespaces
@@ -170,7 +170,8 @@ def analyze(objects: MeshObjects, *, namespaces: frozenset[str] | None) -> list[
                     "SHL0001", "DestinationRule", dr.metadata.namespace, dr.metadata.name,
                     f"Subset {subset.name!r} ({labels or 'no labels'}) selects no pod of "
                     f"Service {target.metadata.namespace}/{target.metadata.name}"))
-    return sorted(found, key=lambda f: (f.namespace, f.kind, f.name, f.code, f.message))
+    # By object; each object's findings in the order of its fields.
+    return sorted(found, key=lambda f: (f.namespace, f.kind, f.name))
 
 
 def report(findings: Sequence[Finding], *, scope: str, output: Output) -> str:
