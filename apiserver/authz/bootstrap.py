@@ -34,7 +34,7 @@ from typing import Any
 from apiserver.objectstore import ObjectStore
 from shoal import errors
 from shoal.api.rbac.v1 import rbac_pb2
-from shoal.kinds import ISTIO_SECURITY, RBAC, KindTable
+from shoal.kinds import ISTIO_NETWORKING, ISTIO_SECURITY, RBAC, KindTable
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ _EDIT_CORE = ("pods", "pods/attach", "pods/exec", "pods/portforward", "pods/prox
               "serviceaccounts", "services", "services/proxy")
 _NETWORKING = ("networkpolicies", "ingresses")
 _MESH = ("peerauthentications", "authorizationpolicies")
+_TRAFFIC = ("virtualservices", "destinationrules", "gateways", "serviceentries")
 
 
 def cluster_roles() -> list[rbac_pb2.ClusterRole]:
@@ -114,16 +115,19 @@ def cluster_roles() -> list[rbac_pb2.ClusterRole]:
             _rule(WRITE, ["apps"], _APPS),
             _rule(WRITE, ["networking.k8s.io"], _NETWORKING),
             _rule(WRITE, [ISTIO_SECURITY], _MESH),
+            _rule(WRITE, [ISTIO_NETWORKING], _TRAFFIC),
         ], labels={AGGREGATE_TO + "edit": "true"}),
         _role("system:aggregate-to-view", [
             _rule(READ, [""], _VIEW_CORE),
             _rule(READ, ["apps"], _APPS),
             _rule(READ, ["networking.k8s.io"], _NETWORKING),
             _rule(READ, [ISTIO_SECURITY], _MESH),
+            _rule(READ, [ISTIO_NETWORKING], _TRAFFIC),
         ], labels={AGGREGATE_TO + "view": "true"}),
         # Shoal's node components, beyond what the node authorizer allows.
         _role("system:shoal:node", [
             _rule(READ, [ISTIO_SECURITY], _MESH),
+            _rule(READ, [ISTIO_NETWORKING], _TRAFFIC),
             _rule(READ, ["networking.k8s.io"], ["networkpolicies"]),
         ]),
     ]
