@@ -344,6 +344,9 @@ async def test_istio_docs_yaml_applies_unchanged_and_reads_back(shoal: Any,
         ["external-svc-mongocluster", '["mymongodb.somedomain"]', "MESH_INTERNAL", "STATIC"],
         ["httpbin-ext", '["httpbin.org"]', "MESH_EXTERNAL", "DNS"]]
 
+    described = await shoal("describe", "vs", "ratings", "-n", ns)
+    assert described.code == 0 and "jason" in described.out, described
+
     # What an agent will read: the SDK's typed objects.
     async with apiserver.client() as c:
         got = await c.get(traffic_pb2.DestinationRule, "reviews", namespace=ns)
