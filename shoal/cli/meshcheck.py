@@ -8,7 +8,9 @@ Each finding is one line, ``<Level> [<code>] (<Kind> <namespace>/<name>) <messag
              (shoal/meshprotocol.py decides, as the meshagent does)
     IST0101  a VirtualService route (or mirror) to a host that is no Service and no
              ServiceEntry host; or to a subset that no DestinationRule for that
-             host defines (Istio accepts both, and the requests fail with 503)
+             host defines (Istio accepts both, and the requests fail with 503);
+             a VirtualService bound to a Gateway that does not exist; a Gateway
+             whose selector matches no pod
     SHL0001  a DestinationRule subset that selects no pod of its host's Service
 
 IST codes are Istio's for the same finding. Exit code: 0 when nothing is found;
@@ -62,6 +64,7 @@ class MeshObjects:
     virtual_services: Sequence[traffic_pb2.VirtualService] = ()
     destination_rules: Sequence[traffic_pb2.DestinationRule] = ()
     service_entries: Sequence[traffic_pb2.ServiceEntry] = ()
+    gateways: Sequence[traffic_pb2.Gateway] = ()
 
 
 def service_key(host: str, namespace: str) -> tuple[str, str] | None:
@@ -113,6 +116,35 @@ def _destinations(vs: traffic_pb2.VirtualService) -> Iterable[tuple[str, Any]]:
     for i, tcp in enumerate(vs.spec.tcp):
         for j, rd in enumerate(tcp.route):
             yield f"spec.tcp[{i}].route[{j}]", rd.destination
+
+
+def _gateway_key(ref: str, namespace: str) -> tuple[str, str]:
+    """A VirtualService's gateway reference: "<namespace>/<name>" or "<name>" (its own
+    namespace)."""
+    gw_ns, _, name = ref.rpartition("/")
+    return gw_ns or namespace, name
+
+
+def _gateway_findings(objects: MeshObjects, wanted: Any) -> list[Finding]:
+    found = []
+    gateways = {(g.metadata.namespace, g.metadata.name) for g in objects.gateways}
+    for vs in objects.virtual_services:
+        if not wanted(vs.metadata):
+            continue
+        for ref in vs.spec.gateways:
+            if ref != "mesh" and _gateway_key(ref, vs.metadata.namespace) not in gateways:
+                found.append(Finding("IST0101", "VirtualService", vs.metadata.namespace,
+                                     vs.metadata.name,
+                                     f"Referenced gateway not found: {ref!r}"))
+    for gw in objects.gateways:
+        selector = sorted(gw.spec.selector.items())
+        if wanted(gw.metadata) and selector and not any(
+                _matches(selector, p.metadata.labels) for p in objects.pods):
+            labels = ",".join(f"{k}={v}" for k, v in selector)
+            found.append(Finding("IST0101", "Gateway", gw.metadata.namespace, gw.metadata.name,
+                                 f"Referenced selector not found: {labels!r} (no pod runs "
+                                 "this gateway)"))
+    return found
 
 
 def _matches(selector: Iterable[tuple[str, str]], labels: Any) -> bool:
@@ -170,6 +202,7 @@ def analyze(objects: MeshObjects, *, namespaces: frozenset[str] | None) -> list[
                     "SHL0001", "DestinationRule", dr.metadata.namespace, dr.metadata.name,
                     f"Subset {subset.name!r} ({labels or 'no labels'}) selects no pod of "
                     f"Service {target.metadata.namespace}/{target.metadata.name}"))
+    found += _gateway_findings(objects, wanted)
     # By object; each object's findings in the order of its fields.
     return sorted(found, key=lambda f: (f.namespace, f.kind, f.name))
 
@@ -196,6 +229,7 @@ async def run_mesh_check(session: Session, *, all_namespaces: bool, output: Outp
                                                  all_namespaces=True)).items,
         service_entries=(await client.list_all(traffic_pb2.ServiceEntry,
                                                all_namespaces=True)).items,
+        gateways=(await client.list_all(traffic_pb2.Gateway, all_namespaces=True)).items,
     )
     namespace = session.namespace
     findings = analyze(objects, namespaces=None if all_namespaces else frozenset({namespace}))

@@ -127,3 +127,22 @@ def test_only_the_namespaces_asked_about_are_reported() -> None:
     objects = MeshObjects(services=[svc("a", {"port": 80}), svc("b", {"port": 80}, ns="other")])
     assert codes(objects) == [("IST0118", "Service other/b"), ("IST0118", "Service shop/a")]
     assert codes(objects, frozenset({"shop"})) == [("IST0118", "Service shop/a")]
+
+
+def test_gateways_referenced_and_selecting_pods() -> None:
+    gw = obj("Gateway", "ingress", {"selector": {"istio": "ingressgateway"}, "servers": [
+        {"port": {"number": 80, "protocol": "HTTP"}, "hosts": ["*"]}]}, ns="edge")
+    lonely = obj("Gateway", "lonely", {"selector": {"istio": "nobody"}, "servers": [
+        {"port": {"number": 80, "protocol": "HTTP"}, "hosts": ["*"]}]}, ns="edge")
+    bound = obj("VirtualService", "web", {"hosts": ["*"], "gateways": [
+        "edge/ingress", "missing", "mesh"], "http": [{"route": [
+            {"destination": {"host": "web"}}]}]})
+    objects = MeshObjects(services=[svc("web")], gateways=[gw, lonely],
+                          pods=[pod("gw-1", istio="ingressgateway")],
+                          virtual_services=[bound])
+    findings = analyze(objects, namespaces=None)
+    assert [f.line() for f in findings] == [
+        "Warning [IST0101] (Gateway edge/lonely) Referenced selector not found: "
+        "'istio=nobody' (no pod runs this gateway)",
+        "Warning [IST0101] (VirtualService shop/web) Referenced gateway not found: 'missing'",
+    ]
