@@ -255,3 +255,72 @@ def disk_latency(metrics_text: str) -> DiskLatency:
     return DiskLatency(fsync_p99=histogram_quantile(0.99, _buckets(metrics_text, FSYNC_METRIC)),
                        commit_p99=histogram_quantile(0.99, _buckets(metrics_text,
                                                                     COMMIT_METRIC)))
+
+
+@dataclass(frozen=True)
+class MemberReport:
+    """What ``shoal etcd status`` shows of one member."""
+
+    endpoint: str
+    status: MemberStatus | None
+    latency: DiskLatency | None
+    error: str = ""
+
+
+def _metrics_text(endpoint: str, timeout: float) -> str:
+    import urllib.request
+
+    host, port = _split(endpoint)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{host}:{port}/metrics", timeout=timeout) as answer:
+        return str(answer.read().decode())
+
+
+async def cluster_report(endpoints: Sequence[str], *, timeout: float = 3.0
+                         ) -> list[MemberReport]:
+    """Status and disk latency of every member (one that does not answer says why)."""
+    async def one(endpoint: str) -> MemberReport:
+        try:
+            status = await member_status(endpoint, timeout=timeout)
+        except errors.ShoalError as e:
+            return MemberReport(endpoint=endpoint, status=None, latency=None, error=str(e))
+        try:
+            text = await asyncio.to_thread(_metrics_text, endpoint, timeout)
+            latency: DiskLatency | None = disk_latency(text)
+        except OSError:
+            latency = None
+        return MemberReport(endpoint=endpoint, status=status, latency=latency)
+
+    return list(await asyncio.gather(*(one(e) for e in endpoints)))
+
+
+def report_rows(reports: Sequence[MemberReport]) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The member table (header first) and the warnings (slow disks, members
+    down, no leader) for a report."""
+    rows: list[tuple[str, ...]] = [("ETCD MEMBER", "LEADER", "VERSION", "DB SIZE", "REVISION",
+                                    "FSYNC P99", "COMMIT P99")]
+    warnings = []
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.1f} ms"
+
+    for r in reports:
+        if r.status is None:
+            rows.append((r.endpoint, "-", "-", "-", "-", "-", "-"))
+            warnings.append(f"etcd member {r.endpoint} does not answer: {r.error}")
+            continue
+        s = r.status
+        rows.append((r.endpoint, "yes" if s.is_leader else "no", s.version,
+                     f"{s.db_size / 2**20:.1f} MB", str(s.revision),
+                     ms(r.latency.fsync_p99 if r.latency else None),
+                     ms(r.latency.commit_p99 if r.latency else None)))
+        for slow in (r.latency.slow if r.latency else []):
+            warnings.append(f"etcd member {r.endpoint}: slow disk: {slow} (etcd's guidance; "
+                            "expect leader changes and timeouts)")
+    answered = [r.status for r in reports if r.status is not None]
+    if answered and not any(s.leader_id for s in answered):
+        warnings.append("etcd has no leader")
+    elif len(answered) <= len(reports) // 2:
+        warnings.append(f"only {len(answered)} of {len(reports)} etcd members answer: no "
+                        "quorum, writes fail")
+    return rows, warnings

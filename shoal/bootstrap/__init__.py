@@ -17,6 +17,16 @@ supervision differs::
              +-- systemd: ``ExecStart=python -m shoal.bootstrap exec COMPONENT``
                  renders and ``exec``s ``argv`` (the same PID, so Type=notify works)
 
+A control plane of several members (etcd's cluster and one apiserver each)
+is several machines with one spec each: every member names the whole etcd
+cluster (``etcdInitialCluster``, name=peer URL), every member's etcd client
+endpoint (``etcdServers``, its own first: its apiserver's ``--etcd-servers``)
+and every apiserver (``apiServers``: the serving certificate's SANs and
+admin.conf's server list). The first member makes the CA, the keys and the
+encryption config; the others copy them from its apiserver dir
+(``pkiFrom``) before their first start, as kubeadm's ``--upload-certs`` does.
+Only one member runs the registry (``runsRegistry``).
+
 The one difference a spec carries is who runs a node's containerd: in the lab
 the node agent runs its own (``containerd: agent``; the agent adopts it after
 a restart); under systemd it is a unit of its own (``containerd: service``), so
@@ -74,6 +84,29 @@ class ControlPlane:
     extra_sans: tuple[str, ...] = ()  # more names/IPs for the serving certificate
     apiserver_args: tuple[str, ...] = ()
     apiserver_metrics: str = API_METRICS  # /metrics and /readyz (local only by default)
+    # A member of a control plane of several (empty/defaults: a control plane of one).
+    etcd_address: str = "127.0.0.1"         # this member's etcd: client and peer URLs
+    etcd_initial_cluster: tuple[str, ...] = ()  # NAME=PEER-URL of every member
+    etcd_servers: tuple[str, ...] = ()      # every member's client HOST:PORT, own first
+    api_servers: tuple[str, ...] = ()       # every apiserver's HOST:PORT
+    pki_from: str = ""                      # the first member's apiserver dir (copied)
+    runs_registry: bool = True
+
+    @property
+    def etcd_client_url(self) -> str:
+        return f"http://{self.etcd_address}:{self.etcd_client_port}"
+
+    @property
+    def etcd_peer_url(self) -> str:
+        return f"http://{self.etcd_address}:{self.etcd_peer_port}"
+
+    @property
+    def all_etcd_servers(self) -> tuple[str, ...]:
+        return self.etcd_servers or (self.etcd_endpoint,)
+
+    @property
+    def all_api_servers(self) -> tuple[str, ...]:
+        return self.api_servers or (self.api_server,)
 
     @property
     def api_server(self) -> str:
@@ -89,7 +122,7 @@ class ControlPlane:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"127.0.0.1:{self.etcd_client_port}"
+        return f"{self.etcd_address}:{self.etcd_client_port}"
 
     @property
     def etcd_dir(self) -> Path:
@@ -127,6 +160,7 @@ class NodeSpec:
     api_server: str                  # HOST:PORT
     registry: str                    # HOST:PORT; pulls of docker.io and of it go there
     containerd: str = BY_SERVICE
+    more_api_servers: tuple[str, ...] = ()  # the other apiservers (failover, node.conf)
     mesh: bool = False
     lease_renew_interval: float = 10.0
     sandbox_image: str = SANDBOX_IMAGE
@@ -176,7 +210,10 @@ class Spec:
     node: NodeSpec | None = None
 
     def components(self) -> tuple[str, ...]:
-        made: tuple[str, ...] = CONTROL_PLANE_COMPONENTS if self.control_plane else ()
+        cp = self.control_plane
+        made: tuple[str, ...] = tuple(
+            c for c in CONTROL_PLANE_COMPONENTS if c != REGISTRY or cp.runs_registry
+        ) if cp is not None else ()
         if self.node is not None:
             made += tuple(c for c in NODE_COMPONENTS
                           if (c != CONTAINERD or self.node.containerd == BY_SERVICE)
@@ -220,13 +257,13 @@ def command(spec: Spec, component: str, *, python: str) -> Command:
 
 def _control_plane_command(cp: ControlPlane, component: str, *, python: str) -> Command:
     if component == ETCD:
-        client = f"http://127.0.0.1:{cp.etcd_client_port}"
-        peer = f"http://127.0.0.1:{cp.etcd_peer_port}"
+        client, peer = cp.etcd_client_url, cp.etcd_peer_url
+        cluster = ",".join(cp.etcd_initial_cluster) or f"{cp.etcd_name}={peer}"
         return Command(ETCD, (
             "etcd", "--name", cp.etcd_name, "--data-dir", str(cp.etcd_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{cp.etcd_name}={peer}", "--initial-cluster-state", "new",
+            "--initial-cluster", cluster, "--initial-cluster-state", "new",
             "--experimental-watch-progress-notify-interval", "1s",
             "--logger", "zap", "--log-level", "warn",
         ), ready_url=f"{client}/health")  # fmt: skip
@@ -237,7 +274,7 @@ def _control_plane_command(cp: ControlPlane, component: str, *, python: str) -> 
         python, "-P", "-m", "apiserver.main", "serve", "--data-dir", str(cp.apiserver_dir),
         "--listen", cp.api_server, "--join-listen", cp.join_server,
         "--advertise", cp.api_server, "--metrics-listen", cp.apiserver_metrics,
-        "--storage", "etcd", "--etcd-servers", cp.etcd_endpoint,
+        "--storage", "etcd", "--etcd-servers", ",".join(cp.all_etcd_servers),
         "--encryption-provider-config", str(cp.encryption_config), *cp.apiserver_args,
     ), ready_url=f"http://{cp.apiserver_metrics}/readyz")  # fmt: skip
 
@@ -271,7 +308,8 @@ def join_command(node: NodeSpec, *, token: str, ca_cert_hash: str, python: str
     return (python, "-P", "-m", "nodeagent.main", "join", "--server", node.join_server,
             "--token", token, "--ca-cert-hash", ca_cert_hash, "--node-name", node.name,
             "--node-ip", node.ip, "--data-dir", str(node.data_dir),
-            "--api-server", node.api_server)
+            "--api-server", node.api_server,
+            *(a for server in node.more_api_servers for a in ("--api-server", server)))
 
 
 def _seconds(value: float) -> str:
@@ -299,7 +337,18 @@ def render(spec: Spec, component: str) -> list[Path]:
         from apiserver import encryption, pki
 
         cp.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the CA key
-        result = pki.init(cp.apiserver_dir, server_addresses=[cp.api_server],
+        if cp.pki_from:  # one cluster, one CA and one set of keys: the first member's
+            source = Path(cp.pki_from)
+            if not (source / "pki" / "ca.key").exists():
+                raise errors.BadRequest(f"pkiFrom: no CA in {source}/pki (start the first "
+                                        "control-plane member first)")
+            if not (cp.apiserver_dir / "pki").exists():
+                shutil.copytree(source / "pki", cp.apiserver_dir / "pki")
+            shared = source / cp.encryption_config.name
+            if shared.exists() and not cp.encryption_config.exists():
+                shutil.copyfile(shared, cp.encryption_config)
+                cp.encryption_config.chmod(0o600)
+        result = pki.init(cp.apiserver_dir, server_addresses=list(cp.all_api_servers),
                           extra_sans=[cp.address, *cp.extra_sans])
         shutil.copyfile(result.admin_config, cp.admin_config)
         cp.admin_config.chmod(0o600)

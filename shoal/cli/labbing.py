@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                       "daemons running (a supervisor restarts any that dies)")
     p.add_argument("--nodes", type=int, default=DEFAULT_NODES,
                    help=f"how many nodes (1..{MAX_NODES}, default {DEFAULT_NODES})")
+    p.add_argument("--control-planes", type=int, default=1, metavar="N",
+                   help="control-plane members: N etcd members (one cluster) and N "
+                        "apiservers, each on its own bridge address (1, 3 or 5; default 1)")
     p.add_argument("--apiserver-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="an extra `shoal-apiserver serve` flag, e.g. "
                         "--apiserver-arg=--pod-eviction-timeout=10 (repeatable)")
@@ -85,7 +88,7 @@ def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
         match ns.lab_command:
             case "up":
                 return lab.up(nodes=ns.nodes, apiserver_args=tuple(ns.apiserver_arg),
-                              mesh=ns.mesh)
+                              mesh=ns.mesh, control_planes=ns.control_planes)
             case "down":
                 return lab.down(purge=ns.purge)
             case "status":

@@ -31,6 +31,8 @@ from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
 from shoal.cli.diffing import run_diff
 from shoal.cli.discovering import run_api_resources, run_version
+from shoal.cli.etcdops import add_parsers as add_etcd_parsers
+from shoal.cli.etcdops import run as run_etcd
 from shoal.cli.forwarding import run_port_forward
 from shoal.cli.getting import OUTPUTS, GetOptions, run_get
 from shoal.cli.imaging import add_parser as add_image_parser
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_parser(sub, common)
     add_mesh_parser(sub, common)
     add_lab_parser(sub)
+    add_etcd_parsers(sub)
     return parser
 
 
@@ -465,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.exec_command = [*ns.exec_command, *tail]
     if ns.command == "lab":
         return run_lab(ns)
+    if ns.command in ("etcd", "status"):
+        return run_etcd(ns)
     if ns.command == "image" and ns.image_command != "import":
         try:
             return run_image_local(ns)

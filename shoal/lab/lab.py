@@ -107,8 +107,10 @@ from shoal.lab.topology import (
     FORWARD_CHAIN,
     PARTITION_CHAIN,
     SANDBOX_IMAGE,
+    ControlPlaneMember,
     Node,
     Topology,
+    control_plane_members,
     endpoint,
     partition_rules,
     plan,
@@ -192,7 +194,10 @@ class Lab:
         # Extra `shoal-apiserver serve` flags for this up (e.g. shorter timeouts).
         self.apiserver_args: tuple[str, ...] = ()
         self.mesh = False
+        self.control_planes = 1
         self._control_plane: bootstrap.Spec | None = None
+        # Every member of the control plane with its spec (member 1's is _control_plane).
+        self._members: list[tuple[ControlPlaneMember, bootstrap.Spec]] = []
         self._t0 = time.monotonic()
 
     # -- helpers -----------------------------------------------------------------
@@ -248,11 +253,13 @@ class Lab:
 
     # -- up ----------------------------------------------------------------------
 
-    def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = (), mesh: bool = False
-           ) -> int:
+    def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = (), mesh: bool = False,
+           control_planes: int = 1) -> int:
         topo = plan(nodes=nodes, lab_dir=self.lab_dir)
+        control_plane_members(topo, control_planes)  # a wrong count is refused first
         self.apiserver_args = apiserver_args
         self.mesh = mesh
+        self.control_planes = control_planes
         existing = self.file.load()
         if existing is not None and existing.phase == UP:
             return self._already_up(existing)
@@ -269,7 +276,8 @@ class Lab:
                            "`shoal lab up` again")
         self._refuse_foreign(topo)
         self._clear_old_data(topo, existing)
-        state = LabState(lab_dir=str(self.lab_dir), nodes=[n.name for n in topo.nodes])
+        state = LabState(lab_dir=str(self.lab_dir), nodes=[n.name for n in topo.nodes],
+                         control_planes=control_planes)
         self.lab_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the CA key
         self.file.save(state)
         self._t0 = time.monotonic()
@@ -346,10 +354,14 @@ class Lab:
         etcd = self._start_etcd(state, topo)
         registry = self._start_registry(state, topo)
         built = bootstrap.build_images(topo.images_dir)
-        self.sup.wait_until("etcd /health", lambda: http_ok(
-            f"http://{state.etcd_endpoint}/health"), timeout=START_TIMEOUT, watch=[etcd])
+        for member, spec in self._members:
+            assert spec.control_plane is not None
+            url = f"{spec.control_plane.etcd_client_url}/health"
+            self.sup.wait_until(f"{member.etcd_process} /health", partial(http_ok, url),
+                                timeout=START_TIMEOUT, watch=etcd)
         self._mark(state, "etcd")
-        self._progress(f"etcd ready on {state.etcd_endpoint}")
+        self._progress(f"etcd ready on {state.etcd_endpoint}" if len(etcd) == 1 else
+                       f"etcd cluster of {len(etcd)} members ready")
 
         api = self._start_apiserver(state, topo)
         self.sup.wait_until("registry /v2/", lambda: http_ok(f"http://{topo.registry}/v2/"),
@@ -359,11 +371,14 @@ class Lab:
         self._mark(state, "registry")
         self._progress(f"registry ready on {topo.registry}; pushed {DEMO_IMAGE} and "
                        f"{SANDBOX_IMAGE} to it")
-        self.sup.wait_until("apiserver /readyz", partial(http_ok, bootstrap.command(
-            self._cp(), APISERVER, python=self.python).ready_url), timeout=START_TIMEOUT,
-                            watch=[api])
+        for (member, spec), record in zip(self._members, api, strict=True):
+            self.sup.wait_until(f"{member.apiserver_process} /readyz", partial(
+                http_ok, bootstrap.command(spec, APISERVER, python=self.python).ready_url),
+                timeout=START_TIMEOUT, watch=[record])
         self._mark(state, "apiserver")
-        self._progress(f"apiserver ready on {topo.api_server}")
+        self._progress(f"apiserver ready on {topo.api_server}" if len(api) == 1 else
+                       f"{len(api)} apiservers ready on "
+                       f"{', '.join(m.api_server for m, _ in self._members)}")
 
         self._join(state, topo)
         self._mark(state, "joined")
@@ -439,6 +454,9 @@ class Lab:
         for chain in state.chains:
             netsetup.ensure_chain(chain.chain, rules=netsetup.forward_rules(topo.bridge),
                                   jumps_from=chain.jumps_from)
+        for member in control_plane_members(topo, self.control_planes)[1:]:
+            prefix = topo.bridge_address.rsplit("/", 1)[1]
+            netsetup.ensure_address(topo.bridge, f"{member.address}/{prefix}")
         for n in topo.nodes:
             netsetup.ensure_netns(n.netns)
             netsetup.ensure_node_link(n, bridge=topo.bridge)
@@ -461,29 +479,56 @@ class Lab:
         """A lab node: its own containerd is run by its node agent."""
         return bootstrap.Spec(node=bootstrap.NodeSpec(
             name=n.name, ip=n.ip, data_dir=n.data_dir, api_server=topo.api_server,
+            more_api_servers=tuple(m.api_server for m in control_plane_members(
+                topo, self.control_planes)[1:]),
             registry=topo.registry, containerd=bootstrap.BY_AGENT, mesh=self.mesh,
             # Often enough for the shortened --node-monitor-grace-period labs use.
             lease_renew_interval=LEASE_RENEW_INTERVAL, sandbox_image=SANDBOX_IMAGE))
 
-    def _start_etcd(self, state: LabState, topo: Topology) -> ProcessRecord:
-        self._control_plane = bootstrap.Spec(control_plane=bootstrap.ControlPlane(
-            address=topo.gateway, data_dir=self.lab_dir, etcd_client_port=_free_port(),
-            etcd_peer_port=_free_port(), etcd_name="shoal-lab",
-            apiserver_args=self.apiserver_args))
-        bootstrap.save(self._control_plane, topo.bootstrap_spec)
+    def _member_specs(self, topo: Topology) -> list[tuple[ControlPlaneMember, bootstrap.Spec]]:
+        """One bootstrap spec per control-plane member (one member: the single
+        control plane of old, unchanged)."""
+        members = control_plane_members(topo, self.control_planes)
+        ports = {m.index: (_free_port(), _free_port()) for m in members}
+        several = len(members) > 1
+        cluster = tuple(f"{m.etcd_name}=http://127.0.0.1:{ports[m.index][1]}" for m in members)
+        clients = [f"127.0.0.1:{ports[m.index][0]}" for m in members]
+        apis = tuple(m.api_server for m in members)
+        specs = []
+        for i, m in enumerate(members):
+            specs.append((m, bootstrap.Spec(control_plane=bootstrap.ControlPlane(
+                address=m.address, data_dir=m.data_dir, etcd_client_port=ports[m.index][0],
+                etcd_peer_port=ports[m.index][1], etcd_name=m.etcd_name,
+                apiserver_args=self.apiserver_args, apiserver_metrics=m.metrics,
+                etcd_initial_cluster=cluster if several else (),
+                etcd_servers=(clients[i], *clients[:i], *clients[i + 1:]) if several else (),
+                api_servers=apis if several else (),
+                pki_from=str(topo.apiserver_dir) if m.index > 1 else "",
+                runs_registry=m.index == 1))))
+        return specs
+
+    def _start_etcd(self, state: LabState, topo: Topology) -> list[ProcessRecord]:
+        self._members = self._member_specs(topo)
+        self._control_plane = self._members[0][1]
+        for member, spec in self._members:
+            bootstrap.save(spec, topo.bootstrap_spec if member.index == 1 else
+                           member.data_dir / "bootstrap.yaml")
         assert self._control_plane.control_plane is not None
         state.etcd_endpoint = self._control_plane.control_plane.etcd_endpoint
-        return self._start(state, self._control_plane, ETCD, name=ETCD,
-                           log=topo.logs_dir / "etcd.log")
+        return [self._start(state, spec, ETCD, name=member.etcd_process,
+                            log=topo.logs_dir / f"{member.etcd_process.replace('/', '-')}.log")
+                for member, spec in self._members]
 
     def _start_registry(self, state: LabState, topo: Topology) -> ProcessRecord:
         state.registry = topo.registry
         return self._start(state, self._cp(), REGISTRY, name=REGISTRY,
                            log=topo.logs_dir / "registry.log")
 
-    def _start_apiserver(self, state: LabState, topo: Topology) -> ProcessRecord:
-        return self._start(state, self._cp(), APISERVER, name=APISERVER,
-                           log=topo.logs_dir / "apiserver.log")
+    def _start_apiserver(self, state: LabState, topo: Topology) -> list[ProcessRecord]:
+        # In order: the first member makes the PKI the others copy (pki_from).
+        return [self._start(state, spec, APISERVER, name=member.apiserver_process,
+                            log=topo.logs_dir / f"{member.apiserver_process.replace('/', '-')}.log")
+                for member, spec in self._members]
 
     def _start_supervisor(self, state: LabState, topo: Topology) -> ProcessRecord:
         """Start the supervisor and wait for its ``ready`` on a pipe. It is
@@ -736,8 +781,10 @@ class Lab:
         # The meshagents are there only in a lab brought up with --mesh.
         meshagents = [f"meshagent/{n.name}" for n in topo.nodes
                       if f"meshagent/{n.name}" in state.processes]
-        for name in (SUPERVISOR, ETCD, APISERVER, REGISTRY, *map(agent_key, topo.nodes),
-                     *meshagents):
+        members = control_plane_members(topo, state.control_planes)
+        for name in (SUPERVISOR, *(m.etcd_process for m in members),
+                     *(m.apiserver_process for m in members), REGISTRY,
+                     *map(agent_key, topo.nodes), *meshagents):
             r = state.processes.get(name)
             if r is None:
                 healthy = False
@@ -783,6 +830,8 @@ class Lab:
                          f"{cd.pid} running" if cd else "stopped", ready, lease_text))
         self.say("")
         self.say(_table(rows))
+        self.say("")
+        self._etcd_status(topo, state)
         if state.partitions:
             self.say("")
             for a, b in state.partitions:
@@ -790,6 +839,20 @@ class Lab:
         self.say("")
         self.say(f"export SHOAL_CONFIG={topo.admin_config}")
         return 0 if healthy else 1
+
+    def _etcd_status(self, topo: Topology, state: LabState) -> None:
+        """etcd's members: leader, size, and disk latency with etcd's slow-disk warning."""
+        from apiserver.storage import etcdadmin
+
+        try:
+            cp = bootstrap.load(topo.bootstrap_spec).control_plane
+        except errors.ShoalError:
+            cp = None
+        endpoints = cp.all_etcd_servers if cp is not None else (state.etcd_endpoint,)
+        rows, warnings = etcdadmin.report_rows(asyncio.run(etcdadmin.cluster_report(endpoints)))
+        self.say(_table(rows))
+        for warning in warnings:
+            self.say(f"warning: {warning}")
 
     def _api_view(self) -> tuple[dict[str, core_pb2.Node], dict[str, coordination_pb2.Lease]]:
         try:

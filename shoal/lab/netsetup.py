@@ -92,6 +92,12 @@ def ensure_bridge(name: str, *, address: str, owner: str) -> None:
     run(["ip", "link", "set", "dev", name, "up"])
 
 
+def ensure_address(name: str, address: str) -> None:
+    """One more address on link ``name`` (idempotent)."""
+    if address not in _addresses(name):
+        run(["ip", "addr", "add", address, "dev", name])
+
+
 def remove_link(name: str, *, netns: str | None = None) -> bool:
     """Delete a link (a veth takes its peer with it); True if it was there."""
     if not link_exists(name, netns=netns):

@@ -95,6 +95,8 @@ class LabState:
     stopped_nodes: list[str] = field(default_factory=list)
     etcd_endpoint: str = ""
     registry: str = ""
+    # Members of the control plane (`up --control-planes`): etcd and apiserver each.
+    control_planes: int = 1
     # Seconds from the start of `up` to each stage (for progress and benchmarks).
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -139,6 +141,7 @@ def from_json(text: str, *, source: str = "state") -> LabState:
             stopped_nodes=[str(n) for n in data.get("stopped_nodes", [])],
             etcd_endpoint=str(data.get("etcd_endpoint", "")),
             registry=str(data.get("registry", "")),
+            control_planes=int(data.get("control_planes", 1)),
             timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
         )
     except (KeyError, TypeError, ValueError) as e:

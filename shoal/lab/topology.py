@@ -10,6 +10,12 @@
                                                   cni0: this node's pods (the pod CIDR
                                                   comes from the apiserver's node IPAM)
 
+With ``--control-planes N`` (3 or 5) member i of the control plane has the
+bridge address 10.77.0.i (an extra address of shoal0) for its apiserver
+(metrics on 10.77.0.i:9090; member 1 keeps 127.0.0.1:9090) and its own etcd on
+loopback ports; member 1 also runs the registry. Member 1's data is the lab
+dir itself, member i's is ``control-planes/cp-i``.
+
 Nothing here touches the machine: ``plan(nodes=3, lab_dir=D)`` returns the same
 frozen :class:`Topology` every time, and every other module of the lab takes
 its names and addresses from it. The lab network has no default route and no
@@ -30,6 +36,7 @@ NodeName = NewType("NodeName", str)
 DEFAULT_DIR = Path("/var/lib/shoal/lab")
 DEFAULT_NODES = 3
 MAX_NODES = 20
+CONTROL_PLANE_SIZES = (1, 3, 5)  # etcd members: odd, so a majority survives a loss
 
 BRIDGE = "shoal0"
 NETWORK = ipaddress.IPv4Network("10.77.0.0/24")
@@ -168,7 +175,8 @@ class Topology:
     def owned_entries(self) -> tuple[Path, ...]:
         """What the lab writes in its directory (all that ``--purge`` removes)."""
         return (self.etcd_dir, self.apiserver_dir, self.registry_dir, self.images_dir,
-                self.logs_dir, self.lab_dir / "nodes", self.admin_config, self.bootstrap_spec,
+                self.logs_dir, self.lab_dir / "nodes", self.lab_dir / "control-planes",
+                self.admin_config, self.bootstrap_spec,
                 self.state_file, self.state_lock)
 
     def node(self, name: str) -> Node:
@@ -178,6 +186,50 @@ class Topology:
                 return n
         known = ", ".join(n.name for n in self.nodes) or "none"
         raise errors.BadRequest(f"no lab node {name!r} (the lab has: {known})")
+
+
+@dataclass(frozen=True)
+class ControlPlaneMember:
+    """Member ``index`` (1-based) of the lab's control plane."""
+
+    index: int
+    address: str          # its apiserver's address on the bridge
+    data_dir: Path
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.index == 1 else f"/cp-{self.index}"
+
+    @property
+    def etcd_process(self) -> str:
+        return f"{bootstrap.ETCD}{self.suffix}"
+
+    @property
+    def apiserver_process(self) -> str:
+        return f"{bootstrap.APISERVER}{self.suffix}"
+
+    @property
+    def etcd_name(self) -> str:
+        return "shoal-lab" if self.index == 1 else f"shoal-lab-{self.index}"
+
+    @property
+    def api_server(self) -> str:
+        return f"{self.address}:{API_PORT}"
+
+    @property
+    def metrics(self) -> str:
+        return API_METRICS if self.index == 1 else f"{self.address}:{API_METRICS.rsplit(':')[1]}"
+
+
+def control_plane_members(topology: Topology, count: int) -> tuple[ControlPlaneMember, ...]:
+    if count not in CONTROL_PLANE_SIZES:
+        sizes = ", ".join(map(str, CONTROL_PLANE_SIZES))
+        raise errors.BadRequest(f"a lab's control plane has {sizes} members (an odd "
+                                f"number: etcd needs a majority), not {count}")
+    return tuple(ControlPlaneMember(
+        index=i, address=str(GATEWAY + (i - 1)),
+        data_dir=topology.lab_dir if i == 1 else
+        topology.lab_dir / "control-planes" / f"cp-{i}") for i in range(1, count + 1))
 
 
 def node_name(index: int) -> NodeName:

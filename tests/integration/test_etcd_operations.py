@@ -98,3 +98,25 @@ async def test_the_apiserver_compacts_history_older_than_its_retention(
         assert status.is_leader and status.revision > int(old_rv)
         await etcdadmin.defragment(etcd.endpoint)
         assert (await c.get(core_pb2.ConfigMap, "a", namespace=NS)).data["v"] == "4"
+
+
+def test_the_cli_saves_restores_and_reports(tmp_path: Path, etcd: EtcdServer,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from shoal.cli.main import main
+
+    snapshot = tmp_path / "snap.db"
+    assert main(["etcd", "snapshot", "save", str(snapshot), "--endpoints",
+                 etcd.endpoint]) == 0
+    assert f"saved a snapshot of etcd member {etcd.endpoint}" in capsys.readouterr().out
+    assert main(["etcd", "snapshot", "restore", str(snapshot), "--data-dir",
+                 str(tmp_path / "new"), "--name", "m", "--initial-advertise-peer-urls",
+                 "http://127.0.0.1:2380"]) == 0
+    assert (tmp_path / "new" / "member").is_dir()
+    assert main(["etcd", "snapshot", "restore", str(snapshot), "--data-dir",
+                 str(tmp_path / "new"), "--name", "m", "--initial-advertise-peer-urls",
+                 "http://127.0.0.1:2380"]) == 2
+    assert "new directory" in capsys.readouterr().err
+    assert main(["etcd", "status", "--endpoints", etcd.endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "ETCD MEMBER" in out and "FSYNC P99" in out and "yes" in out
+    assert main(["etcd", "defrag", "--endpoints", etcd.endpoint]) == 0
