@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shoal import errors
 from shoal.kinds import builtin_kinds
@@ -369,3 +372,77 @@ def test_unsupported_or_mistyped_fields_are_refused_by_the_codec(
     with pytest.raises(errors.Invalid) as raised:
         decode(doc(kind, spec), KINDS)
     assert field in str(raised.value)
+
+
+# --------------------------------------------------------------------------- never a crash
+
+_TEXT = st.sampled_from(["", "*", "web", "v1", "1.5s", "0s", "10", "x y", "(", "5xx,reset",
+                         "a.b.svc.cluster.local", "*.example.com", "10.0.0.0/8", ":path",
+                         "STATIC", "DNS", "HTTPS", "SIMPLE", "ROUND_ROBIN"])
+
+
+def _value(fd: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+    if fd.message_type is not None:
+        return _message(fd.message_type._concrete_class, depth + 1)
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        return _TEXT
+    if fd.type == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if fd.type == FieldDescriptor.TYPE_DOUBLE:
+        return st.floats(-10, 200, allow_nan=False)
+    if fd.type in (FieldDescriptor.TYPE_UINT32,):
+        return st.integers(0, 70000)
+    return st.integers(-5, 70000)
+
+
+def _message(cls: Any, depth: int = 0) -> st.SearchStrategy[Any]:
+    """Random messages of ``cls``: any subset of its fields, a few levels deep."""
+    if depth > 5:
+        return st.just(cls())
+
+    @st.composite
+    def build(draw: Any) -> Any:
+        msg = cls()
+        for fd in cls.DESCRIPTOR.fields:
+            if not draw(st.booleans()):
+                continue
+            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                key_fd = fd.message_type.fields_by_name["key"]
+                val_fd = fd.message_type.fields_by_name["value"]
+                key = draw(_TEXT if key_fd.type == FieldDescriptor.TYPE_STRING
+                           else st.integers(0, 70000))
+                value = draw(_value(val_fd, depth))
+                target = getattr(msg, fd.name)
+                if val_fd.message_type is not None:
+                    target[key].CopyFrom(value)
+                else:
+                    target[key] = value
+            elif fd.is_repeated:
+                items = draw(st.lists(_value(fd, depth), max_size=3))
+                target = getattr(msg, fd.name)
+                for item in items:
+                    if fd.message_type is not None:
+                        target.add().CopyFrom(item)
+                    else:
+                        target.append(item)
+            elif fd.message_type is not None:
+                getattr(msg, fd.name).CopyFrom(draw(_value(fd, depth)))
+            else:
+                setattr(msg, fd.name, draw(_value(fd, depth)))
+        return msg
+
+    return build()
+
+
+@pytest.mark.parametrize("kind_name", ["VirtualService", "DestinationRule", "Gateway",
+                                       "ServiceEntry"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_spec_gets_field_errors_never_a_crash(kind_name: str, data: st.DataObject) -> None:
+    kind = KINDS.by_name(kind_name)
+    obj = kind.new()
+    obj.metadata.name, obj.metadata.namespace = "x", "shop"
+    obj.spec.CopyFrom(data.draw(_message(type(obj.spec))))
+    apply_defaults(kind, obj)
+    for problem in validate(kind, obj):
+        assert problem.field.startswith(("spec", "metadata")) and problem.message
