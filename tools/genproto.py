@@ -5,16 +5,21 @@
     python tools/genproto.py --check  # exit 1 and name the files if shoal/api is stale
 
 The generator is grpcio-tools (pinned in pyproject.toml) so the output is reproducible.
+Besides the code it writes shoal/api/comments.json: each message's and field's
+leading comment from the .proto files (protoc's SourceCodeInfo, which the
+generated descriptors do not keep), for ``shoal explain``.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
@@ -40,6 +45,15 @@ def generate(out_root: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    with tempfile.TemporaryDirectory() as tmp:
+        descriptors = Path(tmp) / "all.pb"
+        if protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", "--include_source_info",
+                        f"--descriptor_set_out={descriptors}", *protos]) != 0:
+            raise SystemExit("protoc failed (descriptor set)")
+        comments = proto_comments(descriptors.read_bytes())
+    (out_root / OUT_PACKAGE).mkdir(parents=True, exist_ok=True)
+    (out_root / OUT_PACKAGE / "comments.json").write_text(
+        json.dumps(comments, indent=1, sort_keys=True) + "\n")
     pkg = out_root / OUT_PACKAGE
     for directory in [pkg, *(d for d in pkg.rglob("*") if d.is_dir())]:
         init = directory / "__init__.py"
@@ -47,6 +61,33 @@ def generate(out_root: Path) -> list[Path]:
             init.write_text(HEADER)
     (out_root / "shoal" / "api" / "py.typed").write_text("")
     return sorted(p for p in pkg.rglob("*") if p.is_file())
+
+
+def proto_comments(descriptor_set: bytes) -> dict[str, dict[str, str]]:
+    """{full message name: {"": the message's comment, field name: its comment}}
+    from a FileDescriptorSet with source info (leading comments, else trailing)."""
+    from google.protobuf import descriptor_pb2
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+    out: dict[str, dict[str, str]] = {}
+    for f in fds.file:
+        where = {tuple(loc.path): (loc.leading_comments or loc.trailing_comments).strip()
+                 for loc in f.source_code_info.location}
+        _walk(list(f.message_type), f.package, (4,), where, out)
+    return out
+
+
+def _walk(messages: list[Any], prefix: str, path: tuple[int, ...],
+          where: dict[tuple[int, ...], str], out: dict[str, dict[str, str]]) -> None:
+    for i, m in enumerate(messages):
+        name = f"{prefix}.{m.name}"
+        here = (*path, i)
+        docs = {"": where.get(here, "")}
+        for j, field in enumerate(m.field):
+            docs[field.name] = where.get((*here, 2, j), "")
+        out[name] = {k: " ".join(v.split()) if k else v for k, v in docs.items()
+                     if v or not k}
+        _walk(list(m.nested_type), name, (*here, 3), where, out)
 
 
 def stale_files() -> list[str]:

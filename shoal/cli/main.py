@@ -33,6 +33,7 @@ from shoal.cli.diffing import run_diff
 from shoal.cli.discovering import run_api_resources, run_version
 from shoal.cli.etcdops import add_parsers as add_etcd_parsers
 from shoal.cli.etcdops import run as run_etcd
+from shoal.cli.explaining import run_explain
 from shoal.cli.forwarding import run_port_forward
 from shoal.cli.getting import OUTPUTS, GetOptions, run_get
 from shoal.cli.imaging import add_parser as add_image_parser
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "YAML (server dry run). Exit codes: 0 no differences, "
                                    "1 differences, 2 or more an error.")
     _files(p, required=True)
+
+    p = sub.add_parser("explain", parents=[common], help="describe a kind's fields",
+                       description="What a kind or one of its fields means, from the "
+                                   "API's own documentation: KIND[.field.path].")
+    p.add_argument("target", metavar="KIND[.FIELD...]")
 
     p = sub.add_parser("get", parents=[common], help="list objects",
                        description="Print objects as a table, YAML, JSON or names.")
@@ -354,6 +360,8 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_apply(session, files=ns.files, recursive=ns.recursive,
                                        dry_run=ns.dry_run, wait_propagated=ns.wait_propagated,
                                        timeout=ns.timeout)
+            case "explain":
+                return run_explain(session, target=ns.target)
             case "diff":
                 return await run_diff(session, files=ns.files, recursive=ns.recursive)
             case "get":
