@@ -58,18 +58,25 @@ IMPORT_CHUNK_BYTES = 1 << 20
 EVENT_NAMES = {pb.ADDED: "ADDED", pb.MODIFIED: "MODIFIED", pb.DELETED: "DELETED",
                pb.BOOKMARK: "BOOKMARK"}
 
-_SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": SERVICE}],
-        "retryPolicy": {
-            "maxAttempts": 5,
-            "initialBackoff": "0.1s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }],
-})
+
+
+def _service_config(*, attempts: int) -> str:
+    """gRPC's own retries of ``UNAVAILABLE`` on one server. With one server it
+    tries 5 times over about 1.5 s; with several, twice (a blip), then the
+    failover moves to the next server rather than waiting on this one."""
+    return json.dumps({
+        "methodConfig": [{
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": attempts,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }],
+    })
+
 
 _CODE_ERRORS: dict[grpc.StatusCode, type[errors.ShoalError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -171,11 +178,16 @@ def _channel(cfg: ClientConfig, server: str) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.service_config", _service_config(attempts=5 if len(cfg.servers) == 1 else 2)),
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # A server that comes back is seen within 2 s (gRPC's default waits up to
+        # 120 s between reconnects, failing calls fast meanwhile).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if cfg.tls_server_name:
         options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
@@ -239,9 +251,10 @@ class AsyncClient:
     async def _call(self, method: str, request: Message, response_type: type[Message],
                     timeout: float | None = None) -> Any:
         """One unary call. On ``UNAVAILABLE`` (connection lost or refused, or the
-        server is going away) it is tried once on each other apiserver of the
-        config, in failover order; any other answer is final."""
-        tries = len(self.failover.servers)
+        server is going away) it is tried on each other apiserver of the config,
+        in failover order, for up to three rounds (the failover's back-off
+        between rounds); any other answer is final."""
+        tries = 1 if len(self.failover.servers) == 1 else 3 * len(self.failover.servers)
         for attempt in range(tries):
             server = self.failover.current()
             wait = self.failover.delay()
