@@ -170,7 +170,8 @@ def _labels(path: str, labels: Mapping[str, str]) -> Errors:
 
 
 def _dns_label(path: str, value: str) -> Errors:
-    return [_invalid(path, value, p) for p in naming.check_dns1123_label(value)]
+    """Istio's IsDNS1123Label: Kubernetes' label rule, upper case letters allowed."""
+    return [_invalid(path, value, p) for p in naming.check_dns1123_label(value.lower())]
 
 
 def _is_ip(text: str) -> bool:
@@ -709,8 +710,7 @@ def _validate_gateway(gw: pb.Gateway) -> Errors:
             errs += _port(f"{spath}.port.number", server.port.number)
             errs += _one_of(f"{spath}.port.protocol", protocol, _PROTOCOLS, required=True)
             if server.port.name:
-                errs += [_invalid(f"{spath}.port.name", server.port.name, p)
-                         for p in naming.check_port_name(server.port.name)[:1]]
+                errs += _dns_label(f"{spath}.port.name", server.port.name)
                 if server.port.name in port_names:
                     errs.append(_invalid(f"{spath}.port.name", server.port.name,
                                          "port names in servers must be unique"))
@@ -745,6 +745,8 @@ def _service_entry_ports(spec: pb.ServiceEntrySpec) -> Errors:
             errs.append(_required(f"{ppath}.name", "port name must be set"))
         elif port.name in names:
             errs.append(_duplicate(f"{ppath}.name", port.name))
+        else:
+            errs += _dns_label(f"{ppath}.name", port.name)
         names.add(port.name)
         errs += _port(f"{ppath}.number", port.number)
         if port.number in numbers:

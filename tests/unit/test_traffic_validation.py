@@ -146,6 +146,11 @@ VALID = [
     pytest.param("ServiceEntry", {"hosts": ["api.example.com"], "ports": [
         {"number": 443, "name": "https", "protocol": "TLS"}], "resolution": "DNS"},
                  id="se-dns"),
+    pytest.param("DestinationRule", {"host": "Web.Example.com", "subsets": [
+        {"name": "V1", "labels": {"version": "v1"}}]}, id="dr-upper-case-like-istio"),
+    pytest.param("Gateway", {"servers": [{"port": {"number": 80, "protocol": "http",
+                                                   "name": "http-bookinfo-gateway-80"},
+                                          "hosts": ["*"]}]}, id="gw-long-port-name"),
     pytest.param("ServiceEntry", {"hosts": ["db.internal"], "addresses": ["10.9.0.0/24"],
                                   "ports": [{"number": 5432, "name": "pg", "protocol": "TCP",
                                              "targetPort": 15432}],
@@ -317,6 +322,12 @@ INVALID = [
     ("Gateway", {"servers": [{"port": {"number": 80, "protocol": "HTTP"},
                               "hosts": ["/web.example.com"]}]},
      "spec.servers[0].hosts[0]", "cannot be empty"),
+    ("Gateway", {"servers": [{"port": {"number": 80, "protocol": "HTTP", "name": "web_80"},
+                              "hosts": ["*"]}]},
+     "spec.servers[0].port.name", "RFC 1123 label"),
+    ("ServiceEntry", {"hosts": ["db.internal"], "ports": [{"number": 5432, "name": "pg sql",
+                                                           "protocol": "TCP"}]},
+     "spec.ports[0].name", "RFC 1123 label"),
     # ServiceEntry
     ("ServiceEntry", {"resolution": "DNS"}, "spec.hosts", "at least one host"),
     ("ServiceEntry", {"hosts": ["*"]}, "spec.hosts[0]", "invalid host *"),
