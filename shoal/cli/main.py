@@ -24,6 +24,8 @@ from shoal import errors
 from shoal.cli.applying import run_apply
 from shoal.cli.authorizing import run_can_i
 from shoal.cli.bootstrapping import run_token_create, run_token_delete, run_token_list
+from shoal.cli.completing import run_complete
+from shoal.cli.completing import script as completion_script
 from shoal.cli.configuring import run_config_view
 from shoal.cli.containers import run_exec, run_logs
 from shoal.cli.creating import run_create_token
@@ -152,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "YAML (server dry run). Exit codes: 0 no differences, "
                                    "1 differences, 2 or more an error.")
     _files(p, required=True)
+
+    p = sub.add_parser("completion", parents=[common], help="shell completion script",
+                       description="Print a completion script: source <(shoal completion "
+                                   "bash), or the same with zsh.")
+    p.add_argument("shell", choices=("bash", "zsh"))
 
     p = sub.add_parser("explain", parents=[common], help="describe a kind's fields",
                        description="What a kind or one of its fields means, from the "
@@ -360,6 +367,9 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_apply(session, files=ns.files, recursive=ns.recursive,
                                        dry_run=ns.dry_run, wait_propagated=ns.wait_propagated,
                                        timeout=ns.timeout)
+            case "completion":
+                session.out.write(completion_script(ns.shell))
+                return ExitCode.OK
             case "explain":
                 return run_explain(session, target=ns.target)
             case "diff":
@@ -457,9 +467,38 @@ def _silence_stdout() -> None:
         pass
 
 
+def _complete(words: list[str]) -> int:
+    """The hidden ``shoal __complete WORD...``: candidates, one per line."""
+    config = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--config"), None)
+
+    async def lister(kind: str, namespace: str | None) -> list[str]:
+        session = Session(kinds=builtin_kinds(), out=sys.stdout, err=sys.stderr,
+                          stdin=sys.stdin, config_path=config, namespace_flag=namespace,
+                          request_timeout=5.0)
+        try:
+            k = session.kinds.by_name(kind)
+            found = await session.client().list(
+                k.message, namespace=session.namespace if k.namespaced else "")
+            items: list[Any] = list(found.items)
+            return sorted(o.metadata.name for o in items)
+        except CLIError:
+            return []
+        finally:
+            await session.aclose()
+
+    words_out = run_complete(build_parser(), builtin_kinds(), words, lister_for=lambda: lister)
+    try:
+        print("\n".join(words_out))
+    except BrokenPipeError:
+        _silence_stdout()
+    return ExitCode.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``shoal`` command; returns its exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["__complete"]:
+        return _complete(arguments[1:])
     # Everything after the first "--" is a command line for `exec`, not our flags.
     tail: list[str] = []
     if "--" in arguments:

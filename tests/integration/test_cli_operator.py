@@ -175,3 +175,47 @@ async def test_diff_shows_what_apply_would_change_with_kubectl_exit_codes(
     f.write_text(cm_yaml("settings", ns, "two") + "  bad: [\n")
     code, _, err = await shoal("diff", "-f", str(f))
     assert code == 2 and err
+
+
+async def bash_complete(line_words: list[str], config: Path) -> list[str]:
+    """Source ``shoal completion bash`` in a real bash, set COMP_WORDS to the
+    line (its last word being typed) and call the completion function."""
+    import os
+    import shlex
+    import sys
+
+    from shoal.cli.completing import BASH
+
+    words = " ".join(shlex.quote(w) for w in ["shoal", *line_words])
+    program = (f"shoal() {{ {shlex.quote(sys.executable)} -m shoal.cli.main \"$@\"; }}\n"
+               f"{BASH}\nCOMP_WORDS=({words}); COMP_CWORD={len(line_words)}\n"
+               "_shoal_complete; printf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", program, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "SHOAL_CONFIG": str(config)})
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    return [w for w in out.decode().splitlines() if w]
+
+
+async def test_bash_completion_completes_commands_kinds_and_names_from_the_server(
+        apiserver: InProcessAPIServer) -> None:
+    async with apiserver.client() as c:
+        ns = core_pb2.Namespace()
+        ns.metadata.name = "completing"
+        try:
+            await c.create(ns)
+        except errors.AlreadyExists:
+            pass
+        for name in ("alpha", "beta"):
+            try:
+                await c.create(configmap(name, "completing"))
+            except errors.AlreadyExists:
+                pass
+    config = apiserver.config_path
+    assert await bash_complete(["ge"], config) == ["get"]
+    assert "deployments" in await bash_complete(["get", "dep"], config)
+    assert await bash_complete(["get", "-n", "completing", "configmaps", "a"],
+                               config) == ["alpha"]
+    assert await bash_complete(["describe", "-n", "completing", "cm/"], config) == [
+        "cm/alpha", "cm/beta"]

@@ -270,3 +270,57 @@ def test_client_frames_are_masked() -> None:
     assert frame[:2] == bytes([0x82, 0x80 | 4])
     assert frame[2:6] == b"\x01\x02\x03\x04"
     assert bytes(b ^ frame[2 + i % 4] for i, b in enumerate(frame[6:])) == b"\x00abc"
+
+
+# --------------------------------------------------------------------------- completion
+
+
+def completion_plan(line: str) -> Any:
+    from shoal.cli.completing import plan
+    from shoal.cli.main import build_parser
+
+    return plan(build_parser(), builtin_kinds(), line.split(" "))
+
+
+@pytest.mark.parametrize(("line", "has", "kind", "prefix", "namespace"), [
+    ("ge", "get", "", "", None),
+    ("get ", "deployments", "", "", None),
+    ("get deployments ", None, "deployments", "", None),
+    ("get -n prod deployments w", None, "deployments", "", "prod"),
+    ("get --namespace=prod pods ", None, "pods", "", "prod"),
+    ("describe deploy/", None, "deploy", "deploy/", None),
+    ("get -o ", "yaml", "", "", None),
+    ("get -n ", None, "namespaces", "", None),
+    ("exec ", None, "pods", "", None),
+    ("port-forward svc/", None, "svc", "svc/", None),
+    ("logs -c main ", None, "pods", "", None),
+    ("rollout ", "status", "", "", None),
+    ("rollout status ", "deployments", "", "", None),
+    ("exec --", "--tty", "", "", None),
+    ("explain ", "pods", "", "", None),
+])
+def test_completion_plans(line: str, has: str | None, kind: str, prefix: str,
+                          namespace: str | None) -> None:
+    req = completion_plan(line)
+    if has:
+        assert has in req.words
+    assert (req.kind, req.prefix, req.namespace) == (kind, prefix, namespace)
+
+
+def test_the_hidden_completion_command_is_not_offered() -> None:
+    assert "__complete" not in completion_plan("").words
+    assert "completion" in completion_plan("").words
+
+
+async def test_completion_candidates_list_names_and_survive_a_failing_server() -> None:
+    from shoal.cli.completing import Request, candidates
+
+    async def names(kind: str, ns: str | None) -> list[str]:
+        return ["web", "api"]
+
+    async def down(kind: str, ns: str | None) -> list[str]:
+        raise errors.Unavailable("no server", retry_after=1.0)
+
+    assert await candidates(Request(kind="deploy", prefix="deploy/"), names) == [
+        "deploy/web", "deploy/api"]
+    assert await candidates(Request(kind="pods"), down) == []
