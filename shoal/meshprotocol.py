@@ -15,7 +15,8 @@ Istio's rules (its "Protocol Selection" page), without its sniffing:
    would sniff it, Shoal does not, and ``shoal mesh check`` says so.
 
 A pure function, shared by the CLI (``shoal mesh check``) and the meshagent,
-so both reach the same verdict.
+so both reach the same verdict. A ServiceEntry's or Gateway's port states its
+protocol outright (``protocol: HTTP``): pass it as ``app_protocol``.
 """
 
 from __future__ import annotations

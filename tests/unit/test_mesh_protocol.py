@@ -47,6 +47,11 @@ HTTP, HTTP2, TCP, UDP = AppProtocol.HTTP, AppProtocol.HTTP2, AppProtocol.TCP, Ap
     # A UDP or SCTP port is not the mesh's, whatever it is called.
     ("dns", None, "UDP", UDP, "transport"),
     ("http", "http", "SCTP", UDP, "transport"),
+    # A ServiceEntry's or Gateway's port: its protocol field, as appProtocol.
+    ("http", "HTTP", "TCP", HTTP, "appProtocol"),
+    ("api", "GRPC-WEB", "TCP", HTTP2, "appProtocol"),
+    ("mongo", "MONGO", "TCP", TCP, "appProtocol"),
+    ("https", "HTTPS", "TCP", TCP, "appProtocol"),
     # An empty transport is Kubernetes' default, TCP.
     ("http", None, "", HTTP, "name"),
 ])
