@@ -584,6 +584,9 @@ def _outlier_detection(path: str, od: pb.OutlierDetection) -> Errors:
     errs += _duration(f"{path}.baseEjectionTime", od.base_ejection_time)
     errs += _percent(f"{path}.maxEjectionPercent", od.max_ejection_percent)
     errs += _percent(f"{path}.minHealthPercent", od.min_health_percent)
+    if od.consecutive_errors < 0:
+        errs.append(_invalid(f"{path}.consecutiveErrors", od.consecutive_errors,
+                             "outlier detection consecutive errors cannot be negative"))
     return errs
 
 

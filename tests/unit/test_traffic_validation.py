@@ -146,6 +146,13 @@ VALID = [
     pytest.param("ServiceEntry", {"hosts": ["api.example.com"], "ports": [
         {"number": 443, "name": "https", "protocol": "TLS"}], "resolution": "DNS"},
                  id="se-dns"),
+    pytest.param("DestinationRule", {"host": "httpbin", "trafficPolicy": {
+        "connectionPool": {"tcp": {"maxConnections": 1},
+                           "http": {"http1MaxPendingRequests": 1,
+                                    "maxRequestsPerConnection": 1}},
+        "outlierDetection": {"consecutiveErrors": 1, "interval": "1s",
+                             "baseEjectionTime": "3m", "maxEjectionPercent": 100}}},
+                 id="dr-istio-1.6-circuit-breaker-consecutiveErrors"),
     pytest.param("DestinationRule", {"host": "Web.Example.com", "subsets": [
         {"name": "V1", "labels": {"version": "v1"}}]}, id="dr-upper-case-like-istio"),
     pytest.param("Gateway", {"servers": [{"port": {"number": 80, "protocol": "http",
@@ -289,6 +296,9 @@ INVALID = [
     ("DestinationRule", {"host": "web", "trafficPolicy": {"outlierDetection": {
         "baseEjectionTime": "0s"}}},
      "spec.trafficPolicy.outlierDetection.baseEjectionTime", "greater than 1ms"),
+    ("DestinationRule", {"host": "web", "trafficPolicy": {"outlierDetection": {
+        "consecutiveErrors": -1}}},
+     "spec.trafficPolicy.outlierDetection.consecutiveErrors", "cannot be negative"),
     ("DestinationRule", {"host": "web", "trafficPolicy": {"tls": {"mode": "MUTUAL"}}},
      "spec.trafficPolicy.tls.credentialName", "client certificate required"),
     ("DestinationRule", {"host": "web", "trafficPolicy": {"portLevelSettings": [

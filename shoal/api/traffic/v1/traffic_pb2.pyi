@@ -400,20 +400,22 @@ class ConnectionPoolSettings(_message.Message):
     def __init__(self, tcp: _Optional[_Union[ConnectionPoolSettings.TCPSettings, _Mapping]] = ..., http: _Optional[_Union[ConnectionPoolSettings.HTTPSettings, _Mapping]] = ...) -> None: ...
 
 class OutlierDetection(_message.Message):
-    __slots__ = ("consecutive_5xx_errors", "consecutive_gateway_errors", "interval", "base_ejection_time", "max_ejection_percent", "min_health_percent")
+    __slots__ = ("consecutive_5xx_errors", "consecutive_gateway_errors", "interval", "base_ejection_time", "max_ejection_percent", "min_health_percent", "consecutive_errors")
     CONSECUTIVE_5XX_ERRORS_FIELD_NUMBER: _ClassVar[int]
     CONSECUTIVE_GATEWAY_ERRORS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
     BASE_EJECTION_TIME_FIELD_NUMBER: _ClassVar[int]
     MAX_EJECTION_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MIN_HEALTH_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     consecutive_5xx_errors: int
     consecutive_gateway_errors: int
     interval: str
     base_ejection_time: str
     max_ejection_percent: int
     min_health_percent: int
-    def __init__(self, consecutive_5xx_errors: _Optional[int] = ..., consecutive_gateway_errors: _Optional[int] = ..., interval: _Optional[str] = ..., base_ejection_time: _Optional[str] = ..., max_ejection_percent: _Optional[int] = ..., min_health_percent: _Optional[int] = ...) -> None: ...
+    consecutive_errors: int
+    def __init__(self, consecutive_5xx_errors: _Optional[int] = ..., consecutive_gateway_errors: _Optional[int] = ..., interval: _Optional[str] = ..., base_ejection_time: _Optional[str] = ..., max_ejection_percent: _Optional[int] = ..., min_health_percent: _Optional[int] = ..., consecutive_errors: _Optional[int] = ...) -> None: ...
 
 class ClientTLSSettings(_message.Message):
     __slots__ = ("mode", "credential_name", "sni", "subject_alt_names")
