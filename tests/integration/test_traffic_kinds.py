@@ -508,3 +508,16 @@ async def test_mesh_check_on_a_small_setup(shoal: Any) -> None:
     assert (await shoal("mesh", "check", "-n", clean)).code == 0
     everywhere = await shoal("mesh", "check", "-A")
     assert everywhere.code == 79 and f"(Service {ns}/reviews)" in everywhere.out
+
+
+async def test_a_bad_update_keeps_the_stored_object(shoal: Any) -> None:
+    ns = await make_namespace(shoal)
+    good = istio("VirtualService", ns, {"hosts": ["web"], "http": [{"route": _route(90, 10)}]},
+                 name="canary")
+    assert (await shoal("apply", "-f", "-", stdin=yaml.safe_dump(good))).code == 0
+    bad = istio("VirtualService", ns, {"hosts": ["web"], "http": [{"route": _route(90, 20)}]},
+                name="canary")
+    r = await shoal("apply", "-f", "-", stdin=yaml.safe_dump(bad))
+    assert r.code == 2 and "spec.http[0].route" in r.err and "weights must sum to 100" in r.err
+    stored = yaml.safe_load((await shoal("get", "vs", "canary", "-n", ns, "-o", "yaml")).out)
+    assert [d["weight"] for d in stored["spec"]["http"][0]["route"]] == [90, 10]
