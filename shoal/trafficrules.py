@@ -729,7 +729,7 @@ def _validate_gateway(gw: pb.Gateway) -> Errors:
             errs.append(_invalid(f"{spath}.bind", server.bind, "must be an IP address"))
         if server.HasField("tls"):
             errs += _server_tls(f"{spath}.tls", server, protocol)
-        elif protocol == "HTTPS":
+        elif protocol in ("HTTPS", "TLS"):
             errs.append(_required(f"{spath}.tls",
                                   "server must have TLS settings for HTTPS/TLS protocols"))
     return errs
@@ -755,7 +755,7 @@ def _service_entry_ports(spec: pb.ServiceEntrySpec) -> Errors:
         if port.number in numbers:
             errs.append(_duplicate(f"{ppath}.number", port.number))
         numbers.add(port.number)
-        errs += _one_of(f"{ppath}.protocol", port.protocol.upper(), _PROTOCOLS)
+        errs += _one_of(f"{ppath}.protocol", port.protocol.upper(), _PROTOCOLS, required=True)
         if port.target_port:
             errs += _port(f"{ppath}.targetPort", port.target_port)
     return errs
