@@ -22,16 +22,19 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from shoal.api.core.v1 import core_pb2 as shoal_dot_api_dot_core_dot_v1_dot_core__pb2
 from shoal.api.node.v1 import node_pb2 as shoal_dot_api_dot_node_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shoal/api/resources/v1/podproxy.proto\x12\x12shoal.resources.v1\x1a\x1cshoal/api/node/v1/node.proto2\xf1\x02\n\x08PodProxy\x12=\n\x04Logs\x12\x1a.shoal.node.v1.LogsRequest\x1a\x17.shoal.node.v1.LogChunk0\x01\x12?\n\x04\x45xec\x12\x1a.shoal.node.v1.ExecRequest\x1a\x1b.shoal.node.v1.ExecResponse\x12H\n\x0bImportImage\x12\x1a.shoal.node.v1.ImportChunk\x1a\x1b.shoal.node.v1.ImportResult(\x01\x12\x45\n\nExecStream\x12\x18.shoal.node.v1.ExecInput\x1a\x19.shoal.node.v1.ExecOutput(\x01\x30\x01\x12T\n\x0bPortForward\x12\x1f.shoal.node.v1.PortForwardInput\x1a .shoal.node.v1.PortForwardOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shoal/api/resources/v1/podproxy.proto\x12\x12shoal.resources.v1\x1a\x1cshoal/api/core/v1/core.proto\x1a\x1cshoal/api/node/v1/node.proto\"q\n\x19\x45phemeralContainerRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x34\n\tcontainer\x18\x03 \x01(\x0b\x32!.shoal.core.v1.EphemeralContainer2\xcd\x03\n\x08PodProxy\x12=\n\x04Logs\x12\x1a.shoal.node.v1.LogsRequest\x1a\x17.shoal.node.v1.LogChunk0\x01\x12?\n\x04\x45xec\x12\x1a.shoal.node.v1.ExecRequest\x1a\x1b.shoal.node.v1.ExecResponse\x12H\n\x0bImportImage\x12\x1a.shoal.node.v1.ImportChunk\x1a\x1b.shoal.node.v1.ImportResult(\x01\x12\x45\n\nExecStream\x12\x18.shoal.node.v1.ExecInput\x1a\x19.shoal.node.v1.ExecOutput(\x01\x30\x01\x12T\n\x0bPortForward\x12\x1f.shoal.node.v1.PortForwardInput\x1a .shoal.node.v1.PortForwardOutput(\x01\x30\x01\x12Z\n\x15\x41\x64\x64\x45phemeralContainer\x12-.shoal.resources.v1.EphemeralContainerRequest\x1a\x12.shoal.core.v1.Podb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.api.resources.v1.podproxy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PODPROXY']._serialized_start=92
-  _globals['_PODPROXY']._serialized_end=461
+  _globals['_EPHEMERALCONTAINERREQUEST']._serialized_start=121
+  _globals['_EPHEMERALCONTAINERREQUEST']._serialized_end=234
+  _globals['_PODPROXY']._serialized_start=237
+  _globals['_PODPROXY']._serialized_end=698
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,9 @@
 import grpc
 import warnings
 
+from shoal.api.core.v1 import core_pb2 as shoal_dot_api_dot_core_dot_v1_dot_core__pb2
 from shoal.api.node.v1 import node_pb2 as shoal_dot_api_dot_node_dot_v1_dot_node__pb2
+from shoal.api.resources.v1 import podproxy_pb2 as shoal_dot_api_dot_resources_dot_v1_dot_podproxy__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -59,6 +61,11 @@ class PodProxyStub:
                 request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.FromString,
                 _registered_method=True)
+        self.AddEphemeralContainer = channel.unary_unary(
+                '/shoal.resources.v1.PodProxy/AddEphemeralContainer',
+                request_serializer=shoal_dot_api_dot_resources_dot_v1_dot_podproxy__pb2.EphemeralContainerRequest.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_core_dot_v1_dot_core__pb2.Pod.FromString,
+                _registered_method=True)
 
 
 class PodProxyServicer:
@@ -97,6 +104,14 @@ class PodProxyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddEphemeralContainer(self, request, context):
+        """update pods/ephemeralcontainers: add a debugging container to a running
+        pod (its node agent starts it in the pod's sandbox). Returns the pod.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PodProxyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +139,11 @@ def add_PodProxyServicer_to_server(servicer, server):
                     servicer.PortForward,
                     request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.FromString,
                     response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.SerializeToString,
+            ),
+            'AddEphemeralContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddEphemeralContainer,
+                    request_deserializer=shoal_dot_api_dot_resources_dot_v1_dot_podproxy__pb2.EphemeralContainerRequest.FromString,
+                    response_serializer=shoal_dot_api_dot_core_dot_v1_dot_core__pb2.Pod.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +281,33 @@ class PodProxy:
             '/shoal.resources.v1.PodProxy/PortForward',
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.SerializeToString,
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddEphemeralContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.resources.v1.PodProxy/AddEphemeralContainer',
+            shoal_dot_api_dot_resources_dot_v1_dot_podproxy__pb2.EphemeralContainerRequest.SerializeToString,
+            shoal_dot_api_dot_core_dot_v1_dot_core__pb2.Pod.FromString,
             options,
             channel_credentials,
             insecure,
