@@ -114,6 +114,11 @@ class RuntimeServiceStub:
                 request_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/runtime.v1.RuntimeService/Attach',
+                request_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.AttachRequest.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.AttachResponse.FromString,
+                _registered_method=True)
         self.ContainerStats = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ContainerStats',
                 request_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.ContainerStatsRequest.SerializeToString,
@@ -242,6 +247,13 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """A URL on the streaming server attached to a running container's process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContainerStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -338,6 +350,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.PortForward,
                     request_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.FromString,
                     response_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.AttachRequest.FromString,
+                    response_serializer=shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.AttachResponse.SerializeToString,
             ),
             'ContainerStats': grpc.unary_unary_rpc_method_handler(
                     servicer.ContainerStats,
@@ -765,6 +782,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/PortForward',
             shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardRequest.SerializeToString,
             shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.PortForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/Attach',
+            shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.AttachRequest.SerializeToString,
+            shoal_dot_api_dot_cri_dot_v1_dot_api__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,
