@@ -58,6 +58,17 @@ class Cluster:
 LOGS_KEPT = Path(os.environ.get("SHOAL_E2E_LOGS", "/tmp/shoal-e2e-logs"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_lab: the module brings up (and takes down) a "
+                                       "lab of its own; it runs before the shared one")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a lab of their own (``own_lab``) run first: one lab per machine,
+    and the shared ``cluster`` stays up from its first user to the session's end."""
+    items.sort(key=lambda item: item.get_closest_marker("own_lab") is None)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory,
             request: pytest.FixtureRequest) -> Iterator[Cluster]:
