@@ -66,7 +66,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with a lab of their own (``own_lab``) run first: one lab per machine,
     and the shared ``cluster`` stays up from its first user to the session's end."""
-    items.sort(key=lambda item: item.get_closest_marker("own_lab") is None)
+    own = [item for item in items if item.get_closest_marker("own_lab") is not None]
+    if not own:
+        return
+    rest = [item for item in items if item.get_closest_marker("own_lab") is None]
+    here = Path(__file__).parent
+    at = next((i for i, item in enumerate(rest) if here in item.path.parents), len(rest))
+    items[:] = rest[:at] + own + rest[at:]
 
 
 @pytest.fixture(scope="session")
