@@ -359,8 +359,16 @@ class ObjectStore:
                 await ips.release(*reserved[0])
             raise
 
+    async def update_ephemeral_containers(self, kind: Kind, obj: Any) -> Any:
+        """The pods/ephemeralcontainers subresource: only the pod's
+        spec.ephemeralContainers is taken from ``obj`` (see
+        ``validation.validate_ephemeral_containers``)."""
+        return await self._update(kind, obj, status_only=False, dry_run=False,
+                                  ephemeral=True)
+
     async def _update(self, kind: Kind, obj: Any, *, status_only: bool, dry_run: bool,
-                      reserved: list[tuple[str, str]] | None = None) -> Any:
+                      reserved: list[tuple[str, str]] | None = None,
+                      ephemeral: bool = False) -> Any:
         if status_only and not kind.has_status:
             raise errors.MethodNotAllowed(f"{kind.kind} has no status to update",
                                           kind=kind.kind)
@@ -381,10 +389,19 @@ class ObjectStore:
                 raise errors.Conflict(
                     f'Precondition failed: UID in object meta: {meta.uid}, UID in storage: '
                     f'{current.metadata.uid}', kind=kind.kind, name=meta.name)
-            if kind.kind == "Pod" and not status_only:
+            if ephemeral:
+                new = kind.new()
+                new.CopyFrom(current)
+                new.spec.ClearField("ephemeral_containers")
+                new.spec.ephemeral_containers.extend(obj.spec.ephemeral_containers)
+                problems = validation.validate_ephemeral_containers(new, current)
+                if problems:
+                    raise self._invalid(kind, new, problems)
+            if kind.kind == "Pod" and not status_only and not ephemeral:
                 _check_rebinding(obj, current)
-            new = self._merge_for_update(kind, obj, current, status_only=status_only)
-            problems = validation.validate_update(kind, new, current)
+            if not ephemeral:
+                new = self._merge_for_update(kind, obj, current, status_only=status_only)
+            problems = validation.validate_update(kind, new, current) if not ephemeral else []
             if problems:
                 raise self._invalid(kind, new, problems)
             if (reserved is not None and self.service_ips is not None and not reserved

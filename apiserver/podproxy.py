@@ -1,8 +1,9 @@
 """``PodProxy``: logs, exec, port-forward and image imports for users, relayed to a node agent.
 
     user --mTLS--> apiserver: authenticate, authorize (get pods/log, create
-           pods/exec for Exec and ExecStream, create pods/portforward, create
-           nodes/proxy for imports); pod -> spec.nodeName (or, for
+           pods/exec for Exec and ExecStream, create pods/attach for an attaching
+           ExecStream, create pods/portforward, update pods/ephemeralcontainers,
+           create nodes/proxy for imports); pod -> spec.nodeName (or, for
            ImportImage, the node the first chunk names) -> Node address
            (InternalIP) and agent port (daemonEndpoints) --mTLS (the
            apiserver's kubelet-client certificate; the node's serving
@@ -38,12 +39,14 @@ from apiserver.rpc import Authenticator, Call, Guard, abort_with, attributes, pa
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.node.v1 import node_pb2
+from shoal.api.resources.v1 import podproxy_pb2
 from shoal.kinds import KindTable
 
 log = logging.getLogger(__name__)
 
 SERVICE = "shoal.resources.v1.PodProxy"
 NODE_SERVICE = "shoal.node.v1.NodeAgent"
+_EPHEMERAL_ATTEMPTS = 5
 
 
 class PodProxy:
@@ -73,6 +76,10 @@ class PodProxy:
                 response_serializer=passthrough),
             "PortForward": grpc.stream_stream_rpc_method_handler(
                 self.port_forward, request_deserializer=node_pb2.PortForwardInput.FromString,
+                response_serializer=passthrough),
+            "AddEphemeralContainer": grpc.unary_unary_rpc_method_handler(
+                self.add_ephemeral_container,
+                request_deserializer=podproxy_pb2.EphemeralContainerRequest.FromString,
                 response_serializer=passthrough),
         })
 
@@ -106,8 +113,40 @@ class PodProxy:
     @staticmethod
     def describe_exec_stream(service: object, request: node_pb2.ExecInput,
                              ident: Identity) -> Attributes:
-        return attributes(ident, "create", resource="pods", subresource="exec",
+        return attributes(ident, "create", resource="pods",
+                          subresource="attach" if request.start.attach else "exec",
                           namespace=request.start.namespace, name=request.start.pod)
+
+    @staticmethod
+    def describe_ephemeral(service: object, request: podproxy_pb2.EphemeralContainerRequest,
+                           ident: Identity) -> Attributes:
+        return attributes(ident, "update", resource="pods", subresource="ephemeralcontainers",
+                          namespace=request.namespace, name=request.pod)
+
+    @unary("AddEphemeralContainer", describe=describe_ephemeral)
+    async def add_ephemeral_container(self, request: podproxy_pb2.EphemeralContainerRequest,
+                                      context: grpc.aio.ServicerContext[Any, Any]
+                                      ) -> core_pb2.Pod:
+        """Append one ephemeral container to the pod's spec (only that may
+        change); the pod's node agent starts it. Retried on a concurrent write."""
+        for _ in range(_EPHEMERAL_ATTEMPTS):
+            pod: core_pb2.Pod = await self.objects.get(self.pods, namespace=request.namespace,
+                                                       name=request.pod)
+            if pod.metadata.HasField("deletion_timestamp") or \
+                    pod.status.phase in ("Succeeded", "Failed"):
+                raise errors.BadRequest(f'pod "{request.pod}" is not running: cannot add an '
+                                        "ephemeral container")
+            new = core_pb2.Pod()
+            new.CopyFrom(pod)
+            new.spec.ephemeral_containers.append(request.container)
+            try:
+                updated: core_pb2.Pod = await self.objects.update_ephemeral_containers(
+                    self.pods, new)
+                return updated
+            except errors.Conflict:
+                continue
+        raise errors.Conflict(f'pod "{request.pod}" kept changing; try again',
+                              kind="Pod", name=request.pod)
 
     @staticmethod
     def describe_port_forward(service: object, request: node_pb2.PortForwardInput,

@@ -459,6 +459,14 @@ class RuntimeClient:
             stderr=not tty), cri.ExecResponse)
         return str(resp.url)
 
+    async def attach_url(self, container_id: str, *, stdin: bool, tty: bool) -> str:
+        """A one-time URL on the streaming server attached to the container's
+        own process (created with stdin/tty for it to read)."""
+        resp = await self._runtime("Attach", cri.AttachRequest(
+            container_id=container_id, stdin=stdin, tty=tty, stdout=True, stderr=not tty),
+            cri.AttachResponse)
+        return str(resp.url)
+
     async def port_forward_url(self, sandbox_id: str, port: int) -> str:
         """A one-time URL on the streaming server forwarding to ``port`` in the
         sandbox's network namespace."""

@@ -170,6 +170,9 @@ def container_config(pod: Any, launch: ContainerLaunch) -> cri.ContainerConfig:
     cfg.linux.resources.CopyFrom(resources(spec))
     sc = cfg.linux.security_context
     sc.namespace_options.CopyFrom(namespace_options(pod))
+    if launch.target_id:  # an ephemeral container sees its target's processes
+        sc.namespace_options.pid = cri.TARGET
+        sc.namespace_options.target_id = launch.target_id
     psc, csc = pod.spec.security_context, spec.security_context
     user = csc.run_as_user if csc.HasField("run_as_user") else (
         psc.run_as_user if psc.HasField("run_as_user") else None)

@@ -35,6 +35,17 @@ from nodeagent.restarts import RestartTracker, key
 from nodeagent.runtimestate import ContainerRecord, ContainerState, PodRecord, ProbeView
 
 
+def as_container(ephemeral: Any) -> Any:
+    """An EphemeralContainer read as the Container it is numbered like (its
+    target is dropped: that is where it runs, not what it is)."""
+    from shoal.api.core.v1 import core_pb2
+
+    copy = core_pb2.EphemeralContainer()
+    copy.CopyFrom(ephemeral)
+    copy.ClearField("target_container_name")
+    return core_pb2.Container.FromString(copy.SerializeToString())
+
+
 def spec_hash(container: Any) -> str:
     """A short digest of a container's spec; a change means restart it."""
     return hashlib.sha256(container.SerializeToString(deterministic=True)).hexdigest()[:16]
@@ -48,6 +59,8 @@ class PodActions:
     # Start this init container (by name), or these regular containers, in order.
     start_init: str = ""
     start: tuple[str, ...] = ()
+    # Ephemeral containers (shoal debug) never started yet: each runs once.
+    start_ephemeral: tuple[str, ...] = ()
     # Container IDs to stop, with why (shown in events and logs).
     kill: tuple[tuple[str, str], ...] = ()
     # Exited instances no longer needed (older than the latest of their name).
@@ -64,7 +77,7 @@ class PodActions:
     @property
     def idle(self) -> bool:
         return not (self.kill_pod or self.create_sandbox or self.start_init or self.start
-                    or self.kill or self.remove)
+                    or self.start_ephemeral or self.kill or self.remove)
 
 
 def _should_restart(policy: str, c: ContainerRecord) -> bool:
@@ -181,5 +194,8 @@ def plan(pod: Any, record: PodRecord, *, probes: ProbeView, restarts: RestartTra
             waiting[spec.name] = (verdict.reason, f"{verdict.message} {spec.name} in pod "
                                                   f"{pod.metadata.name}")
             requeue.append(verdict.wait)
+    ephemeral = tuple(e.name for e in pod.spec.ephemeral_containers
+                      if record.latest(e.name, init=False) is None)
     return PodActions(start=tuple(start), kill=tuple(kill), waiting=waiting, remove=garbage,
+                      start_ephemeral=ephemeral,
                       requeue_after=min(requeue) if requeue else None)

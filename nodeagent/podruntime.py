@@ -44,6 +44,8 @@ class ContainerLaunch:
     spec_hash: str
     restart_count: int
     image_ref: str
+    # An ephemeral container joining this (running) container's PID namespace.
+    target_id: str = ""
 
 
 class PodRuntime(Protocol):

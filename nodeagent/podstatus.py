@@ -22,6 +22,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from nodeagent.planning import as_container
 from nodeagent.runtimestate import ContainerRecord, ContainerState, PodRecord, ProbeView
 from shoal.api.core.v1 import core_pb2
 
@@ -159,6 +160,13 @@ def pod_status(
             any_running = True
         elif c.state is ContainerState.EXITED:
             exits.append(c.exit_code)
+    for eph in pod.spec.ephemeral_containers:  # never ready, never restarted
+        e = record.latest(eph.name, init=False)
+        es = container_status(as_container(eph), e, previous=None,
+                              waiting=failures.get(eph.name) or waiting.get(eph.name),
+                              probes=probes, init=False, pending_reason="ContainerCreating")
+        es.ready = False
+        st.ephemeral_container_statuses.append(es)
     if finished and not any_running and len(exits) == len(pod.spec.containers) and exits:
         st.phase = "Failed" if failed else "Succeeded"
     elif finished and failed:

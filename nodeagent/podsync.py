@@ -33,7 +33,7 @@ from typing import Any
 
 from nodeagent import environment
 from nodeagent.environment import ConfigError, PodFacts
-from nodeagent.planning import PodActions, plan, spec_hash
+from nodeagent.planning import PodActions, as_container, plan, spec_hash
 from nodeagent.podruntime import ContainerLaunch, ImagePullError, PodRuntime, StartError
 from nodeagent.podstatus import Reason, pod_status, same_status
 from nodeagent.probing import ProbeManager
@@ -206,6 +206,14 @@ class PodSyncer:
             spec = next(c for c in pod.spec.containers if c.name == name)
             retry += await self._launch(pod, sandbox, spec, record=record, init=False,
                                         paths=paths, facts=facts)
+        for name in actions.start_ephemeral:
+            eph = next(e for e in pod.spec.ephemeral_containers if e.name == name)
+            target = record.latest(eph.target_container_name, init=False) \
+                if eph.target_container_name else None
+            retry += await self._launch(
+                pod, sandbox, as_container(eph), record=record, init=False, paths=paths,
+                facts=facts, target_id=target.id if target is not None
+                and target.state is ContainerState.RUNNING else "")
         return min(retry) if retry else None
 
     def _fail_all(self, pod: core_pb2.Pod, reason: Reason) -> None:
@@ -216,7 +224,7 @@ class PodSyncer:
 
     async def _launch(self, pod: core_pb2.Pod, sandbox: SandboxRecord, spec: Any, *,
                       record: PodRecord, init: bool, paths: dict[str, Any],
-                      facts: PodFacts) -> list[float]:
+                      facts: PodFacts, target_id: str = "") -> list[float]:
         uid, now = pod.metadata.uid, self.clock()
         table = self.failures.setdefault(uid, {})
         prev = record.latest(spec.name, init=init)
@@ -264,7 +272,8 @@ class PodSyncer:
         launch = ContainerLaunch(
             spec=spec, attempt=prev.attempt + 1 if prev else 0, init=init, env=env,
             command=command, args=args, mounts=mounts, spec_hash=spec_hash(spec),
-            restart_count=prev.restart_count + 1 if prev else 0, image_ref=image_ref)
+            restart_count=prev.restart_count + 1 if prev else 0, image_ref=image_ref,
+            target_id=target_id)
         if prev is not None:
             self.restarts.restarted(key(uid, spec.name), now=now)
         try:

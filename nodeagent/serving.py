@@ -108,7 +108,8 @@ class NodeAPI:
         if pod is None:
             raise errors.NotFound(f'pod "{name}" is not on this node')
         names = [c.name for c in pod.spec.containers] + \
-            [c.name for c in pod.spec.init_containers]
+            [c.name for c in pod.spec.init_containers] + \
+            [c.name for c in pod.spec.ephemeral_containers]
         if not container:
             if len(pod.spec.containers) != 1:
                 raise errors.BadRequest(
@@ -198,15 +199,19 @@ class NodeAPI:
             if first is None or first.WhichOneof("input") != "start":
                 raise errors.BadRequest("an exec stream must start with the command")
             start = first.start
-            if not start.command:
+            if not start.command and not start.attach:
                 raise errors.BadRequest("exec needs a command")
             pod, container, record = self._locate(start.namespace, start.pod, start.container)
             inst = record.latest(container)
             if inst is None or inst.state is not ContainerState.RUNNING:
                 raise errors.BadRequest(
                     f'container "{container}" in pod "{pod.metadata.name}" is not running')
-            url = await self._streams().exec_url(inst.id, list(start.command),
-                                                 stdin=start.stdin, tty=start.tty)
+            if start.attach:
+                url = await self._streams().attach_url(inst.id, stdin=start.stdin,
+                                                       tty=start.tty)
+            else:
+                url = await self._streams().exec_url(inst.id, list(start.command),
+                                                     stdin=start.stdin, tty=start.tty)
             sock = await ChannelSocket.connect(url)
         except errors.ShoalError as e:
             await abort(context, e)
@@ -234,6 +239,8 @@ class NodeAPI:
                 elif channel == ERROR:
                     status += data
             ended = exit_status(status) if status else None
+            if start.attach and (ended is None or not ended.message):
+                return  # an attach carries no exit code: the container's status has it
             if ended is None:
                 raise errors.Unavailable("the runtime ended the exec stream without an "
                                          "exit status", retry_after=1.0)

@@ -53,6 +53,8 @@ class StreamingRuntime(Protocol):
 
     async def port_forward_url(self, sandbox_id: str, port: int) -> str: ...
 
+    async def attach_url(self, container_id: str, *, stdin: bool, tty: bool) -> str: ...
+
 
 def encode_frame(opcode: int, payload: bytes, *, mask: bytes | None) -> bytes:
     """One final WebSocket frame; clients must mask (``mask`` is 4 bytes)."""

@@ -450,6 +450,24 @@ class AsyncClient:
         return self._duplex("PortForward", node_pb2.PortForwardInput(start=start),
                             node_pb2.PortForwardOutput.FromString)
 
+    async def add_ephemeral_container(self, pod: str, container: Any, *,
+                                      namespace: str | None = None) -> Any:
+        """Add an EphemeralContainer to a running pod (pods/ephemeralcontainers);
+        returns the pod. Its node agent starts the container."""
+        from shoal.api.resources.v1 import podproxy_pb2
+
+        req = podproxy_pb2.EphemeralContainerRequest(
+            namespace=self.namespace if namespace is None else namespace, pod=pod,
+            container=container)
+        rpc = self.channel.unary_unary(
+            "/shoal.resources.v1.PodProxy/AddEphemeralContainer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=self.kinds.by_resource("", "pods").message.FromString)
+        try:
+            return await rpc(req, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
     def _duplex(self, method: str, first: Any, parse: Callable[[bytes], Any]) -> Duplex:
         rpc = self.channel.stream_stream(
             f"/shoal.resources.v1.PodProxy/{method}",

@@ -2313,6 +2313,42 @@ def validate(kind: Kind, obj: Message) -> list[FieldError]:
     return errs
 
 
+def validate_ephemeral_containers(new: core_pb2.Pod, old: core_pb2.Pod) -> Errors:
+    """The pods/ephemeralcontainers subresource: containers may only be added
+    (never changed or removed), each with a unique name and an image, and a
+    target that is one of the pod's containers. Nothing else may change."""
+    errs: Errors = []
+    path = "spec.ephemeralContainers"
+    before, after = list(old.spec.ephemeral_containers), list(new.spec.ephemeral_containers)
+    if after[:len(before)] != before:
+        errs.append(_forbidden(path, "existing ephemeral containers may not be changed or "
+                                     "removed"))
+    regular = {c.name for c in old.spec.containers}
+    taken = regular | {c.name for c in old.spec.init_containers} | {c.name for c in before}
+    for i, c in enumerate(after[len(before):], start=len(before)):
+        here = f"{path}[{i}]"
+        if not c.name:
+            errs.append(_required(f"{here}.name"))
+        else:
+            errs += _name(f"{here}.name", c.name, naming.check_dns1123_label)
+            if c.name in taken:
+                errs.append(_duplicate(f"{here}.name", c.name))
+            taken.add(c.name)
+        if not c.image:
+            errs.append(_required(f"{here}.image"))
+        if c.target_container_name and c.target_container_name not in regular:
+            errs.append(_not_found(f"{here}.targetContainerName", c.target_container_name))
+    rest_new, rest_old = core_pb2.Pod(), core_pb2.Pod()
+    rest_new.spec.CopyFrom(new.spec)
+    rest_old.spec.CopyFrom(old.spec)
+    rest_new.spec.ClearField("ephemeral_containers")
+    rest_old.spec.ClearField("ephemeral_containers")
+    if rest_new.spec != rest_old.spec:
+        errs.append(_forbidden("spec", "only spec.ephemeralContainers may change through "
+                                       "the ephemeralcontainers subresource"))
+    return errs
+
+
 def validate_update(kind: Kind, new: Message, old: Message) -> list[FieldError]:
     """validate(new) plus what may not change on update."""
     n: Any = new

@@ -29,6 +29,8 @@ from shoal.cli.completing import script as completion_script
 from shoal.cli.configuring import run_config_view
 from shoal.cli.containers import run_exec, run_logs
 from shoal.cli.creating import run_create_token
+from shoal.cli.debugging import DEFAULT_IMAGE as DEBUG_IMAGE
+from shoal.cli.debugging import run_debug
 from shoal.cli.deleting import DeleteOptions, run_delete
 from shoal.cli.describing import run_describe
 from shoal.cli.diffing import run_diff
@@ -236,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("exec_command", nargs="*", metavar="CMD",
                    help="the command and its arguments, after --")
 
+    p = sub.add_parser("debug", parents=[common],
+                       help="run an ephemeral debugging container in a pod",
+                       description="Add an ephemeral container to a running pod, in its "
+                                   "namespaces: shoal debug POD -it [--target C] -- sh")
+    p.add_argument("pod", metavar="POD")
+    p.add_argument("--image", default=DEBUG_IMAGE,
+                   help=f"the container's image (default {DEBUG_IMAGE})")
+    p.add_argument("-c", "--container", default="",
+                   help="the debug container's name (default debugger-xxxxx)")
+    p.add_argument("--target", default="",
+                   help="join this container's process namespace (see its processes)")
+    p.add_argument("-i", "--stdin", action="store_true", help="attach stdin")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    p.add_argument("exec_command", nargs="*", metavar="CMD",
+                   help="the command and its arguments, after --")
+
     p = sub.add_parser("port-forward", parents=[common],
                        help="forward local ports to a pod",
                        description="Forward local TCP ports to a pod (or a ready pod of a "
@@ -400,6 +418,10 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
             case "exec" if ns.stdin or ns.tty:
                 return await run_exec_interactive(session, pod=ns.pod, container=ns.container,
                                                   command=ns.exec_command, tty=ns.tty)
+            case "debug":
+                return await run_debug(session, pod=ns.pod, image=ns.image, name=ns.container,
+                                       target=ns.target, command=ns.exec_command,
+                                       stdin=ns.stdin, tty=ns.tty)
             case "port-forward":
                 return await run_port_forward(session, target=ns.target, ports=ns.ports,
                                               addresses=ns.address)
@@ -509,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
     if tail:
-        if ns.command != "exec":
+        if ns.command not in ("exec", "debug"):
             print(f"shoal: error: {ns.command} takes no arguments after --", file=sys.stderr)
             return ExitCode.BAD_INPUT
         ns.exec_command = [*ns.exec_command, *tail]

@@ -62,12 +62,25 @@ async def run_exec_interactive(session: Session, *, pod: str, container: str,
                                ) -> int:
     if not command:
         raise errors.BadRequest("exec needs a command after --, e.g. shoal exec -it web-0 -- sh")
+    code = await stream_terminal(session, pod=pod, container=container, command=command,
+                                 tty=tty, stdin_fd=stdin_fd)
+    if code is None:
+        raise errors.Unavailable("the exec stream ended without an exit code",
+                                 retry_after=1.0)
+    return code
+
+
+async def stream_terminal(session: Session, *, pod: str, container: str, command: list[str],
+                          tty: bool, stdin_fd: int | None = None, attach: bool = False
+                          ) -> int | None:
+    """Run (or, with ``attach``, attach to) a process with the local terminal;
+    its exit code, or None when the stream ended without one (an attach)."""
     fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     if tty and not os.isatty(fd):
         session.warn("Unable to use a TTY - input is not a terminal or the right kind of file")
         tty = False
     start = node_pb2.ExecStart(pod=pod, container=container, command=command, stdin=True,
-                               tty=tty, namespace=session.namespace)
+                               tty=tty, namespace=session.namespace, attach=attach)
     size = terminal_size(fd) if tty else None
     if size:
         start.size.width, start.size.height = size
@@ -131,7 +144,7 @@ async def run_exec_interactive(session: Session, *, pod: str, container: str,
         if tty:
             loop.add_signal_handler(signal.SIGWINCH, inbox.put_nowait, _RESIZE)
         sender = asyncio.create_task(send_input())
-        code = 1
+        code: int | None = None
         try:
             while (message := await stream.read()) is not None:
                 kind = message.WhichOneof("output")
@@ -142,9 +155,6 @@ async def run_exec_interactive(session: Session, *, pod: str, container: str,
                 elif kind == "exit_code":
                     code = message.exit_code
                     break
-            else:
-                raise errors.Unavailable("the exec stream ended without an exit code",
-                                         retry_after=1.0)
         finally:
             sender.cancel()
             stream.cancel()
@@ -152,4 +162,6 @@ async def run_exec_interactive(session: Session, *, pod: str, container: str,
                 loop.remove_reader(fd)
             if tty:
                 loop.remove_signal_handler(signal.SIGWINCH)
+    if code is None:
+        return None
     return code if 0 <= code < 256 else 1

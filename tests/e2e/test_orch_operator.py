@@ -120,7 +120,7 @@ def test_port_forward_survives_the_target_pod_being_replaced(cluster: Cluster,
 
 
 def run_in_pty(argv: list[str], env: dict[str, str], typed: bytes, *, rows: int, cols: int,
-               timeout: float = 60) -> tuple[int, str]:
+               timeout: float = 60, when: bytes = b"#") -> tuple[int, str]:
     """Run ``argv`` on a new pseudo-terminal of the given size, type ``typed``
     once it started, and collect what it printed until it exits."""
     master, slave = pty.openpty()
@@ -142,7 +142,7 @@ def run_in_pty(argv: list[str], env: dict[str, str], typed: bytes, *, rows: int,
                 if not chunk:
                     break
                 out += chunk
-            if not sent and b"#" in out:  # the shell's prompt: it is listening
+            if not sent and when in out:  # e.g. the shell's prompt: it is listening
                 os.write(master, typed)
                 sent = True
             if proc.poll() is not None and not ready:
@@ -171,3 +171,28 @@ def test_exec_i_streams_stdin_without_a_terminal(cluster: Cluster, app: str) -> 
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "hello over stdin\n"
+
+
+def test_debug_runs_an_ephemeral_container_that_sees_the_target_processes(
+        cluster: Cluster, app: str) -> None:
+    pod = ready_pods(cluster, app)[0].metadata.name
+    done = cluster.shoal("debug", "-n", NS, pod, "--image", IMAGE, "--target", "httpd",
+                         "-c", "ps-once", "--", "ps", "-o", "args")
+    assert done.returncode == 0, done.stderr
+    assert "httpd -f -p 8080" in done.stdout  # the target's process, in a shared PID ns
+    got = cluster.client.get(core_pb2.Pod, pod, namespace=NS)
+    (status,) = [s for s in got.status.ephemeral_container_statuses if s.name == "ps-once"]
+    assert status.state.terminated.exit_code == 0
+    # The pod's own container was left alone.
+    assert [c.restart_count for c in got.status.container_statuses] == [0]
+
+
+def test_debug_it_attaches_a_terminal_and_returns_the_exit_code(cluster: Cluster,
+                                                                app: str) -> None:
+    pod = ready_pods(cluster, app)[0].metadata.name
+    argv, env = shoal_argv(cluster, "debug", "-it", "-n", NS, pod, "--image", IMAGE,
+                           "-c", "shell", "--", "sh")
+    code, out = run_in_pty(argv, env, b"\recho in-$((6*7))\rexit 4\r", rows=24, cols=80,
+                           when=b"try pressing enter")
+    assert "in-42" in out, out
+    assert code == 4, out

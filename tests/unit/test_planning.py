@@ -185,3 +185,40 @@ def test_init_failure_backs_off_under_always() -> None:
     tracker.restarted(key("uid-1", "i1"), now=1000.0)
     second = go(p, replace(r), restarts=tracker, now=1001.0)
     assert second.start_init == "" and second.waiting["i1"][0] == "CrashLoopBackOff"
+
+
+def with_debugger(p: core_pb2.Pod, target: str = "") -> core_pb2.Pod:
+    p.spec.ephemeral_containers.add(name="debugger-1", image="busybox",
+                                    target_container_name=target)
+    return p
+
+
+@pytest.mark.parametrize(("the_record", "start_ephemeral"), [
+    (record(ctr("app", RUNNING)), ("debugger-1",)),
+    (record(ctr("app", RUNNING), ctr("debugger-1", RUNNING)), ()),
+    # It ran and ended: never started again, whatever its exit code.
+    (record(ctr("app", RUNNING), ctr("debugger-1", EXITED, exit_code=1)), ()),
+])
+def test_an_ephemeral_container_starts_once(the_record: PodRecord,
+                                            start_ephemeral: tuple[str, ...]) -> None:
+    actions = go(with_debugger(pod()), the_record)
+    assert actions.start_ephemeral == start_ephemeral
+    assert actions.start == () and actions.kill == ()
+
+
+def test_an_ephemeral_container_does_not_keep_a_finished_pod_going() -> None:
+    p = with_debugger(pod(policy="Never"))
+    actions = go(p, record(ctr("app", EXITED), ctr("debugger-1", RUNNING)))
+    assert actions.finished and actions.start_ephemeral == ()
+
+
+def test_an_ephemeral_container_is_read_as_a_container_without_its_target() -> None:
+    from nodeagent.planning import as_container
+
+    e = with_debugger(pod(), target="app").spec.ephemeral_containers[0]
+    e.command.append("sh")
+    e.tty = True
+    c = as_container(e)
+    assert (c.name, c.image, list(c.command), c.tty) == ("debugger-1", "busybox", ["sh"], True)
+    assert c.SerializeToString() == core_pb2.Container(
+        name="debugger-1", image="busybox", command=["sh"], tty=True).SerializeToString()

@@ -125,3 +125,16 @@ def test_transition_times_hold_while_status_holds() -> None:
     t1 = next(x for x in first.conditions if x.type == "Ready").last_transition_time
     t2 = next(x for x in second.conditions if x.type == "Ready").last_transition_time
     assert t1 == t2 and second.start_time == first.start_time
+
+
+def test_ephemeral_containers_have_their_own_statuses_and_never_count_as_ready() -> None:
+    p = pod()
+    p.spec.ephemeral_containers.add(name="dbg", image="busybox")
+    st = status(p, rec(c(ContainerState.RUNNING), c(ContainerState.RUNNING, name="dbg")))
+    (eph,) = st.ephemeral_container_statuses
+    assert eph.name == "dbg" and eph.state.HasField("running") and not eph.ready
+    assert [s.name for s in st.container_statuses] == ["app"]
+    ended = status(p, rec(c(ContainerState.RUNNING),
+                          c(ContainerState.EXITED, name="dbg", exit_code=3)))
+    assert ended.ephemeral_container_statuses[0].state.terminated.exit_code == 3
+    assert ended.phase == "Running"

@@ -219,3 +219,63 @@ async def test_bash_completion_completes_commands_kinds_and_names_from_the_serve
                                config) == ["alpha"]
     assert await bash_complete(["describe", "-n", "completing", "cm/"], config) == [
         "cm/alpha", "cm/beta"]
+
+
+async def test_ephemeral_containers_go_through_their_own_authorized_subresource(
+        apiserver: InProcessAPIServer) -> None:
+    """AddEphemeralContainer needs update pods/ephemeralcontainers (update pods
+    is not enough), may only add, refuses duplicate names and unknown targets,
+    and a plain update cannot touch ephemeral containers."""
+    from shoal.client import AsyncClient
+
+    async with apiserver.client() as admin:
+        ns = core_pb2.Namespace()
+        ns.metadata.name = "debugging"
+        try:
+            await admin.create(ns)
+        except errors.AlreadyExists:
+            pass
+        p = core_pb2.Pod()
+        p.metadata.name, p.metadata.namespace = "web", "debugging"
+        p.spec.containers.add(name="app", image="busybox")
+        await admin.create(p)
+        role = rbac_pb2.Role()
+        role.metadata.name, role.metadata.namespace = "pod-editor", "debugging"
+        rule = role.rules.add()
+        rule.api_groups.append("")
+        rule.resources.append("pods")
+        rule.verbs.extend(["get", "update"])
+        await admin.create(role)
+        binding = rbac_pb2.RoleBinding()
+        binding.metadata.name, binding.metadata.namespace = "pod-editor", "debugging"
+        binding.role_ref.kind, binding.role_ref.name = "Role", "pod-editor"
+        binding.role_ref.api_group = "rbac.authorization.k8s.io"
+        binding.subjects.add(kind="User", name="editor",
+                             api_group="rbac.authorization.k8s.io")
+        await admin.create(binding)
+
+        dbg = core_pb2.EphemeralContainer(name="debugger-1", image="busybox",
+                                          target_container_name="app", stdin=True, tty=True)
+        async with AsyncClient(apiserver.user_client_config("editor")) as editor:
+            with pytest.raises(errors.Forbidden, match="pods/ephemeralcontainers"):
+                await editor.add_ephemeral_container("web", dbg, namespace="debugging")
+            # A plain update of the pod cannot add one either.
+            mine = await editor.get(core_pb2.Pod, "web", namespace="debugging")
+            mine.spec.ephemeral_containers.append(dbg)
+            with pytest.raises(errors.Invalid):
+                await editor.update(mine)
+
+        got = await admin.add_ephemeral_container("web", dbg, namespace="debugging")
+        assert [e.name for e in got.spec.ephemeral_containers] == ["debugger-1"]
+        assert got.spec.ephemeral_containers[0].target_container_name == "app"
+        with pytest.raises(errors.Invalid, match="Duplicate"):
+            await admin.add_ephemeral_container("web", dbg, namespace="debugging")
+        stray = core_pb2.EphemeralContainer(name="debugger-2", image="busybox",
+                                            target_container_name="nope")
+        with pytest.raises(errors.Invalid, match="targetContainerName"):
+            await admin.add_ephemeral_container("web", stray, namespace="debugging")
+        with pytest.raises(errors.Invalid, match="image"):
+            await admin.add_ephemeral_container(
+                "web", core_pb2.EphemeralContainer(name="debugger-3"), namespace="debugging")
+        with pytest.raises(errors.NotFound):
+            await admin.add_ephemeral_container("gone", dbg, namespace="debugging")
