@@ -150,6 +150,29 @@ def test_three_members_serve_and_one_apiserver_leads(ha_lab: HALab) -> None:
     status = _cli("lab", "status", "--dir", str(ha_lab.dir))
     assert "ETCD MEMBER" in status.stdout and status.stdout.count("127.0.0.1:") >= 3, \
         status.stdout
+    # The node (its agent and meshagent read node.conf) knows every apiserver.
+    node_conf = configmod.load(ha_lab.dir / "nodes" / "node-1" / "node.conf")
+    assert set(node_conf.servers) == set(base.servers)
+    # shoal status: every apiserver asked alone, and etcd's members.
+    spec = ["--spec", str(ha_lab.dir / "bootstrap.yaml")]
+    overview = _cli("status", *spec, config=ha_lab.config)
+    assert overview.stdout.count(": serving") == 3, overview.stdout + overview.stderr
+    assert overview.stdout.count("127.0.0.1:") >= 3
+
+
+def test_a_snapshot_of_the_cluster_restores_for_each_member(ha_lab: HALab,
+                                                            tmp_path: Path) -> None:
+    snapshot = tmp_path / "etcd.db"
+    saved = _cli("etcd", "snapshot", "save", str(snapshot), "--spec",
+                 str(ha_lab.dir / "bootstrap.yaml"))
+    assert saved.returncode == 0, saved.stderr
+    assert snapshot.stat().st_size > 0
+    second = ha_lab.dir / "control-planes" / "cp-2" / "bootstrap.yaml"
+    restored = _cli("etcd", "snapshot", "restore", str(snapshot), "--spec", str(second),
+                    "--data-dir", str(tmp_path / "restored"))
+    assert restored.returncode == 0, restored.stderr
+    assert "member shoal-lab-2" in restored.stdout
+    assert (tmp_path / "restored" / "member" / "snap").is_dir()
 
 
 class Writer:
