@@ -149,16 +149,7 @@ def render_cleanup(save: str) -> str | None:
 
 def our_lines(save: str) -> list[str]:
     """``iptables-save -t nat`` lines about our chain: declaration, rules, jumps (pure)."""
-    out: list[str] = []
-    for line in save.splitlines():
-        if line.startswith(":") and line[1:].split(" ", 1)[0] == CHAIN:
-            out.append(":" + CHAIN)
-        elif line.startswith("-A "):
-            words = line.split()
-            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
-            if words[1] == CHAIN or target == CHAIN:
-                out.append(line)
-    return out
+    return netfilter.lines_about(save, lambda chain: chain == CHAIN)
 
 
 def chain_rules(save: str) -> tuple[str, ...]:

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.serviceproxy import Iptables, IptablesCommands, Jump, existing_chains
-from shoal import errors, selectors
+from shoal import errors, netfilter, selectors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.networking.v1 import networking_pb2
 from shoal.backoff import Backoff
@@ -411,18 +411,7 @@ def render(rules: Ruleset, *, stale: Iterable[str] = ()) -> str:
 def our_lines(save: str) -> list[str]:
     """The lines of a filter-table ``iptables-save`` about our chains (pure):
     their declarations (counters dropped), their rules and jumps to them."""
-    out: list[str] = []
-    for line in save.splitlines():
-        if line.startswith(":"):
-            name = line[1:].split(" ", 1)[0]
-            if _ours(name):
-                out.append(":" + name)
-        elif line.startswith("-A "):
-            words = line.split()
-            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
-            if _ours(words[1]) or _ours(target):
-                out.append(line)
-    return out
+    return netfilter.lines_about(save, _ours)
 
 
 def matches_plan(rules: Ruleset, ours: Sequence[str]) -> bool:

@@ -259,21 +259,9 @@ def _ours(chain: str) -> bool:
 def our_lines(save: str) -> list[str]:
     """The lines of ``iptables-save`` output that are about our chains (pure).
 
-    Chain declarations (counters dropped), rules in our chains, and jumps to them."""
-    out: list[str] = []
-    for line in save.splitlines():
-        if line.startswith("*"):
-            out.append(line)
-        elif line.startswith(":"):
-            name = line[1:].split(" ", 1)[0]
-            if _ours(name):
-                out.append(":" + name)
-        elif line.startswith("-A "):
-            words = line.split()
-            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
-            if _ours(words[1]) or _ours(target):
-                out.append(line)
-    return out
+    Table headers, chain declarations (counters dropped), rules in our chains,
+    and jumps to them."""
+    return netfilter.lines_about(save, _ours, tables=True)
 
 
 def matches_plan(rules: Ruleset, ours: Sequence[str]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from shoal import errors
 
@@ -36,3 +36,25 @@ class IptablesCommands:
     async def restore(self, text: str) -> None:
         await run([f"{self.binary}-restore", "-w", self.wait, "--noflush"],
                   stdin=text.encode())
+
+
+def lines_about(save: str, ours: Callable[[str], bool], *,
+                tables: bool = False) -> list[str]:
+    """The lines of ``iptables-save`` output about the chains ``ours`` accepts
+    (pure): their declarations (counters dropped), the rules in them, and the
+    jumps to them; with ``tables``, the ``*table`` headers too."""
+    out: list[str] = []
+    for line in save.splitlines():
+        if line.startswith("*"):
+            if tables:
+                out.append(line)
+        elif line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if ours(name):
+                out.append(":" + name)
+        elif line.startswith("-A "):
+            words = line.split()
+            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+            if ours(words[1]) or ours(target):
+                out.append(line)
+    return out
