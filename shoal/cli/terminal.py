@@ -46,7 +46,7 @@ def raw_mode(fd: int) -> Iterator[None]:
     """The terminal on ``fd`` in raw mode for the block; restored afterwards."""
     saved = termios.tcgetattr(fd)
     try:
-        ttymod.setraw(fd)
+        ttymod.setraw(fd, termios.TCSADRAIN)  # keep what was typed ahead
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
