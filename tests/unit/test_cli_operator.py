@@ -324,3 +324,49 @@ async def test_completion_candidates_list_names_and_survive_a_failing_server() -
     assert await candidates(Request(kind="deploy", prefix="deploy/"), names) == [
         "deploy/web", "deploy/api"]
     assert await candidates(Request(kind="pods"), down) == []
+
+
+async def test_get_watch_relists_after_expired_and_prints_only_the_differences() -> None:
+    """The SDK raises Expired when the watch's version left the server's
+    history: get -w lists again, prints what differs from what it printed,
+    and watches on from the new list's version."""
+    import io
+
+    from shoal.cli.getting import GetOptions, run_get
+    from shoal.cli.session import Session
+    from shoal.client import ObjectList, WatchEvent
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.lists = [ObjectList([obj("a", "u1", "5"), obj("b", "u2", "6")], "6"),
+                          ObjectList([obj("a", "u1", "9"), obj("c", "u3", "10")], "10")]
+            self.watched_from: list[str] = []
+
+        async def list_all(self, kind: Any, **kw: Any) -> Any:
+            return self.lists.pop(0)
+
+        async def watch(self, kind: Any, *, resource_version: str, **kw: Any) -> Any:
+            self.watched_from.append(resource_version)
+            if len(self.watched_from) == 1:
+                yield WatchEvent("MODIFIED", obj("b", "u2", "7"), "7")
+                raise errors.Expired("too old resource version: 7 (8)")
+            yield WatchEvent("ADDED", obj("d", "u4", "11"), "11")
+            raise TimeoutError  # what --request-timeout does: the watch ends, exit 0
+
+        async def close(self) -> None:
+            pass
+
+    out = io.StringIO()
+    session = Session(kinds=builtin_kinds(), out=out, err=io.StringIO(), stdin=io.StringIO(),
+                      namespace_flag="ns")
+    fake = FakeClient()
+    session._client = fake  # type: ignore[assignment]
+    code = await run_get(session, GetOptions(args=("configmaps",), watch=True,
+                                             output_watch_events=True, output="name"))
+    assert code == 0
+    assert out.getvalue().splitlines() == [
+        "ADDED configmap/a", "ADDED configmap/b",   # the first list
+        "MODIFIED configmap/b",                      # watched
+        "DELETED configmap/b", "MODIFIED configmap/a", "ADDED configmap/c",  # the relist
+        "ADDED configmap/d"]                         # watching again
+    assert fake.watched_from == ["6", "10"]
