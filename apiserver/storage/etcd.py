@@ -8,9 +8,15 @@ directly, so ranges carry ``limit``/``revision``/``count``, writes are single
 Contract (on top of the ``Store`` docstring):
 
 - ``start()`` tries ``endpoints`` in order and keeps the first that answers within
-  ``dial_timeout``; none answering is ``Unavailable``. Every unary request has a
-  ``request_timeout``; only ``Range`` is retried, by the channel's service config,
-  and only on ``UNAVAILABLE``.
+  ``dial_timeout``; none answering is ``Unavailable``. When the member in use
+  stops answering (a request or the watch stream fails with ``UNAVAILABLE``),
+  the store dials the other members in order, from the next one, and moves to
+  the first that answers; the failed request is not retried (it may have been
+  applied) and raises ``Unavailable`` as before, so its caller retries. Watches
+  opened after the move use the new member (the watch cache re-watches from
+  its last revision, and revisions are the cluster's, the same on every member).
+  Every unary request has a ``request_timeout``; only ``Range`` is retried, by
+  the channel's service config, and only on ``UNAVAILABLE``.
 - Errors are classified once, in :func:`_classify`: ``UNAVAILABLE``,
   ``DEADLINE_EXCEEDED`` and lost connections are ``Unavailable(retry_after)``;
   "required revision has been compacted" is ``Expired``; "required revision is a
@@ -61,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +89,8 @@ from shoal.errors import (
     ShoalError,
     Unavailable,
 )
+
+log = logging.getLogger(__name__)
 
 # Where the last compaction is recorded (outside /registry, as in Kubernetes).
 # Under /registry/ so the apiserver's one watch on that prefix sees the write,
@@ -258,6 +267,9 @@ class EtcdStore:
         self._conn: _Connection | None = None
         self._closed = False
         self._watches: set[_EtcdWatch] = set()
+        self._failover_lock = asyncio.Lock()
+        # Clients of members moved away from, closed with the store.
+        self._retired: list[Any] = []
         # The highest revision any response has shown this store: watch(from_revision=0)
         # starts after it, so it covers every write this store made or saw before.
         self._seen_revision = 0
@@ -322,6 +334,9 @@ class EtcdStore:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.client.close()
+        for client in self._retired:
+            await client.close()
+        self._retired = []
 
     def _connection(self) -> _Connection:
         if self._conn is None:
@@ -329,11 +344,38 @@ class EtcdStore:
             raise Unavailable(f"etcd store is {state}", retry_after=_RETRY_AFTER)
         return self._conn
 
+    async def _failover(self, failed: _Connection) -> None:
+        """``failed`` stopped answering: move to the next member that answers (once
+        per failure, however many requests saw it); stay if none does."""
+        async with self._failover_lock:
+            if self._closed or self._conn is not failed or len(self._endpoints) < 2:
+                return
+            at = next((i for i, (e, _) in enumerate(self._endpoints) if e == failed.endpoint), 0)
+            others = self._endpoints[at + 1:] + self._endpoints[:at]
+            for endpoint, (host, port) in others:
+                try:
+                    conn, revision = await self._dial(endpoint, host=host, port=port)
+                except (TimeoutError, grpc.aio.AioRpcError, aetcd.ClientError):
+                    continue
+                self._conn = conn
+                self._seen_revision = max(self._seen_revision, revision)
+                log.warning("etcd member %s does not answer; now using %s", failed.endpoint,
+                            endpoint)
+                # Closed later (at the next move, or with the store): closing a
+                # channel cancels the requests still on it, and those must end with
+                # their own (Unavailable) answer.
+                for client in self._retired:
+                    await client.close()
+                self._retired = [failed.client]
+                return
+
     async def _unary(self, method: Callable[..., Awaitable[Any]], request: Any) -> Any:
         conn = self._connection()
         try:
             response = await method(request, timeout=self._request_timeout, metadata=conn.metadata)
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                await self._failover(conn)
             raise _classify(e) from e
         except grpc.aio.UsageError as e:  # the channel was closed under us
             raise Unavailable(f"etcd: {e}", retry_after=_RETRY_AFTER) from e
@@ -523,6 +565,7 @@ class _EtcdWatch:
         self._start_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._call: Any = None  # grpc.aio.StreamStreamCall
+        self._conn: _Connection | None = None  # the member this watch streams from
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         # The error that ended the watch, raised again to any later iteration.
@@ -557,6 +600,7 @@ class _EtcdWatch:
             if self._call is not None:
                 return True
             conn = self._store._connection()
+            self._conn = conn
             self._trust_requested_progress = progress_is_ordered(conn.version)
             create = rpc_pb2.WatchCreateRequest(
                 key=self._prefix,
@@ -573,6 +617,8 @@ class _EtcdWatch:
             except grpc.aio.AioRpcError as e:
                 self._call.cancel()
                 self._call = None
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    await self._store._failover(conn)
                 raise _classify(e) from e
             self._reader = asyncio.get_running_loop().create_task(
                 self._read(), name=f"etcd-watch {_name(self._prefix)}"
@@ -588,6 +634,8 @@ class _EtcdWatch:
         except grpc.aio.AioRpcError as e:
             error = _classify(e)
             error.__cause__ = e
+            if e.code() == grpc.StatusCode.UNAVAILABLE and self._conn is not None:
+                await self._store._failover(self._conn)
         except ShoalError as e:
             error = e
         except Exception as e:  # never leave the consumer waiting on a dead reader

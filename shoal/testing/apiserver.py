@@ -48,7 +48,8 @@ class InProcessAPIServer:
         storage = "etcd" if etcd_endpoint else "sqlite"
         self.server_config = ServerConfig(
             data_dir=data_dir, listen=f"127.0.0.1:{self.port}", storage=storage,
-            etcd_servers=(etcd_endpoint,) if etcd_endpoint else (),
+            # Several members: "host:port,host:port" (tried in order).
+            etcd_servers=tuple(etcd_endpoint.split(",")) if etcd_endpoint else (),
             sqlite_path=sqlite_path or str(data_dir / "state.db"),
             metrics_listen="127.0.0.1:0", join_listen="127.0.0.1:0",
             bookmark_interval=bookmark_interval,

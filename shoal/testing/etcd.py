@@ -231,3 +231,95 @@ def _tail(path: Path, *, lines: int = 20) -> str:
         return os.linesep.join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+class EtcdCluster:
+    """``size`` etcd members on loopback forming one cluster (for failover tests).
+
+    ``kill(i)`` SIGKILLs member ``i`` (the one this object started, by PID);
+    ``stop()`` ends every member and removes the data. Members start together
+    and are waited on until each says ``/health`` true.
+    """
+
+    def __init__(self, size: int = 3, *, binary: str = "etcd", start_timeout: float = 30.0
+                 ) -> None:
+        self.size = size
+        self._binary = binary
+        self._start_timeout = start_timeout
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._workdir: str | None = None
+        self.client_ports: list[int] = []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.client_ports]
+
+    def pid(self, i: int) -> int:
+        return self._procs[i].pid
+
+    def start(self) -> None:
+        binary = etcd_binary(self._binary)
+        if binary is None:
+            raise EtcdNotInstalled(f"{self._binary!r} is not on PATH; install the Debian "
+                                   f"package {_DEBIAN_PACKAGE}")
+        self._workdir = tempfile.mkdtemp(prefix="shoal-etcd-cluster-")
+        self.client_ports = [_free_port() for _ in range(self.size)]
+        peers = [_free_port() for _ in range(self.size)]
+        cluster = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, p in enumerate(peers))
+        for i in range(self.size):
+            client = f"http://127.0.0.1:{self.client_ports[i]}"
+            peer = f"http://127.0.0.1:{peers[i]}"
+            log = (Path(self._workdir) / f"m{i}.log").open("wb")
+            self._procs.append(subprocess.Popen(
+                [binary, "--name", f"m{i}", "--data-dir", str(Path(self._workdir) / f"m{i}"),
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                 "--unsafe-no-fsync", "--experimental-watch-progress-notify-interval",
+                 "500ms", "--logger", "zap", "--log-level", "warn"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        deadline = time.monotonic() + self._start_timeout
+        for i, endpoint in enumerate(self.endpoints):
+            while True:
+                if self._procs[i].poll() is not None:
+                    self.stop()
+                    raise EtcdStartError(f"etcd member m{i} exited")
+                try:
+                    with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as r:
+                        if json.loads(r.read()).get("health") == "true":
+                            break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EtcdStartError(f"etcd member m{i} not healthy in time")
+                time.sleep(0.05)
+
+    def kill(self, i: int) -> None:
+        proc = self._procs[i]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=2)  # a member that lost quorum may linger: the data goes
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs = []
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> EtcdCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
