@@ -71,6 +71,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar=f"B|{CONTROL_PLANE}")
     command("heal", "remove every partition")
+    p = command("restore", "restore etcd from a snapshot (shoal etcd snapshot save) on every "
+                           "control-plane member, and start the control plane on it")
+    p.add_argument("snapshot", type=Path, metavar="FILE")
 
 
 def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
@@ -101,6 +104,8 @@ def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
                 return lab.partition(ns.a, ns.b)
             case "heal":
                 return lab.heal()
+            case "restore":
+                return lab.restore(ns.snapshot)
     except errors.BadRequest as e:
         stderr.write(f"shoal lab: {e.message}\n")
         return ExitCode.BAD_INPUT

@@ -344,3 +344,25 @@ def test_a_deployment_rolls_out_after_the_faults(ha_lab: HALab) -> None:
         return report if all(m.status for m in report) else None
 
     assert len(_until("all three etcd members answer", all_answer)) == 3
+
+
+def test_the_lab_restores_etcd_from_a_snapshot(ha_lab: HALab, tmp_path: Path) -> None:
+    snapshot = tmp_path / "before.db"
+    with ha_lab.client() as c:
+        c.create(core_pb2.ConfigMap(metadata=meta_pb2.ObjectMeta(name="in-snapshot",
+                                                                 namespace=NS)))
+        saved = _cli("etcd", "snapshot", "save", str(snapshot), "--spec",
+                     str(ha_lab.dir / "bootstrap.yaml"))
+        assert saved.returncode == 0, saved.stderr
+        c.create(core_pb2.ConfigMap(metadata=meta_pb2.ObjectMeta(name="after-snapshot",
+                                                                 namespace=NS)))
+    restored = _cli("lab", "restore", str(snapshot), "--dir", str(ha_lab.dir))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    with ha_lab.client() as c:
+        names = {o.metadata.name for o in c.list(core_pb2.ConfigMap, namespace=NS).items}
+        assert "in-snapshot" in names and "w-00000" in names
+        assert "after-snapshot" not in names
+        c.create(core_pb2.ConfigMap(metadata=meta_pb2.ObjectMeta(name="after-restore",
+                                                                 namespace=NS)))
+    status = _cli("lab", "status", "--dir", str(ha_lab.dir))
+    assert status.returncode == 0, status.stdout
