@@ -48,6 +48,9 @@ Contract:
   ``start-node`` starts the agent again and clears the mark (the supervisor
   keeps it running from then on); the agent starts or adopts containerd;
   pods are adopted, not restarted.
+- ``restore FILE`` stops the supervisor and every apiserver and etcd member,
+  restores each member's data dir from the one snapshot (``etcd.old`` kept),
+  and starts etcd, the apiservers and the supervisor again.
 - ``partition A B`` drops traffic between two nodes, or a node and
   ``control-plane``, with rules in the nodes' own netns (chain
   SHOAL-LAB-PARTITION); ``heal`` removes them all.
