@@ -17,7 +17,8 @@ from pathlib import Path
 
 from apiserver import pki
 from apiserver.controllers.base import ControllerSettings
-from apiserver.server import ServerConfig, serve
+from apiserver.ratelimit import DEFAULT_EXEMPT_GROUPS, RateLimits
+from apiserver.server import MAX_RECEIVE_BYTES, ServerConfig, serve
 from apiserver.serviceaccounts import DEFAULT_ISSUER
 from shoal import errors, logs
 
@@ -83,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
                           "time, by the leading apiserver (0: never)")
     srv.add_argument("--etcd-defrag-window", default="",
                      help="off-peak UTC window for defragmentation, HH:MM-HH:MM")
+    srv.add_argument("--max-request-bytes", type=int, default=MAX_RECEIVE_BYTES,
+                     help="largest request message accepted, bytes (default 3 MiB; "
+                          "an object may take at most 1.5 MiB in storage)")
+    srv.add_argument("--rate-limit-qps", type=float, default=RateLimits.qps,
+                     help="requests a second each user may make on average (0: no "
+                          "per-user rate limits)")
+    srv.add_argument("--rate-limit-burst", type=int, default=RateLimits.burst,
+                     help="requests a user may make at once before the rate applies")
+    srv.add_argument("--rate-limit-node-qps", type=float, default=RateLimits.node_qps,
+                     help="the same for each node (group system:nodes)")
+    srv.add_argument("--rate-limit-node-burst", type=int, default=RateLimits.node_burst)
+    srv.add_argument("--rate-limit-exempt-groups", default=",".join(DEFAULT_EXEMPT_GROUPS),
+                     help="comma-separated groups never rate limited")
     srv.add_argument("--leader-elect-lease-duration", type=float, default=15.0,
                      help="seconds the controller Lease is held without renewal before "
                           "another apiserver may take it")
@@ -143,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         service_account_issuer=ns.service_account_issuer,
         etcd_compaction_interval=ns.etcd_compaction_interval,
         etcd_defrag_interval=ns.etcd_defrag_interval, etcd_defrag_window=ns.etcd_defrag_window,
+        max_request_bytes=ns.max_request_bytes,
+        rate_limits=RateLimits(
+            qps=ns.rate_limit_qps, burst=ns.rate_limit_burst, node_qps=ns.rate_limit_node_qps,
+            node_burst=ns.rate_limit_node_burst,
+            exempt_groups=tuple(g.strip() for g in ns.rate_limit_exempt_groups.split(",")
+                                if g.strip())),
         leader_lease=(ns.leader_elect_lease_duration, ns.leader_elect_renew_deadline,
                       ns.leader_elect_retry_period),
         controllers=tuple(c.strip() for c in ns.controllers.split(",") if c.strip()),

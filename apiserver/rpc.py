@@ -9,6 +9,8 @@ authentication of the caller.
 - Every call is then authorized (``Guard``: the method's ``describe`` turns the
   request into authorizer attributes, ``apiserver.authz`` decides) and audited
   (``apiserver.authz.audit``), unary and streaming calls alike (``Call``).
+- Once the caller is known, their rate limit is checked (``apiserver.ratelimit``):
+  over it, ``TooManyRequests`` with a ``retry-after`` trailer (seconds).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -28,6 +31,7 @@ from apiserver.authz.audit import AuditLog, AuditRecord
 from apiserver.authz.escalation import EscalationCheck
 from apiserver.metrics import Metrics
 from apiserver.pki import Identity, identity_of
+from apiserver.ratelimit import RateLimiter
 from shoal import errors
 
 log = logging.getLogger(__name__)
@@ -59,11 +63,20 @@ def grpc_code(error: errors.ShoalError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+RETRY_AFTER_TRAILER = "retry-after"
+
+
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any],
                      error: errors.ShoalError) -> None:
-    await context.abort(
-        grpc_code(error), error.message,
-        trailing_metadata=((STATUS_TRAILER, error.status().SerializeToString()),))
+    """End the call with ``error``: its gRPC code and message, the Status in the
+    ``shoal-status-bin`` trailer and, for a temporary error, ``retry-after``
+    (whole seconds, like HTTP's Retry-After header)."""
+    trailers: tuple[tuple[str, str | bytes], ...] = (
+        (STATUS_TRAILER, error.status().SerializeToString()),)
+    if isinstance(error, errors.TemporaryError):
+        seconds = max(1, math.ceil(error.retry_after))
+        trailers += ((RETRY_AFTER_TRAILER, str(seconds)),)
+    await context.abort(grpc_code(error), error.message, trailing_metadata=trailers)
 
 
 class TokenAuthenticator(Protocol):
@@ -131,8 +144,11 @@ class Guard:
 
     def __init__(self, *, access: AccessControl, audit: AuditLog | None = None,
                  render: Callable[[Any], Any] | None = None,
-                 escalation: EscalationCheck | None = None) -> None:
+                 escalation: EscalationCheck | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.access = access
+        # Per-user rate limits (apiserver.ratelimit), checked once the caller is known.
+        self.limiter = limiter
         self.audit = audit
         # RBAC writes that would grant more than the caller holds are refused.
         self.escalation = escalation
@@ -197,6 +213,9 @@ class Call:
         self.ident = authn.require(context) if authenticate else None
         if self.ident is not None and self.record is not None:
             self.record.user, self.record.groups = self.ident.user, self.ident.groups
+        if (self.ident is not None and self.guard is not None
+                and self.guard.limiter is not None):
+            self.guard.limiter.check(self.ident)
         if describe is None:
             return self.ident
         self.attrs = describe(self.service, request,

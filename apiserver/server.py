@@ -45,6 +45,7 @@ from apiserver.nodeipam import NodeIPAM
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
+from apiserver.ratelimit import RateLimiter, RateLimits
 from apiserver.rpc import Authenticator, Guard
 from apiserver.serviceaccounts import (
     DEFAULT_ISSUER,
@@ -67,7 +68,11 @@ from shoal.monitoring import MonitoringServer, Readiness
 
 log = logging.getLogger(__name__)
 
-MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+# The largest gRPC message the apiserver accepts: kube's MaxRequestBodyBytes
+# (3 MiB), twice the 1.5 MiB an object may take in storage
+# (apiserver.objectstore.MAX_OBJECT_BYTES). Larger requests are refused by
+# gRPC itself with RESOURCE_EXHAUSTED before they are decoded.
+MAX_RECEIVE_BYTES = 3 * 1024 * 1024
 MAX_SEND_BYTES = 512 * 1024 * 1024
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
@@ -118,6 +123,10 @@ class ServerConfig:
     etcd_compaction_interval: float = 300.0
     etcd_defrag_interval: float = 0.0
     etcd_defrag_window: str = ""
+    # Hardening (docs/security.md): the largest request message, and per-user
+    # rate limits (qps 0 = off; exempt groups are never limited).
+    max_request_bytes: int = MAX_RECEIVE_BYTES
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 def _split_hostport(addr: str) -> tuple[str, int]:
@@ -176,7 +185,9 @@ class APIServer:
         self.guard = Guard(access=AccessControl(authorizer, catch_up=self.cache.caught_up),
                            audit=self.audit, render=auditing.request_renderer(kinds),
                            escalation=EscalationCheck(authorizer=authorizer,
-                                                      index=self.rbac.index))
+                                                      index=self.rbac.index),
+                           limiter=(RateLimiter(config.rate_limits)
+                                    if config.rate_limits.qps > 0 else None))
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name, authn=self.authn,
                                guard=self.guard)
@@ -270,7 +281,7 @@ class APIServer:
         await self.store.start()
         self.readiness.set("storage")
         server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_receive_message_length", self.config.max_request_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),

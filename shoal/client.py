@@ -55,6 +55,8 @@ SERVICE = "shoal.resources.v1.Resources"
 STATUS_TRAILER = "shoal-status-bin"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 IMPORT_CHUNK_BYTES = 1 << 20
+# Times a rate-limited call is sent again (each after the server's retry-after).
+MAX_THROTTLE_RETRIES = 10
 EVENT_NAMES = {pb.ADDED: "ADDED", pb.MODIFIED: "MODIFIED", pb.DELETED: "DELETED",
                pb.BOOKMARK: "BOOKMARK"}
 
@@ -112,6 +114,24 @@ def classify(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.ShoalError:
         return errors.TooManyRequests(details, retry_after=1.0)
     cls = _CODE_ERRORS.get(code, errors.InternalError)
     return cls(details)
+
+
+def _retry_after(e: grpc.aio.AioRpcError) -> float | None:
+    """Seconds the server asks to wait before sending the same call again: set
+    only when it refused the call for the rate limit (nothing was done)."""
+    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    if not isinstance(classify(e), errors.TooManyRequests):
+        return None  # e.g. RequestEntityTooLarge: sending it again cannot help
+    trailers: Any = e.trailing_metadata()
+    for key, value in trailers or ():
+        if key == "retry-after":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            try:
+                return max(0.0, float(text))
+            except ValueError:
+                return 1.0
+    return 1.0
 
 
 @dataclass(frozen=True)
@@ -264,7 +284,7 @@ class AsyncClient:
                 f"/{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
                 response_deserializer=response_type.FromString)
             try:
-                response = await rpc(request, timeout=timeout or self.timeout)
+                response = await self._throttled(rpc, request, timeout or self.timeout)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == tries - 1:
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -277,6 +297,25 @@ class AsyncClient:
             self.failover.succeeded(server)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _throttled(self, rpc: Any, request: Message, timeout: float) -> Any:
+        """One call, waiting out the apiserver's rate limit: a call refused with
+        ``TooManyRequests`` did nothing, so it is sent again after the server's
+        ``retry-after``, as long as that fits in the call's timeout (client-go
+        does the same with HTTP 429). Then the ``TooManyRequests`` is raised,
+        naming the limit."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for _ in range(MAX_THROTTLE_RETRIES):
+            try:
+                return await rpc(request, timeout=max(0.001, deadline - loop.time()))
+            except grpc.aio.AioRpcError as e:
+                wait = _retry_after(e)
+                if wait is None or loop.time() + wait >= deadline:
+                    raise
+                log.info("apiserver rate limit: %s; retrying in %gs", e.details(), wait)
+                await asyncio.sleep(wait)
+        return await rpc(request, timeout=max(0.001, deadline - loop.time()))
 
     def _unpack(self, packed: any_pb2.Any) -> Any:
         kind = self.kinds.by_type_url(packed.type_url)
