@@ -69,7 +69,7 @@ class MeshConfig:
     capture: bool = False
     iptables: str = ""  # binary; "" = detect
     keep_rules_on_exit: bool = False
-    reconcile_interval: float = 1.0
+    reconcile_interval: float = 5.0  # drift checks of the capture rules
 
 
 def captured(pod: core_pb2.Pod, namespaces: Mapping[str, core_pb2.Namespace]) -> bool:

@@ -54,11 +54,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep iptables capture rules in this network namespace")
     r.add_argument("--iptables", default="", help="iptables binary (default: detect)")
     r.add_argument("--keep-rules-on-exit", action="store_true")
+    r.add_argument("--reconcile-interval", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="how often the capture rules are read back and drift (a flushed "
+                   "chain, a lost jump) repaired (default 5; a change of the captured "
+                   "pods is written at once)")
     r.add_argument("--log-level", default="info")
     r.add_argument("--log-format", choices=["json", "text"], default="json")
     c = sub.add_parser("cleanup", help="remove the capture rules from this network namespace")
     c.add_argument("--iptables", default="")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value:g}s: must be between 0.1 and 3600 seconds")
+    return value
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -75,7 +89,8 @@ def _run(ns: argparse.Namespace) -> int:
             pod_cidr=ns.pod_cidr,
             service_cidr=ns.service_cidr, cluster_domain=ns.cluster_domain,
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
-            iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit)
+            iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit,
+            reconcile_interval=ns.reconcile_interval)
         capture.CaptureConfig(pod_cidr=ns.pod_cidr, service_cidr=ns.service_cidr,
                               dns_ip=ns.dns_ip)  # validates, before anything starts
     except errors.ShoalError as e:
