@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
@@ -321,3 +322,88 @@ def passthrough(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
 
+
+
+class _Undecodable:
+    """What a request that does not decode becomes (the handler never sees it)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, or a deserializer's own check
+            return _Undecodable(e)
+
+    return decode
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Undecodable) -> None:
+    await abort_with(context, errors.BadRequest(f"cannot decode the request: {bad.error}"))
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class DecodeRequests(_Interceptor):
+    """A request message that does not decode is answered INVALID_ARGUMENT naming
+    why, on every method (gRPC itself answers UNKNOWN, from an exception raised
+    before any handler runs)."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = _safe(handler.request_deserializer)
+        if handler.request_streaming:
+            behaviour = handler.stream_stream or handler.stream_unary
+            wrapped = _checked_stream(behaviour)
+            field = "stream_stream" if handler.stream_stream else "stream_unary"
+        else:
+            behaviour = handler.unary_stream or handler.unary_unary
+            wrapped = _checked_unary(behaviour)
+            field = "unary_stream" if handler.unary_stream else "unary_unary"
+        return handler._replace(request_deserializer=decode, **{field: wrapped})
+
+
+def _checked_unary(fn: Any) -> Any:
+    if inspect.isasyncgenfunction(fn):
+        async def gen(request: Any, context: Any) -> Any:
+            if isinstance(request, _Undecodable):
+                await _refuse(context, request)
+            async for item in fn(request, context):
+                yield item
+        return gen
+
+    async def call(request: Any, context: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            await _refuse(context, request)
+        return await fn(request, context)
+    return call
+
+
+def _checked_stream(fn: Any) -> Any:
+    async def checked(requests: Any, context: Any) -> Any:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                await _refuse(context, request)
+            yield request
+
+    if inspect.isasyncgenfunction(fn):
+        async def gen(requests: Any, context: Any) -> Any:
+            async for item in fn(checked(requests, context), context):
+                yield item
+        return gen
+
+    async def call(requests: Any, context: Any) -> Any:
+        return await fn(checked(requests, context), context)
+    return call

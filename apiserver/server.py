@@ -46,7 +46,7 @@ from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
 from apiserver.ratelimit import RateLimiter, RateLimits
-from apiserver.rpc import Authenticator, Guard
+from apiserver.rpc import Authenticator, DecodeRequests, Guard
 from apiserver.serviceaccounts import (
     DEFAULT_ISSUER,
     DefaultServiceAccounts,
@@ -280,7 +280,7 @@ class APIServer:
         """Connect storage and bind every port. Raises on a taken port."""
         await self.store.start()
         self.readiness.set("storage")
-        server = grpc.aio.server(options=[
+        server = grpc.aio.server(interceptors=[DecodeRequests()], options=[
             ("grpc.max_receive_message_length", self.config.max_request_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
