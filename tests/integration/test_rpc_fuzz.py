@@ -50,9 +50,13 @@ CALL_DEADLINE = 10.0
 REFUSED = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
            grpc.StatusCode.DEADLINE_EXCEEDED)
 STARTED = "STREAM-STARTED"  # a streaming call sent a response (then cancelled)
-TYPE_URLS = sorted(k.type_url for k in builtin_kinds())
+KINDS = builtin_kinds()
+# Strings that mean something to the API, so random requests reach past decoding.
 NAMES = ["", "default", "kube-system", "a", "x" * 300, "../../etc", "A_B", "\x00",
-         "system:masters", "-", "*"]
+         "system:masters", "-", "*", "apps", "v1", "fuzz-0",
+         *sorted({k.resource for k in KINDS})[:40]]
+TYPE_URLS = sorted(k.type_url for k in KINDS)
+VALID_NAMES = ["fuzz-0", "fuzz-1", "default", "a.b"]
 
 
 @dataclass(frozen=True)
@@ -229,13 +233,21 @@ def _fill(msg: Any, desc: Descriptor, depth: int, draw: Callable[[Any], Any]) ->
 
 def _payloads(type_url: str, depth: int) -> st.SearchStrategy[bytes]:
     """An Any's value: random bytes, or an object of the kind it names."""
-    kinds = builtin_kinds()
     try:
-        kind = kinds.by_type_url(type_url)
+        kind = KINDS.by_type_url(type_url)
     except Exception:
         return st.binary(max_size=64)
+    def named(args: tuple[Any, str]) -> bytes:
+        obj, name = args
+        obj.metadata.name = name
+        obj.metadata.namespace = "default" if kind.namespaced else ""
+        return bytes(obj.SerializeToString())
+
+    cls = type(kind.new())
     return st.one_of(st.binary(max_size=64),
-                     messages(type(kind.new()), depth).map(lambda m: m.SerializeToString()))
+                     messages(cls, depth).map(lambda m: m.SerializeToString()),
+                     # Random fields, but a name and namespace that validate.
+                     st.tuples(messages(cls, depth), st.sampled_from(VALID_NAMES)).map(named))
 
 
 def messages(cls: Any, depth: int = 0) -> st.SearchStrategy[Any]:
@@ -276,7 +288,7 @@ def oversized(m: Method) -> list[bytes]:
             setattr(big, fd.name, "x" * (2 << 20))
             break
         if fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Any":
-            cm = builtin_kinds().by_resource("", "configmaps")
+            cm = KINDS.by_resource("", "configmaps")
             obj = cm.new()
             obj.metadata.name, obj.metadata.namespace = "huge", "default"
             obj.data["blob"] = "z" * (2 << 20)
