@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
+from apiserver.admission import PodAdmission
 from apiserver.authz.attributes import Attributes
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
@@ -48,9 +49,12 @@ class ResourceAPI:
         storage_name: str,
         authn: Authenticator,
         guard: Guard,
+        admission: PodAdmission | None = None,
         cache_wait: float = 10.0,
     ) -> None:
         self.authn = authn
+        # Image registries and hostPath on pods and pod templates (apiserver.admission).
+        self.admission = admission
         self.guard = guard
         self.kinds = kinds
         self.objects = objects
@@ -112,14 +116,16 @@ class ResourceAPI:
     async def admit_write(self, request: pb.CreateRequest | pb.UpdateRequest,
                           ident: Identity) -> None:
         """RBAC escalation prevention (a Role or binding granting more than the
-        caller holds is refused)."""
+        caller holds is refused), and pod admission (allowed registries, hostPath)."""
         escalation = self.guard.escalation
-        if escalation is None:
+        if escalation is None and self.admission is None:
             return
         kind, obj = self.objects.decode_any(request.object)
-        if kind.group == RBAC:
-            a = attributes(ident, "create")
+        a = attributes(ident, "create")
+        if kind.group == RBAC and escalation is not None:
             escalation.check(user=a.user, groups=a.groups, resource=kind.resource, obj=obj)
+        if self.admission is not None:
+            await self.admission.admit(kind, obj, user=a.user, groups=a.groups)
 
     def describe_named(self, request: pb.GetRequest | pb.DeleteRequest, ident: Identity,
                        verb: str) -> Attributes:

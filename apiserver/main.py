@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-request-bytes", type=int, default=MAX_RECEIVE_BYTES,
                      help="largest request message accepted, bytes (default 3 MiB; "
                           "an object may take at most 1.5 MiB in storage)")
+    srv.add_argument("--allowed-registries", default="",
+                     help="comma-separated image registries (or repository prefixes) pods "
+                          "may use, e.g. docker.io,10.77.0.1:5000 (default: any)")
     srv.add_argument("--rate-limit-qps", type=float, default=RateLimits.qps,
                      help="requests a second each user may make on average (0: no "
                           "per-user rate limits)")
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         etcd_compaction_interval=ns.etcd_compaction_interval,
         etcd_defrag_interval=ns.etcd_defrag_interval, etcd_defrag_window=ns.etcd_defrag_window,
         max_request_bytes=ns.max_request_bytes,
+        allowed_registries=tuple(r.strip() for r in ns.allowed_registries.split(",")
+                                 if r.strip()),
         rate_limits=RateLimits(
             qps=ns.rate_limit_qps, burst=ns.rate_limit_burst, node_qps=ns.rate_limit_node_qps,
             node_burst=ns.rate_limit_node_burst,

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from apiserver.admission import PodAdmission
 from apiserver.authz import audit as auditing
 from apiserver.authz import bootstrap as bootstrap_policy
 from apiserver.authz.access import AccessControl, AlwaysAllow, Authorizer, Chain, MastersAuthorizer
@@ -127,6 +128,8 @@ class ServerConfig:
     # rate limits (qps 0 = off; exempt groups are never limited).
     max_request_bytes: int = MAX_RECEIVE_BYTES
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Pod admission (apiserver.admission): image registries pods may use (empty = any).
+    allowed_registries: tuple[str, ...] = ()
 
 
 def _split_hostport(addr: str) -> tuple[str, int]:
@@ -190,7 +193,10 @@ class APIServer:
                                     if config.rate_limits.qps > 0 else None))
         self.api = ResourceAPI(kinds=kinds, objects=self.objects, cache=self.cache,
                                metrics=metrics, storage_name=store.name, authn=self.authn,
-                               guard=self.guard)
+                               guard=self.guard,
+                               admission=PodAdmission(
+                                   access=self.guard.access,
+                                   allowed_registries=config.allowed_registries))
         self.reviews = AccessReviewService(metrics=metrics, authn=self.authn, guard=self.guard)
         self.join: JoinService | None = None
         self.proxy: PodProxy | None = None
