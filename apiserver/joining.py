@@ -10,6 +10,17 @@ The only RPC served without a client certificate. Every refusal says why
 (unknown token, expired, wrong usage, wrong subject) and signs nothing.
 Joining again with a valid token is allowed: the node gets a fresh certificate
 (idempotent rejoin).
+
+Renewal (kubelet's client certificate rotation, for users too):
+
+    caller (mTLS, current cert)  --Renew(csr[, serving csr])-->  CSR subject == the
+                                                                 caller's CN and O?
+                                 <--(cert, CA, servers)-------   sign, same lifetime as
+                                                                 the current cert (<= 1y)
+
+Only a caller with a client certificate may renew (a bearer token cannot), and
+only into the identity it already has: no new name, no new group. The new key
+is the caller's choice (a fresh key per renewal is recommended).
 """
 
 from __future__ import annotations
@@ -69,7 +80,51 @@ class JoinService:
             "Join": grpc.unary_unary_rpc_method_handler(
                 self.join, request_deserializer=pb.JoinRequest.FromString,
                 response_serializer=passthrough),
+            # Renew reuses Join's messages; the token field is unused.
+            "Renew": grpc.unary_unary_rpc_method_handler(
+                self.renew, request_deserializer=pb.JoinRequest.FromString,
+                response_serializer=passthrough),
         })
+
+    @staticmethod
+    def describe_renew(service: object, request: pb.JoinRequest, ident: Identity
+                       ) -> Attributes:
+        # For the audit only: the current certificate is the authorization.
+        return attributes(ident, "create", group="certificates.k8s.io",
+                          resource="certificatesigningrequests", name=ident.user)
+
+    @unary("Renew", describe=describe_renew, authorize=False)
+    async def renew(self, request: pb.JoinRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]) -> pb.JoinResponse:
+        current = _client_certificate(context)
+        ident = self.authn.require(context)
+        csr = _load_csr(request.csr_pem)
+        cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        orgs = sorted(str(a.value) for a in
+                      csr.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME))
+        if cns != [ident.user] or orgs != sorted(ident.groups):
+            raise errors.Forbidden(
+                f"a renewal CSR must keep the caller's identity CN={ident.user}, "
+                f"O={','.join(sorted(ident.groups))}, not CN={','.join(cns)}, "
+                f"O={','.join(orgs)}")
+        # The CA backdates not-before by 5 minutes (clock skew): take that off so
+        # a certificate does not grow with each renewal.
+        span = current.not_valid_after_utc - current.not_valid_before_utc
+        lifetime = min(max(span - dt.timedelta(minutes=5), dt.timedelta(minutes=5)),
+                       NODE_CERT_LIFETIME)
+        cert = self.ca.issue(csr.public_key(),  # type: ignore[arg-type]
+                             common_name=ident.user, organizations=list(ident.groups),
+                             client=True, lifetime=lifetime)
+        resp = pb.JoinResponse(certificate_pem=cert_pem(cert), ca_pem=cert_pem(self.ca.cert),
+                               servers=list(self.servers))
+        if request.serving_csr_pem:
+            node = ident.user.removeprefix(NODE_PREFIX)
+            if not ident.user.startswith(NODE_PREFIX) or NODE_GROUP not in ident.groups:
+                raise errors.Forbidden("only a node may renew a serving certificate")
+            resp.serving_certificate_pem = cert_pem(self._serving(
+                pb.JoinRequest(node_name=node, serving_csr_pem=request.serving_csr_pem),
+                lifetime=lifetime))
+        return resp
 
     @staticmethod
     def describe_join(service: object, request: pb.JoinRequest, ident: Identity) -> Attributes:
@@ -99,7 +154,8 @@ class JoinService:
             resp.serving_certificate_pem = cert_pem(self._serving(request))
         return resp
 
-    def _serving(self, request: pb.JoinRequest) -> x509.Certificate:
+    def _serving(self, request: pb.JoinRequest, *,
+                 lifetime: dt.timedelta = NODE_CERT_LIFETIME) -> x509.Certificate:
         """The node agent's serving certificate: names and IPs of the node only."""
         csr = _load_csr(request.serving_csr_pem)
         want = NODE_PREFIX + request.node_name
@@ -117,7 +173,7 @@ class JoinService:
             raise errors.Forbidden(f"a serving CSR may name only the node itself, not {bad}")
         return self.ca.issue(csr.public_key(),  # type: ignore[arg-type]
                              common_name=want, organizations=[NODE_GROUP], dns_names=dns,
-                             ips=ips, server=True, lifetime=NODE_CERT_LIFETIME)
+                             ips=ips, server=True, lifetime=lifetime)
 
     def _check_csr(self, request: pb.JoinRequest) -> x509.CertificateSigningRequest:
         problems = naming.check_dns1123_subdomain(request.node_name)
@@ -134,6 +190,19 @@ class JoinService:
         if orgs != [NODE_GROUP]:
             raise errors.Forbidden(f"a join CSR must have O={NODE_GROUP} only, not {orgs}")
         return csr
+
+
+def _client_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate:
+    """The certificate the caller presented (verified by TLS), or Forbidden."""
+    try:
+        props = context.auth_context()
+    except Exception:  # no TLS context at all
+        props = {}
+    pems = props.get("x509_pem_cert") if props else None
+    if not pems:
+        raise errors.Forbidden("renewing a certificate needs the current client certificate "
+                               "(a bearer token cannot renew one)")
+    return x509.load_pem_x509_certificate(next(iter(pems)))
 
 
 def _load_csr(pem: bytes) -> x509.CertificateSigningRequest:

@@ -27,6 +27,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import NodeAgent
+from nodeagent.certrotation import CertificateRotator
 from nodeagent.containerd import (
     ContainerdConfig,
     ContainerdProcess,
@@ -42,7 +43,7 @@ from nodeagent.serviceproxy import ServiceProxy
 from nodeagent.serving import NodeAPI
 from nodeagent.volumes import VolumeManager
 from shoal import config as configmod
-from shoal import errors, images, nodeaccess
+from shoal import errors, images
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.events import EventRecorder
@@ -130,6 +131,8 @@ class NodeAgentDaemon:
         self.config = config
         self.registry = CollectorRegistry()
         self.readiness = Readiness("runtime", "informer")
+        # A renewed serving certificate the node API has not picked up yet.
+        self._new_serving: grpc.ServerCertificateConfiguration | None = None
         host, _, port = config.metrics_listen.rpartition(":")
         self.monitoring = MonitoringServer(host=host or "0.0.0.0", port=int(port),
                                            registry=self.registry, readiness=self.readiness)
@@ -179,8 +182,25 @@ class NodeAgentDaemon:
                 log.error("containerd did not come back: %s; retrying in %.1fs", e, delay)
                 await asyncio.sleep(delay)
 
+    def _serving_renewed(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Certificate rotation wrote a new serving certificate: present it on
+        the node API's next handshakes (grpc asks ``_fetch_serving``)."""
+        self._new_serving = grpc.ssl_server_certificate_configuration(
+            [(key_pem, cert_pem)],
+            root_certificates=(self.config.data_dir / "pki" / "ca.crt").read_bytes())
+
+    def _fetch_serving(self) -> grpc.ServerCertificateConfiguration | None:
+        new, self._new_serving = self._new_serving, None
+        return new
+
     def _serve_api(self, api: NodeAPI) -> None:
-        creds = nodeaccess.server_credentials(self.config.data_dir / "pki")
+        pki = self.config.data_dir / "pki"
+        creds = grpc.dynamic_ssl_server_credentials(
+            grpc.ssl_server_certificate_configuration(
+                [((pki / "serving.key").read_bytes(), (pki / "serving.crt").read_bytes())],
+                root_certificates=(pki / "ca.crt").read_bytes()),
+            self._fetch_serving,  # type: ignore[arg-type]  # None: keep the current one
+            require_client_authentication=True)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((api.handler(),))
         self.api_port = server.add_secure_port(self.config.listen, creds)
@@ -224,6 +244,13 @@ class NodeAgentDaemon:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(agent.run(), name="agent")
+                    if client_cfg.cert_pem:
+                        rotator = CertificateRotator(
+                            client=client, data_dir=cfg.data_dir, node_name=cfg.node_name,
+                            node_ips=(cfg.node_ip,) if cfg.node_ip else (),
+                            config_path=cfg.client_config or cfg.data_dir / "node.conf",
+                            on_serving=self._serving_renewed)
+                        tg.create_task(rotator.run(), name="certificate-rotation")
                     if cfg.routes:
                         tg.create_task(network.run(), name="pod-network")
                     if cfg.routes and cfg.service_proxy:

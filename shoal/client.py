@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -227,6 +227,7 @@ class AsyncClient:
         # current one and move on when it is unavailable (shoal.failover).
         self.failover = Failover(tuple(config.servers))
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **kw: Any) -> AsyncClient:
@@ -248,9 +249,19 @@ class AsyncClient:
             channel = self._channels[server] = _channel(self.config, server)
         return channel
 
+    def use_credentials(self, config: ClientConfig) -> None:
+        """Switch to renewed credentials (certificate rotation): new calls and
+        streams open channels with them. Channels already open keep serving
+        the calls and watches on them (TLS authenticated them at connect) and
+        are closed with the client."""
+        self._retired.extend(self._channels.values())
+        self._channels = {}
+        self.config = replace(config, namespace=self.config.namespace)
+
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
+        channels, self._channels = [*self._retired, *self._channels.values()], {}
+        self._retired = []
+        for channel in channels:
             await channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
@@ -604,7 +615,8 @@ class AsyncClient:
         ``""`` first yields every current object as ADDED. The stream survives
         server restarts and network failures: it reconnects with back-off and
         resumes after the last version it yielded (or the last bookmark).
-        Raises ``Expired`` when that version has left the server's history.
+        Raises ``Expired`` when that version has left the server's history. A
+        start refused by the rate limit is tried again after its retry-after.
         BOOKMARK events are yielded only when ``bookmarks`` is set.
         """
         k = self.kind_of(kind)
@@ -636,6 +648,12 @@ class AsyncClient:
                                      ev.resource_version)
             except grpc.aio.AioRpcError as e:
                 err = classify(e)
+                if isinstance(err, errors.TooManyRequests):
+                    # Rate limited as it (re)started: resume after the retry-after.
+                    delay = max(err.retry_after, backoff.next())
+                    log.info("watch %s: %s; resuming in %.2fs", k.resource, err, delay)
+                    await asyncio.sleep(delay)
+                    continue
                 if not isinstance(err, errors.Unavailable):
                     raise err from e
                 if len(self.failover.servers) > 1:

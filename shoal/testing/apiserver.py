@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import socket
 from pathlib import Path
 from types import TracebackType
@@ -103,14 +104,14 @@ class InProcessAPIServer:
         certificate (CN system:node:<node>, group system:nodes) from the cluster CA."""
         return self.user_client_config(f"system:node:{node}", ["system:nodes"])
 
-    def user_client_config(self, user: str, groups: list[str] | tuple[str, ...] = ()
-                           ) -> ClientConfig:
+    def user_client_config(self, user: str, groups: list[str] | tuple[str, ...] = (), *,
+                           lifetime: dt.timedelta | None = None) -> ClientConfig:
         """A client config with a certificate from the cluster CA for CN=user,
         O=groups (what an admin hands a user; authorization decides the rest)."""
         ca = pki.CertificateAuthority.load(self.data_dir / "pki")
         key = pki.new_key()
         cert = ca.issue(key.public_key(), common_name=user, organizations=list(groups),
-                        client=True)
+                        client=True, lifetime=lifetime or dt.timedelta(days=pki.CERT_DAYS))
         return ClientConfig(servers=self.client_config.servers, ca_pem=pki.cert_pem(ca.cert),
                             cert_pem=pki.cert_pem(cert), key_pem=pki.key_pem(key), user=user)
 

@@ -1,0 +1,74 @@
+"""Certificate rotation timing (fake clock) and expiry warnings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pytest
+
+from apiserver import pki
+from nodeagent.certrotation import plan_rotation
+from shoal import certrenewal
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _cert(*, days: float) -> bytes:
+    """A certificate valid from (about) now for ``days``."""
+    ca = pki.CertificateAuthority.create()
+    key = pki.new_key()
+    cert = ca.issue(key.public_key(), common_name="system:node:n1",
+                    organizations=["system:nodes"], client=True,
+                    lifetime=dt.timedelta(days=days))
+    return pki.cert_pem(cert)
+
+
+@pytest.mark.parametrize(("elapsed", "renew"), [
+    (0.0, False),
+    (0.5, False),
+    (0.79, False),
+    (0.8, True),
+    (0.95, True),
+    (1.5, True),  # expired already: renew at once (the server refuses if it is too late)
+])
+def test_a_node_renews_once_the_fraction_of_its_lifetime_has_passed(
+        elapsed: float, renew: bool) -> None:
+    pem = _cert(days=100)
+    info = certrenewal.CertInfo.of(pem)
+    now = info.not_before + (info.not_after - info.not_before) * elapsed
+    plan = plan_rotation(pem, now=now, fraction=0.8)
+    assert plan.renew is renew
+    if not renew:
+        due = info.not_before + (info.not_after - info.not_before) * 0.8
+        assert plan.wait == pytest.approx((due - now).total_seconds())
+
+
+def test_the_fraction_is_jittered_between_70_and_90_percent() -> None:
+    rng = random.Random(7)
+    fractions = [certrenewal.jittered_fraction(rng) for _ in range(200)]
+    assert min(fractions) >= 0.7 and max(fractions) <= 0.9
+    assert max(fractions) - min(fractions) > 0.1
+
+
+@pytest.mark.parametrize(("left", "warning"), [
+    (dt.timedelta(days=90), ""),
+    (dt.timedelta(days=31), ""),
+    (dt.timedelta(days=30), "expires in 30 days"),
+    (dt.timedelta(days=12, hours=3), "expires in 12 days"),
+    (dt.timedelta(hours=5), "expires in 5 hours"),
+    (dt.timedelta(minutes=20), "expires in 20 minutes"),
+    (-dt.timedelta(days=3), "EXPIRED 3 days ago"),
+])
+def test_expiry_warnings_start_30_days_before(left: dt.timedelta, warning: str) -> None:
+    info = certrenewal.CertInfo(subject="CN=x", not_before=T0 - dt.timedelta(days=300),
+                                not_after=T0 + left)
+    assert info.warning(T0) == warning
+
+
+def test_a_renewal_csr_keeps_the_subject() -> None:
+    from cryptography import x509
+
+    pem = _cert(days=10)
+    csr = x509.load_pem_x509_csr(certrenewal.csr_like(pem, certrenewal.new_key()))
+    assert csr.subject == x509.load_pem_x509_certificate(pem).subject
