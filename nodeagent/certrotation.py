@@ -26,10 +26,15 @@ from pathlib import Path
 
 from nodeagent.joining import csr_for
 from shoal import certrenewal, errors
+from shoal.api.core.v1 import core_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 
 log = logging.getLogger(__name__)
+
+# On the node's own Node: when its client certificate expires (RFC 3339), for
+# `shoal certs`. Kubernetes publishes nothing like it; the value is informational.
+EXPIRY_ANNOTATION = "certificates.shoal.io/client-expires"
 
 
 def _now() -> dt.datetime:
@@ -79,6 +84,7 @@ class CertificateRotator:
         self.on_serving = on_serving
         self.backoff = Backoff(base=10.0, cap=300.0)
         self.rotations = 0
+        self._published = ""
 
     async def rotate_once(self) -> certrenewal.Renewed:
         key = certrenewal.new_key()
@@ -103,14 +109,31 @@ class CertificateRotator:
                  info.not_after.isoformat())
         return renewed
 
+    async def publish_expiry(self) -> None:
+        """Note the client certificate's expiry on our Node (once per certificate;
+        a failure is retried at the next wake-up)."""
+        expires = certrenewal.CertInfo.of(self.client.config.cert_pem).not_after.isoformat()
+        if expires == self._published:
+            return
+        try:
+            node = await self.client.get(core_pb2.Node, self.node_name)
+            if node.metadata.annotations.get(EXPIRY_ANNOTATION) != expires:
+                node.metadata.annotations[EXPIRY_ANNOTATION] = expires
+                await self.client.update(node)
+        except errors.ShoalError as e:
+            log.info("node %s: cannot note the certificate expiry yet: %s", self.node_name, e)
+            return
+        self._published = expires
+
     async def run(self) -> None:
         fraction = certrenewal.jittered_fraction(self.rng)
         while True:
+            await self.publish_expiry()
             plan = plan_rotation(self.client.config.cert_pem, now=self.clock(),
                                  fraction=fraction)
             if not plan.renew:
                 # Wake at least hourly: a clock jump or a manual renewal is seen.
-                await self.sleep(min(plan.wait, 3600.0))
+                await self.sleep(min(plan.wait, 3600.0 if self._published else 30.0))
                 continue
             try:
                 await self.rotate_once()

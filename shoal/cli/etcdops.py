@@ -204,6 +204,11 @@ def _status(ns: argparse.Namespace, say: Callable[[str], None]) -> int:
             except errors.ShoalError as e:
                 healthy = False
                 say(f"apiserver {server}: NOT SERVING ({e.message})")
+        from shoal.cli.certs import status_lines
+
+        say("")
+        for line in status_lines(cfg):
+            say(line)
     try:
         endpoints = endpoints_of(ns)
     except errors.BadRequest as e:

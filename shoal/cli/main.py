@@ -24,6 +24,7 @@ from shoal import errors
 from shoal.cli.applying import run_apply
 from shoal.cli.authorizing import run_can_i
 from shoal.cli.bootstrapping import run_token_create, run_token_delete, run_token_list
+from shoal.cli.certs import run_certs, run_certs_renew
 from shoal.cli.completing import run_complete
 from shoal.cli.completing import script as completion_script
 from shoal.cli.configuring import run_config_view
@@ -295,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rewrite every Secret under the current encryption key "
                                 "(after a key rotation)")
 
+    p = sub.add_parser("certs", parents=[common],
+                       help="certificate expiry (you, the CA, apiservers, nodes); renew yours")
+    certs_sub = p.add_subparsers(dest="certs_command", metavar="COMMAND")
+    certs_sub.add_parser("renew", parents=[common],
+                         help="renew your client certificate and rewrite the client config")
+
     p = sub.add_parser("auth", parents=[common], help="inspect authorization")
     auth_sub = p.add_subparsers(dest="auth_command", metavar="COMMAND", required=True)
     can_i = auth_sub.add_parser(
@@ -438,6 +445,10 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_token_delete(session, token_ids=ns.tokens)
             case "secrets":
                 return await run_secrets_reencrypt(session)
+            case "certs":
+                if ns.certs_command == "renew":
+                    return await run_certs_renew(session)
+                return await run_certs(session)
             case "create":
                 return await run_create_token(
                     session, service_account=ns.service_account, audiences=ns.audience,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from nodeagent.certrotation import CertificateRotator
+from nodeagent.certrotation import EXPIRY_ANNOTATION, CertificateRotator
 from shoal import certrenewal, errors
 from shoal import config as configmod
 from shoal.api.core.v1 import core_pb2
@@ -58,6 +58,10 @@ async def test_a_node_renews_and_keeps_working_with_the_new_certificate(
         await node.update(got)
         with pytest.raises(errors.Forbidden):
             await node.get(core_pb2.Secret, "anything", namespace="default")
+        # The agent notes the new expiry on its Node (for `shoal certs`).
+        await rotator.publish_expiry()
+        noted = (await node.get(core_pb2.Node, "rot-1")).metadata.annotations
+        assert noted[EXPIRY_ANNOTATION] == new.not_valid_after_utc.isoformat()
     # A fresh client from the saved config works too.
     async with AsyncClient(configmod.load(tmp_path / "node.conf")) as again:
         assert (await again.get(core_pb2.Node, "rot-1")).metadata.labels["renewed"] == "yes"
