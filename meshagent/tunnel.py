@@ -324,6 +324,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.idle_since = time.monotonic()
         self.transport: asyncio.Transport | None = None
+        self.context: ssl.SSLContext | None = None  # client side: what it was made with
         self._tasks: set[asyncio.Task[None]] = set()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -571,33 +572,38 @@ class Pool:
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap(), name="tunnel-pool-reaper")
         authority = f"{destination[0]}:{destination[1]}"
-        conn = self._usable(entry, expected)
-        pooled = conn is not None
-        if conn is None:
-            async with entry.lock:
-                conn = self._usable(entry, expected)
-                pooled = conn is not None
-                if conn is None:
-                    conn = await self._connect(source, destination[0], expected)
-                    entry.conns.append(conn)
-        self.metrics.streams.labels("outbound", str(pooled).lower()).inc()
-        return await conn.open_stream(authority, self.connect_timeout, source_ip=source_ip)
-
-    @staticmethod
-    def _usable(entry: _Entry, expected: spiffe.SpiffeId) -> Connection | None:
-        entry.conns = [c for c in entry.conns if not c.closed]
-        for c in entry.conns:
-            if c.capacity > 0 and c.tls.peer == str(expected):
-                return c
-        return None
-
-    async def _connect(self, source: tuple[str, str], ip: str,
-                       expected: spiffe.SpiffeId) -> Connection:
         try:
             local, ctx = await self.identities.context(*source, server=False)
         except errors.ShoalError as e:
             self.metrics.handshakes.labels("outbound", "no_certificate").inc()
             raise TunnelError(f"no certificate for {source[0]}/{source[1]}: {e}") from None
+        conn = self._usable(entry, expected, ctx)
+        pooled = conn is not None
+        if conn is None:
+            async with entry.lock:
+                conn = self._usable(entry, expected, ctx)
+                pooled = conn is not None
+                if conn is None:
+                    conn = await self._connect(local, ctx, destination[0], expected)
+                    entry.conns.append(conn)
+        self.metrics.streams.labels("outbound", str(pooled).lower()).inc()
+        return await conn.open_stream(authority, self.connect_timeout, source_ip=source_ip)
+
+    @staticmethod
+    def _usable(entry: _Entry, expected: spiffe.SpiffeId,
+                ctx: ssl.SSLContext) -> Connection | None:
+        """A pooled connection for a new stream: open, with room, to the expected
+        peer, and made with the current certificate and trust bundle (``ctx``:
+        after a rotation, new streams go to a new connection and the old one
+        drains, then closes when idle)."""
+        entry.conns = [c for c in entry.conns if not c.closed]
+        for c in entry.conns:
+            if c.capacity > 0 and c.tls.peer == str(expected) and c.context is ctx:
+                return c
+        return None
+
+    async def _connect(self, local: spiffe.SpiffeId, ctx: ssl.SSLContext, ip: str,
+                       expected: spiffe.SpiffeId) -> Connection:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -617,6 +623,7 @@ class Pool:
             self.metrics.handshakes.labels("outbound", "wrong_peer_identity").inc()
             raise TunnelError(
                 f"tunnel to {ip}: the peer is {conn.tls.peer}, expected {expected}")
+        conn.context = ctx
         self.metrics.setup.labels("outbound").observe(time.monotonic() - started)
         self.metrics.handshakes.labels("outbound", "ok").inc()
         return conn

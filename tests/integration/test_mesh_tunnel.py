@@ -372,3 +372,20 @@ async def test_concurrent_connections_share_one_handshake_without_cross_talk(
                    {"direction": "outbound", "result": "ok"}) == 1
     assert _sample(mesh.n1, "shoal_mesh_tunnel_streams_total",
                    {"direction": "outbound", "pooled": "true"}) == 39
+
+
+async def test_a_new_certificate_moves_new_connections_to_a_new_tunnel(mesh: Mesh) -> None:
+    """After the source's certificate changes (rotation; here: the identity is
+    dropped and signed again), new streams do not ride the connection made with
+    the old certificate: a second handshake, then pooling on the new one."""
+    handshakes = {"direction": "outbound", "result": "ok"}
+    assert await _call(mesh.n1, b"one") == b"remote:one"
+    assert await _call(mesh.n1, b"two") == b"remote:two"
+    assert _sample(mesh.n1, "shoal_mesh_tls_handshakes_total", handshakes) == 1
+    before = (await mesh.n1.identities.get(mesh.namespace, "sleep")).serial
+    mesh.n1.identities.forget(mesh.namespace, "sleep")
+    assert await _call(mesh.n1, b"three") == b"remote:three"
+    assert (await mesh.n1.identities.get(mesh.namespace, "sleep")).serial != before
+    assert _sample(mesh.n1, "shoal_mesh_tls_handshakes_total", handshakes) == 2
+    assert await _call(mesh.n1, b"four") == b"remote:four"
+    assert _sample(mesh.n1, "shoal_mesh_tls_handshakes_total", handshakes) == 2
