@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from shoal.api.core.v1 import core_pb2
+from shoal.testing import podnet
 from shoal.testing.metrics import metric_total, scrape
 from shoal.testing.waiting import wait_for
 
@@ -111,55 +112,16 @@ def _node_ip(cluster: Cluster, node: str) -> str:
     return str(next(a.address for a in n.status.addresses if a.type == "InternalIP"))
 
 
-def _nat(netns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"],
-                          capture_output=True, text=True, check=True).stdout
-
-
-def _pod_netns(ip: str) -> str:
-    """The network namespace (under /var/run/netns) that holds ``ip``."""
-    for entry in sorted(os.listdir("/var/run/netns")):
-        out = subprocess.run(["ip", "-n", entry, "-4", "-o", "addr", "show"],
-                             capture_output=True, text=True, check=False).stdout
-        if f" {ip}/" in out:
-            return entry
-    raise AssertionError(f"no network namespace has {ip}")
-
-
-def _in_netns(netns: str, script: str, *args: str, timeout: float = 30
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c",
-                           textwrap.dedent(script), *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+_nat = podnet.nat_rules
+_pod_netns = podnet.pod_netns
+_in_netns = podnet.in_netns
+_http_get = podnet.http_get
+REQUEST = podnet.REQUEST
 
 
 def _processes(cluster: Cluster) -> dict[str, int]:
     state = json.loads((cluster.dir / "state.json").read_text())
     return {p["name"]: int(p["pid"]) for p in state["processes"].values()}
-
-
-# A bounded TCP request from inside a pod: connect, send, read to EOF; prints the
-# reply or the error. argv: host port payload.
-REQUEST = """
-    import socket, sys
-    host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    try:
-        s = socket.create_connection((host, port), timeout=3)
-        s.sendall(payload.encode())
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        print("OK", out.decode(errors="replace"))
-    except OSError as e:
-        print("ERR", e)
-"""
-
-
-def _http_get(netns: str, ip: str, port: int, path: str = "/") -> str:
-    r = _in_netns(netns, REQUEST, ip, str(port),
-                  f"GET {path} HTTP/1.0\r\nHost: web\r\n\r\n")
-    return r.stdout.strip()
 
 
 @contextlib.contextmanager
@@ -401,9 +363,7 @@ def echo(mesh: dict[str, core_pb2.Pod]) -> Iterator[None]:
 
 
 def _steady(netns: str, ip: str, port: int, seconds: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c",
-                             textwrap.dedent(STEADY), ip, str(port), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    return podnet.start_in_netns(netns, STEADY, ip, str(port), str(seconds))
 
 
 def test_stopping_the_apiserver_does_not_break_running_traffic(
