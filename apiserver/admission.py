@@ -16,7 +16,11 @@ than when its controller stamps out pods.
   ``privileged`` in the object's namespace (PodSecurityPolicy's ``use`` verb,
   granted by RBAC; ``system:masters`` always holds it).
 
-Both are pure checks over the object plus one authorizer question; refusal is
+An update that leaves the pod spec unchanged (a finalizer, a label, a scale)
+is not checked again, as with Pod Security Admission: a node can still
+finish a hostPath pod, and a list tightened later does not block the
+objects already there. Both are pure checks over the object plus one
+authorizer question; refusal is
 ``Forbidden`` naming what was refused and why. Nothing is stored on refusal
 (the check runs before the write).
 """
@@ -180,10 +184,18 @@ class PodAdmission:
             f'"{PRIVILEGED_NAME}" in the namespace "{obj.metadata.namespace}"',
             kind=kind.resource, name=obj.metadata.name, group=kind.group)
 
-    async def admit(self, kind: Kind, obj: Any, *, user: str, groups: tuple[str, ...]
-                    ) -> None:
+    def applies_to(self, kind: Kind) -> bool:
+        return (kind.group == "" and kind.kind == "Pod") or (
+            kind.group == "apps" and kind.kind in _TEMPLATE_KINDS)
+
+    async def admit(self, kind: Kind, obj: Any, *, user: str, groups: tuple[str, ...],
+                    old: Any | None = None) -> None:
+        """Check a create, or an update of ``old`` (skipped when the pod spec
+        is unchanged, as Pod Security Admission does)."""
         spec = pod_spec_of(kind, obj)
         if spec is None:
+            return
+        if old is not None and pod_spec_of(kind, old) == spec:
             return
         self.check_images(kind, obj, spec)
         await self.check_host_path(kind, obj, spec, user=user, groups=groups)

@@ -114,7 +114,7 @@ class ResourceAPI:
                            name=obj.metadata.name, subresource=subresource)
 
     async def admit_write(self, request: pb.CreateRequest | pb.UpdateRequest,
-                          ident: Identity) -> None:
+                          ident: Identity, *, update: bool = False) -> None:
         """RBAC escalation prevention (a Role or binding granting more than the
         caller holds is refused), and pod admission (allowed registries, hostPath)."""
         escalation = self.guard.escalation
@@ -125,7 +125,16 @@ class ResourceAPI:
         if kind.group == RBAC and escalation is not None:
             escalation.check(user=a.user, groups=a.groups, resource=kind.resource, obj=obj)
         if self.admission is not None:
-            await self.admission.admit(kind, obj, user=a.user, groups=a.groups)
+            old = None
+            if update and self.admission.applies_to(kind):
+                # Like Pod Security Admission, an update that leaves the pod spec as
+                # it is (a finalizer, a label, a scale) is not checked again.
+                try:
+                    old = await self.objects.get(kind, namespace=obj.metadata.namespace,
+                                                 name=obj.metadata.name)
+                except errors.NotFound:
+                    old = None
+            await self.admission.admit(kind, obj, user=a.user, groups=a.groups, old=old)
 
     def describe_named(self, request: pb.GetRequest | pb.DeleteRequest, ident: Identity,
                        verb: str) -> Attributes:
@@ -197,7 +206,7 @@ class ResourceAPI:
         return resp
 
     @unary("Update", describe=lambda api, r, i: api.describe_write(r, i, "update"),
-           admit=lambda api, r, i: api.admit_write(r, i))
+           admit=lambda api, r, i: api.admit_write(r, i, update=True))
     async def update(self, request: pb.UpdateRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ObjectResponse:
         kind, obj = self.objects.decode_any(request.object)

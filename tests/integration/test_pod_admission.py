@@ -116,6 +116,33 @@ async def test_host_path_needs_a_privileged_user(server: InProcessAPIServer) -> 
                      group="policy", resource="podsecuritypolicies", names=("privileged",))
         await eventually("dana may use hostPath", lambda: _try(
             dana, _pod("host", host_path="/etc")))
+        # Dana may relabel the admin's hostPath pod (its spec stays), not change it.
+        await _grant(admin, user="dana", role="pod-updater", verbs=["update"],
+                     group="", resource="pods")
+
+        async def relabel() -> bool:
+            pod = await dana.get(core_pb2.Pod, "admin-host", namespace="default")
+            pod.metadata.labels["seen"] = "yes"
+            try:
+                await dana.update(pod)
+            except errors.Forbidden as e:
+                assert "cannot update" in e.message  # RBAC not seen yet, not admission
+                return False
+            return True
+        await eventually("dana may relabel the hostPath pod", relabel)
+        await admin.delete(rbac_pb2.RoleBinding, "privileged-user", namespace="default")
+
+        deadlines = iter(range(60, 10_000))
+
+        async def refused() -> bool:
+            fresh = await dana.get(core_pb2.Pod, "admin-host", namespace="default")
+            fresh.spec.active_deadline_seconds = next(deadlines)  # a change every time
+            try:
+                await dana.update(fresh)
+            except errors.Forbidden as e:
+                return "hostPath" in e.message
+            return False
+        await eventually("a spec change to the hostPath pod is refused", refused)
         names = sorted(p.metadata.name
                        for p in (await admin.list(core_pb2.Pod, namespace="default")).items)
         assert names == ["admin-host", "host", "plain"]

@@ -129,3 +129,21 @@ async def test_objects_without_pod_specs_are_not_checked() -> None:
     kind = KINDS.by_type_url("type.googleapis.com/" + cm.DESCRIPTOR.full_name)
     await adm.admit(kind, cm, user="alice", groups=())
     assert authz.asked == []
+
+
+async def test_an_update_that_keeps_the_pod_spec_is_not_checked_again() -> None:
+    authz = _Authorizer(set())
+    adm = PodAdmission(access=AccessControl(authz), allowed_registries=("quay.io",))
+    old = _pod(host_path=True)  # stored before the list, or by a privileged user
+    kind = KINDS.by_type_url("type.googleapis.com/" + old.DESCRIPTOR.full_name)
+    relabelled = core_pb2.Pod()
+    relabelled.CopyFrom(old)
+    relabelled.metadata.labels["x"] = "y"
+    relabelled.metadata.finalizers.append("shoal.io/node-agent")
+    await adm.admit(kind, relabelled, user="alice", groups=(), old=old)
+    assert authz.asked == []
+    changed = core_pb2.Pod()
+    changed.CopyFrom(relabelled)
+    changed.spec.containers[0].image = "quay.io/x/y"
+    with pytest.raises(errors.Forbidden, match="hostPath"):
+        await adm.admit(kind, changed, user="alice", groups=(), old=old)
