@@ -89,7 +89,12 @@ class CertificateRotator:
     async def rotate_once(self) -> certrenewal.Renewed:
         key = certrenewal.new_key()
         serving_key = certrenewal.new_key()
-        serving_csr = csr_for(serving_key, self.node_name, ips=("127.0.0.1", *self.node_ips))
+        # Only a node identity gets a serving certificate (an agent run with some
+        # other client config renews just that).
+        is_node = certrenewal.CertInfo.of(self.client.config.cert_pem).subject.startswith(
+            f"CN=system:node:{self.node_name},")
+        serving_csr = (csr_for(serving_key, self.node_name, ips=("127.0.0.1", *self.node_ips))
+                       if is_node else b"")
         renewed = await certrenewal.renew(self.client, key=key, serving_csr_pem=serving_csr)
         pki = self.data_dir / "pki"
         pki.mkdir(parents=True, exist_ok=True)
