@@ -560,24 +560,5 @@ class NetworkPolicies:
 
 def cleanup(*, netns: str | None = None, binary: str = "iptables") -> list[str]:
     """Remove the jump and every chain of ours. Returns problems."""
-    prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
-
-    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*prefix, *args], input=stdin, capture_output=True, text=True,
-                              check=False)
-
-    while run(binary, "-w", "5", "-t", "filter", "-D", JUMP.chain,
-              *JUMP.rule).returncode == 0:
-        pass
-    saved = run(f"{binary}-save", "-t", "filter")
-    if saved.returncode != 0:
-        return [f"{binary}-save -t filter: {saved.stderr.strip()}"]
-    chains = sorted(c for c in existing_chains(saved.stdout) if _ours(c))
-    if not chains:
-        return []
-    text = "\n".join(["*filter", *(f":{c} - [0:0]" for c in chains),
-                      *(f"-X {c}" for c in chains), "COMMIT"]) + "\n"
-    done = run(f"{binary}-restore", "-w", "5", "--noflush", stdin=text)
-    if done.returncode != 0:
-        return [f"removing {', '.join(chains)} from filter: {done.stderr.strip()}"]
-    return []
+    problem = netfilter.remove_ours("filter", _ours, binary=binary, netns=netns)
+    return [problem] if problem else []

@@ -40,7 +40,6 @@ import asyncio
 import base64
 import hashlib
 import logging
-import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -462,28 +461,6 @@ def cleanup(*, netns: str | None = None, binary: str = "iptables") -> list[str]:
     agent's network policies (``networkpolicy.cleanup``). Returns problems."""
     from nodeagent import networkpolicy  # it builds on this module
 
-    prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
-    problems: list[str] = []
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=False)
-
-    for jump in JUMPS:
-        while run(binary, "-w", "5", "-t", jump.table, "-D", jump.chain,
-                  *jump.rule).returncode == 0:
-            pass
-    for table in ("nat", "filter"):
-        saved = run(f"{binary}-save", "-t", table)
-        if saved.returncode != 0:
-            problems.append(f"{binary}-save -t {table}: {saved.stderr.strip()}")
-            continue
-        chains = sorted(c for c in existing_chains(saved.stdout) if _ours(c))
-        if not chains:
-            continue
-        text = "\n".join([f"*{table}", *(f":{c} - [0:0]" for c in chains),
-                          *(f"-X {c}" for c in chains), "COMMIT"]) + "\n"
-        done = subprocess.run([*prefix, f"{binary}-restore", "-w", "5", "--noflush"],
-                              input=text, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            problems.append(f"removing {', '.join(chains)} from {table}: {done.stderr.strip()}")
+    problems = [p for table in ("nat", "filter")
+                if (p := netfilter.remove_ours(table, _ours, binary=binary, netns=netns))]
     return problems + networkpolicy.cleanup(netns=netns, binary=binary)

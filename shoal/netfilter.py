@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 
 from shoal import errors
@@ -58,3 +59,42 @@ def lines_about(save: str, ours: Callable[[str], bool], *,
             if ours(words[1]) or ours(target):
                 out.append(line)
     return out
+
+
+def removal(save: str, table: str, ours: Callable[[str], bool]) -> str | None:
+    """One ``iptables-restore --noflush`` input that deletes every jump from
+    other chains to ours, then flushes and deletes our chains (pure); None when
+    ``save`` (of ``table``) holds nothing of ours."""
+    lines = lines_about(save, ours)
+    chains = [line[1:] for line in lines if line.startswith(":")]
+    jumps = [line for line in lines if line.startswith("-A ") and not ours(line.split()[1])]
+    if not chains and not jumps:
+        return None
+    return "\n".join([f"*{table}", *(f":{c} - [0:0]" for c in chains),
+                      *("-D" + j[2:] for j in jumps), *(f"-X {c}" for c in chains),
+                      "COMMIT"]) + "\n"
+
+
+def remove_ours(table: str, ours: Callable[[str], bool], *, binary: str = "iptables",
+                netns: str | None = None, attempts: int = 5) -> str:
+    """Remove our chains and every jump to them from ``table`` (``lab down``,
+    ``cleanup``), in one atomic restore per attempt. A writer that changes the
+    table between our read and our restore (an agent still running) makes the
+    restore fail; it is read again and retried. Returns "" or the last problem."""
+    prefix = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+    problem = ""
+    for attempt in range(attempts):
+        saved = subprocess.run([*prefix, f"{binary}-save", "-t", table], capture_output=True,
+                               text=True, check=False)
+        if saved.returncode != 0:
+            return f"{binary}-save -t {table}: {saved.stderr.strip()}"
+        text = removal(saved.stdout, table, ours)
+        if text is None:
+            return ""
+        done = subprocess.run([*prefix, f"{binary}-restore", "-w", "5", "--noflush"],
+                              input=text, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return ""
+        problem = f"removing our chains from {table}: {done.stderr.strip()}"
+        time.sleep(0.1 * (attempt + 1))
+    return problem
