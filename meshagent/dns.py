@@ -151,8 +151,7 @@ class DNSServer:
                 from dns import asyncquery
 
                 try:
-                    resp = await asyncquery.udp(query, self.upstream,
-                                                    timeout=self.timeout)
+                    resp = await asyncquery.udp(query, self.upstream, timeout=self.timeout)
                 except (dns.exception.DNSException, OSError) as e:
                     log.info("dns: upstream %s: %s", self.upstream, e)
                     resp = None

@@ -54,7 +54,6 @@ from shoal.queueing import wait_set
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80
-CHUNK = 64 * 1024
 
 OriginalDst = Callable[[socket.socket], Address]
 Routes = Callable[[], dict[Address, Route]]

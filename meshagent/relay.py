@@ -132,7 +132,6 @@ class SocketEnd(asyncio.Protocol):
         self._early = bytearray()
         self._early_eof = False
         self._lost: str | None = None  # set once the connection is gone
-        self._closed = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol --
 
@@ -159,8 +158,6 @@ class SocketEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = str(exc) if exc is not None else ""
-        if not self._closed.done():
-            self._closed.set_result(None)
         if self._relay is not None:
             self._relay.lost(self._side, self._lost)
 
@@ -209,6 +206,3 @@ class SocketEnd(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed)
