@@ -73,6 +73,7 @@ from shoal.api.networking.v1 import networking_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.informer import Informer
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -530,11 +531,7 @@ class NetworkPolicies:
                 await synced.wait()
             self._dirty.set()
             while True:
-                try:
-                    async with asyncio.timeout(self.check_period):
-                        await self._dirty.wait()
-                except TimeoutError:
-                    pass
+                await wait_set(self._dirty, self.check_period)
                 try:
                     if self._dirty.is_set():
                         self._dirty.clear()

@@ -50,6 +50,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
+from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -421,14 +422,10 @@ class ServiceProxy:
             self._dirty.set()
             check_cost = 0.0
             while True:
-                try:
-                    # A read-back costs ~1 s at 5,000 services on nf_tables: look
-                    # at most a tenth of the time, but at least every 30 s.
-                    spacing = min(max(self.check_period, 10 * check_cost), MAX_CHECK_SPACING)
-                    async with asyncio.timeout(spacing):
-                        await self._dirty.wait()
-                except TimeoutError:
-                    pass
+                # A read-back costs ~1 s at 5,000 services on nf_tables: look at
+                # most a tenth of the time, but at least every 30 s.
+                spacing = min(max(self.check_period, 10 * check_cost), MAX_CHECK_SPACING)
+                await wait_set(self._dirty, spacing)
                 try:
                     if self._dirty.is_set():
                         self._dirty.clear()
