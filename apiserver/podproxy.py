@@ -24,7 +24,8 @@ the user's own deadline.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -210,20 +211,9 @@ class PodProxy:
         rpc = self.dialer.channel(address).unary_stream(
             f"/{NODE_SERVICE}/Logs", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=None)
-        call = rpc(request)
-        ended: BaseException | None = None
-        try:
-            async for chunk in call:
+        async with aclosing(_relay(rpc(request), address, context, audit)) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        except grpc.aio.AioRpcError as e:
-            ended = _relayed(e, address)
-            await abort_with(context, ended)
-        except BaseException as e:
-            ended = e
-            raise
-        finally:
-            call.cancel()
-            audit.finish(ended)
 
     async def exec_stream(self, request: AsyncIterator[node_pb2.ExecInput],
                           context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
@@ -265,20 +255,9 @@ class PodProxy:
             async for message in request:
                 yield message
 
-        call = rpc(inputs())
-        ended: BaseException | None = None
-        try:
-            async for chunk in call:
+        async with aclosing(_relay(rpc(inputs()), address, context, audit)) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        except grpc.aio.AioRpcError as e:
-            ended = _relayed(e, address)
-            await abort_with(context, ended)
-        except BaseException as e:
-            ended = e
-            raise
-        finally:
-            call.cancel()
-            audit.finish(ended)
 
     async def close(self) -> None:
         await self.dialer.close()
@@ -286,3 +265,22 @@ class PodProxy:
 
 def _relayed(e: grpc.aio.AioRpcError, address: str) -> errors.ShoalError:
     return relayed(e, f"the node agent at {address}")
+
+
+async def _relay(call: Any, address: str, context: grpc.aio.ServicerContext[Any, Any],
+                 audit: Call) -> AsyncGenerator[bytes, None]:
+    """Yield the node stream's chunks; a node error aborts the user's call, and
+    however the stream ends, the node call is cancelled and the audit finished."""
+    ended: BaseException | None = None
+    try:
+        async for chunk in call:
+            yield chunk
+    except grpc.aio.AioRpcError as e:
+        ended = _relayed(e, address)
+        await abort_with(context, ended)
+    except BaseException as e:
+        ended = e
+        raise
+    finally:
+        call.cancel()
+        audit.finish(ended)
