@@ -66,6 +66,7 @@ from shoal.api.core.v1 import core_pb2  # noqa: E402
 from shoal.client import Client  # noqa: E402
 from shoal.lab.state import StateFile  # noqa: E402
 from shoal.lab.topology import plan  # noqa: E402
+from shoal.testing import podnet  # noqa: E402
 from shoal.testing.metrics import metric_total, scrape  # noqa: E402
 from shoal.testing.waiting import wait_for  # noqa: E402
 
@@ -160,12 +161,7 @@ def in_netns(path: str, argv: list[str]) -> list[str]:
 
 def pod_netns(ip: str) -> str:
     """The network namespace file whose interfaces carry ``ip``."""
-    for entry in sorted(Path("/var/run/netns").iterdir()):
-        out = subprocess.run(["nsenter", f"--net={entry}", "ip", "-4", "-o", "addr"],
-                             capture_output=True, text=True, check=False).stdout
-        if f" {ip}/" in out:
-            return str(entry)
-    raise LookupError(f"no network namespace in /var/run/netns has {ip}")
+    return f"/var/run/netns/{podnet.pod_netns(ip)}"
 
 
 # -- the lab ---------------------------------------------------------------------------
