@@ -10,12 +10,7 @@ columns. Bad input is refused naming the field, and nothing is stored.
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
-import sys
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,42 +18,24 @@ import yaml
 
 from shoal import errors
 from shoal.api.traffic.v1 import traffic_pb2
-from shoal.cli.main import main
 from shoal.kinds import builtin_kinds
 from shoal.manifests import decode
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
+from shoal.testing.cli import Result, run_shoal
+from shoal.testing.cli import make_namespace as _make_namespace
 
 
 @pytest.fixture
 def shoal(apiserver: Any, capsys: pytest.CaptureFixture[str],
           monkeypatch: pytest.MonkeyPatch) -> Any:
     """``await shoal("get", "vs")`` -> Result, with the apiserver's config."""
-
     async def run(*args: str, stdin: str | None = None) -> Result:
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        capsys.readouterr()
-        argv = ["--config", str(apiserver.config_path), *args]
-        code = await asyncio.to_thread(main, argv)
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err
-        return Result(code, captured.out, captured.err)
+        return await run_shoal(apiserver.config_path, capsys, monkeypatch, *args, stdin=stdin)
 
     return run
 
 
 async def make_namespace(shoal: Any) -> str:
-    name = f"traffic-{uuid.uuid4().hex[:8]}"
-    r = await shoal("apply", "-f", "-",
-                    stdin=f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n")
-    assert r.code == 0, r.err
-    return name
+    return await _make_namespace(shoal, "traffic")
 
 
 # Istio's documentation examples (traffic shifting, fault injection, request
