@@ -121,6 +121,15 @@ class NodeAPI:
         record = self.records().get(pod.metadata.uid, PodRecord(uid=pod.metadata.uid))
         return pod, container, record
 
+    def _running(self, namespace: str, name: str, container: str) -> ContainerRecord:
+        """The container's running instance, for exec and attach."""
+        pod, container, record = self._locate(namespace, name, container)
+        inst = record.latest(container)
+        if inst is None or inst.state is not ContainerState.RUNNING:
+            raise errors.BadRequest(
+                f'container "{container}" in pod "{pod.metadata.name}" is not running')
+        return inst
+
     async def logs(self, request: node_pb2.LogsRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
                        node_pb2.LogChunk]:
@@ -167,12 +176,7 @@ class NodeAPI:
             authorize(context)
             if not request.command:
                 raise errors.BadRequest("exec needs a command")
-            pod, container, record = self._locate(request.namespace, request.pod,
-                                                  request.container)
-            inst = record.latest(container)
-            if inst is None or inst.state is not ContainerState.RUNNING:
-                raise errors.BadRequest(
-                    f'container "{container}" in pod "{pod.metadata.name}" is not running')
+            inst = self._running(request.namespace, request.pod, request.container)
             code, out, err = await self.runtime.exec_sync(
                 inst.id, list(request.command), timeout=float(request.timeout_seconds or 60))
         except errors.ShoalError as e:
@@ -201,11 +205,7 @@ class NodeAPI:
             start = first.start
             if not start.command and not start.attach:
                 raise errors.BadRequest("exec needs a command")
-            pod, container, record = self._locate(start.namespace, start.pod, start.container)
-            inst = record.latest(container)
-            if inst is None or inst.state is not ContainerState.RUNNING:
-                raise errors.BadRequest(
-                    f'container "{container}" in pod "{pod.metadata.name}" is not running')
+            inst = self._running(start.namespace, start.pod, start.container)
             if start.attach:
                 url = await self._streams().attach_url(inst.id, stdin=start.stdin,
                                                        tty=start.tty)
