@@ -112,8 +112,7 @@ class ChannelSocket:
         self._closed = False
 
     @classmethod
-    async def connect(cls, url: str, *, query: str = "",
-                      protocol: str = CHANNEL_PROTOCOL) -> ChannelSocket:
+    async def connect(cls, url: str, *, query: str = "") -> ChannelSocket:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "ws"):
             raise errors.Unavailable(f"the runtime's stream URL {url} is not plain HTTP",
@@ -132,7 +131,7 @@ class ChannelSocket:
         writer.write((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                       "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                      f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n").encode())
+                      f"Sec-WebSocket-Protocol: {CHANNEL_PROTOCOL}\r\n\r\n").encode())
         await writer.drain()
         try:
             head = await reader.readuntil(b"\r\n\r\n")
