@@ -328,6 +328,17 @@ class AsyncClient:
                 await asyncio.sleep(wait)
         return await rpc(request, timeout=max(0.001, deadline - loop.time()))
 
+    async def _unary(self, path: str, request: Message, parse: Callable[[bytes], Any],
+                     timeout: float) -> Any:
+        """One unary call on the current channel to a service other than
+        Resources (no failover, no rate-limit retries); errors are Shoal's."""
+        rpc = self.channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=parse)
+        try:
+            return await rpc(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise classify(e) from e
+
     def _unpack(self, packed: any_pb2.Any) -> Any:
         kind = self.kinds.by_type_url(packed.type_url)
         obj = kind.new()
@@ -475,14 +486,9 @@ class AsyncClient:
         req = node_pb2.ExecRequest(namespace=self.namespace if namespace is None else namespace,
                                    pod=pod, container=container, command=command,
                                    timeout_seconds=timeout)
-        rpc = self.channel.unary_unary(
-            "/shoal.resources.v1.PodProxy/Exec",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=node_pb2.ExecResponse.FromString)
-        try:
-            return cast(node_pb2.ExecResponse, await rpc(req, timeout=timeout + 15))
-        except grpc.aio.AioRpcError as e:
-            raise classify(e) from e
+        return cast(node_pb2.ExecResponse, await self._unary(
+            "/shoal.resources.v1.PodProxy/Exec", req, node_pb2.ExecResponse.FromString,
+            timeout + 15))
 
     def exec_stream(self, start: node_pb2.ExecStart) -> Duplex:
         """An interactive command: write ExecInput (stdin, resize), read
@@ -509,14 +515,9 @@ class AsyncClient:
         req = podproxy_pb2.EphemeralContainerRequest(
             namespace=self.namespace if namespace is None else namespace, pod=pod,
             container=container)
-        rpc = self.channel.unary_unary(
-            "/shoal.resources.v1.PodProxy/AddEphemeralContainer",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=self.kinds.by_resource("", "pods").message.FromString)
-        try:
-            return await rpc(req, timeout=self.timeout)
-        except grpc.aio.AioRpcError as e:
-            raise classify(e) from e
+        return await self._unary("/shoal.resources.v1.PodProxy/AddEphemeralContainer", req,
+                                 self.kinds.by_resource("", "pods").message.FromString,
+                                 self.timeout)
 
     def _duplex(self, method: str, first: Any, parse: Callable[[bytes], Any]) -> Duplex:
         rpc = self.channel.stream_stream(
@@ -566,30 +567,19 @@ class AsyncClient:
             namespace=self.namespace if namespace is None else namespace,
             service_account=service_account, audiences=audiences or [],
             expiration_seconds=expiration_seconds, bound_object_ref=ref)
-        rpc = self.channel.unary_unary(
-            "/shoal.authentication.v1.ServiceAccountTokens/CreateToken",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=tokens_pb2.TokenResponse.FromString)
-        try:
-            return cast(tokens_pb2.TokenResponse, await rpc(req, timeout=self.timeout))
-        except grpc.aio.AioRpcError as e:
-            raise classify(e) from e
+        return cast(tokens_pb2.TokenResponse, await self._unary(
+            "/shoal.authentication.v1.ServiceAccountTokens/CreateToken", req,
+            tokens_pb2.TokenResponse.FromString, self.timeout))
 
     async def mesh_status(self, *, node: str = "",
                           query: mesh_pb2.StatusRequest | None = None,
                           timeout: float | None = None) -> mesh_pb2.MeshStatusResponse:
         """Each node's meshagent status (one node with ``node``), through the
         apiserver; an agent that cannot be reached has ``error`` set on its entry."""
-        rpc = self.channel.unary_unary(
-            "/shoal.mesh.v1.MeshProxy/MeshStatus",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=mesh_pb2.MeshStatusResponse.FromString)
         req = mesh_pb2.MeshStatusRequest(node=node, query=query or mesh_pb2.StatusRequest())
-        try:
-            return cast(mesh_pb2.MeshStatusResponse,
-                        await rpc(req, timeout=timeout or self.timeout))
-        except grpc.aio.AioRpcError as e:
-            raise classify(e) from e
+        return cast(mesh_pb2.MeshStatusResponse, await self._unary(
+            "/shoal.mesh.v1.MeshProxy/MeshStatus", req,
+            mesh_pb2.MeshStatusResponse.FromString, timeout or self.timeout))
 
     async def discover(self) -> builtins.list[pb.APIResource]:
         resp = await self._call("Discover", pb.DiscoverRequest(), pb.DiscoverResponse)
