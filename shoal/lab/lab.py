@@ -514,8 +514,7 @@ class Lab:
         self._members = self._member_specs(topo)
         self._control_plane = self._members[0][1]
         for member, spec in self._members:
-            bootstrap.save(spec, topo.bootstrap_spec if member.index == 1 else
-                           member.data_dir / "bootstrap.yaml")
+            bootstrap.save(spec, member.bootstrap_spec)
         assert self._control_plane.control_plane is not None
         state.etcd_endpoint = self._control_plane.control_plane.etcd_endpoint
         return [self._start(state, spec, ETCD, name=member.etcd_process,
@@ -884,8 +883,7 @@ class Lab:
             raise errors.BadRequest(f"no snapshot file {snapshot}")
         state, topo = self._up_only()
         members = control_plane_members(topo, state.control_planes)
-        specs = [(m, bootstrap.load(topo.bootstrap_spec if m.index == 1 else
-                                    m.data_dir / "bootstrap.yaml")) for m in members]
+        specs = [(m, bootstrap.load(m.bootstrap_spec)) for m in members]
         sup = state.processes.get(SUPERVISOR)
         if sup is not None:
             self.sup.stop(sup, grace=10.0)

@@ -217,6 +217,12 @@ class ControlPlaneMember:
         return f"{self.address}:{API_PORT}"
 
     @property
+    def bootstrap_spec(self) -> Path:
+        """This member's ``shoal.bootstrap`` spec (member 1's is the lab's,
+        :attr:`Topology.bootstrap_spec`: its data dir is the lab dir)."""
+        return self.data_dir / "bootstrap.yaml"
+
+    @property
     def metrics(self) -> str:
         return API_METRICS if self.index == 1 else f"{self.address}:{API_METRICS.rsplit(':')[1]}"
 
