@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from apiserver.authz.attributes import Attributes
+from apiserver.authz.nodes import NODE_GROUP, NODE_PREFIX
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority, Identity, cert_pem
@@ -44,8 +45,6 @@ from shoal.api.certificates.v1 import certificates_pb2 as pb
 from shoal.kinds import KindTable
 
 SERVICE = "shoal.certificates.v1.Certificates"
-NODE_GROUP = "system:nodes"
-NODE_PREFIX = "system:node:"
 NODE_CERT_LIFETIME = dt.timedelta(days=365)
 
 

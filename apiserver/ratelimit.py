@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from apiserver.authz.nodes import NODE_GROUP
 from apiserver.pki import Identity
 from shoal import errors
 
-NODES_GROUP = "system:nodes"
 DEFAULT_EXEMPT_GROUPS = ("system:masters",)
 
 
@@ -93,7 +93,7 @@ class RateLimiter:
             if len(self._buckets) >= self.max_buckets:
                 # Forget users whose bucket is full again: they lose nothing.
                 self._buckets = {u: b for u, b in self._buckets.items() if not b.full()}
-            node = NODES_GROUP in ident.groups
+            node = NODE_GROUP in ident.groups
             bucket = TokenBucket(
                 rate=self.limits.node_qps if node else self.limits.qps,
                 burst=self.limits.node_burst if node else self.limits.burst,

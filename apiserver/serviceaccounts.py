@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from google.protobuf import timestamp_pb2
 
 from apiserver.authz.attributes import Attributes
-from apiserver.joining import NODE_GROUP, NODE_PREFIX
+from apiserver.authz.nodes import node_name
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import Identity
@@ -339,18 +339,12 @@ class TokenAuthenticator:
 # -- TokenRequest ---------------------------------------------------------------------
 
 
-def _node_of(caller: Identity) -> str | None:
-    if caller.user.startswith(NODE_PREFIX) and NODE_GROUP in caller.groups:
-        return caller.user[len(NODE_PREFIX):] or None
-    return None
-
-
 def restrict_node(caller: Identity, *, service_account: str, pod: PodFacts | None) -> None:
     """Kubernetes' NodeRestriction for TokenRequest: a node's token must be bound to
     a pod the node runs, as that pod's service account. (Whether the caller may
     ``create serviceaccounts/token`` at all is the authorizer's call: RBAC, or the
     node authorizer.)"""
-    node = _node_of(caller)
+    node = node_name(caller.user, caller.groups)
     if node is None or ADMIN_GROUP in caller.groups:
         return
     if pod is None:
