@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from apiserver.authz.rbac import SERVICE_ACCOUNT_PREFIX
 from apiserver.metrics import Metrics
 from apiserver.pki import Identity
 from apiserver.rpc import Authenticator, Guard, attributes, passthrough, unary
@@ -21,7 +22,6 @@ from shoal import errors
 from shoal.api.authorization.v1 import authorization_pb2 as pb
 
 SERVICE = "shoal.authorization.v1.Authorization"
-SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 
 class AccessReviewService:
