@@ -44,6 +44,8 @@ from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
+IDENTITY_SETTLE_SECONDS = 10.0  # the most a first capture write waits for certificates
+
 _KINDS = builtin_kinds()
 DEFAULT_CLIENT_CONFIG = Path("/var/lib/shoal/nodeagent/node.conf")
 
@@ -256,6 +258,14 @@ class MeshAgent:
         return [p for p in self.pods.by_index("node", self.config.node_name)
                 if captured(p, nss)]
 
+    def _identities_settled(self) -> bool:
+        """Every local mesh pod's service account has a certificate or a failed
+        first signing."""
+        held = {(str(i.namespace), str(i.service_account)): (cert is not None or bool(err))
+                for i, cert, err in self.identities.identities()}
+        return all(held.get((str(p.metadata.namespace), service_account(p)), False)
+                   for p in self.local_pods())
+
     def captured_ips(self) -> list[str]:
         """Local mesh pods whose identity is ready: those are captured."""
         ready = {(str(i.namespace), str(i.service_account))
@@ -369,6 +379,14 @@ class MeshAgent:
             iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval)
         cap = self.capture
         self.capture_rewrites.set_function(lambda: float(cap.rewrites))
+        # A restarted agent finds its predecessor's rules in place: writing the
+        # chain before its pods' certificates are back would drop their rules and
+        # let their traffic bypass the mesh meanwhile. Wait (bounded) until every
+        # local mesh pod's identity has been signed or has failed once.
+        deadline = time.monotonic() + IDENTITY_SETTLE_SECONDS
+        while not self._identities_settled() and time.monotonic() < deadline:
+            refresh.clear()
+            await wait_set(refresh, 0.5)
         loop = asyncio.create_task(self.capture.run())
         try:
             while True:
