@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from shoal import certrenewal, errors
 from shoal.api.core.v1 import core_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
+from shoal.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ def plan_rotation(cert_pem: bytes, *, now: dt.datetime, fraction: float) -> Rota
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600 if private else 0o644)
 
 
 class CertificateRotator:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from shoal.files import write_atomic
 
 CONFLIST_NAME = "10-shoal.conflist"
 
@@ -52,8 +52,5 @@ def write_cni_config(conf_dir: Path, config: dict[str, Any]) -> bool:
     data = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if path.exists() and path.read_text() == data:
         return False
-    fd, tmp = tempfile.mkstemp(dir=conf_dir, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data.encode())
     return True

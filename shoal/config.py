@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from shoal import errors
+from shoal.files import write_atomic
 
 API_VERSION = "shoal.dev/v1"
 KIND = "Config"
@@ -95,12 +96,7 @@ class ClientConfig:
 
     def save(self, path: Path) -> None:
         """Write the file readable by its owner only."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_yaml())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_yaml().encode(), mode=0o600)
 
 
 def _pem(doc: Mapping[str, Any], name: str, base: Path) -> bytes:
