@@ -22,41 +22,42 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from shoal.api.metrics.v1beta1 import metrics_pb2 as shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshoal/api/node/v1/node.proto\x12\rshoal.node.v1\"\x9e\x01\n\x0bLogsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x17\n\ntail_lines\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08previous\x18\x06 \x01(\x08\x12\x12\n\ntimestamps\x18\x07 \x01(\x08\x42\r\n\x0b_tail_lines\"\x18\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"j\n\x0b\x45xecRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x05\"A\n\x0c\x45xecResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\"V\n\x0bImportChunk\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"I\n\x0cImportResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"-\n\x0cTerminalSize\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"\xa6\x01\n\tExecStart\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\r\n\x05stdin\x18\x05 \x01(\x08\x12\x0b\n\x03tty\x18\x06 \x01(\x08\x12)\n\x04size\x18\x07 \x01(\x0b\x32\x1b.shoal.node.v1.TerminalSize\x12\x0e\n\x06\x61ttach\x18\x08 \x01(\x08\"\x7f\n\tExecInput\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.shoal.node.v1.ExecStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12-\n\x06resize\x18\x03 \x01(\x0b\x32\x1b.shoal.node.v1.TerminalSizeH\x00\x42\x07\n\x05input\"O\n\nExecOutput\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x08\n\x06output\"@\n\x10PortForwardStart\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"]\n\x10PortForwardInput\x12\x30\n\x05start\x18\x01 \x01(\x0b\x32\x1f.shoal.node.v1.PortForwardStartH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05input\"!\n\x11PortForwardOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xf2\x02\n\tNodeAgent\x12=\n\x04Logs\x12\x1a.shoal.node.v1.LogsRequest\x1a\x17.shoal.node.v1.LogChunk0\x01\x12?\n\x04\x45xec\x12\x1a.shoal.node.v1.ExecRequest\x1a\x1b.shoal.node.v1.ExecResponse\x12H\n\x0bImportImage\x12\x1a.shoal.node.v1.ImportChunk\x1a\x1b.shoal.node.v1.ImportResult(\x01\x12\x45\n\nExecStream\x12\x18.shoal.node.v1.ExecInput\x1a\x19.shoal.node.v1.ExecOutput(\x01\x30\x01\x12T\n\x0bPortForward\x12\x1f.shoal.node.v1.PortForwardInput\x1a .shoal.node.v1.PortForwardOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshoal/api/node/v1/node.proto\x12\rshoal.node.v1\x1a\'shoal/api/metrics/v1beta1/metrics.proto\"\x9e\x01\n\x0bLogsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x17\n\ntail_lines\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08previous\x18\x06 \x01(\x08\x12\x12\n\ntimestamps\x18\x07 \x01(\x08\x42\r\n\x0b_tail_lines\"\x18\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"j\n\x0b\x45xecRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x05\"A\n\x0c\x45xecResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\"V\n\x0bImportChunk\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"I\n\x0cImportResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"-\n\x0cTerminalSize\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"\xa6\x01\n\tExecStart\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\r\n\x05stdin\x18\x05 \x01(\x08\x12\x0b\n\x03tty\x18\x06 \x01(\x08\x12)\n\x04size\x18\x07 \x01(\x0b\x32\x1b.shoal.node.v1.TerminalSize\x12\x0e\n\x06\x61ttach\x18\x08 \x01(\x08\"\x7f\n\tExecInput\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.shoal.node.v1.ExecStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12-\n\x06resize\x18\x03 \x01(\x0b\x32\x1b.shoal.node.v1.TerminalSizeH\x00\x42\x07\n\x05input\"O\n\nExecOutput\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x08\n\x06output\"@\n\x10PortForwardStart\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"]\n\x10PortForwardInput\x12\x30\n\x05start\x18\x01 \x01(\x0b\x32\x1f.shoal.node.v1.PortForwardStartH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05input\"!\n\x11PortForwardOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xc6\x03\n\tNodeAgent\x12=\n\x04Logs\x12\x1a.shoal.node.v1.LogsRequest\x1a\x17.shoal.node.v1.LogChunk0\x01\x12?\n\x04\x45xec\x12\x1a.shoal.node.v1.ExecRequest\x1a\x1b.shoal.node.v1.ExecResponse\x12H\n\x0bImportImage\x12\x1a.shoal.node.v1.ImportChunk\x1a\x1b.shoal.node.v1.ImportResult(\x01\x12\x45\n\nExecStream\x12\x18.shoal.node.v1.ExecInput\x1a\x19.shoal.node.v1.ExecOutput(\x01\x30\x01\x12T\n\x0bPortForward\x12\x1f.shoal.node.v1.PortForwardInput\x1a .shoal.node.v1.PortForwardOutput(\x01\x30\x01\x12R\n\x05Stats\x12\'.shoal.metrics.v1beta1.NodeStatsRequest\x1a .shoal.metrics.v1beta1.NodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.api.node.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGSREQUEST']._serialized_start=48
-  _globals['_LOGSREQUEST']._serialized_end=206
-  _globals['_LOGCHUNK']._serialized_start=208
-  _globals['_LOGCHUNK']._serialized_end=232
-  _globals['_EXECREQUEST']._serialized_start=234
-  _globals['_EXECREQUEST']._serialized_end=340
-  _globals['_EXECRESPONSE']._serialized_start=342
-  _globals['_EXECRESPONSE']._serialized_end=407
-  _globals['_IMPORTCHUNK']._serialized_start=409
-  _globals['_IMPORTCHUNK']._serialized_end=495
-  _globals['_IMPORTRESULT']._serialized_start=497
-  _globals['_IMPORTRESULT']._serialized_end=570
-  _globals['_TERMINALSIZE']._serialized_start=572
-  _globals['_TERMINALSIZE']._serialized_end=617
-  _globals['_EXECSTART']._serialized_start=620
-  _globals['_EXECSTART']._serialized_end=786
-  _globals['_EXECINPUT']._serialized_start=788
-  _globals['_EXECINPUT']._serialized_end=915
-  _globals['_EXECOUTPUT']._serialized_start=917
-  _globals['_EXECOUTPUT']._serialized_end=996
-  _globals['_PORTFORWARDSTART']._serialized_start=998
-  _globals['_PORTFORWARDSTART']._serialized_end=1062
-  _globals['_PORTFORWARDINPUT']._serialized_start=1064
-  _globals['_PORTFORWARDINPUT']._serialized_end=1157
-  _globals['_PORTFORWARDOUTPUT']._serialized_start=1159
-  _globals['_PORTFORWARDOUTPUT']._serialized_end=1192
-  _globals['_NODEAGENT']._serialized_start=1195
-  _globals['_NODEAGENT']._serialized_end=1565
+  _globals['_LOGSREQUEST']._serialized_start=89
+  _globals['_LOGSREQUEST']._serialized_end=247
+  _globals['_LOGCHUNK']._serialized_start=249
+  _globals['_LOGCHUNK']._serialized_end=273
+  _globals['_EXECREQUEST']._serialized_start=275
+  _globals['_EXECREQUEST']._serialized_end=381
+  _globals['_EXECRESPONSE']._serialized_start=383
+  _globals['_EXECRESPONSE']._serialized_end=448
+  _globals['_IMPORTCHUNK']._serialized_start=450
+  _globals['_IMPORTCHUNK']._serialized_end=536
+  _globals['_IMPORTRESULT']._serialized_start=538
+  _globals['_IMPORTRESULT']._serialized_end=611
+  _globals['_TERMINALSIZE']._serialized_start=613
+  _globals['_TERMINALSIZE']._serialized_end=658
+  _globals['_EXECSTART']._serialized_start=661
+  _globals['_EXECSTART']._serialized_end=827
+  _globals['_EXECINPUT']._serialized_start=829
+  _globals['_EXECINPUT']._serialized_end=956
+  _globals['_EXECOUTPUT']._serialized_start=958
+  _globals['_EXECOUTPUT']._serialized_end=1037
+  _globals['_PORTFORWARDSTART']._serialized_start=1039
+  _globals['_PORTFORWARDSTART']._serialized_end=1103
+  _globals['_PORTFORWARDINPUT']._serialized_start=1105
+  _globals['_PORTFORWARDINPUT']._serialized_end=1198
+  _globals['_PORTFORWARDOUTPUT']._serialized_start=1200
+  _globals['_PORTFORWARDOUTPUT']._serialized_end=1233
+  _globals['_NODEAGENT']._serialized_start=1236
+  _globals['_NODEAGENT']._serialized_end=1690
 # @@protoc_insertion_point(module_scope)

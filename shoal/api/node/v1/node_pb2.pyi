@@ -1,3 +1,4 @@
+from shoal.api.metrics.v1beta1 import metrics_pb2 as _metrics_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

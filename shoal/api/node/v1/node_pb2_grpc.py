@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from shoal.api.metrics.v1beta1 import metrics_pb2 as shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2
 from shoal.api.node.v1 import node_pb2 as shoal_dot_api_dot_node_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -59,6 +60,11 @@ class NodeAgentStub:
                 request_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/shoal.node.v1.NodeAgent/Stats',
+                request_serializer=shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2.NodeStatsRequest.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2.NodeStats.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -103,6 +109,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """The node's and its pods' latest CPU and memory use (sampled from CRI
+        stats every few seconds), for the apiserver's metrics API.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.PortForward,
                     request_deserializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.FromString,
                     response_serializer=shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2.NodeStatsRequest.FromString,
+                    response_serializer=shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2.NodeStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class NodeAgent:
             '/shoal.node.v1.NodeAgent/PortForward',
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardInput.SerializeToString,
             shoal_dot_api_dot_node_dot_v1_dot_node__pb2.PortForwardOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.node.v1.NodeAgent/Stats',
+            shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2.NodeStatsRequest.SerializeToString,
+            shoal_dot_api_dot_metrics_dot_v1beta1_dot_metrics__pb2.NodeStats.FromString,
             options,
             channel_credentials,
             insecure,
