@@ -39,7 +39,7 @@ from apiserver.authz.nodes import NODE_GROUP, NODE_PREFIX
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority, Identity, cert_pem
-from apiserver.rpc import Authenticator, Guard, attributes, passthrough, unary
+from apiserver.rpc import Authenticator, Guard, attributes, current_caller, passthrough, unary
 from shoal import errors, naming, tokens
 from shoal.api.certificates.v1 import certificates_pb2 as pb
 from shoal.kinds import KindTable
@@ -96,7 +96,7 @@ class JoinService:
     async def renew(self, request: pb.JoinRequest,
                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.JoinResponse:
         current = _client_certificate(context)
-        ident = self.authn.require(context)
+        ident = current_caller()
         csr = _load_csr(request.csr_pem)
         cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         orgs = sorted(str(a.value) for a in

@@ -16,6 +16,7 @@ authentication of the caller.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -36,6 +37,19 @@ from apiserver.ratelimit import RateLimiter
 from shoal import errors
 
 log = logging.getLogger(__name__)
+
+# Who the current call is, once ``Call.admit`` has authenticated it.
+_CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "shoal_rpc_caller", default=None)
+
+
+def current_caller() -> Identity:
+    """The authenticated caller of the RPC being handled (set by :func:`unary`)."""
+    ident = _CALLER.get()
+    if ident is None:
+        raise errors.InternalError("no authenticated caller: the method is not "
+                                   "wrapped by @unary with authentication")
+    return ident
 
 STATUS_TRAILER = "shoal-status-bin"
 
@@ -212,6 +226,7 @@ class Call:
             render = self.guard.render
             self.record.request_object = lambda: render(request)
         self.ident = authn.require(context) if authenticate else None
+        _CALLER.set(self.ident)
         if self.ident is not None and self.record is not None:
             self.record.user, self.record.groups = self.ident.user, self.ident.groups
         if (self.ident is not None and self.guard is not None

@@ -58,7 +58,7 @@ from apiserver.authz.nodes import node_name
 from apiserver.metrics import Metrics
 from apiserver.objectstore import ObjectStore
 from apiserver.pki import Identity
-from apiserver.rpc import Authenticator, Guard, attributes, passthrough, unary
+from apiserver.rpc import Authenticator, Guard, attributes, current_caller, passthrough, unary
 from apiserver.watchcache import ADDED, DELETED, CacheEvent, WatchCache
 from shoal import errors, naming
 from shoal.api.authentication.v1 import tokens_pb2 as pb
@@ -427,7 +427,7 @@ class TokenService:
     @unary("CreateToken", describe=describe_create)
     async def create_token(self, request: pb.TokenRequest,
                            context: grpc.aio.ServicerContext[Any, Any]) -> pb.TokenResponse:
-        caller = self.authn.require(context)
+        caller = current_caller()
         lifetime = self._lifetime(request.expiration_seconds)
         audiences = list(request.audiences) or list(self.audiences)
         if any(not a for a in audiences):
