@@ -43,6 +43,7 @@ from apiserver.rpc import Authenticator, Guard, attributes, current_caller, pass
 from shoal import errors, naming, tokens
 from shoal.api.certificates.v1 import certificates_pb2 as pb
 from shoal.kinds import KindTable
+from shoal.nodeaccess import peer_certificate_pem
 
 SERVICE = "shoal.certificates.v1.Certificates"
 NODE_CERT_LIFETIME = dt.timedelta(days=365)
@@ -193,15 +194,11 @@ class JoinService:
 
 def _client_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate:
     """The certificate the caller presented (verified by TLS), or Forbidden."""
-    try:
-        props = context.auth_context()
-    except Exception:  # no TLS context at all
-        props = {}
-    pems = props.get("x509_pem_cert") if props else None
-    if not pems:
+    pem = peer_certificate_pem(context)
+    if pem is None:
         raise errors.Forbidden("renewing a certificate needs the current client certificate "
                                "(a bearer token cannot renew one)")
-    return x509.load_pem_x509_certificate(next(iter(pems)))
+    return x509.load_pem_x509_certificate(pem)
 
 
 def _load_csr(pem: bytes) -> x509.CertificateSigningRequest:

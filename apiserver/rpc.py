@@ -35,6 +35,7 @@ from apiserver.metrics import Metrics
 from apiserver.pki import Identity, identity_of
 from apiserver.ratelimit import RateLimiter
 from shoal import errors
+from shoal.nodeaccess import peer_certificate_pem
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,9 @@ class Authenticator:
         self.tokens = tokens
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity | None:
-        try:
-            props = context.auth_context()
-        except Exception:  # no TLS context at all
-            return None
-        pems = props.get("x509_pem_cert") if props else None
-        if not pems:
+        pem = peer_certificate_pem(context)
+        if pem is None:
             return self._bearer(context)
-        pem = next(iter(pems))
         ident = self._cache.get(pem)
         if ident is None:
             ident = identity_of(pem)

@@ -34,13 +34,24 @@ GRPC_CODES = {
 }
 
 
+def peer_certificate_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+    """The PEM of the client certificate the caller presented (verified by TLS);
+    None on a call without one or without TLS."""
+    try:
+        props = context.auth_context()
+    except Exception:  # no TLS context at all
+        return None
+    pems = props.get("x509_pem_cert") if props else None
+    return next(iter(pems)) if pems else None
+
+
 def caller(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, set[str]]:
     """The user (CN) and groups (O) of the caller's verified client certificate, as
     gRPC's TLS layer reports them (no certificate parsing here: the meshagent
     serves this API and does not load ``cryptography``)."""
-    props = context.auth_context() or {}
-    if not props.get("x509_pem_cert"):
+    if peer_certificate_pem(context) is None:
         raise errors.Unauthorized("a client certificate from the cluster CA is required")
+    props = context.auth_context()
     cns = props.get("x509_common_name") or [b""]
     subject = b"".join(props.get("x509_subject") or [b""]).decode(errors="replace")
     return next(iter(cns)).decode(errors="replace"), set(rdn_values(subject, "O"))
