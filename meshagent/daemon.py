@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 
 from meshagent import admin, capture, dns, identity, policy, proxy, tunnel
+from meshagent.l7 import telemetry
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
 from shoal import errors, sdnotify, spiffe
@@ -72,6 +73,7 @@ class MeshConfig:
     iptables: str = ""  # binary; "" = detect
     keep_rules_on_exit: bool = False
     reconcile_interval: float = 5.0  # drift checks of the capture rules
+    zipkin_endpoint: str = ""  # http://HOST:PORT of a Zipkin v2 collector; "" = no spans
 
 
 def captured(pod: core_pb2.Pod, namespaces: Mapping[str, core_pb2.Namespace]) -> bool:
@@ -131,6 +133,13 @@ class MeshAgent:
             signer=signer or identity.GrpcSigner(client.channel),
             trust_domain=config.trust_domain)
         self.metrics = proxy.Metrics(self.registry)
+        # L7 requests: Istio's request metrics, the access log, and spans when a
+        # collector is configured (the engine records through self.telemetry).
+        self.tracer = (telemetry.Tracer(config.zipkin_endpoint,
+                                        local_service=f"meshagent.{config.node_name}",
+                                        registry=self.registry)
+                       if config.zipkin_endpoint else None)
+        self.telemetry = telemetry.RequestTelemetry(self.registry, tracer=self.tracer)
         ids = tunnel.Identities(self.identities)
         self.pool = tunnel.Pool(identities=ids, metrics=self.metrics.tunnel,
                                 port=config.tunnel_port)
@@ -419,6 +428,8 @@ class MeshAgent:
                                name="identity-keeper")
                 if self.config.capture:
                     tg.create_task(self._keep_capture(refresh), name="capture")
+                if self.tracer is not None:
+                    tg.create_task(self.tracer.run(), name="zipkin")
         finally:
             if self.capture is not None and not self.config.keep_rules_on_exit:
                 try:
@@ -430,6 +441,8 @@ class MeshAgent:
             await self.tunnel.close()
             await self.pool.close()
             await self.dns.close()
+            if self.tracer is not None:
+                await self.tracer.close()
             if self.admin is not None:
                 await self.admin.close()
             await self.monitoring.close()

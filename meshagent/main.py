@@ -3,7 +3,7 @@
     shoal-meshagent run --node-name N [--config /var/lib/shoal/nodeagent/node.conf]
         [--capture --dns-ip NODE_IP] [--pod-cidr 10.244.0.0/16]
         [--service-cidr 10.96.0.0/16] [--cluster-domain cluster.local]
-        [--upstream-dns IP] [--metrics-listen 0.0.0.0:15020]
+        [--upstream-dns IP] [--metrics-listen 0.0.0.0:15020] [--zipkin-endpoint URL]
     shoal-meshagent cleanup [--iptables BINARY]   remove the capture rules
 """
 
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="how often the capture rules are read back and drift (a flushed "
                    "chain, a lost jump) repaired (default 5; a change of the captured "
                    "pods is written at once)")
+    r.add_argument("--zipkin-endpoint", default="", metavar="URL",
+                   help="send a span per delivered HTTP request to this Zipkin v2 "
+                   "collector (http://HOST:PORT[/api/v2/spans]); empty: no tracing")
     r.add_argument("--log-level", default="info")
     r.add_argument("--log-format", choices=["json", "text"], default="json")
     c = sub.add_parser("cleanup", help="remove the capture rules from this network namespace")
@@ -77,6 +80,7 @@ def _seconds(text: str) -> float:
 
 def _run(ns: argparse.Namespace) -> int:
     from meshagent.daemon import MeshConfig, run
+    from meshagent.l7.telemetry import parse_endpoint
 
     logs.setup(level=ns.log_level, fmt=ns.log_format)
     try:
@@ -90,7 +94,9 @@ def _run(ns: argparse.Namespace) -> int:
             service_cidr=ns.service_cidr, cluster_domain=ns.cluster_domain,
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit,
-            reconcile_interval=ns.reconcile_interval)
+            reconcile_interval=ns.reconcile_interval, zipkin_endpoint=ns.zipkin_endpoint)
+        if ns.zipkin_endpoint:
+            parse_endpoint(ns.zipkin_endpoint)  # validates, before anything starts
         capture.CaptureConfig(pod_cidr=ns.pod_cidr, service_cidr=ns.service_cidr,
                               dns_ip=ns.dns_ip)  # validates, before anything starts
     except errors.ShoalError as e:
