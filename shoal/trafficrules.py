@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import http
 import ipaddress
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from shoal import naming
+from shoal import fielderrors, naming
 from shoal.api.traffic.v1 import traffic_pb2 as pb
 from shoal.errors import FieldError
 
@@ -82,35 +81,12 @@ def parse_duration(text: str) -> float:
 # --------------------------------------------------------------------------- errors
 
 
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, list, Mapping)):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return str(value)
-
-
-def _required(path: str, detail: str = "") -> FieldError:
-    text = f"Required value: {detail}" if detail else "Required value"
-    return FieldError(path, text, "FieldValueRequired")
-
-
-def _invalid(path: str, value: object, detail: str) -> FieldError:
-    return FieldError(path, f"Invalid value: {_show(value)}: {detail}", "FieldValueInvalid")
-
-
-def _not_supported(path: str, value: object, supported: Sequence[str]) -> FieldError:
-    choices = ", ".join(_show(s) for s in supported)
-    return FieldError(path, f"Unsupported value: {_show(value)}: supported values: {choices}",
-                      "FieldValueNotSupported")
-
-
-def _forbidden(path: str, detail: str) -> FieldError:
-    return FieldError(path, f"Forbidden: {detail}", "FieldValueForbidden")
-
-
-def _duplicate(path: str, value: object) -> FieldError:
-    return FieldError(path, f"Duplicate value: {_show(value)}", "FieldValueDuplicate")
+_show = fielderrors.show
+_required = fielderrors.required
+_invalid = fielderrors.invalid
+_not_supported = fielderrors.not_supported
+_forbidden = fielderrors.forbidden
+_duplicate = fielderrors.duplicate
 
 
 # --------------------------------------------------------------------------- small checks

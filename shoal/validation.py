@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
@@ -37,7 +36,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from shoal import errors, naming, quantity, selectors, trafficrules
+from shoal import errors, fielderrors, naming, quantity, selectors, trafficrules
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
@@ -51,14 +50,6 @@ from shoal.manifests import encode_message
 
 Errors = list[FieldError]
 _M = TypeVar("_M", bound=Message)
-
-REQUIRED = "FieldValueRequired"
-INVALID = "FieldValueInvalid"
-DUPLICATE = "FieldValueDuplicate"
-NOT_SUPPORTED = "FieldValueNotSupported"
-NOT_FOUND = "FieldValueNotFound"
-TOO_LONG = "FieldValueTooLong"
-FORBIDDEN = "FieldValueForbidden"
 
 _MAX_PORT = 65535
 _MAX_INT32 = 2**31 - 1
@@ -90,50 +81,14 @@ _CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 # --------------------------------------------------------------------------- errors
 
 
-def _show(value: object) -> str:
-    """A value as Kubernetes prints it in a message: strings quoted, objects as JSON."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Message):
-        value = encode_message(value)
-    if isinstance(value, (str, Mapping, list)):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return str(value)
-
-
-def _with_detail(text: str, detail: str) -> str:
-    return f"{text}: {detail}" if detail else text
-
-
-def _required(path: str, detail: str = "") -> FieldError:
-    return FieldError(path, _with_detail("Required value", detail), REQUIRED)
-
-
-def _invalid(path: str, value: object, detail: str) -> FieldError:
-    return FieldError(path, f"Invalid value: {_show(value)}: {detail}", INVALID)
-
-
-def _duplicate(path: str, value: object) -> FieldError:
-    return FieldError(path, f"Duplicate value: {_show(value)}", DUPLICATE)
-
-
-def _not_supported(path: str, value: object, supported: Sequence[str]) -> FieldError:
-    choices = ", ".join(_show(s) for s in supported)
-    return FieldError(
-        path, f"Unsupported value: {_show(value)}: supported values: {choices}", NOT_SUPPORTED
-    )
-
-
-def _not_found(path: str, value: object) -> FieldError:
-    return FieldError(path, f"Not found: {_show(value)}", NOT_FOUND)
-
-
-def _too_long(path: str, limit: int) -> FieldError:
-    return FieldError(path, f"Too long: may not be more than {limit} bytes", TOO_LONG)
-
-
-def _forbidden(path: str, detail: str) -> FieldError:
-    return FieldError(path, f"Forbidden: {detail}", FORBIDDEN)
+_show = fielderrors.show
+_required = fielderrors.required
+_invalid = fielderrors.invalid
+_duplicate = fielderrors.duplicate
+_not_supported = fielderrors.not_supported
+_not_found = fielderrors.not_found
+_too_long = fielderrors.too_long
+_forbidden = fielderrors.forbidden
 
 
 # --------------------------------------------------------------------------- small checks
