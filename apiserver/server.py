@@ -47,6 +47,7 @@ from apiserver.objectstore import ObjectStore
 from apiserver.pki import CertificateAuthority
 from apiserver.podproxy import PodProxy
 from apiserver.ratelimit import RateLimiter, RateLimits
+from apiserver.resourcemetrics import MetricsAPI
 from apiserver.rpc import Authenticator, DecodeRequests, Guard
 from apiserver.serviceaccounts import (
     DEFAULT_ISSUER,
@@ -205,7 +206,11 @@ class APIServer:
                                   pki_dir=config.data_dir / "pki", metrics=metrics,
                                   authn=self.authn, guard=self.guard)
         self.mesh_proxy: MeshProxy | None = None
+        self.resource_metrics: MetricsAPI | None = None
         if self.proxy is not None:
+            self.resource_metrics = MetricsAPI(cache=self.cache, kinds=kinds,
+                                               pki_dir=config.data_dir / "pki", metrics=metrics,
+                                               authn=self.authn, guard=self.guard)
             self.mesh_proxy = MeshProxy(objects=self.objects, cache=self.cache, kinds=kinds,
                                         pki_dir=config.data_dir / "pki", metrics=metrics,
                                         authn=self.authn, guard=self.guard,
@@ -302,6 +307,8 @@ class APIServer:
             server.add_generic_rpc_handlers((self.proxy.handler(),))
         if self.mesh_proxy is not None:
             server.add_generic_rpc_handlers((self.mesh_proxy.handler(),))
+        if self.resource_metrics is not None:
+            server.add_generic_rpc_handlers((self.resource_metrics.handler(),))
         if self.workload_certs is not None:
             server.add_generic_rpc_handlers((self.workload_certs.handler(),))
         if self.tokens is not None:
@@ -453,6 +460,8 @@ class APIServer:
             await self.proxy.close()
         if self.mesh_proxy is not None:
             await self.mesh_proxy.close()
+        if self.resource_metrics is not None:
+            await self.resource_metrics.close()
         await self.store.close()
         if self.audit is not None:
             self.audit.close()

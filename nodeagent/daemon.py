@@ -4,7 +4,7 @@
            --cri-socket, or start/adopt our own containerd (registry mirrors
            written to DATA/containerd/certs.d first) -> sandbox image present
            (built locally and imported, never pulled) -> CNI config from the
-           pod CIDR -> node API (TLS, 10250; logs, exec, image import) and
+           pod CIDR -> node API (TLS, 10250; logs, exec, image import, usage) and
            monitoring (10255) bound -> NodeAgent.run(), PodNetwork.run(),
            ServiceProxy.run() (ClusterIP iptables rules; lab nodes only),
            NetworkPolicies.run() (NetworkPolicy iptables rules; lab nodes only)
@@ -41,6 +41,7 @@ from nodeagent.nodestatus import gather_facts
 from nodeagent.podnetwork import PodNetwork
 from nodeagent.serviceproxy import ServiceProxy
 from nodeagent.serving import NodeAPI
+from nodeagent.usage import UsageSampler
 from nodeagent.volumes import VolumeManager
 from shoal import config as configmod
 from shoal import errors, images
@@ -226,10 +227,12 @@ class NodeAgentDaemon:
                 pod_cidr=cfg.pod_cidr,
                 events=EventRecorder(client, component="shoal-nodeagent", host=cfg.node_name))
             agent = self.agent
+            sampler = UsageSampler(runtime=runtime, node_name=cfg.node_name)
             api = NodeAPI(pod_by_name=agent.pods.get, records=lambda: agent.relister.records,
                           runtime=pod_runtime, log_root=cfg.log_root, node_name=cfg.node_name,
                           containerd_address=address, import_dir=cfg.import_dir,
-                          streaming=runtime if isinstance(runtime, RuntimeClient) else None)
+                          streaming=runtime if isinstance(runtime, RuntimeClient) else None,
+                          usage=lambda: sampler.latest)
             await asyncio.to_thread(api.remove_stale_imports)
             network = PodNetwork(client=client, node_name=cfg.node_name,
                                  cni_conf_dir=cfg.cni_conf_dir,
@@ -244,6 +247,7 @@ class NodeAgentDaemon:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(agent.run(), name="agent")
+                    tg.create_task(sampler.run(), name="usage-sampler")
                     if client_cfg.cert_pem:
                         rotator = CertificateRotator(
                             client=client, data_dir=cfg.data_dir, node_name=cfg.node_name,

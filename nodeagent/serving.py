@@ -1,4 +1,4 @@
-"""The node agent's own gRPC API (port 10250): container logs, exec, image imports.
+"""The node agent's own gRPC API (port 10250): container logs, exec, image imports, usage.
 
 Served with TLS using the node's serving certificate (from join); who may call
 is :mod:`shoal.nodeaccess` (the apiserver's kubelet client or system:masters;
@@ -49,6 +49,7 @@ from nodeagent.streaming import (
 )
 from shoal import errors, images
 from shoal.api.core.v1 import core_pb2
+from shoal.api.metrics.v1beta1 import metrics_pb2
 from shoal.api.node.v1 import node_pb2
 from shoal.nodeaccess import abort, authorize
 
@@ -68,7 +69,9 @@ class NodeAPI:
                  log_root: Path, node_name: str = "", containerd_address: str = "",
                  import_dir: Path | None = None,
                  max_import_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
-                 streaming: StreamingRuntime | None = None) -> None:
+                 streaming: StreamingRuntime | None = None,
+                 usage: Callable[[], metrics_pb2.NodeStats | None] | None = None) -> None:
+        self.usage = usage
         self.pod_by_name = pod_by_name
         self.records = records
         self.runtime = runtime
@@ -99,6 +102,9 @@ class NodeAPI:
                 response_serializer=ser),
             "PortForward": grpc.stream_stream_rpc_method_handler(
                 self.port_forward, request_deserializer=node_pb2.PortForwardInput.FromString,
+                response_serializer=ser),
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                self.stats, request_deserializer=metrics_pb2.NodeStatsRequest.FromString,
                 response_serializer=ser),
         })
 
@@ -183,6 +189,19 @@ class NodeAPI:
             await abort(context, e)
             raise  # pragma: no cover - abort raises
         return node_pb2.ExecResponse(stdout=out, stderr=err, exit_code=code)
+
+    async def stats(self, request: metrics_pb2.NodeStatsRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]) -> metrics_pb2.NodeStats:
+        """The latest usage sample (``nodeagent.usage``)."""
+        try:
+            authorize(context)
+            latest = self.usage() if self.usage is not None else None
+            if latest is None:
+                raise errors.Unavailable("no usage sampled yet on this node", retry_after=5.0)
+        except errors.ShoalError as e:
+            await abort(context, e)
+            raise  # pragma: no cover - abort raises
+        return latest
 
     # -- streams (interactive exec, port-forward) ----------------------------------
 

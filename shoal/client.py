@@ -41,6 +41,7 @@ from shoal import errors
 from shoal.api.authentication.v1 import tokens_pb2
 from shoal.api.mesh.v1 import mesh_pb2
 from shoal.api.meta.v1 import meta_pb2
+from shoal.api.metrics.v1beta1 import metrics_pb2
 from shoal.api.node.v1 import node_pb2
 from shoal.api.resources.v1 import resources_pb2 as pb
 from shoal.backoff import Backoff
@@ -581,6 +582,24 @@ class AsyncClient:
             "/shoal.mesh.v1.MeshProxy/MeshStatus", req,
             mesh_pb2.MeshStatusResponse.FromString, timeout or self.timeout))
 
+    async def node_metrics(self, *, name: str = "", label_selector: str = ""
+                           ) -> metrics_pb2.NodeMetricsList:
+        """Nodes' recent CPU and memory use (the metrics API)."""
+        req = metrics_pb2.ListMetricsRequest(name=name, label_selector=label_selector)
+        return cast(metrics_pb2.NodeMetricsList, await self._unary(
+            "/shoal.metrics.v1beta1.Metrics/ListNodeMetrics", req,
+            metrics_pb2.NodeMetricsList.FromString, self.timeout))
+
+    async def pod_metrics(self, *, namespace: str | None = None, name: str = "",
+                          label_selector: str = "") -> metrics_pb2.PodMetricsList:
+        """Pods' recent CPU and memory use (the metrics API); ``namespace=""``: all."""
+        req = metrics_pb2.ListMetricsRequest(
+            namespace=self.namespace if namespace is None else namespace, name=name,
+            label_selector=label_selector)
+        return cast(metrics_pb2.PodMetricsList, await self._unary(
+            "/shoal.metrics.v1beta1.Metrics/ListPodMetrics", req,
+            metrics_pb2.PodMetricsList.FromString, self.timeout))
+
     async def discover(self) -> builtins.list[pb.APIResource]:
         resp = await self._call("Discover", pb.DiscoverRequest(), pb.DiscoverResponse)
         return list(resp.resources)
@@ -742,6 +761,12 @@ class Client:
 
     def mesh_status(self, **kw: Any) -> mesh_pb2.MeshStatusResponse:
         return self._run(self.aio.mesh_status(**kw))
+
+    def node_metrics(self, **kw: Any) -> metrics_pb2.NodeMetricsList:
+        return self._run(self.aio.node_metrics(**kw))
+
+    def pod_metrics(self, **kw: Any) -> metrics_pb2.PodMetricsList:
+        return self._run(self.aio.pod_metrics(**kw))
 
     def discover(self) -> builtins.list[pb.APIResource]:
         return self._run(self.aio.discover())

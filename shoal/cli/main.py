@@ -49,6 +49,7 @@ from shoal.cli.meshing import add_parser as add_mesh_parser
 from shoal.cli.meshing import run_mesh
 from shoal.cli.nodes import DrainOptions, run_cordon, run_drain
 from shoal.cli.reporting import CLIError, ExitCode, error_lines, exit_code_for
+from shoal.cli.resourceusage import run_top
 from shoal.cli.rollouts import ROLLOUT_KINDS, run_rollout
 from shoal.cli.scaling import run_scale
 from shoal.cli.secrets import run_secrets_reencrypt
@@ -332,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--current-replicas", type=int, default=-1, metavar="N",
                    help="only scale if the current replicas are N (precondition)")
 
+    p = sub.add_parser("top", parents=[common], help="CPU and memory use of nodes or pods",
+                       description="Recent CPU (millicores) and memory (Mi) use, from the "
+                                   "metrics API: top nodes [NAME] | top pods [NAME].")
+    p.add_argument("what", metavar="nodes|pods")
+    p.add_argument("args", nargs="*", metavar="NAME")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-l", "--selector", default="", metavar="SELECTOR")
+    p.add_argument("--containers", action="store_true",
+                   help="pods: one line per container")
+    p.add_argument("--sort-by", default="", metavar="cpu|memory")
+    p.add_argument("--no-headers", action="store_true")
+
     p = sub.add_parser("rollout", parents=[common], help="manage the rollout of a workload",
                        description="Watch, undo, restart, pause and resume rollouts.")
     rollout_sub = p.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
@@ -466,6 +479,11 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_scale(session, args=ns.args, files=ns.files,
                                        recursive=ns.recursive, replicas=ns.replicas,
                                        current_replicas=ns.current_replicas)
+            case "top":
+                return await run_top(session, what=ns.what, args=ns.args, selector=ns.selector,
+                                     all_namespaces=ns.all_namespaces,
+                                     containers=ns.containers, sort_by=ns.sort_by,
+                                     headers=not ns.no_headers)
             case "rollout":
                 return await run_rollout(session, action=ns.rollout_command, args=ns.args,
                                          to_revision=getattr(ns, "to_revision", 0),

@@ -150,6 +150,10 @@ class FakeContainer:
     exit_code: int = 0
     reason: str = ""
     message: str = ""
+    # What ContainerStats reports: cumulative CPU time (ns) and the working set;
+    # tests set them to script usage.
+    cpu_ns: int = 0
+    working_set: int = 0
 
     @property
     def name(self) -> str:
@@ -522,9 +526,9 @@ class FakeRuntime:
         st.attributes.labels.update(c.config.labels)
         st.attributes.annotations.update(c.config.annotations)
         st.cpu.timestamp = now
-        st.cpu.usage_core_nano_seconds.value = 0
+        st.cpu.usage_core_nano_seconds.value = c.cpu_ns
         st.memory.timestamp = now
-        st.memory.working_set_bytes.value = 0
+        st.memory.working_set_bytes.value = c.working_set
         return st
 
     async def container_stats(self, container_id: str) -> cri.ContainerStats:
