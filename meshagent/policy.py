@@ -1,8 +1,10 @@
-"""Istio's PeerAuthentication and AuthorizationPolicy, decided at L4 (pure).
+"""Istio's PeerAuthentication and AuthorizationPolicy, decided at L4 and L7 (pure).
 
     mtls_mode(peer_auths, target, root_namespace=) -> "STRICT" | "PERMISSIVE" | "DISABLE"
-    authorize(policies, peer, target, root_namespace=) -> Verdict(allowed, policy, reason)
-    l4_gaps(policy) -> what of an AuthorizationPolicy cannot be enforced here
+    authorize(policies, peer, target, root_namespace=, request=None)
+        -> Verdict(allowed, policy, reason)
+    l4_gaps(policy) -> what of an AuthorizationPolicy cannot be enforced at L4
+    l7_gaps(policy) -> what of it cannot be enforced on an HTTP request
 
 No I/O and no clock: the callers (the meshagent's inbound path) pass the
 policies from their informer caches and act on the answer.
@@ -57,11 +59,44 @@ AuthorizationPolicy (Istio's semantics, as ztunnel enforces them):
   validation warning ("will deny all traffic to TCP ports") describe; ztunnel's
   code instead skips such an emptied match, which lets traffic through, and
   we do not copy that.
+
+AuthorizationPolicy on an HTTP request (``request=HttpRequest(...)``; Istio's
+sidecar semantics, for a port that speaks HTTP): everything above holds, and
+every HTTP attribute is evaluated instead of being left out:
+
+- ``methods`` match the request method (case-sensitive, Istio's string match).
+- ``paths`` match the path without its query or fragment, after RFC 3986
+  dot-segment removal (Istio's default BASE normalization): exact, ``prefix*``,
+  ``*suffix``, ``*``, and the path templates ``{*}`` (one segment) and ``{**}``
+  (any remaining segments, last only).
+- ``hosts`` match the Host/:authority case-insensitively, with or without its
+  port: ``example.com`` matches ``example.com:8080``; ``example.com:8080``
+  only that.
+- ``remoteIpBlocks`` match the original client: the last X-Forwarded-For
+  address when there is one (Envoy's default, no trusted hops), else the
+  peer's address. Spoofable, as Istio's documentation warns.
+- ``when: request.headers[Name]`` matches the header's value (the name is
+  case-insensitive; an absent header matches no value, so it fails ``values``
+  and passes ``notValues``); ``remote.ip`` as remoteIpBlocks.
+- JWT attributes (``requestPrincipals``, ``notRequestPrincipals``,
+  ``request.auth.*``): Shoal has no RequestAuthentication, so no request
+  carries a validated JWT. An ALLOW rule that uses any of them never matches
+  (it could only be honoured by validating tokens); a DENY rule evaluates them
+  as Istio does for a request without a JWT: ``requestPrincipals`` and
+  ``values`` never match, ``notRequestPrincipals``/``notValues`` always do
+  (so ``notRequestPrincipals: ["*"]`` denies every request, as it denies
+  requests without a token in Istio).
+- ``when`` keys Shoal cannot know on this path (``connection.sni``,
+  ``experimental.*``, unknown ones): an ALLOW rule never matches, a DENY rule
+  is enforced without them (more restrictive), as at L4.
+- Ports and every L4 attribute are evaluated as above.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import posixpath
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +120,10 @@ L4_CONDITION_KEYS = frozenset({"source.ip", "source.namespace", "source.principa
 _HTTP_SOURCE_FIELDS = ("request_principals", "not_request_principals", "remote_ip_blocks",
                        "not_remote_ip_blocks")
 _HTTP_OPERATION_FIELDS = ("hosts", "not_hosts", "methods", "not_methods", "paths", "not_paths")
+# when keys evaluated on an HTTP request (besides the L4 ones); request.auth.* is JWT.
+L7_CONDITION_KEYS = frozenset({"remote.ip"})
+_HEADER_KEY = re.compile(r"^request\.headers\[([^\]]+)\]$")
+_JWT_SOURCE_FIELDS = ("request_principals", "not_request_principals")
 
 
 @dataclass(frozen=True)
@@ -107,6 +146,16 @@ class Target:
     port: int
     # The destination address, for ``when: destination.ip``; "" when unknown.
     ip: str = ""
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """An HTTP request as the inbound agent parsed it (for L7 authorization)."""
+
+    method: str
+    path: str  # as received: with the query
+    host: str  # Host / :authority, maybe with a port
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)  # lower-case keys
 
 
 @dataclass(frozen=True)
@@ -188,6 +237,75 @@ def _check(positive: Sequence[str], negative: Sequence[str],
     return not any(matches(v) for v in negative)
 
 
+def normalize_path(path: str) -> str:
+    """The path Istio's policies see: no query or fragment, dot segments removed."""
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        return path
+    out = posixpath.normpath(path)
+    if out.startswith("//"):  # normpath keeps a leading "//"; RFC 3986 does not care
+        out = "/" + out.lstrip("/")
+    if path.endswith("/") and out != "/":
+        out += "/"
+    return out
+
+
+def _template(pattern: str) -> re.Pattern[str] | None:
+    """Istio's path template (``{*}``, ``{**}``) as a regex; None if not a template."""
+    if "{*}" not in pattern and "{**}" not in pattern:
+        return None
+    parts = []
+    for segment in pattern.split("/"):
+        if segment == "{*}":
+            parts.append("[^/]+")
+        elif segment == "{**}":
+            parts.append(".+")
+        else:
+            parts.append(re.escape(segment))
+    return re.compile("/".join(parts))
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """Istio's ``paths`` match against a normalized path."""
+    template = _template(pattern)
+    if template is not None:
+        return template.fullmatch(path) is not None
+    return string_matches(pattern, path)
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """Istio's ``hosts`` match: case-insensitive, the request's port optional."""
+    pattern, host = pattern.lower(), host.lower()
+    if string_matches(pattern, host):
+        return True
+    name, sep, port = host.rpartition(":")
+    bare_ipv6 = ":" in name and not name.startswith("[")
+    if sep and port.isdigit() and not bare_ipv6:
+        return string_matches(pattern, name)
+    return False
+
+
+def remote_ip(peer: Peer, request: HttpRequest) -> str:
+    """The original client: the last X-Forwarded-For address, else the peer's."""
+    xff = request.headers.get("x-forwarded-for", "")
+    last = xff.rsplit(",", 1)[-1].strip()
+    if last:
+        try:
+            ipaddress.ip_address(last)
+            return last
+        except ValueError:
+            pass
+    return peer.ip
+
+
+def _header(request: HttpRequest, name: str) -> str:
+    name = name.strip().lower()
+    for key, value in request.headers.items():
+        if key.lower() == name:
+            return value
+    return ""
+
+
 # --------------------------------------------------------------------------- mTLS
 
 
@@ -239,7 +357,20 @@ def _http_in_rule(rule: security_pb2.Rule) -> list[str]:
     return sorted(set(found))
 
 
-def _source_matches(src: security_pb2.Source, peer: Peer, *, policy_namespace: str) -> bool:
+def _unsupported_at_l7(rule: security_pb2.Rule) -> list[str]:
+    """What of a rule cannot be honoured on an HTTP request here (JWT, unknown keys)."""
+    found: list[str] = []
+    for src in rule.from_:
+        found += [src.source.DESCRIPTOR.fields_by_name[f].json_name
+                  for f in _JWT_SOURCE_FIELDS if getattr(src.source, f)]
+    found += [c.key for c in rule.when
+              if c.key not in L4_CONDITION_KEYS and c.key not in L7_CONDITION_KEYS
+              and not _HEADER_KEY.match(c.key)]
+    return sorted(set(found))
+
+
+def _source_matches(src: security_pb2.Source, peer: Peer, *, policy_namespace: str,
+                    request: HttpRequest | None = None) -> bool:
     ns = _peer_namespace(peer)
     ident = _identity(peer.principal) if peer.principal else None
 
@@ -247,11 +378,30 @@ def _source_matches(src: security_pb2.Source, peer: Peer, *, policy_namespace: s
         want_ns, _, want_sa = value.rpartition("/")
         return ident is not None and ident == (want_ns or policy_namespace, want_sa)
 
-    return (_check(src.principals, src.not_principals,
-                   lambda p: string_matches(p, peer.principal))
-            and _check(src.namespaces, src.not_namespaces, lambda p: string_matches(p, ns))
-            and _check(src.service_accounts, src.not_service_accounts, sa_matches)
-            and _blocks_check(src.ip_blocks, src.not_ip_blocks, peer.ip))
+    l4 = (_check(src.principals, src.not_principals,
+                 lambda p: string_matches(p, peer.principal))
+          and _check(src.namespaces, src.not_namespaces, lambda p: string_matches(p, ns))
+          and _check(src.service_accounts, src.not_service_accounts, sa_matches)
+          and _blocks_check(src.ip_blocks, src.not_ip_blocks, peer.ip))
+    if request is None or not l4:
+        return l4
+    # No request carries a validated JWT: its principal is absent ("").
+    return (_check(src.request_principals, src.not_request_principals,
+                   lambda p: string_matches(p, ""))
+            and _blocks_check(src.remote_ip_blocks, src.not_remote_ip_blocks,
+                              remote_ip(peer, request)))
+
+
+def _operation_matches(op: security_pb2.Operation, target: Target,
+                       request: HttpRequest | None) -> bool:
+    if not _ports_check(op.ports, op.not_ports, target.port):
+        return False
+    if request is None:
+        return True
+    path = normalize_path(request.path)
+    return (_check(op.methods, op.not_methods, lambda p: string_matches(p, request.method))
+            and _check(op.paths, op.not_paths, lambda p: path_matches(p, path))
+            and _check(op.hosts, op.not_hosts, lambda p: host_matches(p, request.host)))
 
 
 def _blocks_check(positive: Sequence[str], negative: Sequence[str], ip: str) -> bool:
@@ -266,8 +416,18 @@ def _ports_check(positive: Sequence[str], negative: Sequence[str], port: int) ->
     return port not in _ports(negative)
 
 
-def _condition_matches(cond: security_pb2.Condition, peer: Peer, target: Target) -> bool:
+def _condition_matches(cond: security_pb2.Condition, peer: Peer, target: Target,
+                       request: HttpRequest | None = None) -> bool:
     key = cond.key
+    if request is not None:
+        header = _HEADER_KEY.match(key)
+        if header is not None:
+            value = _header(request, header.group(1))
+            return _check(cond.values, cond.not_values, lambda p: string_matches(p, value))
+        if key == "remote.ip":
+            return _blocks_check(cond.values, cond.not_values, remote_ip(peer, request))
+        if key.startswith("request.auth."):  # no JWT: the attribute is absent
+            return _check(cond.values, cond.not_values, lambda p: string_matches(p, ""))
     if key == "source.ip":
         return _blocks_check(cond.values, cond.not_values, peer.ip)
     if key == "destination.ip":
@@ -280,26 +440,30 @@ def _condition_matches(cond: security_pb2.Condition, peer: Peer, target: Target)
     if key == "source.principal":
         return _check(cond.values, cond.not_values,
                       lambda p: string_matches(p, peer.principal))
-    return True  # an HTTP attribute: left out (only reached for DENY rules)
+    return True  # not checkable here: left out (only reached for DENY rules)
 
 
 def _rule_matches(rule: security_pb2.Rule, peer: Peer, target: Target, *,
-                  policy_namespace: str) -> bool:
-    if rule.from_ and not any(_source_matches(f.source, peer, policy_namespace=policy_namespace)
+                  policy_namespace: str, request: HttpRequest | None = None) -> bool:
+    if rule.from_ and not any(_source_matches(f.source, peer, policy_namespace=policy_namespace,
+                                              request=request)
                               for f in rule.from_):
         return False
-    if rule.to and not any(_ports_check(t.operation.ports, t.operation.not_ports, target.port)
-                           for t in rule.to):
+    if rule.to and not any(_operation_matches(t.operation, target, request) for t in rule.to):
         return False
-    return all(_condition_matches(c, peer, target) for c in rule.when)
+    return all(_condition_matches(c, peer, target, request) for c in rule.when)
 
 
-def _policy_matches(policy: AuthorizationPolicy, peer: Peer, target: Target) -> bool:
+def _policy_matches(policy: AuthorizationPolicy, peer: Peer, target: Target,
+                    request: HttpRequest | None = None) -> bool:
     allow = policy.spec.action in ("", ALLOW)
     for rule in policy.spec.rules:
-        if allow and _http_in_rule(rule):
+        if allow and request is None and _http_in_rule(rule):
             continue  # an ALLOW rule with HTTP attributes never matches at L4
-        if _rule_matches(rule, peer, target, policy_namespace=policy.metadata.namespace):
+        if allow and request is not None and _unsupported_at_l7(rule):
+            continue  # nor one with JWT or unknown attributes on a request
+        if _rule_matches(rule, peer, target, policy_namespace=policy.metadata.namespace,
+                         request=request):
             return True
     return False
 
@@ -314,20 +478,22 @@ def _applies(policy: AuthorizationPolicy, target: Target, root_namespace: str) -
 
 
 def authorize(policies: Iterable[AuthorizationPolicy], peer: Peer, target: Target, *,
-              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> Verdict:
-    """Whether Istio's L4 authorization lets peer connect to target (see the module doc)."""
+              root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+              request: HttpRequest | None = None) -> Verdict:
+    """Whether Istio's authorization lets peer connect to target (``request`` None: at
+    L4) or send it ``request`` (on an HTTP port); see the module doc."""
     applicable = sorted((p for p in policies if _applies(p, target, root_namespace)),
                         key=lambda p: (p.metadata.namespace, p.metadata.name))
     denies = [p for p in applicable if p.spec.action == DENY]
     allows = [p for p in applicable if p.spec.action in ("", ALLOW)]
     for policy in denies:
-        if _policy_matches(policy, peer, target):
+        if _policy_matches(policy, peer, target, request):
             key = policy_key(policy)
             return Verdict(False, key, f"denied by DENY policy {key}")
     if not allows:
         return Verdict(True, "", "no ALLOW policy applies")
     for policy in allows:
-        if _policy_matches(policy, peer, target):
+        if _policy_matches(policy, peer, target, request):
             key = policy_key(policy)
             return Verdict(True, key, f"allowed by ALLOW policy {key}")
     names = ", ".join(policy_key(p) for p in allows)
@@ -350,4 +516,24 @@ def l4_gaps(policy: AuthorizationPolicy) -> tuple[str, ...]:
                       else "the rule is enforced without them (more restrictive)")
             gaps.append(f"rules[{i}]: HTTP attributes ({', '.join(http)}) cannot be checked "
                         f"at L4; {effect}")
+    return tuple(gaps)
+
+
+def l7_gaps(policy: AuthorizationPolicy) -> tuple[str, ...]:
+    """What of this policy is not enforced on HTTP requests, one sentence each (for logs)."""
+    spec = policy.spec
+    if spec.HasField("target_ref") or spec.target_refs:
+        return ("targetRefs are for waypoints and gateways; the policy is ignored",)
+    if spec.action in ("CUSTOM", "AUDIT"):
+        return (f"action {spec.action} is not supported; the policy is ignored",)
+    allow = spec.action in ("", ALLOW)
+    gaps = []
+    for i, rule in enumerate(spec.rules):
+        unsupported = _unsupported_at_l7(rule)
+        if unsupported:
+            effect = ("the rule never matches" if allow
+                      else "the rule is enforced as for a request without a JWT, and "
+                      "without the other attributes (more restrictive)")
+            gaps.append(f"rules[{i}]: {', '.join(unsupported)} cannot be checked (no JWT "
+                        f"validation; unknown keys); {effect}")
     return tuple(gaps)
