@@ -8,6 +8,9 @@
       -s P -d NODE_DNS -p udp/tcp --dport 53  -> REDIRECT 15053  (pod DNS)
       -s P -d SERVICE_CIDR -p tcp             -> REDIRECT 15001  (outbound to a ClusterIP)
       -s P -d POD_CIDR -p tcp                 -> REDIRECT 15001  (outbound to a pod)
+          (with egress capture, the agent's default, these two are one rule
+           ``-s P -p tcp``: every destination, so the outbound traffic policy
+           of meshagent.egress can act; the node's own traffic is never matched)
       -d P -p tcp --dport 15008               -> REDIRECT 15008  (a peer agent's tunnel
                                                                  to the pod)
       -d P -p tcp                             -> REDIRECT 15006  (inbound to the pod)
@@ -74,6 +77,9 @@ class CaptureConfig:
     inbound_port: int = INBOUND_PORT
     dns_port: int = DNS_PORT
     tunnel_port: int = TUNNEL_PORT
+    # Capture a pod's TCP to any destination (for the outbound traffic policy),
+    # not only to the pod and service CIDRs.
+    egress: bool = False
 
     def __post_init__(self) -> None:
         for name in ("pod_cidr", "service_cidr"):
@@ -107,10 +113,13 @@ def pod_rules(ip: str, cfg: CaptureConfig) -> list[str]:
         for proto in ("udp", "tcp"):
             out.append(f"{a} {src} -d {cfg.dns_ip}/32 -p {proto} -m {proto} --dport 53 "
                        f"-j REDIRECT --to-ports {cfg.dns_port}")
-    out.append(f"{a} {src} -d {cfg.service_cidr} -p tcp -j REDIRECT "
-               f"--to-ports {cfg.outbound_port}")
-    out.append(f"{a} {src} -d {cfg.pod_cidr} -p tcp -j REDIRECT "
-               f"--to-ports {cfg.outbound_port}")
+    if cfg.egress:
+        out.append(f"{a} {src} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}")
+    else:
+        out.append(f"{a} {src} -d {cfg.service_cidr} -p tcp -j REDIRECT "
+                   f"--to-ports {cfg.outbound_port}")
+        out.append(f"{a} {src} -d {cfg.pod_cidr} -p tcp -j REDIRECT "
+                   f"--to-ports {cfg.outbound_port}")
     out.append(f"{a} -d {ip}/32 -p tcp -m tcp --dport {TUNNEL_PORT} -j REDIRECT "
                f"--to-ports {cfg.tunnel_port}")
     out.append(f"{a} -d {ip}/32 -p tcp -j REDIRECT --to-ports {cfg.inbound_port}")

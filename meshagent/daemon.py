@@ -30,13 +30,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import admin, capture, dns, identity, policy, proxy, tunnel
+from meshagent import admin, capture, dns, egress, identity, policy, proxy, tunnel
 from meshagent.l7 import telemetry
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
 from shoal import errors, sdnotify, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.security.v1 import security_pb2
+from shoal.api.traffic.v1 import traffic_pb2
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
 from shoal.kinds import builtin_kinds
@@ -74,6 +75,9 @@ class MeshConfig:
     keep_rules_on_exit: bool = False
     reconcile_interval: float = 5.0  # drift checks of the capture rules
     zipkin_endpoint: str = ""  # http://HOST:PORT of a Zipkin v2 collector; "" = no spans
+    # meshagent.egress: ALLOW_ANY or REGISTRY_ONLY (a namespace label overrides it)
+    outbound_traffic_policy: str = egress.ALLOW_ANY
+    egress_capture: bool = True  # capture pods' TCP to any address, not only the CIDRs
 
 
 def captured(pod: core_pb2.Pod, namespaces: Mapping[str, core_pb2.Namespace]) -> bool:
@@ -121,12 +125,15 @@ class MeshAgent:
         self.namespaces = Informer(client, core_pb2.Namespace)
         self.peer_auths = Informer(client, security_pb2.PeerAuthentication)
         self.authz = Informer(client, security_pb2.AuthorizationPolicy)
+        self.service_entries = Informer(client, traffic_pb2.ServiceEntry)
+        self._registry = egress.Registry()
+        self._resolved: dict[str, tuple[str, ...]] = {}
         self.authz.add_handlers(on_add=self._check_policy,
                                 on_update=lambda _old, new: self._check_policy(new))
         self._routes: dict[Address, Route] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self._dirty = True
-        for inf in (self.services, self.endpoints):
+        for inf in (self.services, self.endpoints, self.service_entries):
             inf.add_handlers(on_add=self._changed, on_update=self._changed2,
                              on_delete=self._changed)
         self.identities = identity.IdentityManager(
@@ -146,7 +153,8 @@ class MeshAgent:
         self.path = proxy.DataPath(node=config.node_name, trust_domain=config.trust_domain,
                                    routes=self.routes, pod_cidr=config.pod_cidr,
                                    workload=self.workload, metrics=self.metrics,
-                                   pool=self.pool, admit=self.admit, ready=self.synced)
+                                   pool=self.pool, admit=self.admit, ready=self.synced,
+                                   egress=self.egress)
         self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
                                        port=config.outbound_port, path=self.path,
                                        original_dst=original_dst)
@@ -203,6 +211,10 @@ class MeshAgent:
             services = self.services.list()
             self._routes = build_routes(services, eps)
             self._names = dns.build_names(services, eps, domain=self.config.cluster_domain)
+            ses = self.service_entries.list()
+            for host, ips in egress.service_entry_names(ses).items():
+                self._names.setdefault(host, ips)
+            self._registry = egress.build_registry(ses, self._resolved)
 
     def routes(self) -> dict[Address, Route]:
         self._rebuild()
@@ -211,6 +223,26 @@ class MeshAgent:
     def names(self) -> dict[str, tuple[str, ...]]:
         self._rebuild()
         return self._names
+
+    def egress(self, src: proxy.Workload | None, dst: Address) -> egress.Egress:
+        """A connection out of the cluster: a ServiceEntry's, or the outbound
+        traffic policy of the source's namespace decides."""
+        self._rebuild()
+        mode = self.config.outbound_traffic_policy
+        if src is not None and (ns := self._namespace(src.namespace)) is not None:
+            mode = egress.policy_for(mode, dict(ns.metadata.labels))
+        return egress.decide_egress(self._registry, mode, dst)
+
+    async def _keep_resolved(self) -> None:
+        """DNS ServiceEntries' hosts, resolved through the upstream DNS every 30 s."""
+        while True:
+            hosts = sorted({h for se in self.service_entries.list()
+                            for h in egress.dns_hosts(se)})
+            resolved = await egress.resolve(hosts, upstream=self.config.upstream_dns)
+            if resolved != self._resolved:
+                self._resolved = resolved
+                self._dirty = True
+            await asyncio.sleep(30.0)
 
     def _pod_by_ip(self, ip: str) -> core_pb2.Pod | None:
         # Several pods may have had this IP; the running one counts.
@@ -325,7 +357,7 @@ class MeshAgent:
 
     def informers(self) -> list[Informer[Any]]:
         return [self.pods, self.services, self.endpoints, self.namespaces, self.peer_auths,
-                self.authz]
+                self.authz, self.service_entries]
 
     async def start(self) -> None:
         """Bind every port (a bad one fails here)."""
@@ -384,7 +416,8 @@ class MeshAgent:
                                          dns_ip=cfg.dns_ip, outbound_port=self.outbound.port,
                                          inbound_port=self.inbound.port,
                                          dns_port=self.dns.port,
-                                         tunnel_port=self.tunnel.port),
+                                         tunnel_port=self.tunnel.port,
+                                         egress=cfg.egress_capture),
             iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval)
         cap = self.capture
         self.capture_rewrites.set_function(lambda: float(cap.rewrites))
@@ -430,6 +463,7 @@ class MeshAgent:
                     tg.create_task(self._keep_capture(refresh), name="capture")
                 if self.tracer is not None:
                     tg.create_task(self.tracer.run(), name="zipkin")
+                tg.create_task(self._keep_resolved(), name="service-entry-dns")
         finally:
             if self.capture is not None and not self.config.keep_rules_on_exit:
                 try:

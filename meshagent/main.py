@@ -4,6 +4,7 @@
         [--capture --dns-ip NODE_IP] [--pod-cidr 10.244.0.0/16]
         [--service-cidr 10.96.0.0/16] [--cluster-domain cluster.local]
         [--upstream-dns IP] [--metrics-listen 0.0.0.0:15020] [--zipkin-endpoint URL]
+        [--outbound-traffic-policy ALLOW_ANY|REGISTRY_ONLY] [--no-egress-capture]
     shoal-meshagent cleanup [--iptables BINARY]   remove the capture rules
 """
 
@@ -61,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--zipkin-endpoint", default="", metavar="URL",
                    help="send a span per delivered HTTP request to this Zipkin v2 "
                    "collector (http://HOST:PORT[/api/v2/spans]); empty: no tracing")
+    r.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+                   default="ALLOW_ANY",
+                   help="pods' connections out of the cluster: ALLOW_ANY passes them "
+                   "through, REGISTRY_ONLY allows only ServiceEntry destinations (a "
+                   "namespace's label shoal.dev/outbound-traffic-policy overrides it)")
+    r.add_argument("--no-egress-capture", action="store_true",
+                   help="capture pods' TCP only to the pod and service CIDRs (the "
+                   "outbound traffic policy then cannot act)")
     r.add_argument("--log-level", default="info")
     r.add_argument("--log-format", choices=["json", "text"], default="json")
     c = sub.add_parser("cleanup", help="remove the capture rules from this network namespace")
@@ -94,7 +103,9 @@ def _run(ns: argparse.Namespace) -> int:
             service_cidr=ns.service_cidr, cluster_domain=ns.cluster_domain,
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit,
-            reconcile_interval=ns.reconcile_interval, zipkin_endpoint=ns.zipkin_endpoint)
+            reconcile_interval=ns.reconcile_interval, zipkin_endpoint=ns.zipkin_endpoint,
+            outbound_traffic_policy=ns.outbound_traffic_policy,
+            egress_capture=not ns.no_egress_capture)
         if ns.zipkin_endpoint:
             parse_endpoint(ns.zipkin_endpoint)  # validates, before anything starts
         capture.CaptureConfig(pod_cidr=ns.pod_cidr, service_cidr=ns.service_cidr,

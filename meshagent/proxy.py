@@ -47,7 +47,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter
 
 from meshagent import relay, tunnel
-from meshagent.routing import Address, Balancer, Route, decide
+from meshagent.egress import Egress
+from meshagent.routing import Address, Balancer, Decision, Route, decide
 from shoal import spiffe
 from shoal.queueing import wait_set
 
@@ -57,6 +58,7 @@ SO_ORIGINAL_DST = 80
 
 OriginalDst = Callable[[socket.socket], Address]
 Routes = Callable[[], dict[Address, Route]]
+EgressDecide = Callable[["Workload | None", Address], Egress]
 
 LOCAL, MTLS, PLAINTEXT = "local", "mTLS", "plaintext"
 
@@ -132,6 +134,10 @@ class Metrics:
                                                          "destination_workload_namespace",
                                                          "source_principal", "reason"),
             registry=registry)
+        self.egress_blocked = Counter(
+            "shoal_mesh_egress_blocked", "connections out of the cluster refused by the "
+            "outbound traffic policy REGISTRY_ONLY (no ServiceEntry names the destination)",
+            ("source_workload_namespace", "destination"), registry=registry)
         self.tunnel = tunnel.Metrics(registry)
 
 
@@ -180,7 +186,8 @@ class DataPath:
                  workload: Workloads, metrics: Metrics, pool: tunnel.Pool | None = None,
                  admit: Admit = admit_all, balancer: Balancer | None = None,
                  connect_timeout: float = 5.0, idle_timeout: float = 3600.0,
-                 ready: asyncio.Event | None = None, ready_timeout: float = 10.0) -> None:
+                 ready: asyncio.Event | None = None, ready_timeout: float = 10.0,
+                 egress: EgressDecide | None = None) -> None:
         self.node = node
         self.trust_domain = trust_domain
         self.routes = routes
@@ -195,6 +202,7 @@ class DataPath:
         self.ready = ready
         self.ready_timeout = ready_timeout
         self.live: dict[int, Live] = {}
+        self.egress = egress  # destinations outside the cluster (meshagent.egress)
 
     async def wait_ready(self) -> bool:
         """Wait until the agent knows the cluster (``ready``, set once its
@@ -270,6 +278,14 @@ class DataPath:
             target = self.balancer.pick(d.route)
         elif d.kind == "passthrough":
             target = dst
+        elif d.route is None and self.egress is not None:
+            # Outside the cluster: a ServiceEntry, or the outbound traffic policy.
+            e = self.egress(src, dst)
+            target, service = e.target, e.service
+            if not e.allowed:
+                d = Decision("refuse", reason=e.reason)
+                self.metrics.egress_blocked.labels(
+                    src.namespace if src else "unknown", f"{dst[0]}:{dst[1]}").inc()
         dst_wl = self.workload(target[0]) if target is not None else None
         if dst_wl is not None and dst_wl.node == self.node:
             mode = LOCAL
