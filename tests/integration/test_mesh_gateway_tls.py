@@ -1,0 +1,208 @@
+"""The ingress gateway on loopback: an HTTPS listener terminating TLS with the
+certificate of a kubernetes.io/tls Secret (SNI picks it), requests routed by
+the VirtualService bound to the Gateway to a plain HTTP backend (a workload
+outside the mesh: no tunnel), the trace context and forwarding headers added."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from prometheus_client import CollectorRegistry
+
+from apiserver.pki import CertificateAuthority, cert_pem, key_pem, new_key
+from meshagent import gateway as gw
+from shoal.api.core.v1 import core_pb2
+from shoal.api.traffic.v1 import traffic_pb2 as pb
+
+LABELS = {"istio": "ingressgateway"}
+HOST = "bookinfo.example.com"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _obj(cls: type, text: str, *, name: str, namespace: str) -> object:
+    o = cls()
+    json_format.ParseDict({"spec": yaml.safe_load(text)}, o)
+    o.metadata.name, o.metadata.namespace = name, namespace
+    return o
+
+
+@dataclass
+class Setup:
+    gateway: gw.Gateway
+    https: int
+    http: int
+    ca_pem: bytes
+    seen: list[dict[str, str]]
+
+
+async def _backend(seen: list[dict[str, str]]) -> tuple[asyncio.Server, int]:
+    """A plain HTTP/1.1 app: answers with the request line and headers it got (JSON)."""
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await r.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v for k, _, v in (x.partition(": ") for x in lines[1:] if x)}
+        n = int(headers.get("content-length", "0") or 0)
+        body = await r.readexactly(n) if n else b""
+        seen.append({"request-line": lines[0], "body": body.decode(), **headers})
+        out = json.dumps({"line": lines[0], "headers": headers}).encode()
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nx-app: web\r\n\r\n%s" % (len(out), out))
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return srv, int(srv.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    seen: list[dict[str, str]] = []
+    backend, backend_port = await _backend(seen)
+    ca = CertificateAuthority.create("test-ingress-ca")
+    key = new_key()
+    leaf = ca.issue(key.public_key(), common_name=HOST, dns_names=[HOST], server=True)
+    secret = core_pb2.Secret(type="kubernetes.io/tls")
+    secret.metadata.name, secret.metadata.namespace = "bookinfo-cert", "istio-system"
+    secret.metadata.resource_version = "1"
+    secret.data["tls.crt"] = cert_pem(leaf)
+    secret.data["tls.key"] = key_pem(key)
+    https, http = _free_port(), _free_port()
+    gateway = _obj(pb.Gateway, f"""
+selector: {{istio: ingressgateway}}
+servers:
+- port: {{number: {https}, name: https, protocol: HTTPS}}
+  hosts: ["{HOST}"]
+  tls: {{mode: SIMPLE, credentialName: bookinfo-cert}}
+- port: {{number: {http}, name: http, protocol: HTTP}}
+  hosts: ["*"]
+""", name="bookinfo-gateway", namespace="istio-system")
+    vs = _obj(pb.VirtualService, f"""
+hosts: ["{HOST}"]
+gateways: ["istio-system/bookinfo-gateway"]
+http:
+- match: [{{uri: {{prefix: /old/}}}}]
+  redirect: {{uri: /new/}}
+- match: [{{uri: {{prefix: /api/}}}}]
+  rewrite: {{uri: /}}
+  route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
+- route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
+""", name="bookinfo", namespace="bookinfo")
+    svc = core_pb2.Service()
+    svc.metadata.name, svc.metadata.namespace = "web", "bookinfo"
+    svc.spec.ports.add(name="http", port=80)
+    eps = core_pb2.Endpoints()
+    eps.metadata.name, eps.metadata.namespace = "web", "bookinfo"
+    subset = eps.subsets.add()
+    subset.addresses.add(ip="127.0.0.1")
+    subset.ports.add(name="http", port=backend_port)
+    me = gw.Workload(namespace="istio-system", name="istio-ingressgateway",
+                     service_account="istio-ingressgateway", ip="127.0.0.1", labels=LABELS)
+    g = gw.Gateway(me=me, trust_domain="cluster.local", listen_host="127.0.0.1", pool=None,
+                   registry=CollectorRegistry(), rng=random.Random(7))
+    g.update(gateways=[gateway], virtual_services=[vs], destination_rules=[],  # type: ignore[list-item]
+             services=[svc], endpoints=[eps], pods=[],
+             secrets={"istio-system/bookinfo-cert": secret})
+    await g.apply()
+    assert g.listening() == {https: "HTTPS", http: "HTTP"}
+    try:
+        yield Setup(gateway=g, https=https, http=http, ca_pem=cert_pem(ca.cert), seen=seen)
+    finally:
+        await g.close()
+        backend.close()
+
+
+async def _get(port: int, path: str, *, host: str = HOST, ctx: ssl.SSLContext | None = None,
+               extra: str = "") -> tuple[str, dict[str, str], str]:
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                         server_hostname=host if ctx else None)
+    w.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n{extra}\r\n".encode())
+    await w.drain()
+    data = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    headers = {k.lower(): v for k, _, v in (x.partition(": ") for x in lines[1:])}
+    return lines[0], headers, body
+
+
+def _client(ca_pem: bytes) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    return ctx
+
+
+async def test_https_terminates_with_the_secrets_certificate_and_reaches_the_service(
+        setup: Setup) -> None:
+    status, headers, body = await _get(setup.https, "/productpage?u=1",
+                                       ctx=_client(setup.ca_pem))
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["x-app"] == "web"
+    assert headers["connection"] == "close"
+    got = json.loads(body)
+    assert got["line"] == "GET /productpage?u=1 HTTP/1.1"
+    sent = got["headers"]
+    assert sent["x-forwarded-proto"] == "https"
+    assert sent["x-forwarded-for"] == "127.0.0.1"
+    assert sent["traceparent"].startswith("00-") and sent["x-b3-traceid"]
+    assert sent["x-request-id"]
+
+
+async def test_the_client_verifies_the_certificate_against_the_host_name(
+        setup: Setup) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _get(setup.https, "/", host="other.example.com", ctx=_client(setup.ca_pem))
+
+
+async def test_an_incoming_trace_is_continued(setup: Setup) -> None:
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    _, _, body = await _get(setup.https, "/", ctx=_client(setup.ca_pem),
+                            extra=f"traceparent: {parent}\r\n")
+    sent = json.loads(body)["headers"]
+    assert sent["x-b3-traceid"] == "0af7651916cd43dd8448eb211c80319c"
+    assert sent["x-b3-parentspanid"] == "b7ad6b7169203331"
+    assert sent["x-b3-spanid"] != "b7ad6b7169203331"
+
+
+async def test_rewrite_and_redirect_of_the_bound_virtual_service(setup: Setup) -> None:
+    _, _, body = await _get(setup.http, "/api/items")
+    assert json.loads(body)["line"] == "GET /items HTTP/1.1"
+    status, headers, _ = await _get(setup.http, "/old/page")
+    assert status.startswith("HTTP/1.1 301")
+    assert headers["location"] == f"http://{HOST}/new/"
+
+
+async def test_a_host_no_virtual_service_binds_gets_404_nr(setup: Setup) -> None:
+    status, headers, _ = await _get(setup.http, "/", host="unknown.example.org")
+    assert status.startswith("HTTP/1.1 404")
+    assert headers["x-shoal-response-flags"] == "NR"
+
+
+async def test_a_new_certificate_in_the_secret_is_served_without_a_restart(
+        setup: Setup) -> None:
+    ca2 = CertificateAuthority.create("rotated-ca")
+    key = new_key()
+    leaf = ca2.issue(key.public_key(), common_name=HOST, dns_names=[HOST], server=True)
+    secret = core_pb2.Secret(type="kubernetes.io/tls")
+    secret.metadata.name, secret.metadata.namespace = "bookinfo-cert", "istio-system"
+    secret.metadata.resource_version = "2"
+    secret.data["tls.crt"], secret.data["tls.key"] = cert_pem(leaf), key_pem(key)
+    g = setup.gateway
+    g.credentials.update({"istio-system/bookinfo-cert": secret}, ["bookinfo-cert"])
+    status, _, _ = await _get(setup.https, "/", ctx=_client(cert_pem(ca2.cert)))
+    assert status == "HTTP/1.1 200 OK"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _get(setup.https, "/", ctx=_client(setup.ca_pem))
