@@ -11,6 +11,9 @@ apiserver (``MeshProxy``) from every agent's admin API.
                              side's view from the agents of the Service's endpoints
     mesh check [-n NS | -A]  config that will not do what it says, like istioctl
                              analyze (shoal/cli/meshcheck.py; reads the API only)
+    mesh explain SRC-POD DST-HOST[:PORT]  what the mesh would do with one request,
+                             by the agent's own code (shoal/cli/meshexplain.py; reads
+                             the API only)
     mesh netfilter NODE      the capture rules the agent keeps, as the kernel
                              holds them, and each difference
     apply --wait-propagated  after the writes, until every agent reports a
@@ -84,6 +87,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                                     f"when nothing is found, {FOUND_ISSUES} when anything is.")
     k.add_argument("-A", "--all-namespaces", action="store_true")
     k.add_argument("-o", "--output", choices=OUTPUTS, default="")
+    x = cmds.add_parser("explain", parents=[common],
+                        help="what the mesh would do with one request (route, subset, "
+                             "endpoints, policy, timeout, retries)",
+                        description="Work out, with the meshagent's own routing, "
+                                    "DestinationRule and policy code, what happens to a request "
+                                    "from SRC-POD (in -n) to DST-HOST[:PORT]. Reads the API "
+                                    "only (shoal/cli/meshexplain.py).")
+    x.add_argument("pod", metavar="SRC-POD")
+    x.add_argument("target", metavar="DST-HOST[:PORT]",
+                   help="NAME, NAME.NS, NAME.NS.svc[.cluster.local], with an optional :PORT")
+    x.add_argument("--path", default="/", help="the request path, with a query (default /)")
+    x.add_argument("--method", default="GET")
+    x.add_argument("--header", action="append", default=[], metavar="K=V",
+                   help="a request header (repeatable)")
+    x.add_argument("-o", "--output", choices=OUTPUTS, default="")
     n = cmds.add_parser("netfilter", parents=[common],
                         help="a node's capture rules and their drift")
     n.add_argument("node", metavar="NODE")
@@ -104,6 +122,11 @@ async def run_mesh(session: Session, ns: argparse.Namespace) -> int:
         case "check":
             return await run_mesh_check(session, all_namespaces=ns.all_namespaces,
                                         output=ns.output)
+        case "explain":  # imported here: it loads the meshagent's code
+            from shoal.cli.meshexplain import run_mesh_explain
+            return await run_mesh_explain(session, pod=ns.pod, target=ns.target,
+                                          method=ns.method, path=ns.path, headers=ns.header,
+                                          output=ns.output)
     raise CLIError(f"unknown mesh command {ns.mesh_command!r}")  # pragma: no cover
 
 
