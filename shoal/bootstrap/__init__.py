@@ -164,6 +164,8 @@ class NodeSpec:
     mesh: bool = False
     lease_renew_interval: float = 10.0
     sandbox_image: str = SANDBOX_IMAGE
+    # The mesh agent's Zipkin v2 collector (http://HOST:PORT); "" = no tracing.
+    zipkin_endpoint: str = ""
 
     @property
     def join_server(self) -> str:
@@ -298,6 +300,7 @@ def _node_command(node: NodeSpec, component: str, *, python: str) -> Command:
         python, "-P", "-m", "meshagent.main", "run", "--node-name", node.name,
         "--config", str(node.node_config), "--capture", "--dns-ip", node.ip,
         "--metrics-listen", node.mesh_metrics,
+        *(("--zipkin-endpoint", node.zipkin_endpoint) if node.zipkin_endpoint else ()),
     ), ready_url=f"http://{node.mesh_metrics}/readyz")  # fmt: skip
 
 

@@ -123,6 +123,8 @@ Say = Callable[[str], None]
 
 ETCD, APISERVER, REGISTRY = bootstrap.ETCD, bootstrap.APISERVER, bootstrap.REGISTRY
 SUPERVISOR = supervisormod.NAME
+# With --mesh: the lab's Zipkin v2 collector (shoal.lab.zipkin) on the bridge address.
+ZIPKIN, ZIPKIN_PORT = "zipkin", 9411
 CONTROL_PLANE_PROCESSES = (REGISTRY, APISERVER, ETCD)  # stop order
 PARTITION_JUMPS = ("INPUT", "OUTPUT", "FORWARD")
 LEASE_NAMESPACE = "kube-node-lease"
@@ -408,6 +410,7 @@ class Lab:
         took = state.timings["ready"]
         self._progress(f"all {len(topo.nodes)} nodes Ready")
         if self.mesh:
+            self._start_zipkin(state, topo)
             self._start_meshagents(state, topo)
         sup = self._start_supervisor(state, topo)
         with self.file.locked():
@@ -486,7 +489,8 @@ class Lab:
                 topo, self.control_planes)[1:]),
             registry=topo.registry, containerd=bootstrap.BY_AGENT, mesh=self.mesh,
             # Often enough for the shortened --node-monitor-grace-period labs use.
-            lease_renew_interval=LEASE_RENEW_INTERVAL, sandbox_image=SANDBOX_IMAGE))
+            lease_renew_interval=LEASE_RENEW_INTERVAL, sandbox_image=SANDBOX_IMAGE,
+            zipkin_endpoint=zipkin_url(topo) if self.mesh else ""))
 
     def _member_specs(self, topo: Topology) -> list[tuple[ControlPlaneMember, bootstrap.Spec]]:
         """One bootstrap spec per control-plane member (one member: the single
@@ -588,6 +592,18 @@ class Lab:
                 raise LabError(f"{record.name} failed ({code}); see {record.log}")
             del state.processes[record.name]  # done: nothing left to stop
             self.file.save(state)
+
+    def _start_zipkin(self, state: LabState, topo: Topology) -> None:
+        """With --mesh: the Zipkin collector the meshagents send spans to, on the
+        bridge address (the host and the nodes reach it; nothing outside)."""
+        argv = [self.python, "-P", "-m", "shoal.lab.zipkin", "--listen",
+                f"{topo.gateway}:{ZIPKIN_PORT}"]
+        record = self._spawn(state, ZIPKIN, argv, log=topo.logs_dir / "zipkin.log",
+                             supervised=True)
+        self.sup.wait_until("zipkin /health", partial(http_ok, f"{zipkin_url(topo)}/health"),
+                            timeout=START_TIMEOUT, watch=[record])
+        self._progress(f"zipkin collector on {zipkin_url(topo)} (spans: GET "
+                       f"{zipkin_url(topo)}/api/v2/traces)")
 
     def _start_meshagents(self, state: LabState, topo: Topology) -> None:
         """Opt-in (``up --mesh``): a capturing meshagent in every node's netns,
@@ -783,6 +799,7 @@ class Lab:
         # The meshagents are there only in a lab brought up with --mesh.
         meshagents = [f"meshagent/{n.name}" for n in topo.nodes
                       if f"meshagent/{n.name}" in state.processes]
+        meshagents += [ZIPKIN] if ZIPKIN in state.processes else []
         members = control_plane_members(topo, state.control_planes)
         for name in (SUPERVISOR, *(m.etcd_process for m in members),
                      *(m.apiserver_process for m in members), REGISTRY,
@@ -839,6 +856,8 @@ class Lab:
             for a, b in state.partitions:
                 self.say(f"partition: {a} <-x-> {b}   (shoal lab heal)")
         self.say("")
+        if ZIPKIN in state.processes:
+            self.say(f"zipkin:   {zipkin_url(topo)}/api/v2/traces (the meshagents' spans)")
         self.say(f"export SHOAL_CONFIG={topo.admin_config}")
         return 0 if healthy else 1
 
@@ -1037,6 +1056,11 @@ class Lab:
         self.say(f"healed {count} partition{'s' if count != 1 else ''}" if count else
                  "no partitions to heal")
         return 0
+
+
+def zipkin_url(topo: Topology) -> str:
+    """The lab's Zipkin collector (a lab brought up with --mesh runs it)."""
+    return f"http://{topo.gateway}:{ZIPKIN_PORT}"
 
 
 def _umount(point: Path) -> str | None:
