@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from shoal import errors
 from shoal.api.apps.v1 import apps_pb2
+from shoal.api.autoscaling.v2 import autoscaling_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.networking.v1 import networking_pb2
@@ -242,6 +243,8 @@ def builtin_kinds() -> KindTable:
             Kind("apps", "v1", "DaemonSet", "daemonsets", True, apps.DaemonSet, ("ds",)),
             Kind("apps", "v1", "ControllerRevision", "controllerrevisions", True,
                  apps.ControllerRevision, (), has_status=False),
+            Kind("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers",
+                 True, autoscaling_pb2.HorizontalPodAutoscaler, ("hpa",)),
             Kind(ISTIO_SECURITY, "v1", "PeerAuthentication", "peerauthentications", True,
                  sec.PeerAuthentication, ("pa",), has_status=False,
                  also_versions=("v1beta1",)),
@@ -258,6 +261,9 @@ def builtin_kinds() -> KindTable:
                  ("gw",), has_status=False, also_versions=_ISTIO_NETWORKING_ALSO),
             Kind(ISTIO_NETWORKING, "v1", "ServiceEntry", "serviceentries", True,
                  traffic_pb2.ServiceEntry, ("se",), has_status=False,
+                 also_versions=_ISTIO_NETWORKING_ALSO),
+            Kind(ISTIO_NETWORKING, "v1", "WorkloadEntry", "workloadentries", True,
+                 traffic_pb2.WorkloadEntry, ("we",), has_status=False,
                  also_versions=_ISTIO_NETWORKING_ALSO),
             Kind("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", True,
                  networking_pb2.NetworkPolicy, ("netpol",), has_status=False),

@@ -785,7 +785,8 @@ def _validate_service_entry(se: pb.ServiceEntry) -> Errors:
     if spec.resolution == "NONE" and spec.endpoints:
         errs.append(_forbidden("spec.endpoints", "no endpoints should be provided for "
                                                  "resolution type NONE"))
-    if spec.resolution == "STATIC" and not spec.endpoints and not spec.addresses:
+    if spec.resolution == "STATIC" and not spec.endpoints and not spec.addresses \
+            and not spec.HasField("workload_selector"):
         errs.append(_required("spec.endpoints", "resolution STATIC needs endpoints (or "
                                                 "addresses) to send traffic to"))
     if spec.resolution.startswith("DNS") and not spec.endpoints:
@@ -795,6 +796,11 @@ def _validate_service_entry(se: pb.ServiceEntry) -> Errors:
                                      f"hosts must be FQDN if no endpoints are provided for "
                                      f"resolution mode {spec.resolution}"))
     errs += _service_entry_endpoints(spec)
+    if spec.HasField("workload_selector"):
+        if spec.endpoints:
+            errs.append(_forbidden("spec.workloadSelector", "only one of WorkloadSelector "
+                                                            "or Endpoints is allowed"))
+        errs += _labels("spec.workloadSelector.labels", spec.workload_selector.labels)
     errs += _export_to("spec.exportTo", spec.export_to)
     return errs
 
@@ -807,11 +813,50 @@ def default_service_entry(se: pb.ServiceEntry) -> None:
         se.spec.resolution = "NONE"
 
 
+# --------------------------------------------------------------------------- WorkloadEntry
+
+
+MESH_HOST_LABEL = "shoal.dev/mesh-host"  # the mesh-only host that runs a WorkloadEntry
+
+
+def _validate_workload_entry(we: pb.WorkloadEntry) -> Errors:
+    """Istio's rules: an address (IP, FQDN or unix://) unless a network is given,
+    valid port names and numbers, labels and service account."""
+    spec = we.spec
+    errs: Errors = []
+    if not spec.address:
+        if not spec.network:
+            errs.append(_required("spec.address", "address is required unless network is "
+                                                  "set"))
+    elif spec.address.startswith("unix://"):
+        if spec.ports:
+            errs.append(_forbidden("spec.ports", "unix endpoint must not include ports"))
+    elif not _is_ip(spec.address) and _domain_problem(spec.address, wildcard=False):
+        errs.append(_invalid("spec.address", spec.address,
+                             "must be an IP address, a FQDN or unix://"))
+    for name, number in sorted(spec.ports.items()):
+        errs += _dns_label(f"spec.ports[{name}]", name)
+        errs += _port(f"spec.ports[{name}]", number)
+    errs += _labels("spec.labels", spec.labels)
+    if spec.service_account:
+        errs += [_invalid("spec.serviceAccount", spec.service_account, p)
+                 for p in naming.check_dns1123_subdomain(spec.service_account)]
+    host = we.metadata.labels.get(MESH_HOST_LABEL, "")
+    if host:
+        errs += [_invalid(f"metadata.labels[{MESH_HOST_LABEL}]", host, p)
+                 for p in naming.check_dns1123_subdomain(host)]
+        if not _is_ip(spec.address):
+            errs.append(_invalid("spec.address", spec.address, "a WorkloadEntry on a "
+                                 f"mesh-only host ({MESH_HOST_LABEL}) needs an IP address"))
+    return errs
+
+
 VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "VirtualService": _validate_virtual_service,
     "DestinationRule": _validate_destination_rule,
     "Gateway": _validate_gateway,
     "ServiceEntry": _validate_service_entry,
+    "WorkloadEntry": _validate_workload_entry,
 }
 DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
     "VirtualService": default_virtual_service,

@@ -93,7 +93,8 @@ _EDIT_CORE = ("pods", "pods/attach", "pods/exec", "pods/portforward", "pods/prox
               "serviceaccounts", "services", "services/proxy")
 _NETWORKING = ("networkpolicies", "ingresses")
 _MESH = ("peerauthentications", "authorizationpolicies")
-_TRAFFIC = ("virtualservices", "destinationrules", "gateways", "serviceentries")
+_TRAFFIC = ("virtualservices", "destinationrules", "gateways", "serviceentries",
+            "workloadentries")
 
 
 def cluster_roles() -> list[rbac_pb2.ClusterRole]:

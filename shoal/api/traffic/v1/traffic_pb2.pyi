@@ -503,7 +503,7 @@ class ServiceEntry(_message.Message):
     def __init__(self, metadata: _Optional[_Union[_meta_pb2.ObjectMeta, _Mapping]] = ..., spec: _Optional[_Union[ServiceEntrySpec, _Mapping]] = ...) -> None: ...
 
 class ServiceEntrySpec(_message.Message):
-    __slots__ = ("hosts", "addresses", "ports", "location", "resolution", "endpoints", "export_to", "subject_alt_names")
+    __slots__ = ("hosts", "addresses", "ports", "location", "resolution", "endpoints", "export_to", "subject_alt_names", "workload_selector")
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
@@ -512,17 +512,40 @@ class ServiceEntrySpec(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     EXPORT_TO_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_ALT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     hosts: _containers.RepeatedScalarFieldContainer[str]
     addresses: _containers.RepeatedScalarFieldContainer[str]
     ports: _containers.RepeatedCompositeFieldContainer[Port]
     location: str
     resolution: str
-    endpoints: _containers.RepeatedCompositeFieldContainer[WorkloadEntry]
+    endpoints: _containers.RepeatedCompositeFieldContainer[WorkloadEntrySpec]
     export_to: _containers.RepeatedScalarFieldContainer[str]
     subject_alt_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hosts: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., location: _Optional[str] = ..., resolution: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[WorkloadEntry, _Mapping]]] = ..., export_to: _Optional[_Iterable[str]] = ..., subject_alt_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    workload_selector: ServiceEntryWorkloadSelector
+    def __init__(self, hosts: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., location: _Optional[str] = ..., resolution: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[WorkloadEntrySpec, _Mapping]]] = ..., export_to: _Optional[_Iterable[str]] = ..., subject_alt_names: _Optional[_Iterable[str]] = ..., workload_selector: _Optional[_Union[ServiceEntryWorkloadSelector, _Mapping]] = ...) -> None: ...
+
+class ServiceEntryWorkloadSelector(_message.Message):
+    __slots__ = ("labels",)
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WorkloadEntry(_message.Message):
+    __slots__ = ("metadata", "spec")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    metadata: _meta_pb2.ObjectMeta
+    spec: WorkloadEntrySpec
+    def __init__(self, metadata: _Optional[_Union[_meta_pb2.ObjectMeta, _Mapping]] = ..., spec: _Optional[_Union[WorkloadEntrySpec, _Mapping]] = ...) -> None: ...
+
+class WorkloadEntrySpec(_message.Message):
     __slots__ = ("address", "ports", "labels", "network", "locality", "weight", "service_account")
     class PortsEntry(_message.Message):
         __slots__ = ("key", "value")
