@@ -83,7 +83,7 @@ from shoal import config as configmod
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
-from shoal.lab import netsetup, preflight, restarting
+from shoal.lab import ingress, netsetup, preflight, restarting
 from shoal.lab import supervisor as supervisormod
 from shoal.lab.state import (
     DOWN,
@@ -412,6 +412,7 @@ class Lab:
         if self.mesh:
             self._start_zipkin(state, topo)
             self._start_meshagents(state, topo)
+            self._start_ingress(state, topo)
         sup = self._start_supervisor(state, topo)
         with self.file.locked():
             state.phase = UP
@@ -620,6 +621,26 @@ class Lab:
                                 timeout=START_TIMEOUT, watch=[records[n.name]])
         self._progress(f"meshagents capturing pods' traffic on {len(topo.nodes)} nodes")
 
+    def _start_ingress(self, state: LabState, topo: Topology) -> None:
+        """With --mesh: the ingress gateway on the first node (shoal.lab.ingress)."""
+        n = topo.nodes[0]
+        with self._client(timeout=30.0) as client:
+            ip = ingress.ensure(client, n.name, timeout=START_TIMEOUT)
+        ingress.route_to(ip, n.ip)
+        node = self._node_spec(n, topo).node
+        assert node is not None
+        zipkin = zipkin_url(topo) if ZIPKIN in state.processes else ""
+        record = self._spawn(state, ingress.PROCESS, ingress.argv(
+            python=self.python, node=n.name, node_config=node.node_config, zipkin=zipkin),
+            log=topo.logs_dir / "ingressgateway.log", netns=ingress.pod_netns(ip),
+            supervised=True)
+        self.sup.wait_until(f"{ingress.PROCESS} /readyz",
+                            partial(http_ok, f"http://{ip}:{ingress.METRICS_PORT}/readyz"),
+                            timeout=START_TIMEOUT, watch=[record])
+        self._progress(f"ingress gateway {ingress.NAMESPACE}/{ingress.NAME} on {n.name}: "
+                       f"the listeners of Gateways selecting istio=ingressgateway on {ip}, "
+                       f"routed from the host")
+
     def _agent_argv(self, n: Node, topo: Topology) -> list[str]:
         return list(bootstrap.command(self._node_spec(n, topo), bootstrap.NODEAGENT,
                                       python=self.python).argv)
@@ -799,6 +820,7 @@ class Lab:
         # The meshagents are there only in a lab brought up with --mesh.
         meshagents = [f"meshagent/{n.name}" for n in topo.nodes
                       if f"meshagent/{n.name}" in state.processes]
+        meshagents += [ingress.PROCESS] if ingress.PROCESS in state.processes else []
         meshagents += [ZIPKIN] if ZIPKIN in state.processes else []
         members = control_plane_members(topo, state.control_planes)
         for name in (SUPERVISOR, *(m.etcd_process for m in members),
@@ -858,6 +880,10 @@ class Lab:
         self.say("")
         if ZIPKIN in state.processes:
             self.say(f"zipkin:   {zipkin_url(topo)}/api/v2/traces (the meshagents' spans)")
+        if ingress.PROCESS in state.processes:
+            self.say(f"ingress:  {self._ingress_address()} (pod {ingress.NAMESPACE}/"
+                     f"{ingress.NAME}; the host routes to it via {topo.nodes[0].ip}): the "
+                     f"ports of the Gateway servers selecting istio=ingressgateway")
         self.say(f"export SHOAL_CONFIG={topo.admin_config}")
         return 0 if healthy else 1
 
@@ -874,6 +900,13 @@ class Lab:
         self.say(_table(rows))
         for warning in warnings:
             self.say(f"warning: {warning}")
+
+    def _ingress_address(self) -> str:
+        try:
+            with self._client(timeout=3.0) as client:
+                return ingress.address(client) or "(no address)"
+        except (errors.ShoalError, OSError):
+            return "(apiserver not answering)"
 
     def _api_view(self) -> tuple[dict[str, core_pb2.Node], dict[str, coordination_pb2.Lease]]:
         try:
