@@ -3,13 +3,22 @@
     pod_refs(pod) -> PodRefs     pure: a pod's node and the objects it refers to
     NodeGraph                    pure: node -> pods -> Secrets, ConfigMaps, PVCs,
                                  ServiceAccounts (reference counted)
-    CachedNodeGraph              NodeGraph kept from the watch cache's pods
+    CachedNodeGraph              NodeGraph kept from the watch cache's pods and
+                                 WorkloadEntries
 
 One graph answers both the node authorizer (may node N read Secret S? update
 pod P's status?) and the mesh CA (does N run a pod of service account A?),
-so the two never disagree. The cache calls listeners synchronously as it
-applies an event, before any watcher is woken, so a node that learns of a pod
-through its watch always finds the graph already updated.
+so the two never disagree.
+
+A mesh-only host (a VM or bare-metal machine running only a meshagent) joins
+with a node identity of its own, CN=system:node:<host>, and has no pods; the
+graph also keeps every WorkloadEntry labelled ``shoal.dev/mesh-host: <host>``,
+so that host may get certificates for those WorkloadEntries' service accounts
+(and nothing else a pod would give it: no Secrets, no tokens).
+
+The cache calls listeners synchronously as it applies an event, before any
+watcher is woken, so a node that learns of a pod through its watch always finds
+the graph already updated.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from typing import Any
 
 from apiserver.watchcache import DELETED, CacheEvent, WatchCache
 from shoal.api.core.v1 import core_pb2
+from shoal.api.traffic.v1 import traffic_pb2
 from shoal.kinds import KindTable
 
 SECRETS = "secrets"
@@ -87,10 +97,24 @@ def pod_refs(pod: core_pb2.Pod) -> PodRefs:
                    service_account=sa, phase=pod.status.phase, refs=frozenset(refs))
 
 
+MESH_HOST_LABEL = "shoal.dev/mesh-host"
+
+
+def workload_entry_account(we: traffic_pb2.WorkloadEntry) -> tuple[str, str, str] | None:
+    """(mesh host, namespace, service account) of a WorkloadEntry on a mesh-only
+    host, else None (pure)."""
+    host = we.metadata.labels.get(MESH_HOST_LABEL, "")
+    if not host:
+        return None
+    return host, we.metadata.namespace, we.spec.service_account or "default"
+
+
 class NodeGraph:
     """Bound pods per node and the reference counts of what they use (pure)."""
 
     def __init__(self) -> None:
+        # (namespace, name) of a WorkloadEntry -> (mesh host, namespace, service account)
+        self.workload_entries: dict[tuple[str, str], tuple[str, str, str]] = {}
         self.pods: dict[tuple[str, str], PodRefs] = {}
         self._by_node: dict[str, dict[tuple[str, str], PodRefs]] = {}
         self._refs: dict[str, Counter[Ref]] = {}
@@ -135,9 +159,20 @@ class NodeGraph:
         return self._by_node.get(node, {})
 
     def runs_service_account(self, node: str, namespace: str, service_account: str) -> bool:
-        """A pod on ``node`` in ``namespace``, not finished, runs as ``service_account``."""
+        """A pod on ``node`` in ``namespace``, not finished, runs as ``service_account``;
+        or a WorkloadEntry of that namespace and service account names ``node`` as its
+        mesh-only host."""
+        if (node, namespace, service_account) in self.workload_entries.values():
+            return True
         return any(p.namespace == namespace and p.service_account == service_account
                    and not p.finished for p in self.pods_on(node).values())
+
+    def set_workload_entry(self, namespace: str, name: str,
+                           account: tuple[str, str, str] | None) -> None:
+        if account is None:
+            self.workload_entries.pop((namespace, name), None)
+        else:
+            self.workload_entries[(namespace, name)] = account
 
 
 class CachedNodeGraph:
@@ -148,6 +183,9 @@ class CachedNodeGraph:
         self._graph = NodeGraph()
         self._seen: Mapping[str, Any] | None = None
         self._kc.listeners.append(self._on_event)
+        self._we = cache.cache_for(kinds.by_resource("networking.istio.io", "workloadentries"))
+        self._we_seen: Mapping[str, Any] | None = None
+        self._we.listeners.append(self._on_workload_entry)
 
     def _decode(self, raw: bytes) -> PodRefs:
         pod = core_pb2.Pod()
@@ -161,7 +199,25 @@ class CachedNodeGraph:
         self._graph.set_pod(o.namespace, o.name,
                             None if ev.type == DELETED else self._decode(o.raw))
 
+    @staticmethod
+    def _entry(raw: bytes) -> tuple[str, str, str] | None:
+        we = traffic_pb2.WorkloadEntry()
+        we.ParseFromString(raw)
+        return workload_entry_account(we)
+
+    def _on_workload_entry(self, ev: CacheEvent) -> None:
+        if self._we_seen is not self._we.objects:
+            return
+        o = ev.obj
+        self._graph.set_workload_entry(o.namespace, o.name,
+                                       None if ev.type == DELETED else self._entry(o.raw))
+
     def graph(self) -> NodeGraph:
+        if self._we_seen is not self._we.objects:
+            self._we_seen = self._we.objects
+            self._graph.workload_entries = {
+                (o.namespace, o.name): a for o in self._we.objects.values()
+                if (a := self._entry(o.raw)) is not None}
         if self._seen is not self._kc.objects:
             self._seen = self._kc.objects
             self._graph.replace(self._decode(o.raw) for o in self._kc.objects.values())

@@ -14,7 +14,11 @@ A caller is node N when its user is ``system:node:N`` and its groups include
                                                                 uses
     create  serviceaccounts/workloadcertificate (the mesh CA)   only for a service
                                                                 account a running
-                                                                pod on N uses
+                                                                pod on N uses, or a
+                                                                WorkloadEntry labelled
+                                                                shoal.dev/mesh-host: N
+                                                                names (N is then a
+                                                                mesh-only host)
 
 Writing pods (not only their status) is Shoal's addition: the node agent holds
 its pods with a finalizer. Decisions come from the shared NodeGraph, never from
@@ -86,9 +90,11 @@ def authorize_node(node: str, attrs: Attributes, graph: NodeGraph) -> Decision:
         return no_opinion(f"no relationship found between node '{node}' and this object")
     if core and res == SERVICE_ACCOUNTS and sub == WORKLOAD_CERTIFICATE and verb == "create":
         if graph.runs_service_account(node, attrs.namespace, attrs.name):
-            return allow(f"node '{node}' runs a pod as this service account")
+            return allow(f"node '{node}' runs a pod or a WorkloadEntry as this service "
+                         "account")
         return no_opinion(
-            f"node '{node}' runs no pod in namespace '{attrs.namespace}' with service account "
+            f"node '{node}' runs no pod (and no WorkloadEntry names it as its mesh host) "
+            f"in namespace '{attrs.namespace}' with service account "
             f"'{attrs.name}'; it may get certificates only for its own workloads")
     return no_opinion()
 
