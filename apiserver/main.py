@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--pod-eviction-timeout", type=float, default=300.0,
                      help="seconds a NotReady node's pods are tolerated before eviction")
     srv.add_argument("--service-cluster-ip-range", default="10.96.0.0/16")
+    srv.add_argument("--horizontal-pod-autoscaler-sync-period", type=float, default=15.0,
+                     help="seconds between evaluations of each HorizontalPodAutoscaler")
     srv.add_argument("--advertise", action="append", default=[],
                      help="HOST:PORT nodes should use for this apiserver (repeatable)")
     srv.add_argument("--bookmark-interval", type=float, default=5.0)
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         controller_settings=ControllerSettings(
             node_monitor_grace_period=ns.node_monitor_grace_period,
             pod_eviction_timeout=ns.pod_eviction_timeout,
-            service_cluster_ip_range=ns.service_cluster_ip_range))
+            service_cluster_ip_range=ns.service_cluster_ip_range,
+            hpa_sync_period=ns.horizontal_pod_autoscaler_sync_period))
     _tune_gc()
     try:
         asyncio.run(_serve(config))

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from shoal import errors, fielderrors, naming, quantity, selectors, trafficrules
+from shoal import autoscaling, errors, fielderrors, naming, quantity, selectors, trafficrules
 from shoal.api.apps.v1 import apps_pb2
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
@@ -571,6 +571,7 @@ _DEFAULTERS: Mapping[str, Callable[[Any], None]] = {
     "RoleBinding": _default_binding,
     "ClusterRoleBinding": _default_binding,
     **trafficrules.DEFAULTERS,
+    **autoscaling.DEFAULTERS,
 }
 
 # --------------------------------------------------------------------------- metadata
@@ -2106,6 +2107,7 @@ _VALIDATORS: Mapping[str, Callable[[Any], Errors]] = {
     "ClusterRoleBinding": _validate_cluster_role_binding,
     # networking.istio.io: VirtualService, DestinationRule, Gateway, ServiceEntry.
     **trafficrules.VALIDATORS,
+    **autoscaling.VALIDATORS,
 }
 
 # --------------------------------------------------------------------------- updates

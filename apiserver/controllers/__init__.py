@@ -26,6 +26,7 @@ def builtin_controllers() -> dict[str, ControllerFactory]:
     out["nodelifecycle"] = _nodelifecycle
     out["daemonset"] = _daemonset
     out["statefulset"] = _statefulset
+    out["horizontalpodautoscaling"] = _horizontalpodautoscaling
     return out
 
 
@@ -69,6 +70,12 @@ def _daemonset() -> Controller:
     from apiserver.controllers.daemonsets import DaemonSetController
 
     return DaemonSetController()
+
+
+def _horizontalpodautoscaling() -> Controller:
+    from apiserver.controllers.podautoscaler import HorizontalPodAutoscalerController
+
+    return HorizontalPodAutoscalerController()
 
 
 def _statefulset() -> Controller:

@@ -36,6 +36,8 @@ class ControllerSettings:
     pod_eviction_timeout: float = 300.0
     service_cluster_ip_range: str = "10.96.0.0/16"
     workers: int = 4
+    # How often each HorizontalPodAutoscaler is evaluated.
+    hpa_sync_period: float = 15.0
 
 
 class SharedInformers:

@@ -367,6 +367,46 @@ def _deployment_row(d: Any, now: float) -> Cells:
             age(d.metadata.creation_timestamp, now))
 
 
+def _hpa_current(spec: Any, status: Any) -> str:
+    if status is None:
+        return "<unknown>"
+    if spec.type == "Resource":
+        cur = status.resource.current
+        if spec.resource.target.type == "Utilization":
+            return f"{cur.average_utilization}%" if cur.HasField("average_utilization") \
+                else "<unknown>"
+        return cur.average_value.value or "<unknown>"
+    return status.pods.current.average_value.value or "<unknown>"
+
+
+def _hpa_target(spec: Any) -> str:
+    t = spec.resource.target if spec.type == "Resource" else spec.pods.target
+    if t.type == "Utilization":
+        return f"{t.average_utilization}%"
+    return str(t.average_value.value if t.type == "AverageValue" else t.value.value)
+
+
+def hpa_targets(hpa: Any) -> str:
+    """kubectl's TARGETS: 'cpu: 45%/50%', per metric; '<none>' without metrics."""
+    specs, current = list(hpa.spec.metrics), list(hpa.status.current_metrics)
+    parts = []
+    for i, m in enumerate(specs[:2]):
+        name = m.resource.name if m.type == "Resource" else m.pods.metric.name
+        cur = current[i] if len(current) == len(specs) else None
+        parts.append(f"{name}: {_hpa_current(m, cur)}/{_hpa_target(m)}")
+    if len(specs) > 2:
+        parts.append(f"+ {len(specs) - 2} more...")
+    return ", ".join(parts) or NONE
+
+
+def _hpa_row(hpa: Any, now: float) -> Cells:
+    ref = hpa.spec.scale_target_ref
+    low = hpa.spec.min_replicas if hpa.spec.HasField("min_replicas") else 1
+    return (hpa.metadata.name, f"{ref.kind}/{ref.name}", hpa_targets(hpa), str(low),
+            str(hpa.spec.max_replicas), str(hpa.status.current_replicas),
+            age(hpa.metadata.creation_timestamp, now))
+
+
 def _replicaset_row(rs: Any, now: float) -> Cells:
     return (rs.metadata.name, str(_replicas(rs.spec)), str(rs.status.replicas),
             str(rs.status.ready_replicas), age(rs.metadata.creation_timestamp, now))
@@ -604,6 +644,9 @@ def printer_for(kind: Kind) -> Printer:
                            wide_row=_event_wide, name_column=None)
         case "Lease":
             return Printer(("NAME", "HOLDER", "AGE"), _lease_row)
+        case "HorizontalPodAutoscaler":
+            return Printer(("NAME", "REFERENCE", "TARGETS", "MINPODS", "MAXPODS", "REPLICAS",
+                            "AGE"), _hpa_row)
         case "ControllerRevision":
             return Printer(("NAME", "CONTROLLER", "REVISION", "AGE"), _revision_row)
         case "PeerAuthentication":
