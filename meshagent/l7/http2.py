@@ -1,0 +1,800 @@
+"""HTTP/2 (h2c with prior knowledge) and gRPC through the mesh, with ``h2``, beside the
+HTTP/1.1 engine and on its parts.
+
+:class:`H2Proxy` wraps an :class:`~meshagent.l7.engine.Engine` and uses what it holds: the
+route table, the clusters, the pod lookup, the tunnel opener and TCP connect, the
+authorization callable, telemetry and the tracer. Its ``outbound`` / ``inbound`` take the same
+arguments as the engine's, so the agent hands a connection to an HTTP/2 port (appProtocol
+``http2``/``grpc``, or a ``http2-``/``grpc-`` port name) to it instead::
+
+    client side, per stream of the client's connection:
+      route (VirtualService) -> redirect 301 / no route 404 NR / no cluster 503 NC
+      fault delay (DI) and abort (FI) -> acquire (connectionPool: Overflow 503 UO)
+      -> pick (no healthy endpoint: 503 UH) -> a stream on the endpoint's pooled HTTP/2
+      connection (a tunnel stream to a meshed pod elsewhere, else TCP; a local pod: this
+      agent does the server side too) -- connect failures are retried on another endpoint
+      up to ``retries.attempts`` (nothing was sent yet), anything later is not (a stream's
+      body is not buffered) -> request body, response head, body and trailers relayed as
+      they come, both ways at once -> report(status) to the cluster, record (source)
+
+    server side, per stream: authorize -> 403 (gRPC: ``grpc-status: 7``) or the pod, over one
+    HTTP/2 connection per inbound connection, with the trace context of this agent's span
+    -> record (destination) and the SERVER span
+
+A request whose ``content-type`` starts with ``application/grpc`` is recorded as
+``request_protocol="grpc"`` with ``grpc_response_status`` from the response's trailers (or
+its trailers-only head). Replies the mesh makes itself to a gRPC request are trailers-only
+(``:status`` 200 and ``grpc-status``, HTTP status mapped as gRPC's HTTP mapping does: 403 -> 7,
+404 -> 12, 429/502/503/504 -> 14, else 2), as Envoy sends them; the metric's response_code is
+the HTTP status the mesh decided. The route timeout runs until the response head.
+
+Hop-by-hop headers (``connection``, ``keep-alive``, ``proxy-connection``,
+``transfer-encoding``, ``upgrade``) are dropped; ``te: trailers`` is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from meshagent import relay
+from meshagent.l7 import routes, telemetry, upstream
+from meshagent.l7.engine import (
+    LOCAL,
+    MTLS,
+    PLAINTEXT,
+    Engine,
+    HttpRequest,
+    Peer,
+    Pod,
+    Service,
+    TryFailed,
+)
+from meshagent.l7.http1 import Channel, ChannelClosed
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding",
+                        "upgrade", "http2-settings"})
+GRPC_FOR_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14",
+                 504: "14"}
+WINDOW = 1 << 20
+
+Headers = list[tuple[str, str]]
+
+
+class StreamReset(ConnectionError):
+    """The peer reset the stream (or the connection went away)."""
+
+
+# --------------------------------------------------------------------------- connection
+
+
+@dataclass
+class _Stream:
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    window: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+
+class H2Connection:
+    """One HTTP/2 connection over a relay End, either side; streams read as event queues:
+    ("headers", Headers), ("data", bytes), ("trailers", Headers), ("end", None),
+    ("reset", error code)."""
+
+    def __init__(self, end: relay.End, *, client: bool) -> None:
+        self.channel = Channel(end)
+        cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
+                                        validate_inbound_headers=False,
+                                        normalize_inbound_headers=False)
+        self.h2 = h2.connection.H2Connection(config=cfg)
+        self.client = client
+        self.streams: dict[int, _Stream] = {}
+        self.incoming: asyncio.Queue[int | None] = asyncio.Queue()
+        self.closed = False
+        self.error = ""
+        self.h2.initiate_connection()
+        wanted: dict[h2.settings.SettingCodes | int, int] = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW}
+        if client:
+            wanted[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        self.h2.update_settings(wanted)
+        self.h2.increment_flow_control_window(WINDOW)
+        self._flush()
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.channel.error and not self.channel.closed
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.channel.closed:
+            with contextlib.suppress(ChannelClosed):
+                self.channel.write(data)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self.channel.read()
+                if not data:
+                    break
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError as e:
+                    self.error = f"HTTP/2 protocol error: {e}"
+                    self._flush()
+                    break
+                for ev in events:
+                    self._dispatch(ev)
+                self._flush()
+        except ChannelClosed as e:
+            self.error = str(e) or "connection reset"
+        finally:
+            self._shut()
+
+    def _dispatch(self, ev: Any) -> None:
+        st: _Stream | None
+        if isinstance(ev, h2.events.RequestReceived):
+            self.streams[ev.stream_id] = fresh = _Stream()
+            fresh.events.put_nowait(("headers", _decoded(ev.headers)))
+            self.incoming.put_nowait(ev.stream_id)
+        elif isinstance(ev, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
+            if isinstance(ev, h2.events.InformationalResponseReceived):
+                return
+            if (st := self.streams.get(ev.stream_id)) is not None:
+                st.events.put_nowait(("headers", _decoded(ev.headers)))
+        elif isinstance(ev, h2.events.TrailersReceived):
+            if (st := self.streams.get(ev.stream_id)) is not None:
+                st.events.put_nowait(("trailers", _decoded(ev.headers)))
+        elif isinstance(ev, h2.events.DataReceived):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st.events.put_nowait(("data", (ev.data, ev.flow_controlled_length)))
+            elif ev.flow_controlled_length:
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.StreamEnded):
+            if (st := self.streams.get(ev.stream_id)) is not None:
+                st.events.put_nowait(("end", None))
+        elif isinstance(ev, h2.events.StreamReset):
+            if (st := self.streams.get(ev.stream_id)) is not None:
+                st.closed = True
+                st.events.put_nowait(("reset", ev.error_code))
+                st.window.set()
+        elif isinstance(ev, h2.events.WindowUpdated):
+            targets = (self.streams.values() if ev.stream_id == 0
+                       else [s for i, s in self.streams.items() if i == ev.stream_id])
+            for s in targets:
+                s.window.set()
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.error = f"GOAWAY ({ev.error_code})"
+            self.closed = True
+
+    def _shut(self) -> None:
+        self.closed = True
+        for s in self.streams.values():
+            if not s.closed:
+                s.closed = True
+                s.events.put_nowait(("reset", h2.errors.ErrorCodes.CONNECT_ERROR))
+                s.window.set()
+        self.incoming.put_nowait(None)
+        self.channel.close()
+
+    # -- streams --
+
+    def open_stream(self) -> int:
+        if not self.usable:
+            raise StreamReset(self.error or "connection closed")
+        sid = self.h2.get_next_available_stream_id()
+        self.streams[sid] = _Stream()
+        return sid
+
+    async def next_event(self, sid: int) -> tuple[str, Any]:
+        kind, value = await self.streams[sid].events.get()
+        if kind == "data":
+            data, flow = value
+            if flow and not self.closed:
+                with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                    self.h2.acknowledge_received_data(flow, sid)
+                self._flush()
+            return "data", data
+        return kind, value
+
+    def send_headers(self, sid: int, headers: Headers, *, end_stream: bool = False) -> None:
+        if self.closed:
+            raise StreamReset(self.error or "connection closed")
+        try:
+            self.h2.send_headers(sid, headers, end_stream=end_stream)
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as e:
+            raise StreamReset(str(e)) from None
+        self._flush()
+
+    async def send_data(self, sid: int, data: bytes, *, end_stream: bool = False) -> None:
+        s = self.streams[sid]
+        view = memoryview(data)
+        while view:
+            if self.closed or s.closed:
+                raise StreamReset(self.error or "stream reset")
+            try:
+                room = min(self.h2.local_flow_control_window(sid),
+                           self.h2.max_outbound_frame_size)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                raise StreamReset(str(e)) from None
+            if room <= 0:
+                s.window.clear()
+                await s.window.wait()
+                continue
+            piece, view = view[:room], view[room:]
+            self.h2.send_data(sid, bytes(piece), end_stream=end_stream and not view)
+            self._flush()
+            await self.channel.drain()
+        if end_stream and not data:
+            self.end_stream(sid)
+
+    def end_stream(self, sid: int) -> None:
+        with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            self.h2.end_stream(sid)
+        self._flush()
+
+    def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        s = self.streams.get(sid)
+        if s is not None:
+            s.closed = True
+        with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            self.h2.reset_stream(sid, error_code=code)
+        self._flush()
+
+    def forget(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self.h2.close_connection()
+                self._flush()
+        self.closed = True
+        self.channel.close()
+        self._reader.cancel()
+
+
+def _decoded(headers: Any) -> Headers:
+    out: Headers = []
+    for k, v in headers:
+        k = k.decode() if isinstance(k, bytes) else k
+        v = v.decode(errors="replace") if isinstance(v, bytes) else v
+        out.append((k, v))
+    return out
+
+
+def _get(headers: Headers, name: str) -> str:
+    return next((v for k, v in headers if k == name), "")
+
+
+def _forward(headers: Headers) -> Headers:
+    """Headers minus the hop-by-hop ones (``te: trailers`` stays)."""
+    return [(k, v) for k, v in headers
+            if k not in HOP_BY_HOP and not (k == "te" and v.strip().lower() != "trailers")]
+
+
+def _is_grpc(headers: Headers) -> bool:
+    return _get(headers, "content-type").startswith("application/grpc")
+
+
+def local_reply(status: int, text: str, *, grpc: bool,
+                extra: Headers | None = None) -> tuple[Headers, bytes]:
+    """The head (and body) of a reply the mesh makes itself."""
+    if grpc:
+        return [(":status", "200"), ("content-type", "application/grpc"),
+                ("grpc-status", GRPC_FOR_HTTP.get(status, "2")), ("grpc-message", text),
+                *(extra or [])], b""
+    body = text.encode()
+    return [(":status", str(status)), ("content-type", "text/plain"),
+            ("content-length", str(len(body))), *(extra or [])], body
+
+
+# --------------------------------------------------------------------------- the proxy
+
+
+@dataclass
+class _Result:
+    status: int = 0
+    flags: list[str] = field(default_factory=list)
+    grpc_status: str = ""
+    request_bytes: int = 0
+    response_bytes: int = 0
+    upstream: str = ""
+    cluster: str = ""
+    details: str = ""
+
+
+class H2Proxy:
+    """HTTP/2 streams through the engine's routing, clusters and telemetry."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pool: dict[tuple[str, ...], H2Connection] = {}
+
+    async def close(self) -> None:
+        for c in list(self._pool.values()):
+            c.close()
+        self._pool.clear()
+
+    # ================================================================ client side
+
+    async def outbound(self, client: relay.End, *, source: Peer, service: Service) -> None:
+        """Serve one client HTTP/2 connection to an HTTP service port until it closes."""
+        conn = H2Connection(client, client=False)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while (sid := await conn.incoming.get()) is not None:
+                t = asyncio.ensure_future(self._client_stream(conn, sid, source, service))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        finally:
+            for t in list(tasks):
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            conn.close()
+
+    async def _client_stream(self, conn: H2Connection, sid: int, source: Peer,
+                             service: Service) -> None:
+        started, t0 = time.time(), time.monotonic()
+        _, head = await conn.next_event(sid)
+        headers: Headers = head
+        lower = {k: v for k, v in headers if not k.startswith(":")}
+        if "x-request-id" not in lower:
+            lower["x-request-id"] = str(uuid.uuid4())
+            headers = [*headers, ("x-request-id", lower["x-request-id"])]
+        method, path = _get(headers, ":method"), _get(headers, ":path")
+        authority = _get(headers, ":authority") or lower.get("host", "")
+        grpc = _is_grpc(headers)
+        req = routes.Request(method=method, path=path, authority=authority, headers=lower,
+                             port=service.port, source_labels=source.labels,
+                             source_namespace=source.namespace)
+        action = self.engine.route_table().route(req, service.host, service.port)
+        res = _Result()
+        try:
+            await self._carry_out(conn, sid, headers=headers, req=req, action=action,
+                                  source=source, res=res, grpc=grpc)
+        except (StreamReset, ChannelClosed) as err:
+            res.flags.append("DC" if not res.status else "UC")
+            res.details = f"stream reset: {err}"
+        finally:
+            conn.forget(sid)
+            e = self.engine
+            rec = telemetry.RequestRecord(
+                reporter="source", source_workload=source.workload,
+                source_workload_namespace=source.namespace, source_principal=source.principal,
+                destination_service=service.host, destination_service_name=service.name,
+                destination_service_namespace=service.namespace,
+                request_protocol="grpc" if grpc else "http", response_code=res.status,
+                response_flags=",".join(res.flags), grpc_response_status=res.grpc_status,
+                connection_security_policy="unknown", method=method, path=path,
+                authority=authority, duration_s=time.monotonic() - t0,
+                request_bytes=res.request_bytes, response_bytes=res.response_bytes,
+                upstream=res.upstream, route=action.origin, start_time=started,
+                protocol="HTTP/2", request_id=lower.get("x-request-id", ""),
+                user_agent=lower.get("user-agent", ""), downstream_remote_address=source.ip,
+                upstream_cluster=res.cluster, response_code_details=res.details)
+            ctx = telemetry.TraceContext.from_headers(lower)
+            if ctx is not None:
+                rec.trace_id = ctx.trace_id
+            if res.upstream:
+                dst = e.pod(res.upstream.rsplit(":", 1)[0])
+                if dst is not None:
+                    rec.destination_workload = dst.workload
+                    rec.destination_workload_namespace = dst.namespace
+                    rec.destination_principal = dst.principal
+                    rec.connection_security_policy = \
+                        "mutual_tls" if dst.meshed and source.meshed else "none"
+            e.record(rec)
+
+    async def _carry_out(self, conn: H2Connection, sid: int, *, headers: Headers,
+                         req: routes.Request, action: routes.Action, source: Peer,
+                         res: _Result, grpc: bool) -> None:
+        def respond(status: int, text: str, flag: str = "",
+                    extra: Headers | None = None) -> None:
+            res.status = status
+            if flag:
+                res.flags.append(flag)
+            head, body = local_reply(status, text, grpc=grpc, extra=extra)
+            if grpc:
+                res.grpc_status = _get(head, "grpc-status")
+            conn.send_headers(sid, action.response_headers.apply(head), end_stream=not body)
+            if body:
+                conn.h2.send_data(sid, body, end_stream=True)
+                conn._flush()
+            res.response_bytes = len(body)
+
+        e = self.engine
+        if action.redirect is not None:
+            loc = action.redirect.location(scheme="http", authority=req.authority,
+                                           path=req.path)
+            respond(action.redirect.code, "", extra=[("location", loc)])
+            return
+        dest = action.choose(e.rng.random())
+        if dest is None:
+            res.details = "route_not_found"
+            respond(404, "no route matched", "NR")
+            return
+        cluster = e.clusters().get(dest.host, dest.port, dest.subset)
+        if cluster is None:
+            res.details = "cluster_not_found"
+            respond(503, f"no cluster for {dest.host}", "NC")
+            return
+        res.cluster = cluster.name
+        fault = action.fault
+        if fault is not None and fault.delay and e.rng.random() * 100 < fault.delay_percent:
+            res.flags.append("DI")
+            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.abort_status and \
+                e.rng.random() * 100 < fault.abort_percent:
+            res.details = "fault_filter_abort"
+            respond(fault.abort_status, "fault filter abort", "FI")
+            return
+        out = self._upstream_headers(headers, action, dest)
+        try:
+            ticket = await cluster.acquire()
+        except upstream.Overflow:
+            res.details = "upstream_reset_before_response_started{overflow}"
+            respond(503, "upstream connect error or disconnect/reset before headers. "
+                         "reset reason: overflow", "UO")
+            return
+        try:
+            await self._forward(conn, sid, out=out, req=req, action=action, cluster=cluster,
+                                source=source, res=res, respond=respond, grpc=grpc)
+        finally:
+            ticket.release()
+
+    @staticmethod
+    def _upstream_headers(headers: Headers, action: routes.Action,
+                          dest: routes.Destination) -> Headers:
+        pseudo = [(k, v) for k, v in headers if k.startswith(":")]
+        regular = action.request_headers.merged(dest.request_headers).apply(
+            _forward([(k, v) for k, v in headers if not k.startswith(":")]))
+        path = _get(pseudo, ":path")
+        if action.rewrite is not None:
+            path = action.rewrite.path(path)
+            if action.rewrite.authority:
+                pseudo = [(k, action.rewrite.authority if k == ":authority" else v)
+                          for k, v in pseudo]
+        pseudo = [(k, path if k == ":path" else v) for k, v in pseudo]
+        return pseudo + [(k.lower(), v) for k, v in regular]
+
+    async def _forward(self, conn: H2Connection, sid: int, *, out: Headers,
+                       req: routes.Request, action: routes.Action,
+                       cluster: Any, source: Peer, res: _Result, respond: Any,
+                       grpc: bool) -> None:
+        tries = 1 + action.retries.attempts
+        tried: list[upstream.Endpoint] = []
+        deadline = (time.monotonic() + action.timeout) if action.timeout else None
+        for n in range(tries):
+            ep = cluster.pick(headers=req.headers, source_ip=source.ip, exclude=tuple(tried),
+                              path=req.path)
+            if ep is None:
+                res.details = "no_healthy_upstream"
+                respond(503, "no healthy upstream", "UH")
+                return
+            tried.append(ep)
+            res.upstream = ep.address
+            try:
+                up, usid, server = await self._open_stream(ep, out, source)
+            except _Denied as d:
+                res.details = f"rbac_access_denied: {d}"
+                respond(403, "RBAC: access denied")
+                return
+            except TryFailed as f:
+                cluster.report(ep, status=None)
+                if n < tries - 1 and action.retries.retriable(None):
+                    continue
+                res.details = str(f)
+                respond(f.status, f"upstream connect error or disconnect/reset before "
+                                  f"headers. reset reason: {f}", f.flag)
+                if n > 0:
+                    res.flags.append("URX")
+                return
+            cluster.started(ep)
+            try:
+                await self._exchange(conn, sid, up, usid, res=res, cluster=cluster, ep=ep,
+                                     deadline=deadline, respond=respond, server=server)
+            finally:
+                cluster.finished(ep)
+                up.forget(usid)
+            return
+
+    async def _open_stream(self, ep: upstream.Endpoint, headers: Headers,
+                           source: Peer) -> tuple[H2Connection, int, _ServerSide | None]:
+        e = self.engine
+        dst = e.pod(ep.ip)
+        mode = PLAINTEXT
+        if dst is not None and dst.node_local:
+            mode = LOCAL
+        elif dst is not None and dst.meshed and source.meshed and e.open_tunnel:
+            mode = MTLS
+        server: _ServerSide | None = None
+        if mode == LOCAL:
+            assert dst is not None
+            server = _ServerSide(e, source=source, dst=dst, port=ep.port, mtls=True,
+                                 headers=headers)
+            why = server.check()
+            if why is not None:
+                server.done(403, "DENY", 0, grpc_status="7" if _is_grpc(headers) else "")
+                raise _Denied(why)
+            headers = server.headers
+        key = (mode, source.namespace, source.service_account, ep.ip, str(ep.port))
+        up = self._pool.get(key)
+        if up is None or not up.usable:
+            try:
+                if mode == MTLS:
+                    assert e.open_tunnel is not None and dst is not None
+                    end = await e.open_tunnel(source, dst, ep.port)
+                else:
+                    end = await e.connect(ep.ip, ep.port)
+            except (OSError, TimeoutError) as err:
+                raise TryFailed("UF", f"connect to {ep.address}: "
+                                      f"{err or type(err).__name__}") from None
+            except Exception as err:  # tunnel refusals
+                if int(getattr(err, "status", 0) or 0) == 403:
+                    raise _Denied(str(err)) from None
+                raise TryFailed(getattr(err, "flag", "UF"), str(err)) from None
+            up = H2Connection(end, client=True)
+            self._pool[key] = up
+        try:
+            usid = up.open_stream()
+            up.send_headers(usid, headers)
+        except StreamReset as err:
+            up.close()
+            raise TryFailed("UC", f"connection termination: {err}") from None
+        return up, usid, server
+
+    async def _exchange(self, conn: H2Connection, sid: int, up: H2Connection, usid: int, *,
+                        res: _Result, cluster: Any, ep: upstream.Endpoint,
+                        deadline: float | None, respond: Any,
+                        server: _ServerSide | None) -> None:
+        """Relay the request body up and the response down, at once."""
+        async def request_body() -> None:
+            while True:
+                kind, value = await conn.next_event(sid)
+                if kind == "data":
+                    res.request_bytes += len(value)
+                    await up.send_data(usid, value)
+                elif kind == "trailers":
+                    up.send_headers(usid, value, end_stream=True)
+                    return
+                elif kind == "end":
+                    up.end_stream(usid)
+                    return
+                else:  # the client reset its stream
+                    up.reset(usid)
+                    raise StreamReset("client reset")
+
+        pump = asyncio.ensure_future(request_body())
+        status = 0
+        try:
+            try:
+                async with asyncio.timeout(None if deadline is None
+                                           else max(0.0, deadline - time.monotonic())):
+                    kind, value = await up.next_event(usid)
+            except TimeoutError:
+                up.reset(usid)
+                cluster.report(ep, status=None)
+                res.details = "upstream_response_timeout"
+                respond(504, "upstream request timeout", "UT")
+                if server is not None:
+                    server.done(504, "UT", 0)
+                return
+            if kind != "headers":
+                cluster.report(ep, status=None)
+                res.details = "upstream_reset_before_response_started"
+                respond(503, "upstream connect error or disconnect/reset before headers. "
+                             "reset reason: remote reset", "UC")
+                if server is not None:
+                    server.done(503, "UC", 0)
+                return
+            status = int(_get(value, ":status") or 0)
+            cluster.report(ep, status=status)
+            res.status = status
+            res.details = "via_upstream"
+            res.grpc_status = _get(value, "grpc-status")
+            head: Headers | None = _forward(value)
+            while True:
+                kind2, value2 = await up.next_event(usid)
+                if kind2 == "end" and head is not None:
+                    conn.send_headers(sid, head, end_stream=True)
+                    head = None
+                    break
+                if head is not None:
+                    conn.send_headers(sid, head)
+                    head = None
+                if kind2 == "data":
+                    res.response_bytes += len(value2)
+                    await conn.send_data(sid, value2)
+                elif kind2 == "trailers":
+                    res.grpc_status = _get(value2, "grpc-status") or res.grpc_status
+                    conn.send_headers(sid, value2, end_stream=True)
+                    await up.next_event(usid)   # its "end"
+                    break
+                elif kind2 == "end":
+                    conn.end_stream(sid)
+                    break
+                else:
+                    res.flags.append("UC")
+                    conn.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                    break
+            if server is not None:
+                server.done(status, "UC" if "UC" in res.flags else "", res.response_bytes,
+                            grpc_status=res.grpc_status, request_bytes=res.request_bytes)
+        finally:
+            if not pump.done():
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamReset, ChannelClosed):
+                await pump
+
+    # ================================================================ server side
+
+    async def inbound(self, end: relay.End, *, source: Peer, dst: Pod, port: int,
+                      mtls: bool) -> None:
+        """Serve one inbound HTTP/2 connection to ``dst``:``port`` until it closes."""
+        conn = H2Connection(end, client=False)
+        pod: H2Connection | None = None
+        tasks: set[asyncio.Task[None]] = set()
+        lock = asyncio.Lock()
+
+        async def to_pod() -> H2Connection:
+            nonlocal pod
+            async with lock:
+                if pod is None or not pod.usable:
+                    pod = H2Connection(await self.engine.connect(dst.ip, port), client=True)
+                return pod
+
+        try:
+            while (sid := await conn.incoming.get()) is not None:
+                t = asyncio.ensure_future(self._server_stream(conn, sid, source=source,
+                                                              dst=dst, port=port, mtls=mtls,
+                                                              to_pod=to_pod))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        finally:
+            for t in list(tasks):
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if pod is not None:
+                pod.close()
+            conn.close()
+
+    async def _server_stream(self, conn: H2Connection, sid: int, *, source: Peer, dst: Pod,
+                             port: int, mtls: bool, to_pod: Any) -> None:
+        _, headers = await conn.next_event(sid)
+        grpc = _is_grpc(headers)
+        server = _ServerSide(self.engine, source=source, dst=dst, port=port, mtls=mtls,
+                             headers=headers)
+        res = _Result()
+        try:
+            why = server.check()
+            if why is not None:
+                head, body = local_reply(403, "RBAC: access denied", grpc=grpc)
+                conn.send_headers(sid, head, end_stream=not body)
+                if body:
+                    await conn.send_data(sid, body, end_stream=True)
+                server.done(403, "DENY", len(body), grpc_status="7" if grpc else "",
+                            details="rbac_access_denied")
+                return
+            try:
+                pod = await to_pod()
+                usid = pod.open_stream()
+                pod.send_headers(usid, server.headers)
+            except (OSError, TimeoutError, StreamReset) as err:
+                head, body = local_reply(503, f"upstream connect error: {err}", grpc=grpc)
+                conn.send_headers(sid, head, end_stream=not body)
+                if body:
+                    await conn.send_data(sid, body, end_stream=True)
+                server.done(503, "UF", len(body), grpc_status=_get(head, "grpc-status")
+                            if grpc else "")
+                return
+
+            class _Nop:
+                def report(self, ep: Any, *, status: int | None) -> None:
+                    pass
+
+            def respond(status: int, text: str, flag: str = "",
+                        extra: Headers | None = None) -> None:
+                res.status = status
+                if flag:
+                    res.flags.append(flag)
+                head, _ = local_reply(status, text, grpc=grpc, extra=extra)
+                conn.send_headers(sid, head, end_stream=True)
+
+            try:
+                await self._exchange(conn, sid, pod, usid, res=res, cluster=_Nop(),
+                                     ep=upstream.Endpoint(ip=dst.ip, port=port),
+                                     deadline=None, respond=respond, server=server)
+            finally:
+                pod.forget(usid)
+        except (StreamReset, ChannelClosed) as err:
+            server.done(res.status or 0, "UC", res.response_bytes, grpc_status=res.grpc_status,
+                        details=f"stream reset: {err}")
+        finally:
+            conn.forget(sid)
+
+
+class _Denied(TryFailed):
+    def __init__(self, why: str) -> None:
+        super().__init__("DENY", why, status=403)
+
+
+class _ServerSide:
+    """The server side of one stream to a local pod: policy, trace, telemetry."""
+
+    def __init__(self, engine: Engine, *, source: Peer, dst: Pod, port: int, mtls: bool,
+                 headers: Headers) -> None:
+        self.engine, self.source, self.dst, self.port, self.mtls = (
+            engine, source, dst, port, mtls)
+        self.started, self.t0 = time.time(), time.monotonic()
+        self.method, self.path = _get(headers, ":method"), _get(headers, ":path")
+        self.authority = _get(headers, ":authority")
+        self.grpc = _is_grpc(headers)
+        self.lower: Mapping[str, str] = {k: v for k, v in headers if not k.startswith(":")}
+        parent = telemetry.TraceContext.from_headers(self.lower)
+        self.ctx = parent.child() if parent is not None else telemetry.TraceContext.new_root()
+        injected: dict[str, str] = {}
+        self.ctx.inject(injected)
+        drop = set(injected) | {"b3", "x-b3-flags", "x-b3-parentspanid"}
+        self.headers = [(k, v) for k, v in headers if k not in drop] + list(injected.items())
+        self._done = False
+
+    def check(self) -> str | None:
+        req = HttpRequest(method=self.method, path=self.path,
+                          host=self.authority or self.lower.get("host", ""),
+                          headers=dict(self.lower))
+        allowed, why = self.engine.authorize(source=self.source, dst=self.dst, port=self.port,
+                                             mtls=self.mtls, request=req)
+        return None if allowed else (why or "denied")
+
+    def done(self, status: int, flag: str, response_bytes: int, *, grpc_status: str = "",
+             details: str = "", request_bytes: int = 0) -> None:
+        if self._done:
+            return
+        self._done = True
+        e, s, d = self.engine, self.source, self.dst
+        duration = time.monotonic() - self.t0
+        e.record(telemetry.RequestRecord(
+            reporter="destination", source_workload=s.workload,
+            source_workload_namespace=s.namespace, source_principal=s.principal,
+            destination_workload=d.workload, destination_workload_namespace=d.namespace,
+            destination_principal=d.principal,
+            request_protocol="grpc" if self.grpc else "http", response_code=status,
+            response_flags=flag, grpc_response_status=grpc_status,
+            connection_security_policy="mutual_tls" if self.mtls else "none",
+            method=self.method, path=self.path, authority=self.authority,
+            duration_s=duration, request_bytes=request_bytes, response_bytes=response_bytes,
+            upstream=f"{d.ip}:{self.port}", trace_id=self.ctx.trace_id,
+            span_id=self.ctx.span_id, start_time=self.started, protocol="HTTP/2",
+            request_id=self.lower.get("x-request-id", ""),
+            user_agent=self.lower.get("user-agent", ""), downstream_remote_address=s.ip,
+            response_code_details=details or flag or "via_upstream"))
+        if e.tracer is not None and self.ctx.sampled:
+            tags = {"http.method": self.method, "http.url": self.path,
+                    "http.status_code": str(status), "response_flags": flag or "-",
+                    "node_id": e.node, "upstream_cluster": f"inbound|{self.port}||",
+                    "peer.address": s.ip, "istio.namespace": d.namespace,
+                    "istio.canonical_service": d.workload}
+            if self.grpc:
+                tags["grpc.status_code"] = grpc_status
+            e.tracer.finish(self.ctx, name=f"{self.authority or d.name}"
+                            f"{self.path.split('?', 1)[0]}", kind="SERVER",
+                            start=self.started, duration_s=duration, tags=tags,
+                            service=f"{d.workload}.{d.namespace}")
