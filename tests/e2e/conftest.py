@@ -31,6 +31,8 @@ NODES = ("node-1", "node-2", "node-3")
 IMAGE = "docker.io/library/busybox:1.36"
 NODE_MONITOR_GRACE = 8
 POD_EVICTION_TIMEOUT = 5
+# Seconds between HorizontalPodAutoscaler evaluations (Kubernetes: 15).
+HPA_SYNC = 3
 
 
 def shoal_cli(*args: str, config: Path | None = None, timeout: float = 120
@@ -87,6 +89,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory,
     up = shoal_cli("lab", "up", "--nodes", str(len(NODES)), "--dir", str(lab_dir),
                    f"--apiserver-arg=--node-monitor-grace-period={NODE_MONITOR_GRACE}",
                    f"--apiserver-arg=--pod-eviction-timeout={POD_EVICTION_TIMEOUT}",
+                   f"--apiserver-arg=--horizontal-pod-autoscaler-sync-period={HPA_SYNC}",
                    # Opt-in: the same tests with every pod's traffic through meshagents.
                    *(["--mesh"] if os.environ.get("SHOAL_E2E_MESH") == "1" else []),
                    timeout=300)
