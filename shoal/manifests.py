@@ -187,6 +187,12 @@ class _Decoder:
         t = fd.type
         if t == FieldDescriptor.TYPE_STRING:
             if isinstance(value, str):
+                try:  # a "\ud800" escape in YAML or JSON makes a lone surrogate
+                    value.encode()
+                except UnicodeEncodeError as e:
+                    self.fail(path, f"invalid Unicode: {value[e.start:e.end]!r} at "
+                                    f"position {e.start}")
+                    return False, None
                 return True, value
             self.fail(path, f"expected string, got {_type_name(value)}")
         elif t == FieldDescriptor.TYPE_BOOL:
