@@ -8,7 +8,9 @@
 
 Bound in ``MonitoringServer.start()`` (so a bad port fails at start-up), served
 until ``close()``. Requests are parsed with httptools; responses close the
-connection.
+connection. A request must arrive whole, at most 16 KiB, within
+``request_timeout`` (10 s): a client that trickles its bytes (slowloris) is
+cut off then, however often it sends.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ class _Request:
 
 class MonitoringServer:
     def __init__(self, *, host: str, port: int, registry: CollectorRegistry,
-                 readiness: Readiness) -> None:
+                 readiness: Readiness, request_timeout: float = 10.0) -> None:
         self.host = host
         self.port = port
+        self.request_timeout = request_timeout
         self.registry = registry
         self.readiness = readiness
         self._server: asyncio.Server | None = None
@@ -108,29 +111,39 @@ class MonitoringServer:
         parser = httptools.HttpRequestParser(req)
         try:
             total = 0
-            while not req.done:
-                chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
-                if not chunk:
-                    return
-                total += len(chunk)
-                if total > _MAX_REQUEST:
-                    status, ctype, body = 431, "text/plain", b"request too large\n"
-                    break
-                parser.feed_data(chunk)
+            async with asyncio.timeout(self.request_timeout):  # the whole request
+                while not req.done:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        return
+                    total += len(chunk)
+                    if total > _MAX_REQUEST:
+                        break
+                    try:
+                        parser.feed_data(chunk)
+                    except httptools.HttpParserError:
+                        break
+            if total > _MAX_REQUEST:
+                status, ctype, body = 431, "text/plain", b"request too large\n"
+            elif not req.done:
+                status, ctype, body = 400, "text/plain", b"malformed request\n"
             else:
-                path = httptools.parse_url(req.url).path.decode("latin-1")
+                try:  # an absolute URL ("http://host") has no path: "/"
+                    path = (httptools.parse_url(req.url).path or b"/").decode("latin-1")
+                except httptools.HttpParserError:
+                    path = ""
                 method = parser.get_method().decode("latin-1")
                 status, ctype, body = self._respond(path, method)
                 if method == "HEAD":
                     body = b""
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
-                      431: "Request Header Fields Too Large",
+            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                      405: "Method Not Allowed", 431: "Request Header Fields Too Large",
                       503: "Service Unavailable"}.get(status, "")
             head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             writer.write(head.encode() + body)
             await writer.drain()
-        except (httptools.HttpParserError, TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
