@@ -3,7 +3,9 @@
 # lint (ruff), types (mypy --strict), layering (import-linter), then pytest
 # (unit, integration, e2e; e2e needs root and is skipped with a reason without it).
 # The mesh's e2e module needs a lab with meshagents: a second pass runs it on one
-# (only when no pytest arguments narrow the run).
+# (only when no pytest arguments narrow the run). A third pass runs the chaos
+# suite (tests/chaos, issue 10) on a lab of its own, after the others' labs are
+# down; SHOAL_CHAOS_LONG=1 runs its longer variants.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -74,4 +76,6 @@ if [ "$#" -eq 0 ] && [ "$(id -u)" -eq 0 ]; then
     SHOAL_E2E_MESH=1 pytest -q -p no:cacheprovider tests/e2e/test_orch_mesh.py \
         tests/e2e/test_orch_mesh_optin.py \
         tests/e2e/test_orch_netpol.py
+    log "pytest: chaos suite (its own lab: 3 control-plane members, 2 nodes, mesh)"
+    pytest -q -p no:cacheprovider tests/chaos
 fi
