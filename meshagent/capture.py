@@ -50,6 +50,8 @@ from shoal.queueing import wait_set
 log = logging.getLogger(__name__)
 
 CHAIN = "SHOAL-MESH-PREROUTING"
+OUTPUT_CHAIN = "SHOAL-MESH-OUTPUT"  # a mesh-only host's own processes (HostCapture)
+OUTPUT_HOOK = "OUTPUT"
 SERVICES_CHAIN = "SHOAL-SERVICES"  # the nodeagent's service proxy
 HOOK = "PREROUTING"
 
@@ -143,16 +145,19 @@ def render(rules: Sequence[str]) -> str:
 
 
 def render_cleanup(save: str) -> str | None:
-    """Input that deletes our jumps and chain, or None when nothing is there (pure)."""
+    """Input that deletes our jumps and chains (a mesh-only host's OUTPUT chain too),
+    or None when nothing is there (pure)."""
     lines = our_lines(save)
+    host = netfilter.lines_about(save, lambda chain: chain == OUTPUT_CHAIN)
     jumps = [line for line in lines if line.startswith(f"-A {HOOK} ")]
-    declared = f":{CHAIN}" in lines
+    jumps += [line for line in host if line.startswith(f"-A {OUTPUT_HOOK} ")]
+    declared = [c for c in (CHAIN, OUTPUT_CHAIN) if f":{c}" in lines + host]
     if not jumps and not declared:
         return None
     out = ["*nat"]
     out += ["-D" + j[2:] for j in jumps]
-    if declared:
-        out += [f"-F {CHAIN}", f"-X {CHAIN}"]
+    for c in declared:
+        out += [f"-F {c}", f"-X {c}"]
     return "\n".join([*out, "COMMIT", ""])
 
 
@@ -293,3 +298,89 @@ class Capture:
         if text is not None:
             await self.iptables.restore(text)
             log.info("mesh capture: rules removed")
+
+
+# --------------------------------------------------------------------------- mesh-only host
+
+AGENT_PORTS = (15000, 15020, 15021, 15090)  # admin, metrics: never redirected inbound
+
+
+def host_rules(ips: Iterable[str], cfg: CaptureConfig, *,
+               agent_uid: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A mesh-only host's capture (pure): its processes are the workload, so
+
+        PREROUTING (SHOAL-MESH-PREROUTING), per workload IP W:
+          -d W --dport 15008                        -> REDIRECT tunnel  (peer agents)
+          -d W --dport 15000,15020,15021,15090      -> RETURN           (this agent)
+          -d W -p tcp                               -> REDIRECT 15006   (plaintext in)
+        OUTPUT (SHOAL-MESH-OUTPUT), when there is a workload IP:
+          -m owner --uid-owner AGENT                -> RETURN   (the agent's own
+                                                                 connections: never)
+          -p udp/tcp --dport 53                     -> REDIRECT DNS     (any resolver)
+          -o lo                                     -> RETURN   (the host to itself)
+          -p tcp                                    -> REDIRECT 15001   (every other
+                                                                 destination)
+
+    Processes must run as another user than the agent (as Istio's VM proxy's
+    ``istio-proxy`` user is excluded)."""
+    valid = sorted({ip for ip in ips if _valid_ip(ip)}, key=ipaddress.IPv4Address)
+    a = f"-A {CHAIN}"
+    pre: list[str] = []
+    for ip in valid:
+        d = f"-d {ip}/32 -p tcp -m tcp"
+        pre.append(f"{a} {d} --dport {TUNNEL_PORT} -j REDIRECT --to-ports {cfg.tunnel_port}")
+        pre += [f"{a} {d} --dport {p} -j RETURN" for p in AGENT_PORTS]
+        pre.append(f"{a} -d {ip}/32 -p tcp -j REDIRECT --to-ports {cfg.inbound_port}")
+    if not valid:
+        return tuple(pre), ()
+    o = f"-A {OUTPUT_CHAIN}"
+    out = [f"{o} -m owner --uid-owner {agent_uid} -j RETURN"]
+    out += [f"{o} -p {proto} -m {proto} --dport 53 -j REDIRECT --to-ports {cfg.dns_port}"
+            for proto in ("udp", "tcp")]
+    out.append(f"{o} -o lo -j RETURN")
+    out.append(f"{o} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}")
+    return tuple(pre), tuple(out)
+
+
+def render_host_apply(save: str, pre: Sequence[str], out: Sequence[str]) -> str:
+    """One restore input writing both chains and putting both jumps first (pure)."""
+    lines = ["*nat", f":{CHAIN} - [0:0]", f":{OUTPUT_CHAIN} - [0:0]", *pre, *out]
+    lines += ["-D" + line[2:] for line in our_lines(save) if line.startswith(f"-A {HOOK} ")]
+    lines += ["-D" + line[2:] for line in netfilter.lines_about(
+        save, lambda chain: chain == OUTPUT_CHAIN) if line.startswith(f"-A {OUTPUT_HOOK} ")]
+    lines += [f"-I {HOOK} 1 -j {CHAIN}", f"-I {OUTPUT_HOOK} 1 -j {OUTPUT_CHAIN}",
+              "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def host_drift(save: str, pre: Sequence[str], out: Sequence[str]) -> bool:
+    """Whether a mesh-only host's rules differ from what we want (pure)."""
+    host = netfilter.lines_about(save, lambda chain: chain == OUTPUT_CHAIN)
+    out_rules = tuple(line for line in host if line.startswith(f"-A {OUTPUT_CHAIN} "))
+    out_targets = hook_targets(save, OUTPUT_HOOK)
+    return (drift(save, pre).any or f":{OUTPUT_CHAIN}" not in host
+            or out_rules != tuple(out) or out_targets.count(OUTPUT_CHAIN) != 1
+            or out_targets[0] != OUTPUT_CHAIN)
+
+
+class HostCapture(Capture):
+    """Capture on a mesh-only host: ``set_pods`` takes the host's WorkloadEntry IPs."""
+
+    def __init__(self, *, config: CaptureConfig, iptables: IptablesNat,
+                 interval: float = 1.0, agent_uid: int) -> None:
+        super().__init__(config=config, iptables=iptables, interval=interval)
+        self.agent_uid = agent_uid
+
+    def want(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return host_rules(self.pod_ips, self.config, agent_uid=self.agent_uid)
+
+    async def sync(self) -> bool:
+        pre, out = self.want()
+        save = await self.iptables.save()
+        if not host_drift(save, pre, out):
+            return False
+        await self.iptables.restore(render_host_apply(save, pre, out))
+        self.rewrites += 1
+        log.info("mesh capture: host rules written for %d workload addresses",
+                 len(self.pod_ips))
+        return True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import admin, capture, dns, egress, identity, policy, proxy, tunnel
+from meshagent import admin, capture, dns, egress, identity, meshhost, policy, proxy, tunnel
 from meshagent.l7 import telemetry
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
@@ -78,6 +79,9 @@ class MeshConfig:
     # meshagent.egress: ALLOW_ANY or REGISTRY_ONLY (a namespace label overrides it)
     outbound_traffic_policy: str = egress.ALLOW_ANY
     egress_capture: bool = True  # capture pods' TCP to any address, not only the CIDRs
+    # A mesh-only host (meshagent.meshhost): no pods; its workloads are the
+    # WorkloadEntries labelled shoal.dev/mesh-host: <node_name>.
+    mesh_host: bool = False
 
 
 def captured(pod: core_pb2.Pod, namespaces: Mapping[str, core_pb2.Namespace]) -> bool:
@@ -126,6 +130,8 @@ class MeshAgent:
         self.peer_auths = Informer(client, security_pb2.PeerAuthentication)
         self.authz = Informer(client, security_pb2.AuthorizationPolicy)
         self.service_entries = Informer(client, traffic_pb2.ServiceEntry)
+        self.workload_entries = Informer(client, traffic_pb2.WorkloadEntry, indexers={
+            "ip": lambda w: [w.spec.address] if w.spec.address else []})
         self._registry = egress.Registry()
         self._resolved: dict[str, tuple[str, ...]] = {}
         self.authz.add_handlers(on_add=self._check_policy,
@@ -133,7 +139,8 @@ class MeshAgent:
         self._routes: dict[Address, Route] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self._dirty = True
-        for inf in (self.services, self.endpoints, self.service_entries):
+        for inf in (self.services, self.endpoints, self.service_entries,
+                    self.workload_entries):
             inf.add_handlers(on_add=self._changed, on_update=self._changed2,
                              on_delete=self._changed)
         self.identities = identity.IdentityManager(
@@ -209,7 +216,8 @@ class MeshAgent:
             self._dirty = False
             eps = {key_of(e): e for e in self.endpoints.list()}
             services = self.services.list()
-            self._routes = build_routes(services, eps)
+            self._routes = meshhost.with_workload_entries(
+                build_routes(services, eps), services, self.workload_entries.list())
             self._names = dns.build_names(services, eps, domain=self.config.cluster_domain)
             ses = self.service_entries.list()
             for host, ips in egress.service_entry_names(ses).items():
@@ -228,6 +236,8 @@ class MeshAgent:
         """A connection out of the cluster: a ServiceEntry's, or the outbound
         traffic policy of the source's namespace decides."""
         self._rebuild()
+        if self._entry_by_ip(dst[0]) is not None:  # a WorkloadEntry: in the mesh
+            return egress.Egress(True, dst)
         mode = self.config.outbound_traffic_policy
         if src is not None and (ns := self._namespace(src.namespace)) is not None:
             mode = egress.policy_for(mode, dict(ns.metadata.labels))
@@ -250,9 +260,16 @@ class MeshAgent:
                 if p.status.phase not in ("Succeeded", "Failed")]
         return pods[0] if pods else None
 
+    def _entry_by_ip(self, ip: str) -> traffic_pb2.WorkloadEntry | None:
+        entries = sorted(self.workload_entries.by_index("ip", ip), key=key_of)
+        return entries[0] if entries else None
+
     def namespace_of(self, ip: str) -> str | None:
         pod = self._pod_by_ip(ip)
-        return str(pod.metadata.namespace) if pod is not None else None
+        if pod is None:
+            we = self._entry_by_ip(ip)
+            return str(we.metadata.namespace) if we is not None else None
+        return str(pod.metadata.namespace)
 
     def _namespace(self, name: str) -> core_pb2.Namespace | None:
         return self.namespaces.get("", name)
@@ -260,7 +277,14 @@ class MeshAgent:
     def workload(self, ip: str) -> proxy.Workload | None:
         pod = self._pod_by_ip(ip)
         if pod is None:
-            return None
+            we = self._entry_by_ip(ip)
+            if we is None:
+                return None
+            host = meshhost.mesh_host_of(we)
+            return proxy.Workload(ip=ip, name=we.metadata.name, namespace=we.metadata.namespace,
+                                  service_account=meshhost.service_account_of(we),
+                                  workload=meshhost.workload_name_of(we), node=host,
+                                  meshed=bool(host), labels=dict(we.spec.labels))
         ns = pod.metadata.namespace
         nss = {ns: n} if (n := self._namespace(ns)) is not None else {}
         return proxy.Workload(ip=ip, name=pod.metadata.name, namespace=ns,
@@ -293,6 +317,13 @@ class MeshAgent:
         for gap in policy.l4_gaps(p):
             log.warning("AuthorizationPolicy %s: %s", key_of(p), gap)
 
+    def local_entries(self) -> list[traffic_pb2.WorkloadEntry]:
+        """On a mesh-only host: the WorkloadEntries naming it."""
+        if not self.config.mesh_host:
+            return []
+        return [w for w in self.workload_entries.list()
+                if meshhost.mesh_host_of(w) == self.config.node_name and w.spec.address]
+
     def local_pods(self) -> list[core_pb2.Pod]:
         """This node's pods whose traffic goes through the mesh."""
         nss = {n.metadata.name: n for n in self.namespaces.list()}
@@ -312,6 +343,9 @@ class MeshAgent:
         ready = {(str(i.namespace), str(i.service_account))
                  for i, cert, _ in self.identities.identities()
                  if cert is not None and cert.valid(self.identities.clock())}
+        if self.config.mesh_host:
+            return sorted(w.spec.address for w in self.local_entries()
+                          if (w.metadata.namespace, meshhost.service_account_of(w)) in ready)
         return sorted(p.status.pod_ip for p in self.local_pods()
                       if (p.metadata.namespace, service_account(p)) in ready)
 
@@ -357,7 +391,7 @@ class MeshAgent:
 
     def informers(self) -> list[Informer[Any]]:
         return [self.pods, self.services, self.endpoints, self.namespaces, self.peer_auths,
-                self.authz, self.service_entries]
+                self.authz, self.service_entries, self.workload_entries]
 
     async def start(self) -> None:
         """Bind every port (a bad one fails here)."""
@@ -389,6 +423,8 @@ class MeshAgent:
                 changed.clear()
                 wanted = {(str(p.metadata.namespace), service_account(p))
                           for p in self.local_pods()}
+                wanted |= {(str(w.metadata.namespace), meshhost.service_account_of(w))
+                           for w in self.local_entries()}
                 held = {(str(i.namespace), str(i.service_account))
                         for i, _, _ in self.identities.identities()}
                 for key in held - wanted:
@@ -411,14 +447,19 @@ class MeshAgent:
         cfg = self.config
         binary = cfg.iptables or await capture.detect_backend()
         log.info("mesh capture: iptables backend %s", binary)
-        self.capture = capture.Capture(
+        cap_type: type[capture.Capture] = capture.Capture
+        extra: dict[str, Any] = {}
+        if cfg.mesh_host:
+            cap_type, extra = capture.HostCapture, {"agent_uid": os.geteuid()}
+        self.capture = cap_type(
             config=capture.CaptureConfig(pod_cidr=cfg.pod_cidr, service_cidr=cfg.service_cidr,
                                          dns_ip=cfg.dns_ip, outbound_port=self.outbound.port,
                                          inbound_port=self.inbound.port,
                                          dns_port=self.dns.port,
                                          tunnel_port=self.tunnel.port,
                                          egress=cfg.egress_capture),
-            iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval)
+            iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval,
+            **extra)
         cap = self.capture
         self.capture_rewrites.set_function(lambda: float(cap.rewrites))
         # A restarted agent finds its predecessor's rules in place: writing the
@@ -486,7 +527,7 @@ class MeshAgent:
         def changed(*_: object) -> None:
             for e in events:
                 e.set()
-        for inf in (self.pods, self.namespaces):
+        for inf in (self.pods, self.namespaces, self.workload_entries):
             inf.add_handlers(on_add=changed, on_update=changed, on_delete=changed)
 
 

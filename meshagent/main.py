@@ -5,6 +5,7 @@
         [--service-cidr 10.96.0.0/16] [--cluster-domain cluster.local]
         [--upstream-dns IP] [--metrics-listen 0.0.0.0:15020] [--zipkin-endpoint URL]
         [--outbound-traffic-policy ALLOW_ANY|REGISTRY_ONLY] [--no-egress-capture]
+        [--mesh-host]   a mesh-only host: see meshagent.meshhost
     shoal-meshagent cleanup [--iptables BINARY]   remove the capture rules
 """
 
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="pods' connections out of the cluster: ALLOW_ANY passes them "
                    "through, REGISTRY_ONLY allows only ServiceEntry destinations (a "
                    "namespace's label shoal.dev/outbound-traffic-policy overrides it)")
+    r.add_argument("--mesh-host", action="store_true",
+                   help="a mesh-only host (no node agent, no pods): its workloads are the "
+                   "WorkloadEntries labelled shoal.dev/mesh-host: NODE_NAME, its capture "
+                   "takes this host's own processes (run them as another user than the "
+                   "agent); --config is the client config its `join` wrote")
     r.add_argument("--no-egress-capture", action="store_true",
                    help="capture pods' TCP only to the pod and service CIDRs (the "
                    "outbound traffic policy then cannot act)")
@@ -105,7 +111,7 @@ def _run(ns: argparse.Namespace) -> int:
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit,
             reconcile_interval=ns.reconcile_interval, zipkin_endpoint=ns.zipkin_endpoint,
             outbound_traffic_policy=ns.outbound_traffic_policy,
-            egress_capture=not ns.no_egress_capture)
+            egress_capture=not ns.no_egress_capture, mesh_host=ns.mesh_host)
         if ns.zipkin_endpoint:
             parse_endpoint(ns.zipkin_endpoint)  # validates, before anything starts
         capture.CaptureConfig(pod_cidr=ns.pod_cidr, service_cidr=ns.service_cidr,

@@ -1,0 +1,88 @@
+"""WorkloadEntries in the mesh, and the agent of a mesh-only host (pure helpers).
+
+A WorkloadEntry is a workload that is not a pod: a process on a VM or a
+bare-metal host. Istio's semantics:
+
+- a Service's ``selector`` selects WorkloadEntries of its namespace (their
+  ``spec.labels``) as well as pods: the agents route the Service's ports to
+  the entries' addresses too, on the entry's port for the Service port's name
+  (``spec.ports``), else the Service's numeric targetPort, else its port;
+- a ServiceEntry's ``workloadSelector`` makes matching entries its endpoints;
+- an entry labelled ``shoal.dev/mesh-host: H`` is a meshed workload living on
+  the mesh-only host H, with the identity
+  ``spiffe://<trust domain>/ns/<namespace>/sa/<serviceAccount or default>``:
+  peers reach it through the mTLS tunnel to ``<address>:15008`` (H's agent),
+  and H's agent gets its certificate (the node authorizer lets H sign only for
+  the entries naming it). An entry without that label is a plain, unmeshed
+  endpoint (plaintext).
+
+``shoal-meshagent run --mesh-host`` runs the agent of such a host: no pods and
+no node agent; its local workloads are the entries naming it; its capture is
+:class:`meshagent.capture.HostCapture` (the host's own processes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+from meshagent.routing import Address, Route
+from shoal.api.core.v1 import core_pb2
+from shoal.api.traffic.v1 import traffic_pb2
+from shoal.informer import key_of
+
+MESH_HOST_LABEL = "shoal.dev/mesh-host"
+
+WorkloadEntry = traffic_pb2.WorkloadEntry
+
+
+def mesh_host_of(we: WorkloadEntry) -> str:
+    return str(we.metadata.labels.get(MESH_HOST_LABEL, ""))
+
+
+def service_account_of(we: WorkloadEntry) -> str:
+    return str(we.spec.service_account or "default")
+
+
+def workload_name_of(we: WorkloadEntry) -> str:
+    labels = we.spec.labels
+    for key in ("app.kubernetes.io/name", "app"):
+        if labels.get(key):
+            return str(labels[key])
+    return str(we.metadata.name)
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _target_port(sp: core_pb2.ServicePort, we: WorkloadEntry) -> int:
+    if sp.name and sp.name in we.spec.ports:
+        return int(we.spec.ports[sp.name])
+    number = sp.target_port.int_val if sp.target_port.WhichOneof("value") == "int_val" else 0
+    return int(number or sp.port)
+
+
+def with_workload_entries(routes: Mapping[Address, Route],
+                          services: Iterable[core_pb2.Service],
+                          entries: Iterable[WorkloadEntry]) -> dict[Address, Route]:
+    """``routes`` with every selected WorkloadEntry's address added to its
+    Services' ports (pure)."""
+    by_ns: dict[str, list[WorkloadEntry]] = {}
+    for we in entries:
+        if we.spec.address:
+            by_ns.setdefault(we.metadata.namespace, []).append(we)
+    out = dict(routes)
+    for svc in services:
+        chosen = [we for we in by_ns.get(svc.metadata.namespace, ())
+                  if selects(svc.spec.selector, we.spec.labels)]
+        if not chosen:
+            continue
+        for sp in svc.spec.ports:
+            key = (svc.spec.cluster_ip, int(sp.port))
+            route = out.get(key)
+            if route is None or route.service != key_of(svc):
+                continue
+            extra = {(we.spec.address, _target_port(sp, we)) for we in chosen}
+            out[key] = replace(route, endpoints=tuple(sorted(set(route.endpoints) | extra)))
+    return out
