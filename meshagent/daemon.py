@@ -31,11 +31,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import admin, capture, dns, egress, identity, meshhost, policy, proxy, tunnel
+from meshagent import admin, capture, dns, egress, identity, meshhost, policy, proxy, relay, tunnel
+from meshagent.l7 import engine as l7engine
+from meshagent.l7 import routes as l7routes
 from meshagent.l7 import telemetry
+from meshagent.l7 import upstream as l7upstream
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
-from shoal import errors, sdnotify, spiffe
+from shoal import errors, meshprotocol, sdnotify, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.api.traffic.v1 import traffic_pb2
@@ -143,6 +146,22 @@ class MeshAgent:
                     self.workload_entries):
             inf.add_handlers(on_add=self._changed, on_update=self._changed2,
                              on_delete=self._changed)
+        # L7: VirtualServices (routes), DestinationRules (clusters), and which
+        # service and pod ports speak HTTP; rebuilt lazily after a change.
+        self.virtual_services = Informer(client, traffic_pb2.VirtualService)
+        self.destination_rules = Informer(client, traffic_pb2.DestinationRule)
+        self.route_table = l7routes.RouteTable(domain=config.cluster_domain)
+        self.clusters = l7upstream.Clusters(root_namespace=config.root_namespace,
+                                            domain=config.cluster_domain)
+        self._http_services: dict[Address, l7engine.Service] = {}
+        self._http_pod_ports: set[Address] = set()
+        self._l7_dirty = True
+        l7_sources: list[Informer[Any]] = [self.services, self.endpoints,
+                                           self.service_entries, self.pods,
+                                           self.virtual_services, self.destination_rules]
+        for l7_inf in l7_sources:
+            l7_inf.add_handlers(on_add=self._l7_changed, on_update=self._l7_changed2,
+                             on_delete=self._l7_changed)
         self.identities = identity.IdentityManager(
             signer=signer or identity.GrpcSigner(client.channel),
             trust_domain=config.trust_domain)
@@ -157,11 +176,18 @@ class MeshAgent:
         ids = tunnel.Identities(self.identities)
         self.pool = tunnel.Pool(identities=ids, metrics=self.metrics.tunnel,
                                 port=config.tunnel_port)
+        self.engine = l7engine.Engine(node=config.node_name, route_table=self.l7_routes,
+                                      clusters=self.l7_clusters, pod=self.l7_pod,
+                                      record=self.telemetry.record,
+                                      open_tunnel=self._open_tunnel,
+                                      authorize=self.authorize_http, tracer=self.tracer)
         self.path = proxy.DataPath(node=config.node_name, trust_domain=config.trust_domain,
                                    routes=self.routes, pod_cidr=config.pod_cidr,
                                    workload=self.workload, metrics=self.metrics,
                                    pool=self.pool, admit=self.admit, ready=self.synced,
-                                   egress=self.egress)
+                                   egress=self.egress,
+                                   l7=proxy.L7(engine=self.engine, service=self.http_service,
+                                               http_port=self.http_pod_port))
         self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
                                        port=config.outbound_port, path=self.path,
                                        original_dst=original_dst)
@@ -227,6 +253,83 @@ class MeshAgent:
     def routes(self) -> dict[Address, Route]:
         self._rebuild()
         return self._routes
+
+    # -- the L7 views --
+
+    def _l7_changed(self, _obj: object) -> None:
+        self._l7_dirty = True
+
+    def _l7_changed2(self, _old: object, _new: object) -> None:
+        self._l7_dirty = True
+
+    def _l7_rebuild(self) -> None:
+        if not self._l7_dirty:
+            return
+        self._l7_dirty = False
+        services = self.services.list()
+        endpoints = self.endpoints.list()
+        self.route_table.update(self.virtual_services.list(), services,
+                                self.service_entries.list())
+        for key, why in self.route_table.errors.items():
+            log.warning("VirtualService %s left out: %s", key, why)
+        self.clusters.update(services=services, endpoints=endpoints, pods=self.pods.list(),
+                             destination_rules=self.destination_rules.list())
+        self._http_services, self._http_pod_ports = http_ports(
+            services, endpoints, domain=self.config.cluster_domain)
+
+    def l7_routes(self) -> l7routes.RouteTable:
+        self._l7_rebuild()
+        return self.route_table
+
+    def l7_clusters(self) -> l7upstream.Clusters:
+        self._l7_rebuild()
+        return self.clusters
+
+    def http_service(self, dst: Address) -> l7engine.Service | None:
+        """The HTTP service port at ClusterIP:port (HTTP/1.1 only for now: HTTP/2 and
+        gRPC ports stay on the L4 path)."""
+        self._l7_rebuild()
+        return self._http_services.get(dst)
+
+    def http_pod_port(self, dst: Address) -> bool:
+        self._l7_rebuild()
+        return dst in self._http_pod_ports
+
+    def l7_pod(self, ip: str) -> l7engine.Pod | None:
+        w = self.workload(ip)
+        return self.path.pod(w) if w is not None else None
+
+    async def _open_tunnel(self, source: l7engine.Peer, dst: l7engine.Pod,
+                           port: int) -> relay.End:
+        return await self.pool.open(source=(source.namespace, source.service_account),
+                                    destination=(dst.ip, port),
+                                    expected=spiffe.parse(spiffe.SCHEME + dst.principal),
+                                    source_ip=source.ip)
+
+    def authorize_http(self, *, source: l7engine.Peer, dst: l7engine.Pod, port: int,
+                       mtls: bool, request: l7engine.HttpRequest) -> tuple[bool, str]:
+        """An HTTP request to a local pod: PeerAuthentication (STRICT refuses
+        plaintext), then AuthorizationPolicy with the request's attributes."""
+        root = self.config.root_namespace
+        target = policy.Target(namespace=dst.namespace, labels=dst.labels, port=port,
+                               ip=dst.ip)
+        reason = ""
+        if not mtls and policy.mtls_mode(self.peer_auths.list(), target,
+                                         root_namespace=root) == policy.STRICT:
+            reason = "STRICT mTLS: plaintext refused"
+        else:
+            peer = policy.Peer(source.principal if mtls else "",
+                               source.namespace if mtls else "", source.ip)
+            v = policy.authorize(self.authz.list(), peer, target, root_namespace=root,
+                                 request=policy.HttpRequest(
+                                     method=request.method, path=request.path,
+                                     host=request.host, headers=request.headers))
+            if v.allowed:
+                return True, ""
+            reason = v.reason
+        self.metrics.denied.labels("destination", dst.workload, dst.namespace,
+                                   source.principal or "unknown", reason).inc()
+        return False, reason
 
     def names(self) -> dict[str, tuple[str, ...]]:
         self._rebuild()
@@ -391,7 +494,8 @@ class MeshAgent:
 
     def informers(self) -> list[Informer[Any]]:
         return [self.pods, self.services, self.endpoints, self.namespaces, self.peer_auths,
-                self.authz, self.service_entries, self.workload_entries]
+                self.authz, self.service_entries, self.workload_entries, self.virtual_services,
+                self.destination_rules]
 
     async def start(self) -> None:
         """Bind every port (a bad one fails here)."""
@@ -514,6 +618,7 @@ class MeshAgent:
             await self.outbound.close()
             await self.inbound.close()
             await self.tunnel.close()
+            await self.engine.close()
             await self.pool.close()
             await self.dns.close()
             if self.tracer is not None:
@@ -529,6 +634,34 @@ class MeshAgent:
                 e.set()
         for inf in (self.pods, self.namespaces, self.workload_entries):
             inf.add_handlers(on_add=changed, on_update=changed, on_delete=changed)
+
+
+def http_ports(services: list[core_pb2.Service], endpoints: list[core_pb2.Endpoints], *,
+               domain: str) -> tuple[dict[Address, l7engine.Service], set[Address]]:
+    """The HTTP/1.1 service ports by ClusterIP:port, and the pod IP:ports behind
+    them (pure): what the L7 engine serves, outbound and inbound."""
+    eps = {key_of(e): e for e in endpoints}
+    by_vip: dict[Address, l7engine.Service] = {}
+    pod_ports: set[Address] = set()
+    for svc in services:
+        ns, name = svc.metadata.namespace, svc.metadata.name
+        ip = svc.spec.cluster_ip
+        for sp in svc.spec.ports:
+            choice = meshprotocol.port_protocol(
+                name=sp.name, app_protocol=sp.app_protocol if sp.HasField("app_protocol")
+                else None, transport=sp.protocol or "TCP")
+            if choice.protocol != meshprotocol.AppProtocol.HTTP:
+                continue
+            if ip and ip != "None" and ":" not in ip:
+                by_vip[(ip, int(sp.port))] = l7engine.Service(
+                    host=f"{name}.{ns}.svc.{domain}", port=int(sp.port), name=name,
+                    namespace=ns)
+            ep = eps.get(key_of(svc))
+            for subset in ep.subsets if ep is not None else ():
+                port = next((p for p in subset.ports if p.name == sp.name), None)
+                if port is not None:
+                    pod_ports.update((a.ip, int(port.port)) for a in subset.addresses if a.ip)
+    return by_vip, pod_ports
 
 
 async def run(config: MeshConfig) -> None:

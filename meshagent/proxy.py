@@ -26,6 +26,13 @@ back-pressure from whichever end cannot write, and a connection idle in both
 directions for ``idle_timeout`` is closed. Listeners are bound in ``start()`` so
 a bad port fails at start-up.
 
+HTTP ports (``shoal.meshprotocol``) take the L7 path instead, given ``l7``
+(:class:`L7`): outbound, a connection to an HTTP service port goes to
+:meth:`meshagent.l7.engine.Engine.outbound` (per request: VirtualService,
+DestinationRule, retries...); inbound (tunnel and plaintext), a connection to a
+pod port some Service exposes as HTTP goes to ``Engine.inbound`` (policy per
+request, with the request's attributes). Everything else stays on this L4 path.
+
 Metrics use Istio's names and labels: istio_tcp_connections_opened_total,
 istio_tcp_connections_closed_total, istio_tcp_sent_bytes_total (client to
 server) and istio_tcp_received_bytes_total (server to client). Live
@@ -48,6 +55,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from meshagent import relay, tunnel
 from meshagent.egress import Egress
+from meshagent.l7 import engine as l7engine
 from meshagent.routing import Address, Balancer, Decision, Route, decide
 from shoal import spiffe
 from shoal.queueing import wait_set
@@ -179,6 +187,17 @@ _ids = itertools.count(1)
 Workloads = Callable[[str], Workload | None]
 
 
+@dataclass(frozen=True)
+class L7:
+    """The L7 path: the engine, and which destinations are HTTP."""
+
+    engine: l7engine.Engine
+    # ClusterIP:port -> the HTTP service port there (None: not an HTTP port)
+    service: Callable[[Address], l7engine.Service | None]
+    # pod IP:port -> whether a Service exposes it as an HTTP port
+    http_port: Callable[[Address], bool]
+
+
 class DataPath:
     """Everything the listeners share; see the module docstring."""
 
@@ -187,7 +206,7 @@ class DataPath:
                  admit: Admit = admit_all, balancer: Balancer | None = None,
                  connect_timeout: float = 5.0, idle_timeout: float = 3600.0,
                  ready: asyncio.Event | None = None, ready_timeout: float = 10.0,
-                 egress: EgressDecide | None = None) -> None:
+                 egress: EgressDecide | None = None, l7: L7 | None = None) -> None:
         self.node = node
         self.trust_domain = trust_domain
         self.routes = routes
@@ -203,6 +222,7 @@ class DataPath:
         self.ready_timeout = ready_timeout
         self.live: dict[int, Live] = {}
         self.egress = egress  # destinations outside the cluster (meshagent.egress)
+        self.l7 = l7
 
     async def wait_ready(self) -> bool:
         """Wait until the agent knows the cluster (``ready``, set once its
@@ -269,8 +289,25 @@ class DataPath:
 
     # -- outbound: a local pod connects out --
 
+    def peer(self, ip: str, w: Workload | None) -> l7engine.Peer:
+        """A request's source for the L7 engine."""
+        if w is None:
+            return l7engine.Peer(ip=ip)
+        return l7engine.Peer(ip=ip, workload=w.workload, namespace=w.namespace,
+                             principal=self._principal_of(w),
+                             service_account=w.service_account, labels=w.labels,
+                             meshed=True)
+
+    def pod(self, w: Workload) -> l7engine.Pod:
+        return l7engine.Pod(ip=w.ip, name=w.name, namespace=w.namespace, workload=w.workload,
+                            principal=self._principal_of(w), node_local=w.node == self.node,
+                            meshed=w.meshed, labels=w.labels)
+
     async def outbound(self, client: relay.SocketEnd, peer_ip: str, dst: Address) -> None:
         src = self.workload(peer_ip)
+        if self.l7 is not None and (svc := self.l7.service(dst)) is not None:
+            await self.l7.engine.outbound(client, source=self.peer(peer_ip, src), service=svc)
+            return
         d = decide(self.routes(), dst, pod_cidr=self.pod_cidr)
         service = d.route.service if d.route is not None else ""
         target: Address | None = None
@@ -375,6 +412,17 @@ class DataPath:
             labels["response_flags"] = "NR"
             self._refused(labels)
             return
+        if self.l7 is not None and self.l7.http_port((ip, port)):
+            # Policy is decided per request, with the request's attributes.
+            conn.respond(stream, 200)
+            src_wl = self.workload(source_ip)
+            peer = l7engine.Peer(ip=source_ip, workload=src_wl.workload if src_wl else "",
+                                 namespace=src.namespace, principal=principal(peer_id),
+                                 service_account=src.service_account,
+                                 labels=src_wl.labels if src_wl else {}, meshed=True)
+            await self.l7.engine.inbound(stream, source=peer, dst=self.pod(dst_wl),
+                                         port=port, mtls=True)
+            return
         verdict = self.admit(principal=rec.source_principal, namespace=src.namespace,
                              ip=source_ip, dst=dst_wl, port=port, mtls=True)
         if not verdict.allowed:
@@ -408,6 +456,14 @@ class DataPath:
                    destination_workload=dst_wl.workload if dst_wl else "",
                    destination_namespace=dst_wl.namespace if dst_wl else "")
         labels = self._labels("destination", rec, "", "")
+        if self.l7 is not None and dst_wl is not None and self.l7.http_port(dst):
+            # PeerAuthentication and AuthorizationPolicy per request.
+            peer = self.peer(peer_ip, src)
+            await self.l7.engine.inbound(
+                client, source=l7engine.Peer(ip=peer_ip, workload=peer.workload,
+                                             namespace=peer.namespace, labels=peer.labels),
+                dst=self.pod(dst_wl), port=dst[1], mtls=False)
+            return
         if dst_wl is not None:
             verdict = self.admit(principal="", namespace="", ip=peer_ip, dst=dst_wl,
                                  port=dst[1], mtls=False)

@@ -36,7 +36,7 @@ async def test_agent_routes_a_cluster_ip_to_a_ready_endpoint(api: InProcessAPISe
         svc = core_pb2.Service()
         svc.metadata.name, svc.metadata.namespace = "web", "default"
         svc.spec.cluster_ip = "10.96.0.50"
-        svc.spec.ports.add(name="http", port=80, target_port={"int_val": port})
+        svc.spec.ports.add(name="tcp-echo", port=80, target_port={"int_val": port})
         svc = await c.create(svc)
         cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
                          inbound_port=0, dns_port=0, tunnel_port=0,
@@ -59,7 +59,7 @@ async def test_agent_routes_a_cluster_ip_to_a_ready_endpoint(api: InProcessAPISe
                 ep.metadata.name, ep.metadata.namespace = "web", "default"
                 sub = ep.subsets.add()
                 sub.addresses.add(ip="127.0.0.1")
-                sub.ports.add(name="http", port=port, protocol="TCP")
+                sub.ports.add(name="tcp-echo", port=port, protocol="TCP")
                 await c.create(ep)
                 async def routed() -> bool:
                     return agent.routes()[(svc.spec.cluster_ip, 80)].endpoints == (

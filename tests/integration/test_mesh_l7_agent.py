@@ -1,0 +1,129 @@
+"""The mesh agent's L7 wiring against an in-process apiserver: a Service's HTTP port
+goes through the engine with the VirtualServices and DestinationRules the agent
+watches; a TCP port keeps the L4 path. Loopback, a fake original destination."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+
+from meshagent.daemon import MeshAgent, MeshConfig, http_ports
+from meshagent.routing import Address
+from shoal.api.core.v1 import core_pb2
+from shoal.api.traffic.v1 import traffic_pb2 as pb
+from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.waiting import eventually
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[InProcessAPIServer]:
+    async with InProcessAPIServer(tmp_path) as server:
+        yield server
+
+
+async def _http(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """A one-request HTTP server that names the path it got."""
+    line = await r.readline()
+    while (await r.readline()).strip():
+        pass
+    text = line.split()[1] if line else b"?"
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (len(text), text))
+    await w.drain()
+    w.close()
+
+
+async def _echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(await r.read())
+    await w.drain()
+    w.close()
+
+
+def _service(name: str, port_name: str, ip: str, port: int, target: int
+             ) -> tuple[core_pb2.Service, core_pb2.Endpoints]:
+    svc = core_pb2.Service()
+    svc.metadata.name, svc.metadata.namespace = name, "default"
+    svc.spec.cluster_ip = ip
+    svc.spec.ports.add(name=port_name, port=port, target_port={"int_val": target})
+    ep = core_pb2.Endpoints()
+    ep.metadata.name, ep.metadata.namespace = name, "default"
+    sub = ep.subsets.add()
+    sub.addresses.add(ip="127.0.0.1")
+    sub.ports.add(name=port_name, port=target, protocol="TCP")
+    return svc, ep
+
+
+async def test_http_ports_take_the_engine_and_tcp_ports_stay_l4(
+        api: InProcessAPIServer) -> None:
+    web_backend = await asyncio.start_server(_http, "127.0.0.1", 0)
+    tcp_backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    web_port = web_backend.sockets[0].getsockname()[1]
+    tcp_port = tcp_backend.sockets[0].getsockname()[1]
+    async with api.client() as c:
+        for obj in (*_service("web", "http-web", "10.96.0.60", 80, web_port),
+                    *_service("raw", "tcp-raw", "10.96.0.61", 9000, tcp_port)):
+            await c.create(obj)
+        vs = pb.VirtualService()
+        json_format.ParseDict({"metadata": {"name": "web", "namespace": "default"},
+                               "spec": yaml.safe_load("""
+hosts: [web]
+http:
+- match: [{uri: {prefix: /old/}}]
+  rewrite: {uri: /new/}
+  headers: {response: {set: {x-routed: rewrite}}}
+  route: [{destination: {host: web}}]
+- route: [{destination: {host: web}}]
+""")}, vs)
+        await c.create(vs)
+        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
+                         inbound_port=0, dns_port=0, tunnel_port=0,
+                         metrics_listen="127.0.0.1:0", admin_listen="",
+                         pod_cidr="127.0.0.0/8")
+        async with api.client() as agent_client:
+            agent = MeshAgent(cfg, agent_client)
+            dst: list[Address] = [("10.96.0.60", 80)]
+            agent.outbound.original_dst = lambda _s: dst[0]
+            await agent.start()
+            task = asyncio.create_task(agent.run())
+            try:
+                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+
+                async def vs_known() -> bool:
+                    return agent.l7_routes().virtual_service(
+                        "web.default.svc.cluster.local") is not None
+                await eventually("the VirtualService known", vs_known)
+                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+                w.write(b"GET /old/x HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+                reply = await asyncio.wait_for(r.read(), 5)
+                w.close()
+                assert reply.startswith(b"HTTP/1.1 200")
+                assert b"x-routed: rewrite" in reply and reply.endswith(b"/new/x")
+                # The TCP port: bytes relayed as they are.
+                dst[0] = ("10.96.0.61", 9000)
+                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+                w.write(b"not http at all")
+                w.write_eof()
+                assert await asyncio.wait_for(r.read(), 5) == b"not http at all"
+                w.close()
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    web_backend.close()
+    tcp_backend.close()
+
+
+def test_http_ports_by_protocol() -> None:
+    web, web_ep = _service("web", "http", "10.96.0.60", 80, 8080)
+    grpc, grpc_ep = _service("api", "grpc-api", "10.96.0.62", 90, 9090)
+    raw, raw_ep = _service("raw", "redis", "10.96.0.61", 6379, 6379)
+    by_vip, pod_ports = http_ports([web, grpc, raw], [web_ep, grpc_ep, raw_ep],
+                                   domain="cluster.local")
+    assert list(by_vip) == [("10.96.0.60", 80)]
+    assert by_vip[("10.96.0.60", 80)].host == "web.default.svc.cluster.local"
+    assert pod_ports == {("127.0.0.1", 8080)}
