@@ -84,7 +84,7 @@ def mesh(cluster: Cluster) -> Iterator[dict[str, core_pb2.Pod]]:
     svc = core_pb2.Service()
     svc.metadata.name, svc.metadata.namespace = "web", NS
     svc.spec.selector["app"] = "web"
-    port = svc.spec.ports.add(name="http", port=80)
+    port = svc.spec.ports.add(name="tcp-web", port=80)  # L4: this module is about TCP
     port.target_port.str_val = "http"
     echo_port = svc.spec.ports.add(name="tcp-echo", port=9000)
     echo_port.target_port.int_val = 9000
