@@ -117,6 +117,7 @@ def cluster_roles() -> list[rbac_pb2.ClusterRole]:
             _rule(WRITE, ["networking.k8s.io"], _NETWORKING),
             _rule(WRITE, [ISTIO_SECURITY], _MESH),
             _rule(WRITE, [ISTIO_NETWORKING], _TRAFFIC),
+            _rule(WRITE, ["autoscaling"], ["horizontalpodautoscalers"]),
         ], labels={AGGREGATE_TO + "edit": "true"}),
         _role("system:aggregate-to-view", [
             _rule(READ, [""], _VIEW_CORE),
@@ -124,6 +125,10 @@ def cluster_roles() -> list[rbac_pb2.ClusterRole]:
             _rule(READ, ["networking.k8s.io"], _NETWORKING),
             _rule(READ, [ISTIO_SECURITY], _MESH),
             _rule(READ, [ISTIO_NETWORKING], _TRAFFIC),
+            _rule(READ, ["autoscaling"], ["horizontalpodautoscalers",
+                                         "horizontalpodautoscalers/status"]),
+            # metrics-server's system:aggregated-metrics-reader, aggregated to view.
+            _rule(READ, ["metrics.k8s.io"], ["pods", "nodes"]),
         ], labels={AGGREGATE_TO + "view": "true"}),
         # Shoal's node components, beyond what the node authorizer allows.
         _role("system:shoal:node", [

@@ -179,3 +179,24 @@ async def test_metrics_need_list_permission(apiserver: InProcessAPIServer) -> No
     async with AsyncClient(apiserver.user_client_config("nobody")) as user:
         with pytest.raises(errors.Forbidden, match="metrics.k8s.io"):
             await user.pod_metrics(namespace="shop")
+
+
+async def test_the_view_role_may_read_pod_metrics(apiserver: InProcessAPIServer) -> None:
+    from shoal.api.rbac.v1 import rbac_pb2
+    from shoal.client import AsyncClient
+
+    async with apiserver.client() as admin:
+        ns = core_pb2.Namespace()
+        ns.metadata.name = "viewers"
+        await admin.create(ns)
+        binding = rbac_pb2.RoleBinding()
+        binding.metadata.name, binding.metadata.namespace = "view", "viewers"
+        binding.role_ref.kind, binding.role_ref.name = "ClusterRole", "view"
+        binding.role_ref.api_group = "rbac.authorization.k8s.io"
+        binding.subjects.add(kind="User", name="viewer", api_group="rbac.authorization.k8s.io")
+        await admin.create(binding)
+    async with AsyncClient(apiserver.user_client_config("viewer")) as user:
+        listed = await user.pod_metrics(namespace="viewers")
+        assert list(listed.items) == []
+        with pytest.raises(errors.Forbidden):
+            await user.pod_metrics(namespace="shop")
