@@ -57,6 +57,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--mesh", action="store_true",
                    help="also run a capturing meshagent on every node: pods' traffic "
                         "between nodes goes over mTLS, with the mesh's DNS and policy")
+    p.add_argument("--mesh-hosts", type=int, default=0, metavar="N",
+                   help="with --mesh: N mesh-only hosts, each a network namespace with "
+                        "only a meshagent and a plain process (busybox httpd), no node "
+                        "agent (see `shoal lab meshhost add`)")
+    p = command("meshhost", "add a mesh-only host to a lab up with --mesh: a network "
+                            "namespace on the bridge with only a meshagent (joined with a "
+                            "token) and busybox httpd :8080; a WorkloadEntry labelled "
+                            "shoal.dev/mesh-host: <name> puts the process in the mesh")
+    p.add_argument("action", choices=["add"])
     p = command("down", "stop and remove everything the lab made")
     p.add_argument("--purge", action="store_true",
                    help="also remove the lab's data and logs")
@@ -91,7 +100,10 @@ def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
         match ns.lab_command:
             case "up":
                 return lab.up(nodes=ns.nodes, apiserver_args=tuple(ns.apiserver_arg),
-                              mesh=ns.mesh, control_planes=ns.control_planes)
+                              mesh=ns.mesh, control_planes=ns.control_planes,
+                              mesh_hosts=ns.mesh_hosts)
+            case "meshhost":
+                return lab.add_mesh_host()
             case "down":
                 return lab.down(purge=ns.purge)
             case "status":

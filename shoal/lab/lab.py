@@ -83,7 +83,7 @@ from shoal import config as configmod
 from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
-from shoal.lab import ingress, netsetup, preflight, restarting
+from shoal.lab import ingress, meshhost, netsetup, preflight, restarting
 from shoal.lab import supervisor as supervisormod
 from shoal.lab.state import (
     DOWN,
@@ -199,6 +199,7 @@ class Lab:
         # Extra `shoal-apiserver serve` flags for this up (e.g. shorter timeouts).
         self.apiserver_args: tuple[str, ...] = ()
         self.mesh = False
+        self.mesh_hosts = 0  # `up --mesh-hosts N`
         self.control_planes = 1
         self._control_plane: bootstrap.Spec | None = None
         # Every member of the control plane with its spec (member 1's is _control_plane).
@@ -259,7 +260,14 @@ class Lab:
     # -- up ----------------------------------------------------------------------
 
     def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = (), mesh: bool = False,
-           control_planes: int = 1) -> int:
+           control_planes: int = 1, mesh_hosts: int = 0) -> int:
+        if mesh_hosts and not mesh:
+            raise errors.BadRequest("--mesh-hosts needs --mesh (a mesh-only host joins "
+                                    "the mesh)")
+        if not 0 <= mesh_hosts <= meshhost.MAX_HOSTS:
+            raise errors.BadRequest(f"--mesh-hosts {mesh_hosts}: must be 0.."
+                                    f"{meshhost.MAX_HOSTS}")
+        self.mesh_hosts = mesh_hosts
         topo = plan(nodes=nodes, lab_dir=self.lab_dir)
         control_plane_members(topo, control_planes)  # a wrong count is refused first
         self.apiserver_args = apiserver_args
@@ -412,6 +420,10 @@ class Lab:
         if self.mesh:
             self._start_zipkin(state, topo)
             self._start_meshagents(state, topo)
+            for i in range(1, self.mesh_hosts + 1):
+                h = meshhost.add(self, state, topo, i, timeout=START_TIMEOUT)
+                self._progress(f"mesh-only host {h.name} on {h.ip}: a meshagent and "
+                               f"busybox httpd :{meshhost.APP_PORT}, no node agent")
             self._start_ingress(state, topo)
         sup = self._start_supervisor(state, topo)
         with self.file.locked():
@@ -641,6 +653,21 @@ class Lab:
                        f"the listeners of Gateways selecting istio=ingressgateway on {ip}, "
                        f"routed from the host")
 
+    def add_mesh_host(self) -> int:
+        """``lab meshhost add``: one more mesh-only host (meshagent.meshhost)."""
+        state, topo = self._up_only()
+        if not any(name.startswith("meshagent/node-") for name in state.processes):
+            raise LabError("the lab runs no meshagents; bring it up with --mesh")
+        with self.file.locked():
+            state = self.file.load() or state
+            have = {h.index for h in meshhost.hosts_in(state, self.lab_dir)}
+            index = next(i for i in range(1, meshhost.MAX_HOSTS + 2) if i not in have)
+            h = meshhost.add(self, state, topo, index, timeout=START_TIMEOUT)
+        self.say(f"mesh-only host {h.name} on {h.ip}: a meshagent and busybox httpd "
+                 f":{meshhost.APP_PORT} (as nobody). Put it in the mesh with a WorkloadEntry "
+                 f"labelled shoal.dev/mesh-host: {h.name}, address {h.ip}.")
+        return 0
+
     def _agent_argv(self, n: Node, topo: Topology) -> list[str]:
         return list(bootstrap.command(self._node_spec(n, topo), bootstrap.NODEAGENT,
                                       python=self.python).argv)
@@ -821,6 +848,8 @@ class Lab:
         meshagents = [f"meshagent/{n.name}" for n in topo.nodes
                       if f"meshagent/{n.name}" in state.processes]
         meshagents += [ingress.PROCESS] if ingress.PROCESS in state.processes else []
+        for h in meshhost.hosts_in(state, self.lab_dir):
+            meshagents += [meshhost.AGENT + h.name, meshhost.APP + h.name]
         meshagents += [ZIPKIN] if ZIPKIN in state.processes else []
         members = control_plane_members(topo, state.control_planes)
         for name in (SUPERVISOR, *(m.etcd_process for m in members),
