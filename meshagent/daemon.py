@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -156,6 +157,7 @@ class MeshAgent:
         self._http_services: dict[Address, l7engine.Service] = {}
         self._http_pod_ports: set[Address] = set()
         self._l7_dirty = True
+        self._rng = random.Random()
         l7_sources: list[Informer[Any]] = [self.services, self.endpoints,
                                            self.service_entries, self.pods,
                                            self.virtual_services, self.destination_rules]
@@ -187,7 +189,8 @@ class MeshAgent:
                                    pool=self.pool, admit=self.admit, ready=self.synced,
                                    egress=self.egress,
                                    l7=proxy.L7(engine=self.engine, service=self.http_service,
-                                               http_port=self.http_pod_port))
+                                               http_port=self.http_pod_port,
+                                               tcp_pick=self.tcp_pick))
         self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
                                        port=config.outbound_port, path=self.path,
                                        original_dst=original_dst)
@@ -294,6 +297,23 @@ class MeshAgent:
     def http_pod_port(self, dst: Address) -> bool:
         self._l7_rebuild()
         return dst in self._http_pod_ports
+
+    def tcp_pick(self, route: Route, dst: Address, src: proxy.Workload | None
+                 ) -> Address | None:
+        """A TCP service connection's endpoint by its VirtualService's weighted ``tcp``
+        route (None when there is none: the L4 balancer picks)."""
+        table = self.l7_routes()
+        if not table.has_tcp_routes:
+            return None
+        host = f"{route.name}.{route.namespace}.svc.{self.config.cluster_domain}"
+        action = table.tcp_route(host, dst[1], source_labels=src.labels if src else {},
+                                 source_namespace=src.namespace if src else "")
+        dest = action.choose(self._rng.random()) if action is not None else None
+        if dest is None:
+            return None
+        cluster = self.clusters.get(dest.host, dest.port, dest.subset)
+        ep = cluster.pick(headers={}, source_ip=src.ip if src else "") if cluster else None
+        return (ep.ip, ep.port) if ep is not None else None
 
     def l7_pod(self, ip: str) -> l7engine.Pod | None:
         w = self.workload(ip)

@@ -196,6 +196,9 @@ class L7:
     service: Callable[[Address], l7engine.Service | None]
     # pod IP:port -> whether a Service exposes it as an HTTP port
     http_port: Callable[[Address], bool]
+    # a TCP service connection: the endpoint its VirtualService's weighted
+    # ``tcp`` route picks (None: no tcp route, the L4 balancer decides)
+    tcp_pick: Callable[[Route, Address, Workload | None], Address | None] | None = None
 
 
 class DataPath:
@@ -312,7 +315,10 @@ class DataPath:
         service = d.route.service if d.route is not None else ""
         target: Address | None = None
         if d.kind == "service" and d.route is not None:
-            target = self.balancer.pick(d.route)
+            if self.l7 is not None and self.l7.tcp_pick is not None:
+                target = self.l7.tcp_pick(d.route, dst, src)
+            if target is None:
+                target = self.balancer.pick(d.route)
         elif d.kind == "passthrough":
             target = dst
         elif d.route is None and self.egress is not None:

@@ -380,6 +380,7 @@ class RouteTable:
         self._vs: list[_Compiled] = []
         self._ports: dict[str, tuple[int, ...]] = {}  # host FQDN -> its service ports
         self.errors: dict[str, str] = {}  # namespace/name -> why it was left out
+        self.has_tcp_routes = False  # any ``tcp`` route at all (the L4 path's quick check)
 
     # -- compiling --
 
@@ -406,6 +407,7 @@ class RouteTable:
         compiled.sort(key=lambda c: (c.created, c.key))
         self._vs = compiled
         self.errors = errors
+        self.has_tcp_routes = any(c.tcp for c in compiled)
 
     def _dest(self, d: pb.Destination, namespace: str, weight: int, default_port: int,
               headers: pb.Headers | None = None) -> Destination:

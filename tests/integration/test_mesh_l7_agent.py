@@ -127,3 +127,64 @@ def test_http_ports_by_protocol() -> None:
     assert list(by_vip) == [("10.96.0.60", 80)]
     assert by_vip[("10.96.0.60", 80)].host == "web.default.svc.cluster.local"
     assert pod_ports == {("127.0.0.1", 8080)}
+
+
+async def test_tcp_routes_pick_by_weight(api: InProcessAPIServer) -> None:
+    async def named(name: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()
+        w.write(name)
+        await w.drain()
+        w.close()
+
+    a = await asyncio.start_server(lambda r, w: named(b"a", r, w), "127.0.0.2", 0)
+    port = a.sockets[0].getsockname()[1]
+    b = await asyncio.start_server(lambda r, w: named(b"b", r, w), "127.0.0.3", port)
+    async with api.client() as c:
+        svc, ep = _service("db", "tcp-db", "10.96.0.63", 5432, port)
+        del ep.subsets[:]
+        for ip, version in (("127.0.0.2", "a"), ("127.0.0.3", "b")):
+            sub = ep.subsets.add()
+            sub.addresses.add(ip=ip).labels["version"] = version
+            sub.ports.add(name="tcp-db", port=port, protocol="TCP")
+        await c.create(svc)
+        await c.create(ep)
+        for kind, doc in ((pb.DestinationRule, "host: db\nsubsets: [{name: a, labels: "
+                           "{version: a}}, {name: b, labels: {version: b}}]"),
+                          (pb.VirtualService, "hosts: [db]\ntcp: [{route: [{destination: "
+                           "{host: db, subset: a}, weight: 0}, {destination: {host: db, "
+                           "subset: b}, weight: 100}]}]")):
+            obj = kind()
+            json_format.ParseDict({"metadata": {"name": "db", "namespace": "default"},
+                                   "spec": yaml.safe_load(doc)}, obj)
+            await c.create(obj)
+        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
+                         inbound_port=0, dns_port=0, tunnel_port=0,
+                         metrics_listen="127.0.0.1:0", admin_listen="",
+                         pod_cidr="127.0.0.0/8")
+        async with api.client() as agent_client:
+            agent = MeshAgent(cfg, agent_client)
+            agent.outbound.original_dst = lambda _s: ("10.96.0.63", 5432)
+            await agent.start()
+            task = asyncio.create_task(agent.run())
+            try:
+                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+
+                async def routed() -> bool:
+                    return agent.l7_routes().has_tcp_routes and \
+                        agent.l7_clusters().get("db.default.svc.cluster.local", 5432,
+                                                "b") is not None
+                await eventually("the tcp route known", routed)
+                answers = []
+                for _ in range(6):
+                    r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+                    w.write(b"hi")
+                    w.write_eof()
+                    answers.append(await asyncio.wait_for(r.read(), 5))
+                    w.close()
+                assert answers == [b"b"] * 6
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    a.close()
+    b.close()
