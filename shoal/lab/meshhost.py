@@ -87,9 +87,9 @@ def agent_argv(h: Node, *, python: str, trust_domain: str = "cluster.local") -> 
 
 
 def app_argv(h: Node) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-            "busybox", "httpd", "-f", "-p", f"{h.ip}:{APP_PORT}", "-h",
-            str(h.data_dir / "www")]
+    # httpd changes into its directory, then to nobody (-u): the lab dir is 0700.
+    return ["busybox", "httpd", "-f", "-u", f"{NOBODY}:{NOBODY}", "-p", f"{h.ip}:{APP_PORT}",
+            "-h", str(h.data_dir / "www")]
 
 
 def resolv_conf(h: Node, namespace: str = "default") -> str:
