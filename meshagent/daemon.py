@@ -251,7 +251,8 @@ class MeshAgent:
             ses = self.service_entries.list()
             for host, ips in egress.service_entry_names(ses).items():
                 self._names.setdefault(host, ips)
-            self._registry = egress.build_registry(ses, self._resolved)
+            self._registry = egress.build_registry(ses, self._resolved,
+                                                   self.workload_entries.list())
 
     def routes(self) -> dict[Address, Route]:
         self._rebuild()

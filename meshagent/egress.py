@@ -115,9 +115,13 @@ def dns_hosts(se: pb.ServiceEntry) -> list[str]:
 
 
 def build_registry(service_entries: Iterable[pb.ServiceEntry],
-                   resolved: Mapping[str, tuple[str, ...]] | None = None) -> Registry:
-    """Every ServiceEntry's destinations; ``resolved`` maps DNS names to IPs (pure)."""
+                   resolved: Mapping[str, tuple[str, ...]] | None = None,
+                   workload_entries: Iterable[pb.WorkloadEntry] = ()) -> Registry:
+    """Every ServiceEntry's destinations; ``resolved`` maps DNS names to IPs; a
+    ServiceEntry's ``workloadSelector`` makes the matching WorkloadEntries of its
+    namespace its STATIC endpoints (pure)."""
     resolved = resolved or {}
+    wes = list(workload_entries)
     entries = []
     for se in sorted(service_entries, key=key_of):
         spec = se.spec
@@ -125,8 +129,13 @@ def build_registry(service_entries: Iterable[pb.ServiceEntry],
         vips = tuple(n for n in (_network(a) for a in spec.addresses) if n is not None)
         ips: set[str] = set()
         endpoints: list[tuple[str, Mapping[str, int]]] = []
+        selected = []
+        if spec.HasField("workload_selector") and spec.workload_selector.labels:
+            want = dict(spec.workload_selector.labels)
+            selected = [we.spec for we in wes if we.metadata.namespace == se.metadata.namespace
+                        and all(we.spec.labels.get(k) == v for k, v in want.items())]
         if spec.resolution == "STATIC":
-            for ep in spec.endpoints:
+            for ep in [*spec.endpoints, *selected]:
                 ip = _ip(ep.address)
                 if ip is not None:
                     ips.add(ip)

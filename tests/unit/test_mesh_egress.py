@@ -85,3 +85,19 @@ def test_egress_capture_catches_every_tcp_destination_of_a_pod_only() -> None:
     # Without it, only the two CIDRs.
     rules = capture.pod_rules("10.244.1.5", capture.CaptureConfig())
     assert sum(" -d 10." in r and "-s 10.244.1.5/32" in r for r in rules) == 2
+
+
+def test_workload_selector_makes_workload_entries_endpoints() -> None:
+    se = _se("sel", hosts=["legacy.internal"], resolution="STATIC", ports=[9000])
+    se.spec.workload_selector.labels["app"] = "legacy"
+    we = pb.WorkloadEntry()
+    we.metadata.namespace, we.metadata.name = "ns", "vm"
+    we.spec.address = "10.77.0.101"
+    we.spec.labels["app"] = "legacy"
+    other = pb.WorkloadEntry()
+    other.CopyFrom(we)
+    other.metadata.namespace = "elsewhere"
+    other.spec.address = "10.77.0.102"
+    registry = egress.build_registry([se], {}, [we, other])
+    assert egress.decide_egress(registry, "REGISTRY_ONLY", ("10.77.0.101", 9000)).allowed
+    assert not egress.decide_egress(registry, "REGISTRY_ONLY", ("10.77.0.102", 9000)).allowed
