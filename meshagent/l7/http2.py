@@ -28,6 +28,10 @@ its trailers-only head). Replies the mesh makes itself to a gRPC request are tra
 404 -> 12, 429/502/503/504 -> 14, else 2), as Envoy sends them; the metric's response_code is
 the HTTP status the mesh decided. The route timeout runs until the response head.
 
+:class:`Dispatch` puts both behind the engine's signatures: it looks at a connection's first
+bytes (:class:`Sniffed`) and hands it to :class:`H2Proxy` when they are the HTTP/2 preface,
+else to the HTTP/1.1 engine, so every HTTP port (http, http2, grpc) can be given to it.
+
 Hop-by-hop headers (``connection``, ``keep-alive``, ``proxy-connection``,
 ``transfer-encoding``, ``upgrade``) are dropped; ``te: trailers`` is kept.
 """
@@ -798,3 +802,139 @@ class _ServerSide:
                             f"{self.path.split('?', 1)[0]}", kind="SERVER",
                             start=self.started, duration_s=duration, tags=tags,
                             service=f"{d.workload}.{d.namespace}")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+class Sniffed(relay.Relay):
+    """A relay End whose first bytes can be looked at before a codec takes it: it takes the
+    relay's place for the wrapped End, keeps what arrives until :meth:`start`, then hands
+    everything on (like Channel, nothing of Relay's own state is used)."""
+
+    def __init__(self, end: relay.End) -> None:  # no super(): see the docstring
+        self.end = end
+        self._buf = bytearray()
+        self._eof = [False, False]
+        self._lost: str | None = None
+        self._target: relay.Relay | None = None
+        self._side = 0
+        self._changed = asyncio.Event()
+        end.start(self, 0)
+
+    # -- the wrapped End's callbacks --
+
+    def data(self, side: int, data: bytes) -> None:
+        if self._target is not None:
+            self._target.data(self._side, data)
+        else:
+            self._buf += data
+            self._changed.set()
+
+    def eof(self, side: int) -> None:
+        if self._target is not None:
+            self._target.eof(self._side)
+        else:
+            self._eof[0] = True
+            self._changed.set()
+
+    def lost(self, side: int, why: str) -> None:
+        if self._target is not None:
+            self._target.lost(self._side, why)
+        else:
+            self._lost = why
+            self._changed.set()
+
+    def full(self, side: int) -> None:
+        if self._target is not None:
+            self._target.full(self._side)
+
+    def drained(self, side: int) -> None:
+        if self._target is not None:
+            self._target.drained(self._side)
+
+    # -- looking --
+
+    async def is_h2(self, *, timeout: float = 10.0) -> bool:
+        """Whether the connection opens with the HTTP/2 preface (prior knowledge). Decided
+        as soon as the bytes differ from it (an HTTP/1.1 request line does at once)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                have = bytes(self._buf[:len(PREFACE)])
+                if not PREFACE.startswith(have):
+                    return False
+                if len(have) == len(PREFACE):
+                    return True
+                if self._eof[0] or self._lost is not None:
+                    return False
+                self._changed.clear()
+                await self._changed.wait()
+
+    # -- End, for the codec --
+
+    def start(self, relay: relay.Relay, side: int) -> None:
+        self._target, self._side = relay, side
+        if self._buf:
+            data, self._buf = bytes(self._buf), bytearray()
+            relay.data(side, data)
+        if self._eof[0]:
+            relay.eof(side)
+        if self._lost is not None:
+            relay.lost(side, self._lost)
+
+    def write(self, data: bytes) -> None:
+        self.end.write(data)
+
+    def write_eof(self) -> None:
+        self.end.write_eof()
+
+    def pause_reading(self) -> None:
+        self.end.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.end.resume_reading()
+
+    async def flushed(self) -> None:
+        await self.end.flushed()
+
+    def close(self) -> None:
+        self.end.close()
+
+
+class Dispatch:
+    """The engine for HTTP/1.1 and :class:`H2Proxy` for connections that open with the
+    HTTP/2 preface, behind the engine's ``outbound``/``inbound`` signatures: an agent can
+    hand every HTTP port (http, http2 and grpc alike) to this. ``close`` closes both."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.h2 = H2Proxy(engine)
+
+    async def outbound(self, client: relay.End, *, source: Peer, service: Service) -> None:
+        end = Sniffed(client)
+        try:
+            h2c = await end.is_h2()
+        except TimeoutError:
+            end.close()
+            return
+        if h2c:
+            await self.h2.outbound(end, source=source, service=service)
+        else:
+            await self.engine.outbound(end, source=source, service=service)
+
+    async def inbound(self, end: relay.End, *, source: Peer, dst: Pod, port: int,
+                      mtls: bool) -> None:
+        sniffed = Sniffed(end)
+        try:
+            h2c = await sniffed.is_h2()
+        except TimeoutError:
+            sniffed.close()
+            return
+        if h2c:
+            await self.h2.inbound(sniffed, source=source, dst=dst, port=port, mtls=mtls)
+        else:
+            await self.engine.inbound(sniffed, source=source, dst=dst, port=port, mtls=mtls)
+
+    async def close(self) -> None:
+        await self.h2.close()
+        await self.engine.close()

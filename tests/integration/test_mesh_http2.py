@@ -1,6 +1,7 @@
 """gRPC through the mesh's HTTP/2 proxy on loopback: a grpcio client -> the client-side
 proxy (routing, cluster, pick) -> the server-side proxy (L7 authorization) -> a grpcio
-server; telemetry from both sides carries grpc_response_status."""
+server; telemetry from both sides carries grpc_response_status. Both proxies are
+``Dispatch``: an HTTP/1.1 request on the same listener goes to the HTTP/1.1 engine."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import json_format
 
 from meshagent import relay
 from meshagent.l7 import routes, telemetry, upstream
 from meshagent.l7.engine import Engine, HttpRequest, Peer, Pod, Service
-from meshagent.l7.http2 import H2Proxy
+from meshagent.l7.http2 import Dispatch
 from shoal.api.core.v1 import core_pb2
+from shoal.api.traffic.v1 import traffic_pb2
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 HOST = "greeter.default.svc.cluster.local"
@@ -103,7 +106,7 @@ async def mesh() -> AsyncIterator[Mesh]:
     server_engine = Engine(node="node-2", route_table=routes.RouteTable,
                            clusters=upstream.Clusters, pod=lambda ip: None,
                            record=records.append, authorize=authorize)
-    server_side = H2Proxy(server_engine)
+    server_side = Dispatch(server_engine)
     dst = Pod(ip="127.0.0.1", name="greeter-1", namespace="default", workload="greeter",
               principal="cluster.local/ns/default/sa/greeter", node_local=True, meshed=True)
     source = Peer(ip="127.0.0.1", workload="client", namespace="default",
@@ -117,12 +120,20 @@ async def mesh() -> AsyncIterator[Mesh]:
             relay.SocketEnd, "127.0.0.1", in_port)
         return end
 
+    teapot = json_format.ParseDict({
+        "metadata": {"name": "greeter", "namespace": "default"},
+        "spec": {"hosts": ["greeter"], "http": [
+            {"match": [{"uri": {"prefix": "/teapot"}}],
+             "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+             "route": [{"destination": {"host": "greeter"}}]},
+            {"route": [{"destination": {"host": "greeter"}}]}]}},
+        traffic_pb2.VirtualService())
     table = routes.RouteTable()
-    table.update([], [], [])
+    table.update([teapot], [], [])
     clusters = _clusters(app_port)
     client_engine = Engine(node="node-1", route_table=lambda: table, clusters=lambda: clusters,
                            pod=lambda ip: None, record=records.append, connect=to_inbound)
-    client_side = H2Proxy(client_engine)
+    client_side = Dispatch(client_engine)
     service = Service(host=HOST, port=SERVICE_PORT, name="greeter", namespace="default")
     outbound, out_port = await _listen(lambda end: spawn(client_side.outbound(
         end, source=source, service=service)))
@@ -183,3 +194,15 @@ async def test_grpc_calls_through_both_proxies(mesh: Mesh) -> None:
         403, "DENY", "7")
     assert _by(mesh.records, "/test.Echo/Forbidden", "source").grpc_response_status == "7"
     assert _by(mesh.records, "/test.Echo/Sum", "source").request_bytes == 40 * 50_005
+
+
+async def test_http1_on_the_same_listener_goes_to_the_http1_engine(mesh: Mesh) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port)
+    writer.write(b"GET /teapot HTTP/1.1\r\nHost: greeter\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 418 "), answer
+    await _settled(mesh, 1)
+    rec = _by(mesh.records, "/teapot", "source")
+    assert (rec.response_code, rec.response_flags, rec.protocol) == (418, "FI", "HTTP/1.1")
