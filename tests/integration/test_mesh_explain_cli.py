@@ -123,6 +123,6 @@ async def test_explain_a_request_through_the_cli(shoal: Any, client: AsyncClient
     assert doc["request"]["headers"] == {"x-user": "ann"}
 
     bad = await shoal("mesh", "explain", "client", "nothere", "-n", ns)
-    assert bad.code != 0 and f'no Service "nothere" in namespace "{ns}"' in bad.err
+    assert bad.code == 2 and f'no Service "nothere" in namespace "{ns}"' in bad.err
     bad = await shoal("mesh", "explain", "client", "web", "-n", ns, "--header", "oops")
-    assert bad.code != 0 and "expected NAME=VALUE" in bad.err
+    assert bad.code == 2 and "expected NAME=VALUE" in bad.err
