@@ -138,6 +138,8 @@ class DNSServer:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
             return None
+        if query.flags & dns.flags.QR:  # a response, not a query: never answer it
+            return None
         if self.ready is not None and not await self.ready():
             # Not NXDOMAIN: that would be cached as "no such name".
             unsynced = dns.message.make_response(query)

@@ -195,6 +195,18 @@ def test_malformed_tcp_messages_leave_the_server_serving(
     assert _check_answer(reply[2:]).id == good.id
 
 
+def test_a_response_sent_as_a_query_over_tcp_is_dropped(server: Running,
+                                                        udp: socket.socket) -> None:
+    """Found by the fuzzer: answering it raised dnspython's FormError out of the TCP
+    handler (an unhandled exception in the event loop); it is dropped now, as the
+    UDP side already did."""
+    before = len(server.errors)
+    response = dns.message.make_response(dns.message.make_query("web", "A")).to_wire()
+    assert _tcp_exchange(server.server.port, [response]) == b""
+    assert server.errors[before:] == []
+    _still_answers(udp)
+
+
 def test_no_unhandled_errors_in_the_server(server: Running) -> None:
     """Runs after the fuzzers (same module): nothing escaped to the event loop."""
     assert server.errors == []
