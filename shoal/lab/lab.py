@@ -1078,7 +1078,8 @@ class Lab:
 
     def _partition(self, a: str, b: str) -> int:
         state, topo = self._up_only()
-        ea, eb = endpoint(topo, a), endpoint(topo, b)
+        cps = state.control_planes
+        ea, eb = endpoint(topo, a, control_planes=cps), endpoint(topo, b, control_planes=cps)
         cidrs: dict[str, tuple[str, ...]] = {}
         for here, there in ((ea, eb), (eb, ea)):
             if here.netns is not None and there.netns is not None:

@@ -266,11 +266,15 @@ class Endpoint:
     name: str
     ip: str
     netns: str | None  # None: the control plane
+    # The control plane's other members' addresses (``--control-planes 3|5``).
+    also: tuple[str, ...] = ()
 
 
-def endpoint(topology: Topology, name: str) -> Endpoint:
+def endpoint(topology: Topology, name: str, *, control_planes: int = 1) -> Endpoint:
     if name == CONTROL_PLANE:
-        return Endpoint(name=CONTROL_PLANE, ip=topology.gateway, netns=None)
+        members = control_plane_members(topology, control_planes)
+        return Endpoint(name=CONTROL_PLANE, ip=topology.gateway, netns=None,
+                        also=tuple(m.address for m in members[1:]))
     n = topology.node(name)
     return Endpoint(name=n.name, ip=n.ip, netns=n.netns)
 
@@ -289,8 +293,9 @@ def partition_rules(a: Endpoint, b: Endpoint, *,
 
     Rules live in node netns only (the host's own traffic is never filtered): a
     node cut from another drops that node's IP and its pods' CIDRs; a node cut
-    from the control plane drops the bridge address. ``pod_cidrs`` maps a node
-    name to the pod CIDRs routed to it (from the agent's routes); missing is fine.
+    from the control plane drops the bridge address and every other member's.
+    ``pod_cidrs`` maps a node name to the pod CIDRs routed to it (from the
+    agent's routes); missing is fine.
     """
     if a.name == b.name:
         raise errors.BadRequest(f"cannot partition {a.name} from itself")
@@ -300,6 +305,6 @@ def partition_rules(a: Endpoint, b: Endpoint, *,
     for here, there in ((a, b), (b, a)):
         if here.netns is None:
             continue
-        for peer in (there.ip, *pod_cidrs.get(there.name, ())):
+        for peer in (there.ip, *there.also, *pod_cidrs.get(there.name, ())):
             rules.append(DropRule(netns=here.netns, peer=peer))
     return tuple(dict.fromkeys(rules))

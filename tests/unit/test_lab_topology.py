@@ -72,6 +72,14 @@ def test_unknown_node_names_the_ones_there_are() -> None:
 TOPO = plan(nodes=3, lab_dir=LAB)
 
 
+def test_a_node_cut_from_a_three_member_control_plane_drops_every_member() -> None:
+    """Before, only member 1's address was dropped: the node's agent failed over to
+    the other apiservers and was never cut off (found by the chaos suite's work)."""
+    rules = partition_rules(endpoint(TOPO, "node-2"),
+                            endpoint(TOPO, CONTROL_PLANE, control_planes=3), pod_cidrs={})
+    assert set(rules) == {DropRule("shoal-node-2", f"10.77.0.{i}") for i in (1, 2, 3)}
+
+
 @pytest.mark.parametrize(("a", "b", "cidrs", "expected"), [
     pytest.param("node-1", "node-2", {}, {
         DropRule("shoal-node-1", "10.77.0.12"), DropRule("shoal-node-2", "10.77.0.11"),
