@@ -133,6 +133,7 @@ def test_a_90_10_split_lands_within_four_percent(
     tally = _send(apps, count=1000, concurrency=4)
     assert tally.by_status == {200: 1000}, tally.by_status
     v1 = tally.by_version["v1"] / 1000
+    print(f"90/10 split: {dict(tally.by_version)}")
     assert 0.86 <= v1 <= 0.94 and tally.by_version["v1"] + tally.by_version["v2"] == 1000, \
         tally.by_version
 
@@ -188,6 +189,8 @@ def test_a_50_percent_abort_with_retries_on_5xx_mostly_succeeds(
     _apply(cluster, tmp_path / "vs.yaml", vs(7))
     seven = _send(apps, count=400, concurrency=4)
     assert seven.ok() / 400 >= 0.99, seven.by_status
+    print(f"50% abort: no retries {bare.ok()}/400, 3 retries {three.ok()}/400, "
+          f"7 retries {seven.ok()}/400")
 
 
 def test_a_per_try_timeout_cuts_the_slow_endpoint(
