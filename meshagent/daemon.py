@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from meshagent import admin, capture, dns, egress, identity, meshhost, policy, proxy, relay, tunnel
 from meshagent.l7 import engine as l7engine
+from meshagent.l7 import http2 as l7http2
 from meshagent.l7 import routes as l7routes
 from meshagent.l7 import telemetry
 from meshagent.l7 import upstream as l7upstream
@@ -183,12 +184,14 @@ class MeshAgent:
                                       record=self.telemetry.record,
                                       open_tunnel=self._open_tunnel,
                                       authorize=self.authorize_http, tracer=self.tracer)
+        # HTTP/1.1 to the engine, HTTP/2 (h2c, gRPC) to its HTTP/2 proxy, by the first bytes.
+        self.http = l7http2.Dispatch(self.engine)
         self.path = proxy.DataPath(node=config.node_name, trust_domain=config.trust_domain,
                                    routes=self.routes, pod_cidr=config.pod_cidr,
                                    workload=self.workload, metrics=self.metrics,
                                    pool=self.pool, admit=self.admit, ready=self.synced,
                                    egress=self.egress,
-                                   l7=proxy.L7(engine=self.engine, service=self.http_service,
+                                   l7=proxy.L7(engine=self.http, service=self.http_service,
                                                http_port=self.http_pod_port,
                                                tcp_pick=self.tcp_pick))
         self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
@@ -290,8 +293,7 @@ class MeshAgent:
         return self.clusters
 
     def http_service(self, dst: Address) -> l7engine.Service | None:
-        """The HTTP service port at ClusterIP:port (HTTP/1.1 only for now: HTTP/2 and
-        gRPC ports stay on the L4 path)."""
+        """The HTTP service port (HTTP/1.1, HTTP/2 or gRPC) at ClusterIP:port."""
         self._l7_rebuild()
         return self._http_services.get(dst)
 
@@ -639,7 +641,7 @@ class MeshAgent:
             await self.outbound.close()
             await self.inbound.close()
             await self.tunnel.close()
-            await self.engine.close()
+            await self.http.close()
             await self.pool.close()
             await self.dns.close()
             if self.tracer is not None:
@@ -659,8 +661,8 @@ class MeshAgent:
 
 def http_ports(services: list[core_pb2.Service], endpoints: list[core_pb2.Endpoints], *,
                domain: str) -> tuple[dict[Address, l7engine.Service], set[Address]]:
-    """The HTTP/1.1 service ports by ClusterIP:port, and the pod IP:ports behind
-    them (pure): what the L7 engine serves, outbound and inbound."""
+    """The HTTP service ports (HTTP/1.1, HTTP/2, gRPC) by ClusterIP:port, and the pod
+    IP:ports behind them (pure): what the L7 path serves, outbound and inbound."""
     eps = {key_of(e): e for e in endpoints}
     by_vip: dict[Address, l7engine.Service] = {}
     pod_ports: set[Address] = set()
@@ -671,7 +673,7 @@ def http_ports(services: list[core_pb2.Service], endpoints: list[core_pb2.Endpoi
             choice = meshprotocol.port_protocol(
                 name=sp.name, app_protocol=sp.app_protocol if sp.HasField("app_protocol")
                 else None, transport=sp.protocol or "TCP")
-            if choice.protocol != meshprotocol.AppProtocol.HTTP:
+            if not choice.is_http:
                 continue
             if ip and ip != "None" and ":" not in ip:
                 by_vip[(ip, int(sp.port))] = l7engine.Service(

@@ -187,11 +187,22 @@ _ids = itertools.count(1)
 Workloads = Callable[[str], Workload | None]
 
 
+class L7Engine(Protocol):
+    """What serves HTTP connections: :class:`meshagent.l7.engine.Engine`, or
+    :class:`meshagent.l7.http2.Dispatch` (HTTP/1.1 and HTTP/2 by the first bytes)."""
+
+    async def outbound(self, client: relay.End, *, source: l7engine.Peer,
+                       service: l7engine.Service) -> None: ...
+
+    async def inbound(self, end: relay.End, *, source: l7engine.Peer, dst: l7engine.Pod,
+                      port: int, mtls: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class L7:
     """The L7 path: the engine, and which destinations are HTTP."""
 
-    engine: l7engine.Engine
+    engine: L7Engine
     # ClusterIP:port -> the HTTP service port there (None: not an HTTP port)
     service: Callable[[Address], l7engine.Service | None]
     # pod IP:port -> whether a Service exposes it as an HTTP port

@@ -124,9 +124,9 @@ def test_http_ports_by_protocol() -> None:
     raw, raw_ep = _service("raw", "redis", "10.96.0.61", 6379, 6379)
     by_vip, pod_ports = http_ports([web, grpc, raw], [web_ep, grpc_ep, raw_ep],
                                    domain="cluster.local")
-    assert list(by_vip) == [("10.96.0.60", 80)]
+    assert sorted(by_vip) == [("10.96.0.60", 80), ("10.96.0.62", 90)]  # not redis
     assert by_vip[("10.96.0.60", 80)].host == "web.default.svc.cluster.local"
-    assert pod_ports == {("127.0.0.1", 8080)}
+    assert pod_ports == {("127.0.0.1", 8080), ("127.0.0.1", 9090)}
 
 
 async def test_tcp_routes_pick_by_weight(api: InProcessAPIServer) -> None:
