@@ -205,7 +205,11 @@ class MeshAgent:
                                     local_identity=self.local_identity,
                                     handle=self.path.inbound_tunnel,
                                     original_dst=original_dst, ready=self.path.wait_ready)
-        self.dns = dns.DNSServer(host=config.listen_host, port=config.dns_port,
+        # On a mesh-only host the capture redirects the host's own queries (OUTPUT):
+        # answered from 127.0.0.1, the address they were redirected to, so the
+        # replies match the connection tracking and reach the asking process.
+        self.dns = dns.DNSServer(host="127.0.0.1" if config.mesh_host else config.listen_host,
+                                 port=config.dns_port,
                                  names=self.names, namespace_of=self.namespace_of,
                                  domain=config.cluster_domain, upstream=config.upstream_dns,
                                  ready=self.path.wait_ready)
