@@ -17,6 +17,7 @@ its default status set to 500.
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from collections.abc import Iterator
@@ -115,6 +116,13 @@ def test_outlier_detection_ejects_the_failing_endpoint_and_readmits_it(
               baseEjectionTime: 8s
               maxEjectionPercent: 100
         """)
+    # what the agent will do, by its own code (shoal mesh explain reads the API)
+    r = cluster.shoal("mesh", "explain", "client", "flaky", "-n", NS, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    [dest] = json.loads(r.stdout)["destinations"]
+    assert dest["cluster"]["destination_rule"] == f"{NS}/flaky"
+    assert dest["cluster"]["outlier_detection"]["consecutive_5xx_errors"] == 3
+    assert sorted(e["pod"] for e in dest["endpoints"]) == [f"{NS}/bad", f"{NS}/good"]
     netns = podnet.pod_netns(apps["client"].status.pod_ip)
     send = partial(meshapps.send, netns, _cluster_ip(cluster, "flaky"), 80,
                    headers={"host": "flaky"})
