@@ -912,8 +912,8 @@ class Dispatch:
 
     async def outbound(self, client: relay.End, *, source: Peer, service: Service) -> None:
         end = Sniffed(client)
-        try:
-            h2c = await end.is_h2()
+        try:  # a client may open a connection well before its first request
+            h2c = await end.is_h2(timeout=self.engine.idle_timeout)
         except TimeoutError:
             end.close()
             return
@@ -926,7 +926,7 @@ class Dispatch:
                       mtls: bool) -> None:
         sniffed = Sniffed(end)
         try:
-            h2c = await sniffed.is_h2()
+            h2c = await sniffed.is_h2(timeout=self.engine.idle_timeout)
         except TimeoutError:
             sniffed.close()
             return
