@@ -1,5 +1,6 @@
 """Control-plane faults: SIGKILL of the etcd leader under a stream of writes, and of
-the apiserver the clients are using during a Deployment rollout."""
+the apiserver the clients are using (and of the one holding the controller
+Lease, when that is another) during a Deployment rollout."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from apiserver.storage import etcdadmin
 from shoal import config as configmod
 from shoal import errors
 from shoal.api.apps.v1 import apps_pb2
+from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.meta.v1 import meta_pb2
 from shoal.client import AsyncClient
@@ -190,6 +192,12 @@ class DeploymentWatcher:
         self.thread.join(timeout=10)
 
 
+def _lease_holder(lab: ChaosLab) -> str:
+    """The controller Lease's holder identity (LeaderElector: host_pid_id)."""
+    return str(lab.client.get(coordination_pb2.Lease, "shoal-controller-manager",
+                              namespace="kube-system").spec.holder_identity)
+
+
 def _deployment(ns: str, name: str, replicas: int) -> apps_pb2.Deployment:
     d = apps_pb2.Deployment()
     d.metadata.name, d.metadata.namespace = name, ns
@@ -222,11 +230,19 @@ def test_killing_the_apiserver_in_use_during_a_rollout(chaos_lab: ChaosLab,
         index = next(i for i, cp in enumerate(chaos_lab.members(), start=1)
                      if cp.api_server == first)
         apiserver = "apiserver" if index == 1 else f"apiserver/cp-{index}"
+        holder = _lease_holder(chaos_lab)
+        pids = chaos_lab.pids()
+        # The one holding the controller Lease (runs the Deployment controller) dies
+        # too, if it is another: the rollout must survive both.
+        leader = next(n for n, pid in pids.items()
+                      if n.startswith("apiserver") and holder.split("_")[1] == str(pid))
+        killed = list(dict.fromkeys([apiserver, leader]))
         # A new template (generation 2): the rollout starts; the apiserver dies.
         d = chaos_lab.client.get(apps_pb2.Deployment, name, namespace=ns)
         d.spec.template.metadata.annotations["chaos/round"] = "2"
         chaos_lab.client.update(d)
-        os.kill(chaos_lab.pids()[apiserver], signal.SIGKILL)
+        for victim in killed:
+            os.kill(pids[victim], signal.SIGKILL)
         t0 = time.monotonic()
         # A second change during the outage, through a fresh client (fails over).
         with chaos_lab.new_client() as c:
@@ -246,6 +262,7 @@ def test_killing_the_apiserver_in_use_during_a_rollout(chaos_lab: ChaosLab,
         wait_for("the rollout of generation 3 complete",
                  lambda: _rolled_out(chaos_lab, ns, name, 3), timeout=60)
         rollout_s = time.monotonic() - t0
+        lease_moved = _lease_holder(chaos_lab) != holder
         final = chaos_lab.client.get(apps_pb2.Deployment, name, namespace=ns)
         wait_for("the informer holds the final version", lambda: watcher.last is not None and (
             watcher.last.metadata.resource_version == final.metadata.resource_version),
@@ -263,7 +280,8 @@ def test_killing_the_apiserver_in_use_during_a_rollout(chaos_lab: ChaosLab,
     sets = chaos_lab.client.list(apps_pb2.ReplicaSet, namespace=ns).items
     assert sum(rs.spec.replicas for rs in sets) == replicas
     assert sum(1 for rs in sets if rs.spec.replicas) == 1
-    record("apiserver_kill_rollout", killed=apiserver,
+    assert lease_moved, "the controller Lease is still held by the killed apiserver"
+    record("apiserver_kill_rollout", killed=killed, lease_moved=lease_moved,
            first_write_after_kill_s=round(write_s, 2),
            rollout_complete_after_kill_s=round(rollout_s, 1),
            versions_seen=len(rvs), generations_seen=distinct, events_lost=0)
