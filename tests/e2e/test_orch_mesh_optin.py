@@ -85,7 +85,7 @@ def pods(cluster: Cluster) -> Iterator[dict[str, core_pb2.Pod]]:
     svc = core_pb2.Service()
     svc.metadata.name, svc.metadata.namespace = "server", NS
     svc.spec.selector["app"] = "server"
-    port = svc.spec.ports.add(name="http", port=80)
+    port = svc.spec.ports.add(name="tcp-web", port=80)  # L4: this module is about capture
     port.target_port.str_val = "http"
     cluster.client.create(svc)
     yield {name: wait_for(f"{name} running", partial(_running, cluster, name), timeout=120)
