@@ -551,6 +551,9 @@ class Engine:
             try:
                 got = await self._try(ep, head, headers=headers, path=path, body=body,
                                       source=source, timeout=timeout)
+            except asyncio.CancelledError:
+                cluster.finished(ep)
+                raise
             except _Denied as e:
                 cluster.finished(ep)
                 out.details = f"rbac_access_denied: {e}"
@@ -608,6 +611,7 @@ class Engine:
                 raise _Denied(denied)
             headers = server.headers
         key = (mode, source.namespace, source.service_account, ep.ip, str(ep.port))
+        up: Upstream | None = None
         try:
             async with asyncio.timeout(timeout):
                 for fresh in (False, True):
@@ -627,7 +631,15 @@ class Engine:
                         server.upstream = up
                     return up, resp, server
         except TimeoutError:
+            if up is not None:  # half-way through an exchange: not reusable
+                up.close()
+            if server is not None:
+                server.done(504, "UT", 0)
             raise TryFailed("UT", "per-try timeout", status=504) from None
+        except BaseException:  # cancelled (the client went), or a failure above
+            if up is not None:
+                up.close()
+            raise
         raise TryFailed("UC", "connection termination")
 
     async def _open(self, key: tuple[str, ...], mode: str, ep: upstream.Endpoint,
