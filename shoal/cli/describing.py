@@ -23,6 +23,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from shoal import autoscaling
 from shoal.api.core.v1 import core_pb2
 from shoal.cli.fetching import fetch_targets, get_or_none
 from shoal.cli.getting import check_selectors, no_resources_message
@@ -382,6 +383,60 @@ def describe_secret(secret: Any) -> list[str]:
     return lines
 
 
+def _hpa_metric(spec: Any, status: Any | None) -> tuple[str, str]:
+    """kubectl's metric line: its name, and 'current / target'."""
+    if spec.type == "Resource":
+        t, name = spec.resource.target, spec.resource.name
+        cur = status.resource.current if status is not None else None
+        if t.type == "Utilization":
+            shown = "<unknown>" if cur is None or not cur.HasField("average_utilization") \
+                else f"{cur.average_utilization}% ({cur.average_value.value})"
+            return (f"resource {name} on pods  (as a percentage of request)",
+                    f"{shown} / {t.average_utilization}%")
+        shown = cur.average_value.value if cur is not None and cur.average_value.value \
+            else "<unknown>"
+        return f"resource {name} on pods", f"{shown} / {t.average_value.value}"
+    cur_value = status.pods.current.average_value.value if status is not None else ""
+    return (f'"{spec.pods.metric.name}" on pods',
+            f"{cur_value or '<unknown>'} / {spec.pods.target.average_value.value}")
+
+
+def _hpa_rules(title: str, rules: Any, *, window: int) -> list[str]:
+    lines = [f"  {title}:",
+             f"    Stabilization Window: {window} seconds",
+             f"    Select Policy: {rules.select_policy}",
+             "    Policies:"]
+    lines += [f"      - Type: {p.type:<8} Value: {p.value:<4} Period: {p.period_seconds} "
+              "seconds" for p in rules.policies]
+    return lines
+
+
+def describe_hpa(hpa: Any) -> list[str]:
+    """kubectl's page: reference, metrics (current / target), bounds, behavior,
+    replicas and conditions."""
+    spec, st = hpa.spec, hpa.status
+    ref = spec.scale_target_ref
+    current = list(st.current_metrics)
+    metric_rows = [_hpa_metric(m, current[i] if len(current) == len(spec.metrics) else None)
+                   for i, m in enumerate(spec.metrics)]
+    rows: list[tuple[str, str | Sequence[str]]] = [
+        ("Reference", f"{ref.kind}/{ref.name}"), ("Metrics", "( current / target )")]
+    lines = pairs(rows + [(f"  {k}", v) for k, v in metric_rows] + [
+        ("Min replicas", str(autoscaling.min_replicas(hpa))),
+        ("Max replicas", str(spec.max_replicas))])
+    up, down = autoscaling.rules_of(hpa)
+    lines.append("Behavior:")
+    for title, rules in (("Scale Up", up), ("Scale Down", down)):
+        lines += _hpa_rules(title, rules, window=rules.stabilization_window_seconds)
+    lines += pairs([(f"{ref.kind} pods",
+                     f"{st.current_replicas} current / {st.desired_replicas} desired")])
+    if st.conditions:
+        lines.append("Conditions:")
+        rows2 = [[c.type, c.status, c.reason, c.message] for c in st.conditions]
+        lines += small_table(["Type", "Status", "Reason", "Message"], rows2)
+    return lines
+
+
 def describe_generic(obj: Any, *, kinds: KindTable) -> list[str]:
     """Every field but apiVersion, kind and metadata, as indented YAML."""
     doc = encode(obj, kinds)
@@ -416,6 +471,8 @@ def describe(kind: Kind, obj: Any, *, kinds: KindTable, events: Sequence[Any], n
             lines += describe_service(obj, endpoints=endpoints)
         case "Secret":
             lines += describe_secret(obj)
+        case "HorizontalPodAutoscaler":
+            lines += describe_hpa(obj)
         case _:
             lines += describe_generic(obj, kinds=kinds)
     lines += events_lines(events, now=now)

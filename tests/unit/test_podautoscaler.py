@@ -367,3 +367,28 @@ def test_get_hpa_columns() -> None:
     st.resource.current.average_utilization = 120
     h.status.current_replicas = 2
     assert p.row(h, 0.0)[2] == "cpu: 120%/50%"
+
+
+def test_describe_hpa_shows_metrics_behavior_and_conditions() -> None:
+    from shoal.cli import describing
+
+    h = hpa()
+    m = h.spec.metrics.add(type="Pods")
+    m.pods.metric.name = "istio_requests_per_second"
+    m.pods.target.type, m.pods.target.average_value.value = "AverageValue", "1"
+    h.spec.behavior.scale_down.stabilization_window_seconds = 20
+    autoscaling.default_hpa(h)
+    h.status.current_replicas, h.status.desired_replicas = 1, 3
+    st = h.status.current_metrics.add(type="Pods")
+    st.pods.current.average_value.value = "2500m"
+    h.status.conditions.add(type="AbleToScale", status="True", reason="SucceededRescale",
+                            message="the HPA controller was able to update the target "
+                                    "scale to 3")
+    lines = describing.describe_hpa(h)
+    text = "\n".join(lines)
+    assert lines[0].split() == ["Reference:", "Deployment/web"]
+    assert '"istio_requests_per_second" on pods:' in text and "2500m / 1" in text
+    assert "    Stabilization Window: 20 seconds" in lines
+    assert "Deployment pods:  1 current / 3 desired" in text
+    assert any(line.split()[:3] == ["AbleToScale", "True", "SucceededRescale"]
+               for line in lines)
