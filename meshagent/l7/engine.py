@@ -706,20 +706,29 @@ class Engine:
         clean = False
         try:
             while True:
-                ev = await up.reader.next()
+                try:
+                    ev = await up.reader.next()
+                except (ChannelClosed, HttpError):
+                    out.flags.append("UC")  # the upstream connection ended mid-response
+                    out.close = True
+                    break
                 if ev is END:
                     clean = True
                     break
-                if isinstance(ev, bytes):
-                    out.response_bytes += len(ev)
+                if not isinstance(ev, bytes):
+                    break
+                out.response_bytes += len(ev)
+                try:
                     ch.write(http1.chunk(ev) if chunked else ev)
                     await ch.drain()
-                else:
+                except ChannelClosed:
+                    out.flags.append("DC")  # the client went
+                    out.close = True
                     break
-            if chunked:
+            if clean and chunked:
                 ch.write(http1.LAST_CHUNK)
         except ChannelClosed:
-            out.flags.append("UC")
+            out.flags.append("DC")
             out.close = True
         finally:
             if server is not None:
