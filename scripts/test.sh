@@ -75,6 +75,7 @@ if [ "$#" -eq 0 ] && [ "$(id -u)" -eq 0 ]; then
     log "pytest: e2e with the mesh (a lab with --mesh)"
     SHOAL_E2E_MESH=1 pytest -q -p no:cacheprovider tests/e2e/test_orch_mesh.py \
         tests/e2e/test_orch_mesh_optin.py \
+        tests/e2e/test_orch_mesh_hosts.py \
         tests/e2e/test_orch_mesh_gateway.py \
         tests/e2e/test_orch_mesh_upstream.py \
         tests/e2e/test_orch_mesh_l7.py \
