@@ -829,9 +829,9 @@ class Gateway:
             rec.destination_version = pod.metadata.labels.get("version", telemetry.UNKNOWN)
         cluster.started(ep)
         try:
-            status = await self._exchange(call, action, dest, up)
-            cluster.report(ep, status=status or None)
-            return (status, "") if status else (503, "UC")
+            status, flag = await self._exchange(call, action, dest, up)
+            cluster.report(ep, status=None if flag else status)  # UC, UT: gateway errors
+            return status, flag
         finally:
             cluster.finished(ep)
             up.close()
@@ -856,9 +856,9 @@ class Gateway:
                         mtls=False, peer="")
 
     async def _exchange(self, call: _Call, action: routes.Action, dest: routes.Destination,
-                        up: Upstream) -> int:
-        """Send the request, relay the response; its status (0: the upstream
-        failed before a response head, the client got 503 UC)."""
+                        up: Upstream) -> tuple[int, str]:
+        """Send the request, relay the response: (status, response flag). The
+        route's timeout covers the wait for the response head (504 UT)."""
         writer, head, rec, parsing = call.writer, call.head, call.rec, call.parsing
         authority = head.get("host") or ""
         out = Head(method=head.method, target=head.target, headers=list(head.headers))
@@ -888,12 +888,16 @@ class Gateway:
         # The response: its head (response header ops, hop-by-hop handled), then
         # its body as it comes, until complete or the upstream closes.
         try:
-            raw = await up.reader.readuntil(b"\r\n\r\n")
+            async with asyncio.timeout(action.timeout):
+                raw = await up.reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            writer.write(simple_response(504, "upstream request timeout", flag="UT"))
+            return 504, "UT"
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.write(simple_response(503, "upstream connect error or disconnect/reset "
                                               "before headers. reset reason: connection "
                                               "termination", flag="UC"))
-            return 0
+            return 503, "UC"
         resp = Head()
         rcb = _Parsing(resp)
         rparser = httptools.HttpResponseParser(rcb)
@@ -904,7 +908,7 @@ class Gateway:
             resp.status = int(rparser.get_status_code())
         except httptools.HttpParserError:
             writer.write(simple_response(503, "malformed upstream response\n", flag="UC"))
-            return 0
+            return 503, "UC"
         resp_ops = action.response_headers.merged(dest.response_headers)
         resp_headers = [(n, v) for n, v in resp.headers if n.lower() not in HOP_BY_HOP]
         if resp_ops:
@@ -926,7 +930,7 @@ class Gateway:
             await writer.drain()
         rec.response_bytes = rcb.body_bytes
         await writer.drain()
-        return resp.status
+        return resp.status, ""
 
 
 def _meshed(pod: core_pb2.Pod) -> bool:

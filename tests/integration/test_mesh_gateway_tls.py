@@ -59,6 +59,8 @@ async def _backend(seen: list[dict[str, str]]) -> tuple[asyncio.Server, int]:
         n = int(headers.get("content-length", "0") or 0)
         body = await r.readexactly(n) if n else b""
         seen.append({"request-line": lines[0], "body": body.decode(), **headers})
+        if lines[0].startswith("GET /slow"):
+            await asyncio.sleep(2)
         out = json.dumps({"line": lines[0], "headers": headers}).encode()
         w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\nx-app: web\r\n\r\n%s" % (len(out), out))
@@ -97,6 +99,9 @@ gateways: ["istio-system/bookinfo-gateway"]
 http:
 - match: [{{uri: {{prefix: /old/}}}}]
   redirect: {{uri: /new/}}
+- match: [{{uri: {{prefix: /slow}}}}]
+  timeout: 0.2s
+  route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
 - match: [{{uri: {{prefix: /api/}}}}]
   rewrite: {{uri: /}}
   route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
@@ -206,3 +211,11 @@ async def test_a_new_certificate_in_the_secret_is_served_without_a_restart(
     assert status == "HTTP/1.1 200 OK"
     with pytest.raises(ssl.SSLCertVerificationError):
         await _get(setup.https, "/", ctx=_client(setup.ca_pem))
+
+
+async def test_the_route_timeout_cuts_a_slow_answer_with_504_ut(setup: Setup) -> None:
+    status, headers, _ = await _get(setup.http, "/slow")
+    assert status.startswith("HTTP/1.1 504")
+    assert headers["x-shoal-response-flags"] == "UT"
+    _, _, body = await _get(setup.http, "/api/fast")  # the gateway goes on serving
+    assert json.loads(body)["line"] == "GET /fast HTTP/1.1"
