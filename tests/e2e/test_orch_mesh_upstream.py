@@ -10,6 +10,8 @@ Namespace ``mesh-upstream``:
     node-2: good (app, answers 200)              Service flaky:80 -> good + bad
     node-3: bad  (app, answers 500 by default)
     node-2: slow (app; ?delay=S)                 Service slow:80 -> slow
+    node-3: greeter (sleep; a grpcio server run  Service greeter:50051 (port "grpc")
+            in its network namespace)
 
 The apps are shoal.testing.meshapps' busybox app; ``bad`` runs the same handler with
 its default status set to 500.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import textwrap
 from collections.abc import Iterator
 from functools import partial
@@ -172,3 +175,89 @@ def test_connection_pool_overflow_answers_503_with_flag_uo(
                     lambda: (overflows() - before) >= tally.by_status[503] or None, timeout=15)
     assert seen
     assert overflows() - before == tally.by_status[503]
+
+
+GRPC_SERVER = """
+import sys, time
+from concurrent import futures
+import grpc
+
+def say(request, context):
+    return request + b"!"
+
+def missing(request, context):
+    context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
+
+handler = grpc.method_handlers_generic_handler("test.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(say),
+    "Missing": grpc.unary_unary_rpc_method_handler(missing)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port("0.0.0.0:50051")
+server.start()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+GRPC_CLIENT = """
+import json, sys
+import grpc
+out = []
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    for method, n in (("Say", 5), ("Missing", 2)):
+        call = ch.unary_unary(f"/test.Echo/{method}")
+        for _ in range(n):
+            try:
+                out.append([method, "OK", call(b"hi", timeout=10).decode()])
+            except grpc.RpcError as e:
+                out.append([method, e.code().name, e.details()])
+print(json.dumps(out))
+"""
+
+
+def test_grpc_through_the_mesh_with_grpc_status_in_telemetry(
+        cluster: Cluster, apps: dict[str, core_pb2.Pod]) -> None:
+    pod = meshapps.client_pod("greeter", NS, node="node-3")
+    cluster.client.create(pod)
+    svc = meshapps.http_service("greeter", NS, app="greeter", port=50051, target_port=50051,
+                                port_name="grpc")
+    cluster.client.create(svc)
+    server_pod = wait_for("greeter running", partial(_running, cluster, "greeter"),
+                          timeout=120)
+    wait_for("greeter has 1 endpoint", partial(_endpoints, cluster, "greeter", 1), timeout=60)
+    server = podnet.start_in_netns(podnet.pod_netns(server_pod.status.pod_ip), GRPC_SERVER)
+    try:
+        assert server.stdout is not None
+        readable, _, _ = select.select([server.stdout], [], [], 30)
+        assert readable and server.stdout.readline().strip() == "ready", server.poll()
+        source_url = f"http://{_node_ip(cluster, 'node-1')}:15020/metrics"
+        dest_url = f"http://{_node_ip(cluster, 'node-3')}:15020/metrics"
+
+        def count(url: str, reporter: str, status: str) -> float:
+            return metric_total(scrape(url), "istio_requests_total", reporter=reporter,
+                                request_protocol="grpc", grpc_response_status=status,
+                                destination_workload="greeter",
+                                destination_workload_namespace=NS)
+
+        before = {(r, s): count(u, r, s) for u, r in ((source_url, "source"),
+                                                       (dest_url, "destination"))
+                  for s in ("0", "5")}
+        r = podnet.in_netns(podnet.pod_netns(apps["client"].status.pod_ip), GRPC_CLIENT,
+                            f"{_cluster_ip(cluster, 'greeter')}:50051", timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        answers = json.loads(r.stdout.strip().splitlines()[-1])
+        assert answers == [["Say", "OK", "hi!"]] * 5 + \
+            [["Missing", "NOT_FOUND", "no such greeting"]] * 2
+
+        def counted() -> bool:
+            now = {(r, s): count(u, r, s) for u, r in ((source_url, "source"),
+                                                        (dest_url, "destination"))
+                   for s in ("0", "5")}
+            return all(now[(rep, "0")] - before[(rep, "0")] == 5
+                       and now[(rep, "5")] - before[(rep, "5")] == 2
+                       for rep in ("source", "destination"))
+        assert wait_for("gRPC requests in istio_requests_total on both sides", counted,
+                        timeout=15)
+    finally:
+        server.kill()
+        server.wait()
