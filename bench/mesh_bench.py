@@ -1,8 +1,11 @@
 """The mesh data path on the lab, side by side (issue 6): direct pod to pod,
-through two meshagents, and through an HAProxy mTLS pair.
+through two meshagents, and through an HAProxy mTLS pair. With ``--protocol
+http`` (issue 7): HTTP/1.1 through the agents' L7 path, against HAProxy in
+``mode http``.
 
-    python bench/mesh_bench.py [--runs 3] [--duration 20] [--warmup 3] [--rate 1000]
-        [--connections 16] [--size 1024] [--lab-dir /tmp/shoal-bench-lab] [--json FILE]
+    python bench/mesh_bench.py [--protocol tcp|http] [--runs 3] [--duration 20]
+        [--warmup 3] [--rate 1000] [--connections 16] [--size 1024]
+        [--lab-dir /tmp/shoal-bench-lab] [--json FILE] [--profile]
 
 Needs root and Debian's ``haproxy`` (``apt-get install haproxy``). The script
 takes ``/tmp/shoal-e2e.lock`` itself for the whole run (do not wrap it in
@@ -25,6 +28,24 @@ Modes, each sending 1 KB requests that are echoed back:
     haproxy  plain-client -> haproxy A (node-1 netns, plain TCP in) -> TLS 1.3 with a
              client certificate -> haproxy B (node-2 netns, verifies it against the
              bench's CA) -> plain TCP -> plain-server:9000
+
+``--protocol http``: the echo servers are HTTP/1.1 (``meshload.py serve --http``,
+the body echoed) and the load is keep-alive ``POST``s of ``--size`` bytes
+(``meshload.py load --http``), one request in flight per connection. Services
+``plain-server`` and ``mesh-server`` expose port 9000 named ``http``, so the
+agents take the L7 path for ``mesh-server``:
+
+    direct   plain-client -> ClusterIP plain-server:9000 (kube-proxy) -> plain-server
+    mesh     mesh-client -> ClusterIP mesh-server:9000, captured: node-1 meshagent's L7
+             engine (route, cluster, pooled upstream connection) -> mTLS tunnel stream
+             -> node-2 meshagent's L7 server side (policy, telemetry) -> mesh-server
+    haproxy  plain-client -> haproxy A (mode http) -> TLS 1.3 with a client
+             certificate -> haproxy B (mode http) -> plain-server:9000
+
+A mesh run must add, on node-1, ``istio_requests_total{reporter="source"}`` and,
+on node-2, ``{reporter="destination"}``, one per request sent (warmup included),
+all code 200, and no L4 connection record (``istio_tcp_connections_opened_total``)
+on either agent; direct and haproxy runs must add nothing to either agent.
 
 Runs are interleaved (direct, mesh, haproxy, direct, ...). Each run: a fresh
 load-generator process, ``--warmup`` seconds, then ``--duration`` measured
@@ -182,11 +203,21 @@ class MeshCounts:
     mtls_source: float     # reporter=source, mutual_tls
     mtls_destination: float
     handshakes_ok: float   # outbound handshakes that succeeded
+    requests: float = 0        # L7: istio_requests_total, any reporter
+    requests_source_ok: float = 0       # reporter=source, 200, mutual_tls
+    requests_destination_ok: float = 0  # reporter=destination, 200, mutual_tls
 
     @staticmethod
     def read(ip: str) -> MeshCounts:
         t = metrics(ip)
         return MeshCounts(
+            requests=metric_total(t, "istio_requests_total"),
+            requests_source_ok=metric_total(
+                t, "istio_requests_total", reporter="source", response_code="200",
+                connection_security_policy="mutual_tls"),
+            requests_destination_ok=metric_total(
+                t, "istio_requests_total", reporter="destination", response_code="200",
+                connection_security_policy="mutual_tls"),
             opened=metric_total(t, "istio_tcp_connections_opened_total"),
             mtls_source=metric_total(t, "istio_tcp_connections_opened_total", reporter="source",
                                connection_security_policy="mutual_tls"),
@@ -208,6 +239,16 @@ def pod(name: str, node: str, *, meshed: bool) -> core_pb2.Pod:
     c = p.spec.containers.add(name="main", image=IMAGE)
     c.command.extend(["sleep", "86400"])
     return p
+
+
+def http_service(name: str) -> core_pb2.Service:
+    """Port 9000 named ``http``: an HTTP port for the mesh (shoal.meshprotocol)."""
+    s = core_pb2.Service()
+    s.metadata.name, s.metadata.namespace = name, NS
+    s.spec.selector["app"] = name
+    port = s.spec.ports.add(name="http", port=ECHO_PORT)
+    port.target_port.int_val = ECHO_PORT
+    return s
 
 
 def nat_rules(netns: str) -> str:
@@ -284,11 +325,27 @@ defaults
 """
 
 
-def haproxy_configs(d: Path, *, a_ip: str, b_ip: str, server: str) -> tuple[Path, Path]:
+HAPROXY_HTTP = """
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout http-keep-alive 1h
+    timeout http-request 1h
+"""
+
+
+def haproxy_configs(d: Path, *, a_ip: str, b_ip: str, server: str,
+                    http: bool = False) -> tuple[Path, Path]:
+    # HTTP: a second defaults section replaces the TCP one for what follows.
+    common = HAPROXY_COMMON + (HAPROXY_HTTP if http else "")
     a = d / "haproxy-a.cfg"
     tls = (f"ssl verify required ca-file {d}/ca.pem crt {d}/haproxy-a.pem "
            "sni str(haproxy-b) verifyhost haproxy-b")
-    a.write_text(HAPROXY_COMMON + f"""
+    a.write_text(common + f"""
 frontend plain_in
     bind {a_ip}:{HAPROXY_A_PORT}
     default_backend tls_out
@@ -297,7 +354,7 @@ backend tls_out
     server b {b_ip}:{HAPROXY_B_PORT} {tls}
 """)
     b = d / "haproxy-b.cfg"
-    b.write_text(HAPROXY_COMMON + f"""
+    b.write_text(common + f"""
 frontend tls_in
     bind {b_ip}:{HAPROXY_B_PORT} ssl crt {d}/haproxy-b.pem ca-file {d}/ca.pem verify required
     default_backend plain_out
@@ -308,7 +365,7 @@ backend plain_out
     return a, b
 
 
-def check_haproxy_b(d: Path, ip: str) -> str:
+def check_haproxy_b(d: Path, ip: str, *, http: bool = False) -> str:
     """Haproxy B speaks TLS 1.3 and echoes only for a client with a certificate
     from the bench's CA; returns the version and cipher it negotiated."""
     import ssl
@@ -320,14 +377,20 @@ def check_haproxy_b(d: Path, ip: str) -> str:
             ctx.load_cert_chain(str(d / "haproxy-a.pem"))
         with socket.create_connection((ip, HAPROXY_B_PORT), timeout=5) as raw, \
                 ctx.wrap_socket(raw, server_hostname="haproxy-b") as tls:
-            tls.sendall(b"x" * 16)
+            if http:
+                tls.sendall(b"POST / HTTP/1.1\r\nHost: b\r\nContent-Length: 16\r\n"
+                            b"Connection: close\r\n\r\n" + b"x" * 16)
+            else:
+                tls.sendall(b"x" * 16)
             got = b""
             with contextlib.suppress(OSError):
-                while len(got) < 16:
-                    chunk = tls.recv(16)
+                while http or len(got) < 16:
+                    chunk = tls.recv(4096)
                     if not chunk:
                         break
                     got += chunk
+            if http:
+                got = got[-16:] if got.startswith(b"HTTP/1.1 200") else b""
             return got, f"{tls.version()} {(tls.cipher() or ('?',))[0]}"
 
     got, how = attempt(True)
@@ -361,15 +424,23 @@ class Setup:
     ips: dict[str, str]                 # pod name -> pod IP
     proxies: dict[str, dict[str, int]]  # mode -> {process label: pid}
     logs: Path
+    service_ips: dict[str, str] = field(default_factory=dict)  # Service -> ClusterIP
 
 
 def run_load(started: Started, setup: Setup, mode: str, *, args: argparse.Namespace,
              warmup: float, duration: float) -> dict[str, Any]:
     n1, n2 = setup.nodes["node-1"], setup.nodes["node-2"]
+    http = args.protocol == "http"
+    # HTTP: direct and mesh go to the Services' ClusterIPs (the L7 path is chosen
+    # by the Service port), TCP to the pods.
+    dest = setup.service_ips if http else setup.ips
+    host_header = ""
     if mode == "direct":
-        client, target = "plain-client", f"{setup.ips['plain-server']}:{ECHO_PORT}"
+        client, target = "plain-client", f"{dest['plain-server']}:{ECHO_PORT}"
+        host_header = f"plain-server.{NS}.svc.cluster.local:{ECHO_PORT}"
     elif mode == "mesh":
-        client, target = "mesh-client", f"{setup.ips['mesh-server']}:{ECHO_PORT}"
+        client, target = "mesh-client", f"{dest['mesh-server']}:{ECHO_PORT}"
+        host_header = f"mesh-server.{NS}.svc.cluster.local:{ECHO_PORT}"
     else:
         client, target = "plain-client", f"{n1.ip}:{HAPROXY_A_PORT}"
     proxies = setup.proxies.get(mode, {})
@@ -377,7 +448,8 @@ def run_load(started: Started, setup: Setup, mode: str, *, args: argparse.Namesp
     argv = in_netns(setup.netns[client], [
         sys.executable, str(LOAD), "load", "--target", target, "--rate", str(args.rate),
         "--connections", str(args.connections), "--size", str(args.size),
-        "--warmup", str(warmup), "--duration", str(duration)])
+        "--warmup", str(warmup), "--duration", str(duration),
+        *(["--http", "--host-header", host_header] if http else [])])
     p = started.spawn(f"load/{mode}", argv, log=setup.logs / "load.log",
                       stdout=subprocess.PIPE)
     assert p.stdout is not None
@@ -415,16 +487,39 @@ def run_load(started: Started, setup: Setup, mode: str, *, args: argparse.Namesp
     problems = []
     if result["achieved_rps"] < 0.95 * args.rate:
         problems.append(f"achieved {result['achieved_rps']:.0f}/s < 95% of {args.rate:.0f}/s")
-    if result["lost"] or result["mismatches"] or result["errors"]:
+    if result["lost"] or result["mismatches"] or result["errors"] \
+            or result.get("bad_status"):
         problems.append(f"lost {result['lost']}, garbled {result['mismatches']}, "
-                        f"errors {result['errors']}")
+                        f"non-200 {result.get('bad_status', 0)}, errors {result['errors']}")
     d1 = {k: getattr(after["node-1"], k) - getattr(before["node-1"], k)
           for k in ("opened", "mtls_source")}
     d2 = {k: getattr(after["node-2"], k) - getattr(before["node-2"], k)
           for k in ("opened", "mtls_destination")}
     result["mesh_metrics"] = {"node-1": d1, "node-2": d2,
                               "handshakes_ok_node1": after["node-1"].handshakes_ok}
-    if mode == "mesh":
+    if http:
+        sent = result["sent_total"]
+        r1 = {k: getattr(after["node-1"], k) - getattr(before["node-1"], k)
+              for k in ("requests", "requests_source_ok")}
+        r2 = {k: getattr(after["node-2"], k) - getattr(before["node-2"], k)
+              for k in ("requests", "requests_destination_ok")}
+        result["mesh_metrics"].update({"requests_node-1": r1, "requests_node-2": r2,
+                                       "sent": sent})
+        if mode == "mesh":
+            # Every request through both agents' L7 path, and none on the L4 one.
+            if r1["requests_source_ok"] != sent or r2["requests_destination_ok"] != sent:
+                problems.append(
+                    f"not through the L7 path: sent {sent}, node-1 source 200 mutual_tls "
+                    f"+{r1['requests_source_ok']:.0f}, node-2 destination "
+                    f"+{r2['requests_destination_ok']:.0f}")
+            if d1["opened"] or d2["opened"]:
+                problems.append(f"L4 records although HTTP: node-1 +{d1['opened']:.0f}, "
+                                f"node-2 +{d2['opened']:.0f} connections")
+        elif d1["opened"] or d2["opened"] or r1["requests"] or r2["requests"]:
+            problems.append(f"captured although opted out: node-1 +{d1['opened']:.0f} "
+                            f"connections +{r1['requests']:.0f} requests, node-2 "
+                            f"+{d2['opened']:.0f} +{r2['requests']:.0f}")
+    elif mode == "mesh":
         if (d1["mtls_source"] < args.connections or d2["mtls_destination"] < args.connections
                 or after["node-1"].handshakes_ok < 1):
             problems.append(f"not through the tunnel: node-1 mutual_tls opened "
@@ -508,10 +603,15 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace,
     mesh_rss = [v for k, v in final_rss.items() if k.startswith("meshagent")]
     p99_added = summary["mesh"]["added_ms"]["p99_ms"]
     say("")
-    say(f"targets: mesh p99 added <= 1 ms: {p99_added:+.3f} ms -> "
-        f"{'met' if p99_added <= 1 else 'NOT met'}; meshagent RSS < 60 MB: "
-        f"{', '.join(f'{v:.1f}' for v in mesh_rss)} MB -> "
-        f"{'met' if mesh_rss and max(mesh_rss) < 60 else 'NOT met'}")
+    if args.protocol == "http":
+        say(f"target: mesh (L7) p99 added <= 1.5 ms at {args.rate:.0f} req/s: "
+            f"{p99_added:+.3f} ms -> {'met' if p99_added <= 1.5 else 'NOT met'}; "
+            f"meshagent RSS {', '.join(f'{v:.1f}' for v in mesh_rss)} MB")
+    else:
+        say(f"targets: mesh p99 added <= 1 ms: {p99_added:+.3f} ms -> "
+            f"{'met' if p99_added <= 1 else 'NOT met'}; meshagent RSS < 60 MB: "
+            f"{', '.join(f'{v:.1f}' for v in mesh_rss)} MB -> "
+            f"{'met' if mesh_rss and max(mesh_rss) < 60 else 'NOT met'}")
     return {"machine": machine, "args": {k: str(v) if isinstance(v, Path) else v
                                           for k, v in vars(args).items()},
             "runs": results, "summary": summary, "final_rss_mb": final_rss}
@@ -561,6 +661,27 @@ def meshagent_pid(lab_dir: Path, node: str) -> int:
     return rec.pid
 
 
+@contextlib.contextmanager
+def lab_lock() -> Iterator[bool]:
+    """Hold /tmp/shoal-e2e.lock (one lab on the machine at a time); yields False
+    when a lab is still up 60 s after getting it."""
+    with LOCK.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for {LOCK} (another lab is running)")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        # The lock's previous holder may still be taking its lab down.
+        deadline = time.monotonic() + 60
+        while subprocess.run(["ip", "link", "show", "shoal0"], capture_output=True,
+                             check=False).returncode == 0:
+            if time.monotonic() > deadline:
+                yield False
+                return
+            time.sleep(1)
+        yield True
+
+
 def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
     lab_dir: Path = args.lab_dir
     topo = plan(nodes=3, lab_dir=lab_dir)
@@ -577,6 +698,11 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
                                    ("mesh-client", "node-1", True),
                                    ("mesh-server", "node-2", True)):
             client.create(pod(name, node, meshed=meshed))
+        service_ips: dict[str, str] = {}
+        if args.protocol == "http":
+            for name in ("plain-server", "mesh-server"):
+                svc = client.create(http_service(name))
+                service_ips[name] = str(svc.spec.cluster_ip)
 
         def running(name: str) -> str | None:
             p = client.get(core_pb2.Pod, name, namespace=NS)
@@ -585,18 +711,30 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
 
         ips = {name: wait_for(f"{name} running", partial(running, name), timeout=120)
                for name in ("plain-client", "plain-server", "mesh-client", "mesh-server")}
-    say(f"pods: {ips}")
+
+        def endpoint(name: str) -> bool:
+            ep = client.get(core_pb2.Endpoints, name, namespace=NS)
+            return any(a.ip == ips[name] for sub in ep.subsets for a in sub.addresses)
+
+        for name in service_ips:
+            wait_for(f"Service {name} has its pod as endpoint", partial(endpoint, name),
+                     timeout=60)
+    say(f"pods: {ips}" + (f"; services: {service_ips}" if service_ips else ""))
     wait_for("mesh-client captured on node-1", lambda: f"-s {ips['mesh-client']}/32"
              in nat_rules(n1.netns), timeout=60)
     wait_for("mesh-server captured on node-2", lambda: f"-d {ips['mesh-server']}/32"
              in nat_rules(n2.netns), timeout=60)
     for name, node in (("plain-client", n1), ("plain-server", n2)):
-        if ips[name] in nat_rules(node.netns):
+        # The capture chains only: the service proxy's rules name endpoints too.
+        capture = [line for line in nat_rules(node.netns).splitlines()
+                   if line.startswith("-A SHOAL-MESH-")]
+        if any(f"{ips[name]}/32" in line for line in capture):
             raise RuntimeError(f"{name} ({ips[name]}) is opted out but has capture rules")
     netns = {name: pod_netns(ip) for name, ip in ips.items()}
     for name in ("plain-server", "mesh-server"):
         p = started.spawn(f"echo/{name}", in_netns(netns[name], [
-            sys.executable, str(LOAD), "serve", "--port", str(ECHO_PORT)]),
+            sys.executable, str(LOAD), "serve", "--port", str(ECHO_PORT),
+            *(["--http"] if args.protocol == "http" else [])]),
             log=logs / f"echo-{name}.log")
         log = logs / f"echo-{name}.log"
         wait_for(f"echo server in {name}", lambda log=log: "READY" in log.read_text(),
@@ -607,7 +745,8 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
     pki.mkdir(parents=True, exist_ok=True)
     make_pki(pki, server_ip=n2.ip)
     cfg_a, cfg_b = haproxy_configs(pki, a_ip=n1.ip, b_ip=n2.ip,
-                                   server=f"{ips['plain-server']}:{ECHO_PORT}")
+                                   server=f"{ips['plain-server']}:{ECHO_PORT}",
+                                   http=args.protocol == "http")
     for cfg in (cfg_a, cfg_b):
         check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True,
                                text=True, check=False)
@@ -616,7 +755,8 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
     hb = started.spawn("haproxy-b", in_netns(str(n2.netns_path), [
         "haproxy", "-db", "-f", str(cfg_b)]), log=logs / "haproxy-b.log")
     wait_listening(n2.ip, HAPROXY_B_PORT, hb, "haproxy B")
-    say(f"haproxy B: {check_haproxy_b(pki, n2.ip)} with a client certificate; "
+    say(f"haproxy B: {check_haproxy_b(pki, n2.ip, http=args.protocol == 'http')} with a "
+        "client certificate; "
         "refused without one")
     ha = started.spawn("haproxy-a", in_netns(str(n1.netns_path), [
         "haproxy", "-db", "-f", str(cfg_a)]), log=logs / "haproxy-a.log")
@@ -626,7 +766,7 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
             raise RuntimeError(f"pid {pid} ({what}) is {cmdline(pid)}, not haproxy")
     mesh_pids = {"meshagent-node-1": meshagent_pid(lab_dir, "node-1"),
                  "meshagent-node-2": meshagent_pid(lab_dir, "node-2")}
-    setup = Setup(nodes=nodes, netns=netns, ips=ips, logs=logs,
+    setup = Setup(nodes=nodes, netns=netns, ips=ips, logs=logs, service_ips=service_ips,
                   proxies={"mesh": mesh_pids,
                            "haproxy": {"haproxy-a": ha.pid, "haproxy-b": hb.pid}})
     say(f"proxies: {setup.proxies}")
@@ -735,6 +875,8 @@ def profile_mesh(started: Started, setup: Setup, args: argparse.Namespace
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=("tcp", "http"), default="tcp",
+                   help="tcp: raw echo (issue 6); http: HTTP/1.1 through the L7 path")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
@@ -759,21 +901,11 @@ def main() -> int:
     if not haproxy:
         print("haproxy is not installed (apt-get install haproxy)", file=sys.stderr)
         return 2
-    with LOCK.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for {LOCK} (another lab is running)")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        # The lock's previous holder may still be taking its lab down.
-        deadline = time.monotonic() + 60
-        while subprocess.run(["ip", "link", "show", "shoal0"], capture_output=True,
-                             check=False).returncode == 0:
-            if time.monotonic() > deadline:
-                print("a lab is already up on this machine (bridge shoal0 exists)",
-                      file=sys.stderr)
-                return 2
-            time.sleep(1)
+    with lab_lock() as free:
+        if not free:
+            print("a lab is already up on this machine (bridge shoal0 exists)",
+                  file=sys.stderr)
+            return 2
         # Ctrl-C or SIGTERM: clean up through the finally blocks.
         signal.signal(signal.SIGTERM, _interrupt)
         started = Started()

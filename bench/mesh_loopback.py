@@ -3,7 +3,7 @@
 profiling and A/B checks, without a lab (no root, no lock needed).
 
     python bench/mesh_loopback.py [--duration 10] [--rate 1000] [--nodelay-everywhere]
-        [--cprofile FILE] [--setup-samples N]
+        [--cprofile FILE] [--setup-samples N] [--http]
 
 Set up as ``tests/integration/test_mesh_tunnel.py`` does: an in-process
 apiserver with its mesh CA, agents "n1" (client pod 127.0.1.1) and "n2" (server
@@ -11,6 +11,9 @@ pod 127.0.2.1), capture replaced by fake original destinations. The echo server
 and the load generator (``bench/meshload.py``) are separate processes; the load
 connects from 127.0.1.1 to n1's outbound listener and reaches the server through
 n1's pooled mTLS tunnel to n2.
+
+``--http``: the Service port is named ``http`` (the L7 path: n1's engine, n2's
+server side) and the echo and load are HTTP/1.1 (``meshload.py --http``).
 
 ``--nodelay-everywhere`` makes asyncio set TCP_NODELAY on every TCP socket it
 wraps. Python 3.11 sets it only when ``sock.proto == IPPROTO_TCP``; a socket made
@@ -39,6 +42,7 @@ from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod, _web_service  #
 
 from meshagent.daemon import MeshAgent  # noqa: E402
 from shoal import spiffe  # noqa: E402
+from shoal.api.core.v1 import core_pb2  # noqa: E402
 from shoal.testing.apiserver import InProcessAPIServer, free_port  # noqa: E402
 from shoal.testing.waiting import eventually  # noqa: E402
 
@@ -87,7 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     echo_port = free_port()
     echo = await asyncio.create_subprocess_exec(
         sys.executable, str(LOAD), "serve", "--host", SERVER_IP, "--port", str(echo_port),
-        stdout=asyncio.subprocess.PIPE)
+        *(["--http"] if args.http else []), stdout=asyncio.subprocess.PIPE)
     assert echo.stdout is not None
     await echo.stdout.readline()  # READY
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +100,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await _pod(client, ns, "sleep", node="n1", ip=CLIENT_IP, sa="sleep", app="sleep")
             await _pod(client, ns, "web", node="n2", ip=SERVER_IP, sa="web", app="web")
             cluster_ip = await _web_service(client, ns, echo_port)
+            if args.http:  # the port named http: the L7 path
+                svc = await client.get(core_pb2.Service, "web", namespace=ns)
+                svc.spec.ports[0].name = "http"
+                await client.update(svc)
+                ep = await client.get(core_pb2.Endpoints, "web", namespace=ns)
+                ep.subsets[0].ports[0].name = "http"
+                await client.update(ep)
             tunnel_port = free_port()
             n1, c1, t1 = await _agent(api, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
             n2, c2, t2 = await _agent(api, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))
@@ -114,6 +125,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     sys.executable, str(LOAD), "load", "--source", CLIENT_IP, "--target",
                     f"{n1.outbound.host}:{n1.outbound.port}", "--rate", str(args.rate),
                     "--warmup", "2", "--duration", str(args.duration),
+                    *(["--http", "--host-header", "web.default.svc.cluster.local"]
+                      if args.http else []),
                     stdout=asyncio.subprocess.PIPE)
                 assert load.stdout is not None
                 result: dict[str, object] = {}
@@ -149,6 +162,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--nodelay-everywhere", action="store_true")
+    p.add_argument("--http", action="store_true", help="HTTP/1.1 through the L7 path")
     p.add_argument("--cprofile", help="write a cProfile of the agents' process here")
     p.add_argument("--setup-samples", type=int, default=0, metavar="N",
                    help="instead of the load: time N tunnel stream opens on a fresh "
@@ -161,7 +175,7 @@ def main() -> int:
         print(json.dumps(r))
         return 0
     keys = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms", "achieved_rps",
-            "lost", "agents_cpu_s_per_1000")
+            "lost", "bad_status", "errors", "agents_cpu_s_per_1000")
     print(json.dumps({k: r.get(k) for k in keys}))
     return 0
 
