@@ -101,6 +101,16 @@ def apps(cluster: Cluster) -> Iterator[dict[str, Any]]:
     netns = podnet.pod_netns(pods["client"].status.pod_ip)
     ips = {name: cluster.client.get(core_pb2.Service, name, namespace=NS).spec.cluster_ip
            for name in ("web", "lag")}
+    # Ready is not yet reachable through the mesh: a pod's node agent captures it (port
+    # 15008 included) once its certificate is signed. Wait until every pod answers.
+    def answering(service: str, want: set[str], path: str) -> bool:
+        t = meshapps.send(netns, ips[service], 80, count=12, path=path, concurrency=2)
+        return not t.errors and t.by_status == {200: 12} and set(t.by_pod) == want
+    wait_for("web-v1 and web-v2 answer through the mesh",
+             partial(answering, "web", {"web-v1", "web-v2"}, "/"), timeout=60, interval=0.5)
+    wait_for("quick and sluggish answer through the mesh",
+             partial(answering, "lag", {"quick", "sluggish"}, "/?delay=0"), timeout=60,
+             interval=0.5)
     yield {"pods": pods, "netns": netns, "ips": ips}
 
 
