@@ -1,6 +1,8 @@
 """The monitoring port every Shoal daemon serves: metrics and health over HTTP.
 
-    GET /metrics   Prometheus text format from the daemon's own registry
+    GET /metrics   Prometheus text format from the daemon's own registry, plus
+                   ``shoal_asyncio_tasks`` (tasks of the serving event loop, for
+                   leak checks such as the soak in tests/chaos)
     GET /livez     200 while the process runs its event loop
     GET /readyz    200 once every named readiness signal is set, else 503 with
                    the names of those still missing
@@ -23,6 +25,14 @@ import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 _MAX_REQUEST = 16 * 1024
+
+
+def asyncio_tasks_gauge() -> bytes:
+    """``shoal_asyncio_tasks``: the running loop's unfinished tasks (this
+    request's own included), in the text format."""
+    return (b"# HELP shoal_asyncio_tasks Unfinished asyncio tasks of the daemon's event loop.\n"
+            b"# TYPE shoal_asyncio_tasks gauge\n"
+            b"shoal_asyncio_tasks %d\n" % len(asyncio.all_tasks()))
 
 
 class Readiness:
@@ -95,7 +105,7 @@ class MonitoringServer:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry) + asyncio_tasks_gauge()
         if path == "/livez":
             return 200, "text/plain", b"ok\n"
         if path in ("/readyz", "/healthz"):
