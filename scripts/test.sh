@@ -12,7 +12,8 @@ set -euo pipefail
 
 install_packages etcd-server etcd-client ca-certificates shellcheck \
     containerd runc containernetworking-plugins busybox-static iproute2 iptables util-linux \
-    docker-registry tcpdump kmod vagrant systemd
+    docker-registry tcpdump kmod vagrant systemd \
+    libjs-d3 chromium chromium-driver
 make_venv "[dev]"
 cd "$ROOT"
 export PATH="$VENV/bin:$PATH"

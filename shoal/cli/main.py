@@ -30,6 +30,7 @@ from shoal.cli.completing import script as completion_script
 from shoal.cli.configuring import run_config_view
 from shoal.cli.containers import run_exec, run_logs
 from shoal.cli.creating import run_create_token
+from shoal.cli.dashboard import run_dashboard
 from shoal.cli.debugging import DEFAULT_IMAGE as DEBUG_IMAGE
 from shoal.cli.debugging import run_debug
 from shoal.cli.deleting import DeleteOptions, run_delete
@@ -266,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", action="append", default=[], metavar="ADDR",
                    help="addresses to listen on, comma-separated (default localhost)")
 
+    p = sub.add_parser("dashboard", parents=[common], help="serve a live web dashboard locally",
+                       description="Serve a web dashboard of the cluster (live through "
+                                   "watches, and the mesh's service graph) on a local port, "
+                                   "with your credentials; open the URL it prints (it holds a "
+                                   "token made for this run).")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8001, help="port (0: any free port)")
+    p.add_argument("--graph-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="how often the meshagents' metrics are scraped")
+
     p = sub.add_parser("token", parents=[common], help="bootstrap tokens for joining nodes")
     token_sub = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
     create = token_sub.add_parser("create", parents=[common], help="make a join token")
@@ -442,6 +453,9 @@ async def dispatch(session: Session, ns: argparse.Namespace) -> int:
                 return await run_debug(session, pod=ns.pod, image=ns.image, name=ns.container,
                                        target=ns.target, command=ns.exec_command,
                                        stdin=ns.stdin, tty=ns.tty)
+            case "dashboard":
+                return await run_dashboard(session, address=ns.address, port=ns.port,
+                                           graph_interval=ns.graph_interval)
             case "port-forward":
                 return await run_port_forward(session, target=ns.target, ports=ns.ports,
                                               addresses=ns.address)
@@ -582,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(dispatch(session, ns))
     except KeyboardInterrupt:
         # Ctrl-C is how a watch is meant to end.
-        return ExitCode.OK if getattr(ns, "watch", False) or ns.command == "port-forward" \
+        return ExitCode.OK if getattr(ns, "watch", False) or \
+            ns.command in ("port-forward", "dashboard") \
             else 130
     except BrokenPipeError:
         _silence_stdout()
