@@ -187,7 +187,8 @@ def config_view(objs: Mapping[str, list[Any]], *, namespace: str,
                or any(_selects(a.spec.selector.match_labels, lb) for lb in labels))]
 
     def enc(items: list[Any]) -> list[Any]:
-        return [manifests.encode_message(i) for i in items]
+        return [{"name": i.metadata.name, "namespace": i.metadata.namespace,
+                 "spec": manifests.encode_message(i.spec)} for i in items]
 
     return {"namespace": namespace, "workload": workload,
             "pods": [p.metadata.name for p in pods],

@@ -5,6 +5,7 @@ after it opened, and the service graph comes from (faked) meshagent metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -13,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.webdriver.common.by import By
 
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
+from shoal.api.traffic.v1 import traffic_pb2
 from shoal.cli import dashboard
 from shoal.client import AsyncClient
+from shoal.testing import browser
 from shoal.testing.apiserver import InProcessAPIServer
 
 METRICS = (
@@ -180,3 +184,67 @@ async def test_the_stream_pushes_a_pod_created_after_the_page_opened_and_the_gra
     assert status == 200 and json.loads(body)["pods"] == ["web-1"]
     status, _ = await get(base(url) + "/api/config?token=s3cret&ns=shop")
     assert status == 400
+
+
+@pytest.mark.skipif(bool(browser.available()), reason=browser.available() or "-")
+async def test_in_headless_chromium_a_new_pod_appears_live_and_the_edge_shows_its_routes(
+        served: tuple[AsyncClient, str, FakeMesh]) -> None:
+    client, url, _ = served
+    ns = core_pb2.Namespace()
+    ns.metadata.name = "shop"
+    await client.create(ns)
+    node = core_pb2.Node()
+    node.metadata.name = "node-1"
+    node.status.addresses.add(type="InternalIP", address="10.9.0.1")
+    await client.create(node)
+    async with asyncio.timeout(20):
+        while not dashboard.internal_ip(await client.get(core_pb2.Node, "node-1")):
+            node = await client.get(core_pb2.Node, "node-1")
+            node.status.addresses.add(type="InternalIP", address="10.9.0.1")
+            with contextlib.suppress(errors.Conflict):
+                await client.update_status(node)
+    svc = core_pb2.Service()
+    svc.metadata.name, svc.metadata.namespace = "web", "shop"
+    svc.spec.selector["app"] = "web"
+    svc.spec.ports.add(name="http", port=80)
+    await client.create(svc)
+    vs = traffic_pb2.VirtualService()
+    vs.metadata.name, vs.metadata.namespace = "web-routes", "shop"
+    vs.spec.hosts.append("web")
+    vs.spec.http.add().route.add().destination.host = "web"
+    await client.create(vs)
+    loop = asyncio.get_running_loop()
+
+    async def create_pod() -> None:
+        pod = core_pb2.Pod()
+        pod.metadata.name, pod.metadata.namespace = "web-1", "shop"
+        pod.metadata.labels["app"] = "web"
+        pod.spec.containers.add(name="web", image="busybox")
+        await client.create(pod)
+
+    def browse() -> Path:
+        with browser.headless_chromium() as d:
+            d.get(url)
+            browser.wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                          "#services tr[data-name='shop/web']"),
+                             what="the Service in the table")
+            assert not d.find_elements(By.CSS_SELECTOR, "#pods tr[data-name='shop/web-1']")
+            asyncio.run_coroutine_threadsafe(create_pod(), loop).result(20)
+            browser.wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                          "#pods tr[data-name='shop/web-1']"),
+                             what="the pod created after the page loaded")
+            edge = browser.wait_for(d, lambda d: [
+                e for e in d.find_elements(By.CSS_SELECTOR, "g.edge[data-target='shop/web']")
+                if float(e.get_attribute("data-rps") or 0) > 0], what="a moving edge")[0]
+            assert edge.get_attribute("data-mtls") == "true"
+            assert edge.get_attribute("data-source") == "shop/client"
+            edge.find_element(By.TAG_NAME, "line").click()
+            browser.wait_for(d, lambda d: "web-routes" in d.find_element(By.ID, "detail").text,
+                             what="the edge's VirtualService in the detail panel")
+            shot = browser.artifact_dir() / "dashboard-integration.png"
+            d.save_screenshot(str(shot))
+            return shot
+
+    shot = await asyncio.to_thread(browse)
+    print(f"screenshot: {shot}")
+    assert shot.stat().st_size > 0

@@ -121,9 +121,9 @@ def test_config_view_finds_the_services_routes_and_policies_of_a_workload() -> N
             "authorizationpolicies": [allow, ns_wide, not_web]}
     view = dashboard.config_view(objs, namespace="shop", workload="web")
     assert view["pods"] == ["web-1"] and view["services"] == ["web"]
-    assert [v["metadata"]["name"] for v in view["virtualServices"]] == ["web-routes"]
-    assert [d["metadata"]["name"] for d in view["destinationRules"]] == ["web-dr"]
-    assert sorted(a["metadata"]["name"] for a in view["authorizationPolicies"]) == [
+    assert [v["name"] for v in view["virtualServices"]] == ["web-routes"]
+    assert [d["name"] for d in view["destinationRules"]] == ["web-dr"]
+    assert sorted(a["name"] for a in view["authorizationPolicies"]) == [
         "all", "allow-web"]
 
 

@@ -76,8 +76,8 @@
 
   function fmt(x, digits) { return (x === null || x === undefined) ? "-" : x.toFixed(digits); }
   function edgeLabel(e) {
-    if (e.protocol === "tcp") return fmt(e.rps, 2) + " conn/s " + fmt(e.bytes_per_second / 1024, 1) + " KiB/s" + (e.mtls ? " 🔒" : "");
-    return fmt(e.rps, 2) + " rps " + fmt(e.error_rate * 100, 0) + "% err p99 " + fmt(e.p99_ms, 0) + "ms" + (e.mtls ? " 🔒" : "");
+    if (e.protocol === "tcp") return fmt(e.rps, 2) + " conn/s " + fmt(e.bytes_per_second / 1024, 1) + " KiB/s" + (e.mtls ? " mTLS" : " plain");
+    return fmt(e.rps, 2) + " rps, " + fmt(e.error_rate * 100, 0) + "% err, p99 " + fmt(e.p99_ms, 0) + " ms," + (e.mtls ? " mTLS" : " plain");
   }
   function short(id) { var i = id.indexOf("/"); return i < 0 ? id : id.slice(i + 1); }
 
@@ -151,7 +151,7 @@
     if (i < 0) { d.appendChild(el("p", {"class": "muted"}, "Traffic from outside the mesh: no objects.")); return; }
     d.appendChild(el("h3", {}, edge ? (edge.source + " → " + edge.target) : id));
     if (edge) d.appendChild(el("p", {}, edge.protocol.toUpperCase() + " " + edgeLabel(edge) +
-      (edge.mtls ? " (mTLS)" : " (plaintext)") + " service " + edge.service));
+      " — service " + edge.service));
     fetch("/api/config?" + q + "&ns=" + encodeURIComponent(id.slice(0, i)) +
           "&workload=" + encodeURIComponent(id.slice(i + 1)))
       .then(function (r) { return r.json(); })
@@ -162,7 +162,8 @@
          ["AuthorizationPolicies", c.authorizationPolicies]].forEach(function (pair) {
           d.appendChild(el("h4", {}, pair[0] + " (" + pair[1].length + ")"));
           pair[1].forEach(function (o) {
-            d.appendChild(el("pre", {"class": "config"}, JSON.stringify(o, null, 1)));
+            d.appendChild(el("pre", {"class": "config"}, o.namespace + "/" + o.name + "\n" +
+                                                          JSON.stringify(o.spec, null, 1)));
           });
         });
       });
