@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.cli.deleting import Victim, wait_gone
+from shoal.cli.progress import ProgressLine, bar
 from shoal.cli.reporting import CLIError, ExitCode, InputError
 from shoal.cli.session import Session
 from shoal.client import AsyncClient
@@ -188,19 +189,32 @@ async def _wait_gone(session: Session, client: AsyncClient, pods: Sequence[core_
     kind = session.kinds.by_message(core_pb2.Pod())
     left = {pod.metadata.uid: pod for pod in pods}
 
+    # On a terminal, stderr also shows how many of the pods are gone.
+    line = ProgressLine(session.err)
+    total = len(pods)
+
+    def show() -> None:
+        if total:
+            line.update(f"evicted {bar(total - len(left), total)} pods")
+
     async def one(pod: core_pb2.Pod) -> None:
         victim = Victim(kind, pod.metadata.namespace, pod.metadata.name)
         await wait_gone(client, victim, uid=pod.metadata.uid)
         del left[pod.metadata.uid]
+        line.clear()
         session.print(f"pod/{pod.metadata.name} evicted")
+        show()
 
     until = None if timeout is None else asyncio.get_running_loop().time() + max(
         0.0, timeout - (time.monotonic() - started))
     try:
+        show()
         async with asyncio.timeout_at(until), asyncio.TaskGroup() as tg:
             for pod in pods:
                 tg.create_task(one(pod))
     except TimeoutError:
+        line.clear()
         raise DrainTimeout(
             f"drain did not complete within {timeout:g}s; still terminating: "
             + ", ".join(_ref(p) for p in left.values())) from None
+    line.clear()

@@ -55,6 +55,7 @@ from shoal.api.apps.v1 import apps_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.cli.fetching import drain_cancelled_stream
 from shoal.cli.printing import kind_label
+from shoal.cli.progress import ProgressLine, bar
 from shoal.cli.reporting import CLIError, ExitCode, UsageError
 from shoal.cli.session import Session
 from shoal.cli.targets import parse_targets
@@ -178,6 +179,19 @@ def progress_of(obj: Any) -> Progress:
     if isinstance(obj, apps_pb2.StatefulSet):
         return statefulset_progress(obj)
     raise UsageError(f"no rollout status for {type(obj).__name__}")
+
+
+def replica_counts(obj: Any) -> str:
+    """The rollout's replica counts as they move (the progress line of ``status``)."""
+    if isinstance(obj, apps_pb2.DaemonSet):
+        st = obj.status
+        want = st.desired_number_scheduled
+        return (f"updated {bar(st.updated_number_scheduled, want, width=10)}, "
+                f"ready {st.number_ready}/{want}, available {st.number_available}/{want}")
+    want = obj.spec.replicas if obj.spec.HasField("replicas") else 1
+    st = obj.status
+    return (f"updated {bar(st.updated_replicas, want, width=10)}, "
+            f"ready {st.ready_replicas}/{want}, available {st.available_replicas}/{want}")
 
 
 def stuck_pod(pods: Sequence[core_pb2.Pod]) -> str:
@@ -435,6 +449,9 @@ async def _status(session: Session, kind: Kind, name: str, namespace: str,
             async for _ in events:
                 changed.set()
 
+    # On a terminal, stderr also shows the replica counts as they move.
+    line = ProgressLine(session.err)
+
     async def until_done() -> int:
         last = ""
         while True:
@@ -442,14 +459,17 @@ async def _status(session: Session, kind: Kind, name: str, namespace: str,
             obj = await client.get(kind.message, name, namespace=namespace)
             progress = progress_of(obj)
             if progress.failed:
-                raise RolloutFailed(progress.failed)
+                raise RolloutFailed(progress.failed)  # the line is cleared below
             if not progress.done:
                 await _check_pods(client, kind, obj, namespace)
             if progress.message and progress.message != last:
+                line.clear()
                 session.print(progress.message)
                 last = progress.message
             if progress.done:
+                line.clear()
                 return ExitCode.OK
+            line.update(replica_counts(obj))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
                     await changed.wait()
@@ -458,6 +478,7 @@ async def _status(session: Session, kind: Kind, name: str, namespace: str,
     try:
         return await _bounded(until_done(), timeout)
     finally:
+        line.clear()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, errors.ShoalError):
             await watcher
