@@ -9,7 +9,7 @@ VENV="${SHOAL_VENV:-$ROOT/.venv}"
 # shellcheck disable=SC2034  # used by the scripts that source this file
 SHOAL_PACKAGES=(etcd-server etcd-client ca-certificates containerd runc
     containernetworking-plugins busybox-static iproute2 iptables docker-registry
-    util-linux procps)
+    util-linux procps libjs-d3)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
