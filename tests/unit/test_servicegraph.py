@@ -144,3 +144,46 @@ def test_deployment_view_lists_its_replicasets_newest_revision_first() -> None:
                                          rs("other", "9", "u2", 1)])
     assert [(r["name"], r["ready"]) for r in view["replicasets"]] == [("web-b", 2), ("web-a", 1)]
     assert (view["replicas"], view["updated"], view["ready"]) == (3, 2, 3)
+
+
+def test_reads_what_the_meshagents_telemetry_actually_exports() -> None:
+    """The label names and series the graph reads are the meshagent's own."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from meshagent.l7.telemetry import RequestRecord, RequestTelemetry
+
+    registry = CollectorRegistry()
+    telemetry = RequestTelemetry(registry, access_log=False)
+    for code, ms in ((200, 3.0), (200, 3.0), (200, 40.0), (503, 3.0)):
+        for reporter in ("source", "destination"):
+            telemetry.record(RequestRecord(
+                reporter=reporter, source_workload="client", source_workload_namespace="shop",
+                destination_workload="web", destination_workload_namespace="shop",
+                destination_service="web.shop.svc.cluster.local", response_code=code,
+                connection_security_policy="mutual_tls", duration_s=ms / 1000))
+    [edge] = servicegraph.edges(servicegraph.series(generate_latest(registry).decode()))
+    assert (edge.source, edge.target, edge.protocol, edge.mtls) == (
+        "shop/client", "shop/web", "http", True)
+    assert edge.rps == 4 and edge.error_rate == pytest.approx(0.25)
+    assert edge.p99_ms is not None and 25 < edge.p99_ms <= 50
+
+
+def test_reads_the_meshagents_l4_counters() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from meshagent.proxy import LABELS, Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    labels = dict.fromkeys(LABELS, "unknown") | {
+        "reporter": "destination", "source_workload": "client",
+        "source_workload_namespace": "shop", "destination_workload": "db",
+        "destination_workload_namespace": "shop", "connection_security_policy": "none",
+        "response_flags": "-"}
+    metrics.opened.labels(**labels).inc(2)
+    metrics.sent.labels(**labels).inc(100)
+    metrics.received.labels(**labels).inc(300)
+    [edge] = servicegraph.edges(servicegraph.series(generate_latest(registry).decode()))
+    assert (edge.source, edge.target, edge.protocol, edge.mtls) == (
+        "shop/client", "shop/db", "tcp", False)
+    assert (edge.rps, edge.bytes_per_second) == (2, 400)
