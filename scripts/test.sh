@@ -82,6 +82,7 @@ if [ "$#" -eq 0 ] && [ "$(id -u)" -eq 0 ]; then
         tests/e2e/test_orch_mesh_l7.py \
         tests/e2e/test_orch_mesh_telemetry.py \
         tests/e2e/test_orch_hpa_mesh.py \
+        tests/e2e/test_orch_dashboard.py \
         tests/e2e/test_orch_netpol.py
     log "pytest: chaos suite (its own lab: 3 control-plane members, 2 nodes, mesh)"
     pytest -q -p no:cacheprovider tests/chaos

@@ -151,7 +151,7 @@
     if (i < 0) { d.appendChild(el("p", {"class": "muted"}, "Traffic from outside the mesh: no objects.")); return; }
     d.appendChild(el("h3", {}, edge ? (edge.source + " → " + edge.target) : id));
     if (edge) d.appendChild(el("p", {}, edge.protocol.toUpperCase() + " " + edgeLabel(edge) +
-      " — service " + edge.service));
+      (edge.service && edge.service !== "unknown" ? " — service " + edge.service : "")));
     fetch("/api/config?" + q + "&ns=" + encodeURIComponent(id.slice(0, i)) +
           "&workload=" + encodeURIComponent(id.slice(i + 1)))
       .then(function (r) { return r.json(); })
