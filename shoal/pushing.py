@@ -213,11 +213,13 @@ def _choose(archive: OCIArchive) -> ArchiveImage:
 
 def push_archive(archive_path: Path, target: str | Target, *, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 progress: Callable[[str], None] | None = None) -> PushResult:
+                 progress: Callable[[str], None] | None = None,
+                 on_bytes: Callable[[int, int], None] | None = None) -> PushResult:
     """Push the one image in ``archive_path`` to ``target`` (see the module
     docstring for the requests and the contract). ``insecure`` means plain
     HTTP; without it, HTTPS with the system's trusted CAs. ``progress`` gets
-    one line per blob and for the manifest."""
+    one line per blob and for the manifest; ``on_bytes(done, total)`` is called
+    as each chunk of a blob is sent (a blob already there counts as done)."""
     dest = target if isinstance(target, Target) else parse_target(target)
     if chunk_size <= 0:
         raise errors.BadRequest("chunk_size must be positive")
@@ -236,13 +238,27 @@ def push_archive(archive_path: Path, target: str | Target, *, insecure: bool = F
             resp = conn.request("GET", "/v2/", step=step)
             if resp.status != 200:
                 raise _refused(step, resp)
-            for digest in archive.blob_digests(image):
-                if _push_blob(conn, archive, dest, digest, chunk_size=chunk_size):
+            digests = list(archive.blob_digests(image))
+            total = sum(archive.blob_size(d) for d in digests)
+            done = 0
+
+            def sent(n: int) -> None:
+                nonlocal done
+                done += n
+                if on_bytes is not None:
+                    on_bytes(done, total)
+
+            for digest in digests:
+                before = done
+                if _push_blob(conn, archive, dest, digest, chunk_size=chunk_size, sent=sent):
                     pushed.append(digest)
                     say(f"blob {digest[:19]}: pushed ({archive.blob_size(digest)} bytes)")
                 else:
                     skipped.append(digest)
                     say(f"blob {digest[:19]}: already there")
+                rest = archive.blob_size(digest) - (done - before)
+                if rest:
+                    sent(rest)
             manifest_pushed = _push_manifest(conn, dest, image.digest, manifest_bytes,
                                              media_type)
             say(f"manifest {image.digest[:19]}: "
@@ -259,7 +275,7 @@ def _with_digest(path: str, digest: str) -> str:
 
 
 def _push_blob(conn: _Connection, archive: OCIArchive, dest: Target, digest: str, *,
-               chunk_size: int) -> bool:
+               chunk_size: int, sent: Callable[[int], None]) -> bool:
     """Upload one blob unless the registry has it; True when uploaded."""
     short = digest[:19]
     step = f"checking blob {short} (HEAD)"
@@ -291,6 +307,7 @@ def _push_blob(conn: _Connection, archive: OCIArchive, dest: Target, digest: str
                     raise _refused(step, resp)
                 location = conn.path_of(resp.headers["location"], step)
                 offset += len(chunk)
+                sent(len(chunk))
             step = f"finishing the upload of blob {short} (PUT)"
             resp = conn.request("PUT", _with_digest(location, digest), step=step,
                                 headers=octets)

@@ -35,6 +35,7 @@ from typing import TextIO
 
 from shoal import errors, images, pushing
 from shoal.api.core.v1 import core_pb2
+from shoal.cli.progress import ProgressLine, bar
 from shoal.cli.reporting import CLIError, ExitCode, InputError, UsageError
 from shoal.cli.session import Session
 from shoal.manifests import load_documents
@@ -146,20 +147,30 @@ def build(*, tag: str, spec_file: Path | None, directory: Path | None, output: P
     return ExitCode.OK
 
 
-def push(*, archive: Path, target: str, insecure: bool, timeout: float, out: TextIO) -> int:
-    def say(line: str) -> None:
-        out.write(line + "\n")
+def push(*, archive: Path, target: str, insecure: bool, timeout: float, out: TextIO,
+         err: TextIO | None = None) -> int:
+    # On a terminal, stderr also shows the bytes sent of all the blobs.
+    line = ProgressLine(err if err is not None else sys.stderr)
+
+    def say(text: str) -> None:
+        line.clear()
+        out.write(text + "\n")
         out.flush()
+
+    def moved(done: int, total: int) -> None:
+        line.update(f"pushing {bar(done // 1024, total // 1024)} KiB")
 
     try:
         result = pushing.push_archive(archive, target, insecure=insecure, timeout=timeout,
-                                      progress=say)
+                                      progress=say, on_bytes=moved)
     except (errors.Unauthorized, errors.Forbidden, pushing.RegistryError) as e:
         raise RegistryRefused(f"push to {target} failed: {e.message}") from e
     except errors.Unavailable as e:
         raise RegistryUnreachable(f"push to {target} failed: {e.message}") from e
     except errors.ShoalError as e:
         raise InputError([f"push of {archive}: {e.message}"]) from e
+    finally:
+        line.clear()
     say(f"pushed {result.reference_by_digest}")
     return ExitCode.OK
 

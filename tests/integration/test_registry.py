@@ -3,6 +3,8 @@ loopback port), read back over the distribution API and checked with skopeo."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import shutil
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal.cli import imaging
 from shoal.cli.main import main
 from shoal.images import MEDIA_MANIFEST, ImageRef, OCIArchive, build_busybox_image
 from shoal.pushing import push_archive
@@ -72,9 +75,14 @@ def test_pushing_again_is_a_no_op(registry: RegistryServer, image: ImageRef) -> 
 
 
 def test_chunked_upload_is_accepted(registry: RegistryServer, image: ImageRef) -> None:
+    moved: list[tuple[int, int]] = []
     result = push_archive(image.archive, f"{registry.address}/chunked/hello:1", insecure=True,
-                          chunk_size=128 * 1024)
+                          chunk_size=128 * 1024, on_bytes=lambda d, t: moved.append((d, t)))
     assert result.pushed == (image.config_digest, image.layer_digest)
+    # Progress: the bytes sent grow chunk by chunk up to the blobs' total.
+    total = moved[-1][1]
+    assert moved[-1] == (total, total) and len(moved) > 2
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(moved))
     _, headers, _ = get(f"{registry.url}/v2/chunked/hello/manifests/1", MEDIA_MANIFEST)
     assert headers["docker-content-digest"] == image.digest
 
@@ -119,3 +127,22 @@ def test_stop_ends_exactly_its_process_and_keeps_given_storage(tmp_path: Path,
 def test_a_taken_fixed_port_is_a_clear_start_error(registry: RegistryServer) -> None:
     with pytest.raises(RegistryStartError, match="address already in use"):
         RegistryServer(address=registry.address, start_timeout=10).start()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_shoal_image_push_shows_bytes_on_a_terminal_only(registry: RegistryServer,
+                                                         image: ImageRef) -> None:
+    target = f"{registry.address}/progress/hello:1"
+    out, err = io.StringIO(), _Terminal()
+    assert imaging.push(archive=image.archive, target=target, insecure=True, timeout=30,
+                        out=out, err=err) == 0
+    assert "pushing [" in err.getvalue() and err.getvalue().endswith("\r\033[K")
+    assert "pushing" not in out.getvalue() and "pushed " in out.getvalue()
+    out, piped = io.StringIO(), io.StringIO()
+    assert imaging.push(archive=image.archive, target=target, insecure=True, timeout=30,
+                        out=out, err=piped) == 0
+    assert piped.getvalue() == ""
