@@ -81,6 +81,9 @@ class MeshConfig:
     keep_rules_on_exit: bool = False
     reconcile_interval: float = 5.0  # drift checks of the capture rules
     zipkin_endpoint: str = ""  # http://HOST:PORT of a Zipkin v2 collector; "" = no spans
+    # One JSON line per L7 request on the logger "meshagent.access". Off by default,
+    # as Istio's default profile (meshConfig.accessLogFile empty); the lab turns it on.
+    access_log: bool = False
     # meshagent.egress: ALLOW_ANY or REGISTRY_ONLY (a namespace label overrides it)
     outbound_traffic_policy: str = egress.ALLOW_ANY
     egress_capture: bool = True  # capture pods' TCP to any address, not only the CIDRs
@@ -175,7 +178,8 @@ class MeshAgent:
                                         local_service=f"meshagent.{config.node_name}",
                                         registry=self.registry)
                        if config.zipkin_endpoint else None)
-        self.telemetry = telemetry.RequestTelemetry(self.registry, tracer=self.tracer)
+        self.telemetry = telemetry.RequestTelemetry(self.registry, tracer=self.tracer,
+                                                    access_log=config.access_log)
         ids = tunnel.Identities(self.identities)
         self.pool = tunnel.Pool(identities=ids, metrics=self.metrics.tunnel,
                                 port=config.tunnel_port)

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--zipkin-endpoint", default="", metavar="URL",
                    help="send a span per delivered HTTP request to this Zipkin v2 "
                    "collector (http://HOST:PORT[/api/v2/spans]); empty: no tracing")
+    r.add_argument("--access-log", action="store_true",
+                   help="log one JSON line per HTTP request (logger meshagent.access, "
+                   "Envoy's fields); off by default, as Istio's default profile")
     r.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],
                    default="ALLOW_ANY",
                    help="pods' connections out of the cluster: ALLOW_ANY passes them "
@@ -110,6 +113,7 @@ def _run(ns: argparse.Namespace) -> int:
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit,
             reconcile_interval=ns.reconcile_interval, zipkin_endpoint=ns.zipkin_endpoint,
+            access_log=ns.access_log,
             outbound_traffic_policy=ns.outbound_traffic_policy,
             egress_capture=not ns.no_egress_capture, mesh_host=ns.mesh_host)
         if ns.zipkin_endpoint:

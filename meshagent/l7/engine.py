@@ -253,11 +253,13 @@ class Body:
         return body
 
     async def send(self, ch: Channel, *, chunked: bool) -> None:
-        """Write the body to ``ch`` (the rest of a streamed one too: once)."""
+        """Write the body to ``ch`` (the rest of a streamed one too: once). What
+        is kept goes out with whatever the caller wrote before (the head) in one
+        write, at the caller's next ``drain``."""
         for piece in self.kept:
-            ch.write(http1.chunk(piece) if chunked else piece)
-            await ch.drain()
+            ch.write(http1.chunk(piece) if chunked else piece, more=True)
         if self.reader is not None:
+            await ch.drain()
             while True:
                 ev = await self.reader.next()
                 if ev is END:
@@ -270,7 +272,7 @@ class Body:
             self.reader = None
             self.complete = True
         if chunked:
-            ch.write(http1.LAST_CHUNK)
+            ch.write(http1.LAST_CHUNK, more=True)
 
     @property
     def replayable(self) -> bool:
@@ -675,9 +677,9 @@ class Engine:
         elif body.size or head.length is not None:
             hdrs.append(("content-length", str(body.size if body.replayable
                                                else head.length or 0)))
-        ch.write(http1.request_line(head.method, path, hdrs))
+        ch.write(http1.request_line(head.method, path, hdrs), more=True)
         await body.send(ch, chunked=chunked)
-        await ch.drain()
+        await ch.drain()  # sends the head with the body kept
         if head.method == "HEAD":
             up.reader.skip_body()
         while True:
@@ -702,12 +704,15 @@ class Engine:
             out.close = True
         out.status = resp.status
         out.details = "via_upstream"
-        ch.write(http1.status_line(resp.status, resp.reason, hdrs))
+        # What the upstream sent in one read (head, body, end) leaves in one
+        # write; anything not at hand yet is waited for only after a flush.
+        reader = up.reader
+        ch.write(http1.status_line(resp.status, resp.reason, hdrs), more=bool(reader.events))
         clean = False
         try:
             while True:
                 try:
-                    ev = await up.reader.next()
+                    ev = await reader.next()
                 except (ChannelClosed, HttpError):
                     out.flags.append("UC")  # the upstream connection ended mid-response
                     out.close = True
@@ -719,8 +724,10 @@ class Engine:
                     break
                 out.response_bytes += len(ev)
                 try:
-                    ch.write(http1.chunk(ev) if chunked else ev)
-                    await ch.drain()
+                    more = bool(reader.events)
+                    ch.write(http1.chunk(ev) if chunked else ev, more=more)
+                    if not more:
+                        await ch.drain()
                 except ChannelClosed:
                     out.flags.append("DC")  # the client went
                     out.close = True
@@ -731,6 +738,7 @@ class Engine:
             out.flags.append("DC")
             out.close = True
         finally:
+            ch.flush()
             if server is not None:
                 server.done(resp.status, out.flags[-1] if out.flags else "",
                             out.response_bytes)
@@ -827,22 +835,27 @@ class Engine:
                 hdrs, chunked, close = _framing(resp, head.version)
                 if not head.keep_alive or close:
                     hdrs.append(("connection", "close"))
-                ch.write(http1.status_line(resp.status, resp.reason, hdrs))
+                answer = pod.reader
+                ch.write(http1.status_line(resp.status, resp.reason, hdrs),
+                         more=bool(answer.events))
                 clean = False
                 try:
                     while True:
-                        piece = await pod.reader.next()
+                        piece = await answer.next()
                         if piece is END:
                             clean = True
                             break
                         if not isinstance(piece, bytes):
                             break
                         out.response_bytes += len(piece)
-                        ch.write(http1.chunk(piece) if chunked else piece)
-                        await ch.drain()
+                        more = bool(answer.events)
+                        ch.write(http1.chunk(piece) if chunked else piece, more=more)
+                        if not more:
+                            await ch.drain()
                     if chunked:
                         ch.write(http1.LAST_CHUNK)
                 finally:
+                    ch.flush()
                     server.done(resp.status, "" if clean else "UC", out.response_bytes,
                                 request_bytes=body.size)
                 if not (clean and resp.keep_alive and not resp.body_until_close):

@@ -159,6 +159,7 @@ class Channel(relay.Relay):
         self._writable.set()
         self._paused = False
         self.closed = False
+        self._pending: list[bytes] = []  # written with more=True, not yet sent
         end.start(self, 0)
 
     # -- the End's callbacks --
@@ -208,22 +209,44 @@ class Channel(relay.Relay):
             self.end.resume_reading()
         return data
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, *, more: bool = False) -> None:
+        """Send ``data``; with ``more`` keep it until the next write without
+        ``more`` (or ``flush``/``drain``), so that a message's head and a body
+        that is already at hand leave as one write: one ``send`` on a socket,
+        one DATA frame and one TLS record on a tunnel stream."""
         if self.error:
             raise ChannelClosed(self.error)
+        if more:
+            self._pending.append(data)
+            return
+        if self._pending:
+            self._pending.append(data)
+            data = b"".join(self._pending)
+            self._pending.clear()
         self.end.write(data)
 
+    def flush(self) -> None:
+        """Send what ``write(..., more=True)`` kept (dropped after a reset)."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self.error:
+                self.end.write(data)
+
     async def drain(self) -> None:
+        self.flush()
         if not self._writable.is_set():
             await self._writable.wait()
         if self.error:
             raise ChannelClosed(self.error)
 
     def write_eof(self) -> None:
+        self.flush()
         self.end.write_eof()
 
     def close(self) -> None:
         if not self.closed:
+            self.flush()
             self.closed = True
             self.end.close()
 

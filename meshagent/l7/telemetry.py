@@ -68,6 +68,7 @@ access_log = logging.getLogger("meshagent.access")
 
 UNKNOWN = "unknown"
 NO_FLAGS = "-"
+MAX_CACHED_LABEL_SETS = 4096  # RequestTelemetry's labelled children kept at hand
 
 # Istio's default buckets (its stats filter): milliseconds, and bytes (1 .. 1e9, x10).
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
@@ -159,14 +160,27 @@ class RequestRecord:
     response_code_details: str = ""  # "rbac_access_denied", "via_upstream", ...
 
     def metric_labels(self) -> dict[str, str]:
-        values = {name: str(getattr(self, name, "")) for name in LABELS}
-        values["response_code"] = str(int(self.response_code))
-        values["response_flags"] = _flags(self.response_flags)
-        values["grpc_response_status"] = self.grpc_response_status
-        if not self.connection_security_policy:
-            values["connection_security_policy"] = UNKNOWN
-        return {k: (v if v or k == "grpc_response_status" else UNKNOWN)
-                for k, v in values.items()}
+        return dict(zip(LABELS, self.label_values(), strict=True))
+
+    def label_values(self) -> tuple[str, ...]:
+        """The metric labels' values, in LABELS order ("unknown" for what is empty)."""
+        u = UNKNOWN
+        return (
+            self.reporter or u,
+            self.source_workload or u, self.source_workload_namespace or u,
+            self.source_principal or u,
+            self.source_app or u, self.source_version or u,
+            self.source_canonical_service or u, self.source_canonical_revision or u,
+            self.destination_workload or u, self.destination_workload_namespace or u,
+            self.destination_principal or u,
+            self.destination_app or u, self.destination_version or u,
+            self.destination_canonical_service or u, self.destination_canonical_revision or u,
+            self.destination_service or u, self.destination_service_name or u,
+            self.destination_service_namespace or u,
+            self.request_protocol or u, str(int(self.response_code)),
+            self.grpc_response_status, self.response_flags or NO_FLAGS,
+            self.connection_security_policy or u,
+        )
 
     def access_fields(self) -> dict[str, str | int]:
         """The access-log line's fields (Envoy's default JSON names where there is one)."""
@@ -247,15 +261,29 @@ class RequestTelemetry:
         self._metrics = _Metrics.of(registry)
         self.tracer = tracer
         self.access_log = access_log
+        # The labelled children by label values: prometheus_client's labels() costs
+        # a dict of keyword arguments, a sort and a lock per call, four per request.
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+
+    def _labelled(self, values: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
+        found = self._children.get(values)
+        if found is None:
+            if len(self._children) >= MAX_CACHED_LABEL_SETS:
+                self._children.clear()  # bounded; the registry keeps the series
+            m = self._metrics
+            found = (m.requests.labels(*values), m.duration.labels(*values),
+                     m.request_bytes.labels(*values), m.response_bytes.labels(*values))
+            self._children[values] = found
+        return found
 
     def record(self, rec: RequestRecord) -> None:
         try:
-            labels = rec.metric_labels()
-            m = self._metrics
-            m.requests.labels(**labels).inc()
-            m.duration.labels(**labels).observe(max(0.0, rec.duration_s) * 1000.0)
-            m.request_bytes.labels(**labels).observe(max(0, rec.request_bytes))
-            m.response_bytes.labels(**labels).observe(max(0, rec.response_bytes))
+            requests, duration, request_bytes, response_bytes = self._labelled(
+                rec.label_values())
+            requests.inc()
+            duration.observe(max(0.0, rec.duration_s) * 1000.0)
+            request_bytes.observe(max(0, rec.request_bytes))
+            response_bytes.observe(max(0, rec.response_bytes))
             if self.access_log and access_log.isEnabledFor(logging.INFO):
                 fields = rec.access_fields()
                 access_log.info("%s %s %s %s", fields["method"], fields["path"],

@@ -166,6 +166,8 @@ class NodeSpec:
     sandbox_image: str = SANDBOX_IMAGE
     # The mesh agent's Zipkin v2 collector (http://HOST:PORT); "" = no tracing.
     zipkin_endpoint: str = ""
+    # The mesh agent's JSON access log (--access-log; off by default, as Istio).
+    access_log: bool = False
 
     @property
     def join_server(self) -> str:
@@ -301,6 +303,7 @@ def _node_command(node: NodeSpec, component: str, *, python: str) -> Command:
         "--config", str(node.node_config), "--capture", "--dns-ip", node.ip,
         "--metrics-listen", node.mesh_metrics,
         *(("--zipkin-endpoint", node.zipkin_endpoint) if node.zipkin_endpoint else ()),
+        *(("--access-log",) if node.access_log else ()),
     ), ready_url=f"http://{node.mesh_metrics}/readyz")  # fmt: skip
 
 

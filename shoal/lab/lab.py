@@ -503,7 +503,9 @@ class Lab:
             registry=topo.registry, containerd=bootstrap.BY_AGENT, mesh=self.mesh,
             # Often enough for the shortened --node-monitor-grace-period labs use.
             lease_renew_interval=LEASE_RENEW_INTERVAL, sandbox_image=SANDBOX_IMAGE,
-            zipkin_endpoint=zipkin_url(topo) if self.mesh else ""))
+            zipkin_endpoint=zipkin_url(topo) if self.mesh else "",
+            # The e2e tests read the agents' access-log lines.
+            access_log=self.mesh))
 
     def _member_specs(self, topo: Topology) -> list[tuple[ControlPlaneMember, bootstrap.Spec]]:
         """One bootstrap spec per control-plane member (one member: the single

@@ -83,7 +83,8 @@ def hosts_in(state: LabState, lab_dir: Path) -> list[Node]:
 def agent_argv(h: Node, *, python: str, trust_domain: str = "cluster.local") -> list[str]:
     return [python, "-P", "-m", "meshagent.main", "run", "--node-name", h.name,
             "--config", str(h.data_dir / "node.conf"), "--mesh-host", "--capture",
-            "--trust-domain", trust_domain, "--metrics-listen", f"{h.ip}:{METRICS_PORT}"]
+            "--trust-domain", trust_domain, "--metrics-listen", f"{h.ip}:{METRICS_PORT}",
+            "--access-log"]
 
 
 def app_argv(h: Node) -> list[str]:
