@@ -52,7 +52,6 @@ from shoal.queueing import wait_set
 
 log = logging.getLogger(__name__)
 
-IDENTITY_SETTLE_SECONDS = 10.0  # the most a first capture write waits for certificates
 
 _KINDS = builtin_kinds()
 DEFAULT_CLIENT_CONFIG = Path("/var/lib/shoal/nodeagent/node.conf")
@@ -464,24 +463,14 @@ class MeshAgent:
         return [p for p in self.pods.by_index("node", self.config.node_name)
                 if captured(p, nss)]
 
-    def _identities_settled(self) -> bool:
-        """Every local mesh pod's service account has a certificate or a failed
-        first signing."""
-        held = {(str(i.namespace), str(i.service_account)): (cert is not None or bool(err))
-                for i, cert, err in self.identities.identities()}
-        return all(held.get((str(p.metadata.namespace), service_account(p)), False)
-                   for p in self.local_pods())
-
     def captured_ips(self) -> list[str]:
-        """Local mesh pods whose identity is ready: those are captured."""
-        ready = {(str(i.namespace), str(i.service_account))
-                 for i, cert, _ in self.identities.identities()
-                 if cert is not None and cert.valid(self.identities.clock())}
+        """Every local mesh workload with an address is captured, whether or not its
+        certificate is signed yet: as ztunnel does, a connection waits for the
+        certificate (signed on demand) and fails closed if none can be had, so
+        nothing reaches a pod, or leaves it, around the mesh meanwhile."""
         if self.config.mesh_host:
-            return sorted(w.spec.address for w in self.local_entries()
-                          if (w.metadata.namespace, meshhost.service_account_of(w)) in ready)
-        return sorted(p.status.pod_ip for p in self.local_pods()
-                      if (p.metadata.namespace, service_account(p)) in ready)
+            return sorted(w.spec.address for w in self.local_entries() if w.spec.address)
+        return sorted(p.status.pod_ip for p in self.local_pods() if p.status.pod_ip)
 
     # -- what the admin API reports (admin.AdminSource) -----------------------
 
@@ -597,14 +586,6 @@ class MeshAgent:
             **extra)
         cap = self.capture
         self.capture_rewrites.set_function(lambda: float(cap.rewrites))
-        # A restarted agent finds its predecessor's rules in place: writing the
-        # chain before its pods' certificates are back would drop their rules and
-        # let their traffic bypass the mesh meanwhile. Wait (bounded) until every
-        # local mesh pod's identity has been signed or has failed once.
-        deadline = time.monotonic() + IDENTITY_SETTLE_SECONDS
-        while not self._identities_settled() and time.monotonic() < deadline:
-            refresh.clear()
-            await wait_set(refresh, 0.5)
         loop = asyncio.create_task(self.capture.run())
         try:
             while True:
