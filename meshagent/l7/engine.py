@@ -183,6 +183,7 @@ class UpstreamPool:
     def __init__(self, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.idle_timeout = idle_timeout
         self._idle: dict[tuple[str, ...], list[Upstream]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.opened = 0
         self.reused = 0
 
@@ -205,11 +206,45 @@ class UpstreamPool:
             return
         up.idle_since = time.monotonic()
         conns.append(up)
+        self._schedule()
+
+    def sweep(self) -> int:
+        """Close idle connections past ``idle_timeout`` or closed by their peer,
+        under every key: an endpoint that went away (its pod deleted) is never
+        taken from again, so ``take`` alone would keep them open for good.
+        Returns how many were closed."""
+        self._sweeper = None
+        now, closed = time.monotonic(), 0
+        for key, conns in list(self._idle.items()):
+            keep = [up for up in conns if up.usable and now - up.idle_since < self.idle_timeout]
+            for up in conns:
+                if up not in keep:
+                    up.close()
+                    closed += 1
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        self._schedule()
+        return closed
+
+    def _schedule(self) -> None:
+        """A sweep every quarter of ``idle_timeout`` while anything is idle."""
+        if self._sweeper is not None or not self._idle:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._sweeper = loop.call_later(self.idle_timeout / 4, self.sweep)
 
     def idle(self) -> int:
         return sum(len(c) for c in self._idle.values())
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conns in self._idle.values():
             for up in conns:
                 up.close()
