@@ -300,7 +300,9 @@ class Reader:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
+        self._size += len(name) + len(value) + 4  # _count, inline: once per header
+        if self._size > self.max_header_bytes:
+            raise HttpError(431, f"the header block is over {self.max_header_bytes} bytes")
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -313,9 +315,15 @@ class Reader:
         else:
             head.status = p.get_status_code()
             head.reason = self._reason.decode("latin-1")
-        te = head.get("transfer-encoding")
+        te = cl = None  # the first of each, as Head.get: one pass over the headers
+        for k, v in self._headers:
+            if len(k) in (14, 17):
+                lk = k.lower()
+                if lk == "content-length" and cl is None:
+                    cl = v
+                elif lk == "transfer-encoding" and te is None:
+                    te = v
         head.chunked = te is not None and "chunked" in te.lower()
-        cl = head.get("content-length")
         if cl is not None and not head.chunked:
             if not cl.strip().isdigit():
                 raise HttpError(400, f"bad Content-Length {cl!r}")

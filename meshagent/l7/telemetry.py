@@ -303,7 +303,7 @@ def _hex(value: str, length: int) -> bool:
 
 
 def _nonzero(value: str) -> bool:
-    return any(c != "0" for c in value)
+    return bool(value.strip("0"))
 
 
 def _b3_trace_id(value: str) -> str | None:
@@ -320,9 +320,9 @@ def _b3_span_id(value: str) -> str | None:
 
 def _new_id(nbytes: int) -> str:
     while True:
-        value = secrets.token_hex(nbytes)
-        if _nonzero(value):
-            return value
+        value = secrets.token_bytes(nbytes)
+        if any(value):
+            return value.hex()
 
 
 @dataclass(frozen=True)
