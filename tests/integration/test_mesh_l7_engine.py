@@ -400,3 +400,42 @@ async def test_no_virtual_service_routes_to_the_service(world: World) -> None:
     assert _status(resp) == 200
     assert world.records[-1].route == "default"
     assert world.records[-1].upstream_cluster == "outbound|80||" + HOST
+
+
+async def test_server_side_keep_alive_with_bodies(world: World) -> None:
+    """The inbound (server) side answers every request of a keep-alive connection,
+    bodies both ways, each response whole (head and body may leave in one write)."""
+    dst = engine.Pod(ip=V1, name="web-v1", namespace="default", workload="web",
+                     principal="", node_local=True, meshed=True)
+    source = engine.Peer(ip="127.0.0.1", workload="client", namespace="default")
+    tasks: set[asyncio.Task[None]] = set()
+
+    def accepted(end: relay.SocketEnd) -> None:
+        t = asyncio.create_task(world.eng.inbound(end, source=source, dst=dst,
+                                                  port=world.port, mtls=False))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: relay.SocketEnd(accepted), "127.0.0.1", 0)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        for i in range(4):
+            body = b"z" * (10 + i)
+            w.write(b"POST /p%d HTTP/1.1\r\nhost: web\r\ncontent-length: %d\r\n\r\n%s"
+                    % (i, len(body), body))
+            await w.drain()
+            async with asyncio.timeout(10):
+                head = await r.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                got = await r.readexactly(length)
+            assert _status(head) == 200 and got == b"v1 got %d" % len(body)
+        w.close()
+    finally:
+        server.close()
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert [s.target for s in world.backends["v1"].seen] == ["/p0", "/p1", "/p2", "/p3"]
+    assert world.backends["v1"].connections == 1
+    assert [(r.reporter, r.response_code) for r in world.records] == [("destination", 200)] * 4
