@@ -325,6 +325,7 @@ class Outcome:
     cluster: str = ""
     details: str = ""
     close: bool = False  # the client connection cannot carry another request
+    pod: Pod | None = None  # the pod behind ``upstream`` as the last try looked it up
 
 
 def _framing(head: Head, client_version: str) -> tuple[list[tuple[str, str]], bool, bool]:
@@ -472,7 +473,8 @@ class Engine:
             if ctx is not None:
                 rec.trace_id = ctx.trace_id
             if out.upstream:
-                dst = self.pod(out.upstream.rsplit(":", 1)[0])
+                ip = out.upstream.rsplit(":", 1)[0]
+                dst = out.pod if out.pod is not None and out.pod.ip == ip else self.pod(ip)
                 if dst is not None:
                     rec.destination_workload = dst.workload
                     rec.destination_workload_namespace = dst.namespace
@@ -587,7 +589,7 @@ class Engine:
             cluster.started(ep)
             try:
                 got = await self._try(ep, head, headers=headers, path=path, body=body,
-                                      source=source, timeout=timeout)
+                                      source=source, timeout=timeout, out=out)
             except asyncio.CancelledError:
                 cluster.finished(ep)
                 raise
@@ -628,9 +630,12 @@ class Engine:
 
     async def _try(self, ep: upstream.Endpoint, head: Head, *,
                    headers: list[tuple[str, str]], path: str, body: Body, source: Peer,
-                   timeout: float | None) -> tuple[Upstream, Head, _ServerHalf | None]:
+                   timeout: float | None, out: Outcome | None = None
+                   ) -> tuple[Upstream, Head, _ServerHalf | None]:
         """Send the request to ``ep``; the response head (its body not read yet)."""
         dst = self.pod(ep.ip)
+        if out is not None:
+            out.pod = dst  # for the request's telemetry: looked up once
         mode = PLAINTEXT
         if dst is not None and dst.node_local:
             mode = LOCAL
