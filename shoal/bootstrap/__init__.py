@@ -168,6 +168,11 @@ class NodeSpec:
     zipkin_endpoint: str = ""
     # The mesh agent's JSON access log (--access-log; off by default, as Istio).
     access_log: bool = False
+    # A mesh-only host (a VM or bare-metal machine outside the cluster): joins like
+    # a node, then runs only the mesh agent with --mesh-host (no node agent, no
+    # containerd, no Node object); its workloads are the WorkloadEntries labelled
+    # shoal.dev/mesh-host: NAME. Needs ``mesh``.
+    mesh_host: bool = False
 
     @property
     def join_server(self) -> str:
@@ -218,7 +223,9 @@ class Spec:
         made: tuple[str, ...] = tuple(
             c for c in CONTROL_PLANE_COMPONENTS if c != REGISTRY or cp.runs_registry
         ) if cp is not None else ()
-        if self.node is not None:
+        if self.node is not None and self.node.mesh_host:
+            made += (MESHAGENT,)
+        elif self.node is not None:
             made += tuple(c for c in NODE_COMPONENTS
                           if (c != CONTAINERD or self.node.containerd == BY_SERVICE)
                           and (c != MESHAGENT or self.node.mesh))
@@ -252,6 +259,9 @@ def command(spec: Spec, component: str, *, python: str) -> Command:
         if node is None:
             raise errors.BadRequest(f"{component} runs on a node, and this spec has no node "
                                     "section")
+        if node.mesh_host and component != MESHAGENT:
+            raise errors.BadRequest(f"{component} does not run on a mesh-only host "
+                                    "(meshHost: true runs only the meshagent)")
         if component == CONTAINERD and node.containerd != BY_SERVICE:
             raise errors.BadRequest(f"this node's containerd is run by its node agent "
                                     f"(containerd: {node.containerd}), not on its own")
@@ -298,9 +308,12 @@ def _node_command(node: NodeSpec, component: str, *, python: str) -> Command:
             "--data-dir", str(node.data_dir), "--sandbox-image", node.sandbox_image,
             "--lease-renew-interval", _seconds(node.lease_renew_interval), *runtime,
         ), ready_url=f"http://{node.agent_metrics}/readyz")  # fmt: skip
+    # A mesh-only host's DNS is the agent's by capture (as the lab's mesh hosts).
+    role = ("--mesh-host", "--capture") if node.mesh_host else (
+        "--capture", "--dns-ip", node.ip)
     return Command(MESHAGENT, (
         python, "-P", "-m", "meshagent.main", "run", "--node-name", node.name,
-        "--config", str(node.node_config), "--capture", "--dns-ip", node.ip,
+        "--config", str(node.node_config), *role,
         "--metrics-listen", node.mesh_metrics,
         *(("--zipkin-endpoint", node.zipkin_endpoint) if node.zipkin_endpoint else ()),
         *(("--access-log",) if node.access_log else ()),
@@ -505,6 +518,9 @@ def parse(text: str, *, source: str = "spec") -> Spec:
     if node is not None and node.containerd not in (BY_AGENT, BY_SERVICE):
         raise errors.BadRequest(f"{source}: node.containerd: must be {BY_AGENT} or "
                                 f"{BY_SERVICE}, not {node.containerd!r}")
+    if node is not None and node.mesh_host and not node.mesh:
+        raise errors.BadRequest(f"{source}: node.meshHost: a mesh-only host runs the mesh "
+                                "agent, so it needs mesh: true")
     return Spec(control_plane=cp, node=node)
 
 

@@ -21,6 +21,7 @@ from shoal.bootstrap import CONTAINERD, Spec
 CNI_DIR = Path("/usr/lib/cni")
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
 NODE_COMMANDS = ("containerd", "runc", "iptables", "ip", "nsenter")
+MESH_HOST_COMMANDS = ("iptables", "ip")
 Check = tuple[str, bool]
 
 
@@ -53,14 +54,14 @@ def doctor(spec: Spec, *, python: str, http_ok: Callable[[str], bool]) -> list[C
     checks: list[Check] = []
     components = spec.components()
     wanted = {bootstrap.command(spec, c, python=python).argv[0] for c in components}
-    if spec.node is not None:
-        wanted.update(NODE_COMMANDS)
+    if spec.node is not None:  # a mesh-only host runs no containers
+        wanted.update(MESH_HOST_COMMANDS if spec.node.mesh_host else NODE_COMMANDS)
     for binary in sorted(wanted):
         found = shutil.which(binary, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:"
                              "/usr/bin:/sbin:/bin")
         checks.append((f"command {binary}: {found or 'MISSING'}", found is not None))
     node = spec.node
-    if node is not None:
+    if node is not None and not node.mesh_host:
         for plugin in CNI_PLUGINS:
             there = (CNI_DIR / plugin).exists()
             checks.append((f"CNI plugin {CNI_DIR / plugin}"
@@ -70,6 +71,7 @@ def doctor(spec: Spec, *, python: str, http_ok: Callable[[str], bool]) -> list[C
         checks.append((f"net.ipv4.ip_forward = {forward or '?'}"
                        + ("" if forward == "1" else " (fix: sysctl -w net.ipv4.ip_forward=1)"),
                        forward == "1"))
+    if node is not None:
         local = _local_address(node.ip)
         checks.append((f"node IP {node.ip} is on this machine"
                        + ("" if local else " -- NOT FOUND: the spec's node.ip must be the "

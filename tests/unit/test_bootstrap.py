@@ -17,6 +17,8 @@ PY = "/opt/shoal/venv/bin/python"
 CP = ControlPlane(address="192.168.56.10", data_dir=Path("/var/lib/shoal"))
 VM_NODE = NodeSpec(name="worker-1", ip="192.168.56.11", data_dir=Path("/var/lib/shoal/node"),
                    api_server="192.168.56.10:6443", registry="192.168.56.10:5000", mesh=True)
+MESH_HOST = NodeSpec(**{**VM_NODE.__dict__, "name": "meshhost-1", "ip": "192.168.56.101",
+                        "mesh_host": True})
 
 
 def argv(spec: Spec, component: str) -> tuple[str, ...]:
@@ -60,6 +62,16 @@ def test_the_mesh_agent_uses_the_nodes_config_and_captures() -> None:
     assert "--capture" in got and got[got.index("--dns-ip") + 1] == "192.168.56.11"
 
 
+def test_a_mesh_only_hosts_agent_runs_with_mesh_host_and_its_own_name() -> None:
+    got = argv(Spec(node=MESH_HOST), bootstrap.MESHAGENT)
+    assert got[got.index("--node-name") + 1] == "meshhost-1"
+    assert "--mesh-host" in got and "--capture" in got and "--dns-ip" not in got
+    assert got[got.index("--metrics-listen") + 1] == "192.168.56.101:15020"
+    joined = bootstrap.join_command(MESH_HOST, token="abcdef.0123456789abcdef",
+                                    ca_cert_hash="sha256:00", python=PY)
+    assert joined[joined.index("--node-name") + 1] == "meshhost-1"
+
+
 def test_join_goes_to_the_port_beside_the_api() -> None:
     got = bootstrap.join_command(VM_NODE, token="abcdef.0123456789abcdef",
                                  ca_cert_hash="sha256:00", python=PY)
@@ -72,6 +84,7 @@ def test_join_goes_to_the_port_beside_the_api() -> None:
     (Spec(node=VM_NODE), ("containerd", "nodeagent", "meshagent")),
     (Spec(node=NodeSpec(**{**VM_NODE.__dict__, "containerd": BY_AGENT, "mesh": False})),
      ("nodeagent",)),
+    (Spec(node=MESH_HOST), ("meshagent",)),
 ])
 def test_what_a_machine_runs(spec: Spec, components: tuple[str, ...]) -> None:
     assert spec.components() == components
@@ -83,11 +96,17 @@ def test_what_a_machine_runs(spec: Spec, components: tuple[str, ...]) -> None:
     (Spec(node=NodeSpec(**{**VM_NODE.__dict__, "containerd": BY_AGENT})), "containerd",
      "run by its node agent"),
     (Spec(control_plane=CP), "kubelet", "no component 'kubelet'"),
+    (Spec(node=MESH_HOST), "nodeagent", "does not run on a mesh-only host"),
+    (Spec(node=MESH_HOST), "containerd", "does not run on a mesh-only host"),
 ])
 def test_a_component_the_machine_does_not_run_is_refused(spec: Spec, component: str,
                                                          problem: str) -> None:
     with pytest.raises(errors.BadRequest, match=problem):
         bootstrap.command(spec, component, python=PY)
+
+
+def test_a_mesh_only_hosts_spec_file_round_trips() -> None:
+    assert bootstrap.parse(bootstrap.dump(Spec(node=MESH_HOST))) == Spec(node=MESH_HOST)
 
 
 def test_the_spec_file_round_trips() -> None:
@@ -106,6 +125,8 @@ def test_the_spec_file_round_trips() -> None:
      r"etcdClientPort: must be int, not str"),
     ("node: {name: a, ip: 1.2.3.4, dataDir: /d, apiServer: 'h:1', registry: 'h:2', "
      "containerd: docker}", r"containerd: must be agent or service"),
+    ("node: {name: a, ip: 1.2.3.4, dataDir: /d, apiServer: 'h:1', registry: 'h:2', "
+     "meshHost: true}", r"meshHost: a mesh-only host .* needs mesh: true"),
     ("nodes: {}", r"unknown key 'nodes'"),
     ("{}", r"neither controlPlane nor node"),
     ("[1]", r"must be a mapping"),
