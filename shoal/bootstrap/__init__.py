@@ -70,6 +70,7 @@ DEMO_IMAGE = "docker.io/library/busybox:1.36"
 API_METRICS = "127.0.0.1:9090"
 API_PORT, JOIN_PORT, REGISTRY_PORT = 6443, 6444, 5000
 AGENT_PORT, AGENT_METRICS_PORT, MESH_METRICS_PORT = 10250, 10255, 15020
+SERVICE_CIDR = "10.96.0.0/16"    # the apiserver's --service-cluster-ip-range default
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,16 @@ def join_command(node: NodeSpec, *, token: str, ca_cert_hash: str, python: str
             *(a for server in node.more_api_servers for a in ("--api-server", server)))
 
 
+def mesh_host_routes(nodes: list[tuple[str, str]], *, service_cidr: str = SERVICE_CIDR
+                     ) -> list[tuple[str, str]]:
+    """A mesh-only host's routes, as (destination, via), from the Nodes' (podCIDR,
+    InternalIP): each pod CIDR through its node (the tunnel goes to a pod's
+    address:15008) and the service CIDR through the first node, as the lab's mesh
+    hosts have (pure). A node without either is left out."""
+    routes = sorted((cidr, ip) for cidr, ip in nodes if cidr and ip)
+    return [*routes, (service_cidr, routes[0][1])] if routes else []
+
+
 def _seconds(value: float) -> str:
     return f"{value:g}"
 
@@ -544,5 +555,5 @@ def save(spec: Spec, path: Path) -> None:
 __all__ = [
     "APISERVER", "BY_AGENT", "BY_SERVICE", "COMPONENTS", "CONTAINERD", "ETCD", "MESHAGENT",
     "NODEAGENT", "REGISTRY", "Command", "ControlPlane", "NodeSpec", "Spec", "command",
-    "dump", "join_command", "load", "parse", "render", "save",
+    "dump", "join_command", "load", "mesh_host_routes", "parse", "render", "save",
 ]

@@ -7,6 +7,8 @@
     seed                        build the demo and pause images, push them to the registry
     token  --publish FILE       (control plane) a join token + CA pin, as a sourceable file
     join   --token-file FILE    (node) join the cluster with a published token
+    routes                      (mesh-only host) routes to the pod CIDRs and the service
+                                CIDR through the nodes, from the Nodes the API lists
     check                       doctor: what this machine needs and whether it serves
 
 Every command takes ``--spec FILE`` (default /etc/shoal/bootstrap.yaml). Exit
@@ -20,6 +22,7 @@ import datetime as dt
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 import urllib.request
@@ -67,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl-hours", type=float, default=TOKEN_TTL.total_seconds() / 3600)
     s = sub.add_parser("join", help="join this node with a published token")
     s.add_argument("--token-file", type=Path, required=True)
+    sub.add_parser("routes", help="(mesh-only host) routes to the pods and Services")
     sub.add_parser("check", help="doctor: check this machine's components")
     return p
 
@@ -196,6 +200,29 @@ def _join(spec: Spec, token_file: Path) -> int:
     os.execv(argv[0], list(argv))
 
 
+def _routes(spec: Spec) -> int:
+    from shoal import config as configmod
+    from shoal.api.core.v1 import core_pb2
+    from shoal.client import Client
+
+    node = spec.node
+    if node is None or not node.mesh_host:
+        raise errors.BadRequest("routes is for a mesh-only host (node.meshHost: true); a "
+                                "node agent keeps its node's routes itself")
+    with Client(configmod.load(node.node_config), timeout=15.0) as client:
+        nodes = [(n.spec.pod_cidr, next((a.address for a in n.status.addresses
+                                         if a.type == "InternalIP"), ""))
+                 for n in client.list(core_pb2.Node).items]
+    routes = bootstrap.mesh_host_routes(nodes)
+    if not routes:
+        _say("routes: no Node has a pod CIDR and an address yet; none added")
+    for destination, via in routes:
+        argv = ["ip", "route", "replace", destination, "via", via]
+        _say(f"routes: {shlex.join(argv)}")
+        subprocess.run(argv, check=True)
+    return 0
+
+
 def _check(spec: Spec) -> int:
     problems = 0
     for line, good in doctor(spec, python=sys.executable, http_ok=_ok):
@@ -224,11 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(spec, ns.publish, dt.timedelta(hours=ns.ttl_hours))
         if ns.command == "join":
             return _join(spec, ns.token_file)
+        if ns.command == "routes":
+            return _routes(spec)
         return _check(spec)
     except errors.BadRequest as e:
         _say(str(e.message))
         return 2
-    except (errors.ShoalError, OSError) as e:
+    except (errors.ShoalError, OSError, subprocess.CalledProcessError) as e:
         _say(f"{ns.command} failed: {e}")
         return 1
 

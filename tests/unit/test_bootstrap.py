@@ -72,6 +72,18 @@ def test_a_mesh_only_hosts_agent_runs_with_mesh_host_and_its_own_name() -> None:
     assert joined[joined.index("--node-name") + 1] == "meshhost-1"
 
 
+@pytest.mark.parametrize(("nodes", "routes"), [
+    ([("10.244.2.0/24", "192.168.56.12"), ("10.244.1.0/24", "192.168.56.11")],
+     [("10.244.1.0/24", "192.168.56.11"), ("10.244.2.0/24", "192.168.56.12"),
+      ("10.96.0.0/16", "192.168.56.11")]),
+    ([("", "192.168.56.11"), ("10.244.2.0/24", "")], []),  # no pod CIDR / no address yet
+    ([], []),
+])
+def test_a_mesh_only_host_routes_pods_through_their_nodes(
+        nodes: list[tuple[str, str]], routes: list[tuple[str, str]]) -> None:
+    assert bootstrap.mesh_host_routes(nodes) == routes
+
+
 def test_join_goes_to_the_port_beside_the_api() -> None:
     got = bootstrap.join_command(VM_NODE, token="abcdef.0123456789abcdef",
                                  ca_cert_hash="sha256:00", python=PY)
