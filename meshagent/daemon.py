@@ -164,6 +164,7 @@ class MeshAgent:
         self._rng = random.Random()
         l7_sources: list[Informer[Any]] = [self.services, self.endpoints,
                                            self.service_entries, self.pods,
+                                           self.workload_entries,
                                            self.virtual_services, self.destination_rules]
         for l7_inf in l7_sources:
             l7_inf.add_handlers(on_add=self._l7_changed, on_update=self._l7_changed2,
@@ -288,9 +289,11 @@ class MeshAgent:
         for key, why in self.route_table.errors.items():
             log.warning("VirtualService %s left out: %s", key, why)
         self.clusters.update(services=services, endpoints=endpoints, pods=self.pods.list(),
-                             destination_rules=self.destination_rules.list())
+                             destination_rules=self.destination_rules.list(),
+                             workload_entries=self.workload_entries.list())
         self._http_services, self._http_pod_ports = http_ports(
-            services, endpoints, domain=self.config.cluster_domain)
+            services, endpoints, domain=self.config.cluster_domain,
+            workload_entries=self.workload_entries.list())
 
     def l7_routes(self) -> l7routes.RouteTable:
         self._l7_rebuild()
@@ -654,9 +657,11 @@ class MeshAgent:
 
 
 def http_ports(services: list[core_pb2.Service], endpoints: list[core_pb2.Endpoints], *,
-               domain: str) -> tuple[dict[Address, l7engine.Service], set[Address]]:
+               domain: str, workload_entries: list[traffic_pb2.WorkloadEntry] | None = None
+               ) -> tuple[dict[Address, l7engine.Service], set[Address]]:
     """The HTTP service ports (HTTP/1.1, HTTP/2, gRPC) by ClusterIP:port, and the pod
-    IP:ports behind them (pure): what the L7 path serves, outbound and inbound."""
+    (and selected WorkloadEntry) IP:ports behind them (pure): what the L7 path serves,
+    outbound and inbound."""
     eps = {key_of(e): e for e in endpoints}
     by_vip: dict[Address, l7engine.Service] = {}
     pod_ports: set[Address] = set()
@@ -678,6 +683,9 @@ def http_ports(services: list[core_pb2.Service], endpoints: list[core_pb2.Endpoi
                 port = next((p for p in subset.ports if p.name == sp.name), None)
                 if port is not None:
                     pod_ports.update((a.ip, int(port.port)) for a in subset.addresses if a.ip)
+            if workload_entries:
+                pod_ports.update(e.key for e in l7upstream.workload_entry_endpoints(
+                    svc, sp, workload_entries))
     return by_vip, pod_ports
 
 

@@ -674,6 +674,41 @@ def service_endpoints(svc: core_pb2.Service, port: core_pb2.ServicePort,
     return tuple(out[k] for k in sorted(out))
 
 
+def workload_entry_port(sp: core_pb2.ServicePort, we: pb.WorkloadEntry) -> int:
+    """The port of a WorkloadEntry a Service port goes to (pure): the entry's ``ports``
+    entry for the targetPort's name, else for the Service port's name, else the
+    numeric targetPort, else the Service port."""
+    kind = sp.target_port.WhichOneof("value")
+    ports = we.spec.ports
+    if kind == "str_val" and sp.target_port.str_val in ports:
+        return int(ports[sp.target_port.str_val])
+    if sp.name and sp.name in ports:
+        return int(ports[sp.name])
+    number = sp.target_port.int_val if kind == "int_val" else 0
+    return int(number or sp.port)
+
+
+def workload_entry_endpoints(svc: core_pb2.Service, port: core_pb2.ServicePort,
+                             entries: Iterable[pb.WorkloadEntry]) -> tuple[Endpoint, ...]:
+    """The WorkloadEntries a Service's selector selects (its namespace, the entries'
+    ``spec.labels``) as endpoints of one service port, their labels for subsets, as
+    Istio does (pure). ``pod`` is the entry's namespace/name."""
+    selector = dict(svc.spec.selector)
+    if not selector:
+        return ()
+    out: dict[_Key, Endpoint] = {}
+    for we in entries:
+        labels = dict(we.spec.labels)
+        if (we.metadata.namespace != svc.metadata.namespace or not we.spec.address
+                or any(labels.get(k) != v for k, v in selector.items())):
+            continue
+        ep_port = workload_entry_port(port, we)
+        out[(we.spec.address, ep_port)] = Endpoint(
+            ip=we.spec.address, port=ep_port, pod=key_of(we),
+            labels=tuple(sorted(labels.items())))
+    return tuple(out[k] for k in sorted(out))
+
+
 def _in_subset(ep: Endpoint, labels: Mapping[str, str]) -> bool:
     have = dict(ep.labels)
     return all(have.get(k) == v for k, v in labels.items())
@@ -696,9 +731,13 @@ class Clusters:
         self._clusters: dict[str, Cluster] = {}
 
     def update(self, *, services: Any, endpoints: Any, pods: Any = (),
-               destination_rules: Any = ()) -> None:
-        """Rebuild from the current objects (each a list or a mapping of key -> object)."""
+               destination_rules: Any = (), workload_entries: Any = ()) -> None:
+        """Rebuild from the current objects (each a list or a mapping of key -> object).
+
+        A Service's endpoints are its Endpoints object's and the WorkloadEntries its
+        selector selects (:func:`workload_entry_endpoints`)."""
         eps = {key_of(e): e for e in _values(endpoints)}
+        entries = _values(workload_entries)
         pod_map = {key_of(p): p for p in _values(pods)}
         rules = _values(destination_rules)
         fresh: dict[str, Cluster] = {}
@@ -714,6 +753,12 @@ class Clusters:
                 if (sp.protocol or "TCP").upper() != "TCP":
                     continue
                 all_eps = service_endpoints(svc, sp, eps.get(key_of(svc)), pod_map)
+                if entries:
+                    extra = workload_entry_endpoints(svc, sp, entries)
+                    have = {e.key for e in all_eps}
+                    all_eps = tuple(sorted([*all_eps, *(e for e in extra
+                                                        if e.key not in have)],
+                                           key=lambda e: e.key))
                 for subset, labels in subsets:
                     cname = cluster_name(host=host, port=int(sp.port), subset=subset)
                     members = tuple(e for e in all_eps if _in_subset(e, labels))

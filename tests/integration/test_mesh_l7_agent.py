@@ -188,3 +188,48 @@ async def test_tcp_routes_pick_by_weight(api: InProcessAPIServer) -> None:
                     await task
     a.close()
     b.close()
+
+
+async def test_a_service_selecting_a_workload_entry_reaches_it_through_the_engine(
+        api: InProcessAPIServer) -> None:
+    backend = await asyncio.start_server(_http, "127.0.0.4", 0)
+    port = backend.sockets[0].getsockname()[1]
+    async with api.client() as c:
+        svc = core_pb2.Service()
+        svc.metadata.name, svc.metadata.namespace = "vmweb", "default"
+        svc.spec.cluster_ip = "10.96.0.64"
+        svc.spec.selector["app"] = "vmweb"
+        svc.spec.ports.add(name="http-web", port=80, target_port={"str_val": "web"})
+        await c.create(svc)
+        we = pb.WorkloadEntry()
+        json_format.ParseDict({"metadata": {"name": "vm1", "namespace": "default"},
+                               "spec": {"address": "127.0.0.4", "labels": {"app": "vmweb"},
+                                        "ports": {"web": port}}}, we)
+        await c.create(we)
+        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
+                         inbound_port=0, dns_port=0, tunnel_port=0,
+                         metrics_listen="127.0.0.1:0", admin_listen="",
+                         pod_cidr="127.0.0.0/8")
+        async with api.client() as agent_client:
+            agent = MeshAgent(cfg, agent_client)
+            agent.outbound.original_dst = lambda _s: ("10.96.0.64", 80)
+            await agent.start()
+            task = asyncio.create_task(agent.run())
+            try:
+                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+
+                async def known() -> bool:
+                    cluster = agent.l7_clusters().get("vmweb.default.svc.cluster.local", 80)
+                    return cluster is not None and bool(cluster.endpoints)
+                await eventually("the WorkloadEntry in the cluster", known)
+                assert agent.http_pod_port(("127.0.0.4", port))  # its inbound side is L7
+                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+                w.write(b"GET /from-a-pod HTTP/1.1\r\nhost: vmweb\r\nconnection: close\r\n\r\n")
+                reply = await asyncio.wait_for(r.read(), 5)
+                w.close()
+                assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"/from-a-pod")
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    backend.close()

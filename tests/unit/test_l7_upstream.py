@@ -504,3 +504,71 @@ def test_describe_without_a_rule() -> None:
     assert d["load_balancer"] == {"policy": LEAST_REQUEST}
     assert [e["address"] for e in d["endpoints"]] == [
         "10.244.1.1:9080", "10.244.1.2:9080", "10.244.2.3:9080"]
+
+
+def workload_entry(name: str, ip: str, labels: dict[str, str], *, ns: str = "default",
+                   ports: dict[str, int] | None = None) -> pb.WorkloadEntry:
+    we = pb.WorkloadEntry()
+    we.metadata.name, we.metadata.namespace = name, ns
+    we.spec.address = ip
+    we.spec.labels.update(labels)
+    we.spec.ports.update(ports or {})
+    return we
+
+
+def selecting(svc: core_pb2.Service, target: int | str | None = None) -> core_pb2.Service:
+    svc.spec.selector.update({"app": "reviews"})
+    if isinstance(target, int):
+        svc.spec.ports[0].target_port.int_val = target
+    elif isinstance(target, str):
+        svc.spec.ports[0].target_port.str_val = target
+    return svc
+
+
+@pytest.mark.parametrize(("target", "entry_ports", "want"), [
+    ("web", {"web": 8081, "http": 8082}, 8081),  # the targetPort's name in the entry's ports
+    ("web", {"http": 8082}, 8082),                # else the Service port's name
+    (9090, {}, 9090),                             # else the numeric targetPort
+    (None, {}, 9080),                             # else the Service port
+])
+def test_workload_entry_port(target: int | str | None, entry_ports: dict[str, int],
+                             want: int) -> None:
+    cs = Clusters()
+    cs.update(services=[selecting(service(), target)], endpoints=[],
+              workload_entries=[workload_entry("vm1", "192.168.50.2", {"app": "reviews"},
+                                               ports=entry_ports)])
+    c = cs.get(HOST, 9080)
+    assert c is not None
+    assert [(e.ip, e.port, e.pod) for e in c.endpoints] == [("192.168.50.2", want,
+                                                             "default/vm1")]
+
+
+def test_selected_workload_entries_join_the_pods_with_their_labels_for_subsets() -> None:
+    rule = pb.DestinationRule()
+    rule.metadata.name, rule.metadata.namespace = "reviews", "default"
+    rule.spec.host = "reviews"
+    rule.spec.subsets.add(name="v1", labels={"version": "v1"})
+    rule.spec.subsets.add(name="vm", labels={"version": "vm"})
+    entries = [
+        workload_entry("vm1", "192.168.50.2", {"app": "reviews", "version": "vm"}),
+        workload_entry("other-app", "192.168.50.3", {"app": "ratings", "version": "vm"}),
+        workload_entry("other-ns", "192.168.50.4", {"app": "reviews", "version": "vm"},
+                       ns="prod"),
+        workload_entry("no-address", "", {"app": "reviews", "version": "vm"}),
+    ]
+    cs = Clusters()
+    cs.update(services=[selecting(service())],
+              endpoints=[endpoints([("r1", "10.244.1.5", {"version": "v1"})])],
+              destination_rules=[rule], workload_entries=entries)
+
+    def ips(subset: str) -> list[str]:
+        c = cs.get(HOST, 9080, subset)
+        assert c is not None
+        return [e.ip for e in c.endpoints]
+    assert ips("") == ["10.244.1.5", "192.168.50.2"]
+    assert ips("vm") == ["192.168.50.2"]
+    assert ips("v1") == ["10.244.1.5"]
+    # A Service without a selector selects no entry.
+    cs.update(services=[service()], endpoints=[], workload_entries=entries)
+    c = cs.get(HOST, 9080)
+    assert c is not None and c.endpoints == ()
