@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
+import math
+import random
 import secrets
 import time
 import urllib.parse
@@ -184,9 +185,8 @@ class RequestRecord:
 
     def access_fields(self) -> dict[str, str | int]:
         """The access-log line's fields (Envoy's default JSON names where there is one)."""
-        when = dt.datetime.fromtimestamp(self.start_time or time.time(), tz=dt.UTC)
         return {
-            "start_time": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
+            "start_time": _utc_ms(self.start_time or time.time()),
             "reporter": self.reporter,
             "method": self.method or NO_FLAGS,
             "path": self.path or NO_FLAGS,
@@ -216,6 +216,22 @@ class RequestRecord:
 
 def _flags(flags: str) -> str:
     return flags or NO_FLAGS
+
+
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
+def _utc_ms(t: float) -> str:
+    """``t`` (epoch seconds) as 2027-01-15T08:00:00.250Z, as ``datetime`` gives it
+    (microseconds rounded half to even, then milliseconds truncated); the
+    second's text is formatted once per second, not per request."""
+    sec = math.floor(t)
+    us = round((t - sec) * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+    return f"{_second[1]}{us // 1000:03d}Z"
 
 
 class _Metrics:
@@ -286,9 +302,15 @@ class RequestTelemetry:
             response_bytes.observe(max(0, rec.response_bytes))
             if self.access_log and access_log.isEnabledFor(logging.INFO):
                 fields = rec.access_fields()
-                access_log.info("%s %s %s %s", fields["method"], fields["path"],
-                                fields["response_code"], fields["response_flags"],
-                                extra=fields)
+                # What access_log.info(..., extra=fields) makes, without its
+                # per-call stack walk for the caller (findCaller): the line is
+                # the same, its source location is not part of it.
+                line = logging.LogRecord(
+                    access_log.name, logging.INFO, __file__, 0, "%s %s %s %s",
+                    (fields["method"], fields["path"], fields["response_code"],
+                     fields["response_flags"]), None, "record")
+                line.__dict__.update(fields)
+                access_log.handle(line)
         except Exception:
             log.exception("recording request telemetry failed")
 
@@ -318,11 +340,16 @@ def _b3_span_id(value: str) -> str | None:
     return value if _hex(value, 16) and _nonzero(value) else None
 
 
+# Trace and span ids need to be unique, not secret (Envoy draws them from a PRNG
+# too): a generator seeded from the OS, no getrandom() call per id.
+_ids = random.Random(secrets.randbits(128))
+
+
 def _new_id(nbytes: int) -> str:
     while True:
-        value = secrets.token_bytes(nbytes)
-        if any(value):
-            return value.hex()
+        value = _ids.getrandbits(nbytes * 8)
+        if value:
+            return f"{value:0{nbytes * 2}x}"
 
 
 @dataclass(frozen=True)
