@@ -342,6 +342,20 @@ def mesh_host_routes(nodes: list[tuple[str, str]], *, service_cidr: str = SERVIC
     return [*routes, (service_cidr, routes[0][1])] if routes else []
 
 
+def mesh_host_routes_from_api(node: NodeSpec) -> list[tuple[str, str]]:
+    """:func:`mesh_host_routes` for the Nodes the API lists now, read with the
+    host's own identity (its node.conf: nodes may read Nodes)."""
+    from shoal import config as configmod
+    from shoal.api.core.v1 import core_pb2
+    from shoal.client import Client
+
+    with Client(configmod.load(node.node_config), timeout=15.0) as client:
+        nodes = [(n.spec.pod_cidr, next((a.address for a in n.status.addresses
+                                         if a.type == "InternalIP"), ""))
+                 for n in client.list(core_pb2.Node).items]
+    return mesh_host_routes(nodes)
+
+
 def _seconds(value: float) -> str:
     return f"{value:g}"
 
@@ -555,5 +569,6 @@ def save(spec: Spec, path: Path) -> None:
 __all__ = [
     "APISERVER", "BY_AGENT", "BY_SERVICE", "COMPONENTS", "CONTAINERD", "ETCD", "MESHAGENT",
     "NODEAGENT", "REGISTRY", "Command", "ControlPlane", "NodeSpec", "Spec", "command",
-    "dump", "join_command", "load", "mesh_host_routes", "parse", "render", "save",
+    "dump", "join_command", "load", "mesh_host_routes", "mesh_host_routes_from_api", "parse",
+    "render", "save",
 ]

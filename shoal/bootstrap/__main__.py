@@ -201,19 +201,11 @@ def _join(spec: Spec, token_file: Path) -> int:
 
 
 def _routes(spec: Spec) -> int:
-    from shoal import config as configmod
-    from shoal.api.core.v1 import core_pb2
-    from shoal.client import Client
-
     node = spec.node
     if node is None or not node.mesh_host:
         raise errors.BadRequest("routes is for a mesh-only host (node.meshHost: true); a "
                                 "node agent keeps its node's routes itself")
-    with Client(configmod.load(node.node_config), timeout=15.0) as client:
-        nodes = [(n.spec.pod_cidr, next((a.address for a in n.status.addresses
-                                         if a.type == "InternalIP"), ""))
-                 for n in client.list(core_pb2.Node).items]
-    routes = bootstrap.mesh_host_routes(nodes)
+    routes = bootstrap.mesh_host_routes_from_api(node)
     if not routes:
         _say("routes: no Node has a pod CIDR and an address yet; none added")
     for destination, via in routes:

@@ -12,17 +12,29 @@ SHOAL_PYTHON="$SHOAL_VENV/bin/python"
 SHOAL_SPEC="${SHOAL_SPEC:-/etc/shoal/bootstrap.yaml}"
 # Where the control plane publishes the join token (and admin.conf) for the others.
 SHOAL_SHARED_DIR="${SHOAL_SHARED_DIR:-$SHOAL_SHARED_SRC/deploy/vagrant/.shared}"
+# A mesh-only host's demo process listens on its address on this port.
+SHOAL_MESH_HOST_PORT="${SHOAL_MESH_HOST_PORT:-8080}"
 
 step() { printf '\n\033[1m==> [%s] %s\033[0m\n' "$(hostname)" "$*" >&2; }
 
-# install_shoal: the README's Debian packages and Shoal itself (scripts/lib.sh's
-# install_packages and make_venv, as scripts/up.sh uses them), from a copy of the
-# shared repository, so the units start at boot before /vagrant is mounted.
+# install_shoal: the README's Debian packages (scripts/lib.sh SHOAL_PACKAGES, as
+# scripts/up.sh) and Shoal itself; install_shoal_with PACKAGE...: the same with only
+# those packages (a mesh-only host: no containerd, etcd or registry).
 install_shoal() {
-    step "Debian packages (scripts/lib.sh SHOAL_PACKAGES, as scripts/up.sh)"
     # shellcheck source=scripts/lib.sh
     . "$SHOAL_SHARED_SRC/scripts/lib.sh"
-    install_packages "${SHOAL_PACKAGES[@]}" python3 python3-venv rsync kmod
+    install_shoal_with "${SHOAL_PACKAGES[@]}"
+}
+
+# install_shoal_with PACKAGE...: those Debian packages besides Python, rsync and
+# kmod, then Shoal (scripts/lib.sh's install_packages and make_venv, as
+# scripts/up.sh uses them), from a copy of the shared repository, so the units
+# start at boot before /vagrant is mounted.
+install_shoal_with() {
+    # shellcheck source=scripts/lib.sh
+    . "$SHOAL_SHARED_SRC/scripts/lib.sh"
+    step "Debian packages: $* python3 python3-venv rsync kmod"
+    install_packages "$@" python3 python3-venv rsync kmod
     step "copying the Shoal source $SHOAL_SHARED_SRC -> $SHOAL_SRC"
     mkdir -p "$SHOAL_SRC"
     rsync -a --delete --itemize-changes \

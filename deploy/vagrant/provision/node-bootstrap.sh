@@ -8,7 +8,9 @@
 #                   SHOAL_API_SERVER (HOST:PORT), SHOAL_TOKEN_FILE (join.env)
 #   env (optional): SHOAL_NODE_NAME (hostname), SHOAL_REGISTRY (API host:5000),
 #                   SHOAL_DATA_DIR (/var/lib/shoal/node), SHOAL_SPEC, SHOAL_PYTHON,
-#                   SHOAL_MESH (1), SHOAL_LEASE_RENEW (10), SHOAL_WAIT (600 s)
+#                   SHOAL_MESH (1), SHOAL_LEASE_RENEW (10), SHOAL_WAIT (600 s),
+#                   SHOAL_MESH_HOST (0; 1: a mesh-only host, which runs only the
+#                   meshagent: the join is the same, as a one-off tool)
 set -euo pipefail
 : "${SHOAL_NODE_IP:?set SHOAL_NODE_IP to the private address of the node}"
 : "${SHOAL_API_SERVER:?set SHOAL_API_SERVER to HOST:PORT of the apiserver}"
@@ -20,6 +22,8 @@ SPEC="${SHOAL_SPEC:-/etc/shoal/bootstrap.yaml}"
 PYTHON="${SHOAL_PYTHON:-/opt/shoal/venv/bin/python}"
 MESH="$([ "${SHOAL_MESH:-1}" = 1 ] && echo true || echo false)"
 WAIT="${SHOAL_WAIT:-600}"
+MESH_HOST="$([ "${SHOAL_MESH_HOST:-0}" = 1 ] && echo true || echo false)"
+[ "$MESH_HOST" = false ] || MESH=true
 
 step() { printf '\n\033[1m==> [%s] %s\033[0m\n' "$NAME" "$*" >&2; }
 bootstrap() { "$PYTHON" -P -m shoal.bootstrap --spec "$SPEC" "$@"; }
@@ -37,11 +41,13 @@ node:
   containerd: service
   mesh: $MESH
   leaseRenewInterval: ${SHOAL_LEASE_RENEW:-10}
+  meshHost: $MESH_HOST
 SPEC
 mv "$SPEC.new" "$SPEC"
 cat "$SPEC" >&2
 for component in containerd nodeagent meshagent; do
-    if [ "$component" != meshagent ] || [ "$MESH" = true ]; then
+    if { [ "$component" != meshagent ] && [ "$MESH_HOST" = false ]; } ||
+        { [ "$component" = meshagent ] && [ "$MESH" = true ]; }; then
         printf '    %-10s %s\n' "$component" "$(bootstrap show "$component")" >&2
     fi
 done
