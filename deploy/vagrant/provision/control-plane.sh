@@ -43,8 +43,8 @@ for entry in ${SHOAL_MESH_HOSTS:-}; do
     step "mesh-only host $mesh_host_name ($mesh_host_ip): its WorkloadEntry, ServiceAccount and Service ($manifest)"
     # The WorkloadEntry labelled shoal.dev/mesh-host is what lets that host's agent
     # get the certificate of serviceAccount $mesh_host_name (the node authorizer);
-    # the Service's TCP port (tcp-web) keeps it on the L4 path, since the HTTP
-    # engine's clusters hold pods only so far.
+    # the Service's port is TCP (tcp-web): the L4 path, which the local lab's
+    # mesh-only host e2e (tests/e2e/test_orch_mesh_hosts.py) exercises.
     cat > "$manifest.new" <<MANIFEST
 # Written by deploy/vagrant/provision/control-plane.sh: the mesh-only host $mesh_host_name
 apiVersion: v1
