@@ -288,12 +288,16 @@ class MeshAgent:
                                 self.service_entries.list())
         for key, why in self.route_table.errors.items():
             log.warning("VirtualService %s left out: %s", key, why)
+        entries, ses = self.workload_entries.list(), self.service_entries.list()
         self.clusters.update(services=services, endpoints=endpoints, pods=self.pods.list(),
                              destination_rules=self.destination_rules.list(),
-                             workload_entries=self.workload_entries.list())
+                             workload_entries=entries, service_entries=ses,
+                             resolved=self._resolved)
         self._http_services, self._http_pod_ports = http_ports(
             services, endpoints, domain=self.config.cluster_domain,
-            workload_entries=self.workload_entries.list())
+            workload_entries=entries)
+        for dst, svc in service_entry_http_ports(ses, self._resolved, entries).items():
+            self._http_services.setdefault(dst, svc)
 
     def l7_routes(self) -> l7routes.RouteTable:
         self._l7_rebuild()
@@ -388,7 +392,7 @@ class MeshAgent:
             resolved = await egress.resolve(hosts, upstream=self.config.upstream_dns)
             if resolved != self._resolved:
                 self._resolved = resolved
-                self._dirty = True
+                self._dirty = self._l7_dirty = True
             await asyncio.sleep(30.0)
 
     def _pod_by_ip(self, ip: str) -> core_pb2.Pod | None:
@@ -687,6 +691,38 @@ def http_ports(services: list[core_pb2.Service], endpoints: list[core_pb2.Endpoi
                 pod_ports.update(e.key for e in l7upstream.workload_entry_endpoints(
                     svc, sp, workload_entries))
     return by_vip, pod_ports
+
+
+def service_entry_http_ports(service_entries: list[traffic_pb2.ServiceEntry],
+                             resolved: Mapping[str, tuple[str, ...]],
+                             workload_entries: list[traffic_pb2.WorkloadEntry] | None = None
+                             ) -> dict[Address, l7engine.Service]:
+    """The destinations of ServiceEntries' HTTP ports that the L7 engine serves (pure):
+    per HTTP port (``l7upstream.http_entry_ports``), the entry's single-IP addresses
+    and its endpoints' IPs (STATIC, DNS: as resolved), as the host they belong to (its
+    first host for a VIP or a STATIC endpoint; the cluster the engine routes to, which a
+    VirtualService may name). Egress HTTP to them
+    gets the mesh's routes, retries, timeouts and telemetry. A CIDR address, or a
+    NONE entry without addresses, stays on the L4 egress path."""
+    out: dict[Address, l7engine.Service] = {}
+    for se in sorted(service_entries, key=key_of):
+        hosts = [h.lower().rstrip(".") for h in se.spec.hosts if not h.startswith("*")]
+        ports = l7upstream.http_entry_ports(se)
+        if not hosts or not ports:
+            continue
+        vips = {ip for a in se.spec.addresses if (ip := l7upstream.single_ip(a)) is not None}
+        for p in ports:
+            for host in hosts:  # a DNS entry's hosts resolve each to its own addresses
+                ips = set(vips)
+                if not se.spec.addresses:  # no VIP: clients connect to the endpoints
+                    ips |= {e.ip for e in l7upstream.service_entry_endpoints(
+                        se, p, host, resolved=resolved,
+                        workload_entries=workload_entries or ())}
+                for ip in sorted(ips):
+                    out.setdefault((ip, int(p.number)), l7engine.Service(
+                        host=host, port=int(p.number), name=host,
+                        namespace=se.metadata.namespace))
+    return out
 
 
 async def run(config: MeshConfig) -> None:

@@ -34,7 +34,12 @@ A ServiceEntry makes reachable, on each of its ports (``ports[].number``):
                     cannot match a TCP connection to a host name either)
 
 ``exportTo`` is not applied: every ServiceEntry is visible to every namespace.
-HTTP ports go the same L4 way here (the L7 engine may route them later).
+An HTTP port (protocol HTTP, HTTP2, GRPC) of a ServiceEntry does not come here
+when its destination is a single IP (a VIP, a STATIC endpoint without VIPs, a
+resolved DNS address): the agent serves it with the L7 engine
+(``daemon.service_entry_http_ports``, clusters in ``l7.upstream``), with the
+mesh's routes, retries, timeouts and telemetry. CIDR addresses and NONE
+entries without addresses stay here, at L4.
 """
 
 from __future__ import annotations

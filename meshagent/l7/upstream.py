@@ -28,7 +28,10 @@ field, as istiod merges them. Unset fields take Istio's defaults:
 
 Endpoints are the Endpoints object's ready addresses for the service port (by port name), their
 labels the address's ``labels`` (Shoal's extension) or else the labels of the pod its
-``targetRef`` names. A subset holds the endpoints whose labels include the subset's labels.
+``targetRef`` names, plus the WorkloadEntries the Service's selector selects (their labels).
+A ServiceEntry's hosts get clusters for its HTTP ports too (STATIC endpoints, DNS addresses as
+resolved, NONE: its single-IP addresses, the original destination). A subset holds the
+endpoints whose labels include the subset's labels.
 
 Load balancing (``pick``), over the endpoints not ejected (all of them in panic mode: when
 ``minHealthPercent`` > 0 and fewer are healthy than that, as Envoy's panic threshold), minus
@@ -78,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import ipaddress
 import random
 import time
 from collections import deque
@@ -87,6 +91,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from shoal import meshprotocol
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
 from shoal.informer import key_of
@@ -709,6 +714,73 @@ def workload_entry_endpoints(svc: core_pb2.Service, port: core_pb2.ServicePort,
     return tuple(out[k] for k in sorted(out))
 
 
+def http_entry_ports(se: pb.ServiceEntry) -> list[pb.Port]:
+    """A ServiceEntry's HTTP ports (protocol HTTP, HTTP2, GRPC, GRPC-WEB; by name when
+    the protocol is unset), Istio's protocol selection (pure)."""
+    return [p for p in se.spec.ports if p.number and meshprotocol.port_protocol(
+        name=p.name, app_protocol=p.protocol or None).is_http]
+
+
+def single_ip(text: str) -> str | None:
+    try:
+        net = ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        return None
+    return str(net.network_address) if net.num_addresses == 1 else None
+
+
+def service_entry_endpoints(se: pb.ServiceEntry, port: pb.Port, host: str, *,
+                            resolved: Mapping[str, tuple[str, ...]],
+                            workload_entries: Iterable[pb.WorkloadEntry] = ()
+                            ) -> tuple[Endpoint, ...]:
+    """The endpoints of one ServiceEntry host and port, by its resolution (pure):
+
+        STATIC  its endpoints' IPs and the WorkloadEntries its workloadSelector selects
+                (its namespace), each on its ``ports`` entry for the port's name, else the
+                port's targetPort, else its number; their labels for subsets
+        DNS     its endpoints (IPs as they are, names as ``resolved`` has them), or with
+                no endpoints the host itself as resolved
+        NONE    the original destination: the entry's addresses that are single IPs, on
+                the port's number (a CIDR cannot be a cluster: it stays on the L4 path)
+    """
+    spec = se.spec
+    number = int(port.number)
+    default = int(port.target_port or number)
+    out: dict[_Key, Endpoint] = {}
+
+    def add(ip: str, ports: Mapping[str, int], labels: Mapping[str, str],
+            name: str = "") -> None:
+        ep_port = int(ports.get(port.name, default)) if port.name else default
+        out.setdefault((ip, ep_port), Endpoint(ip=ip, port=ep_port, pod=name,
+                                               labels=tuple(sorted(labels.items()))))
+    if spec.resolution == "STATIC":
+        for ep in spec.endpoints:
+            if (ip := single_ip(ep.address)) is not None:
+                add(ip, ep.ports, ep.labels)
+        want = dict(spec.workload_selector.labels) if spec.HasField("workload_selector") \
+            else {}
+        for we in workload_entries if want else ():
+            labels = dict(we.spec.labels)
+            if (we.metadata.namespace == se.metadata.namespace and we.spec.address
+                    and all(labels.get(k) == v for k, v in want.items())
+                    and (ip := single_ip(we.spec.address)) is not None):
+                add(ip, we.spec.ports, labels, key_of(we))
+    elif spec.resolution.startswith("DNS"):
+        if spec.endpoints:
+            for ep in spec.endpoints:
+                ip = single_ip(ep.address)
+                for addr in [ip] if ip is not None else resolved.get(ep.address, ()):
+                    add(addr, ep.ports, ep.labels)
+        else:
+            for addr in resolved.get(host, ()):
+                add(addr, {}, {})
+    elif spec.resolution in ("", "NONE"):
+        for a in spec.addresses:
+            if (ip := single_ip(a)) is not None:
+                out.setdefault((ip, number), Endpoint(ip=ip, port=number))
+    return tuple(out[k] for k in sorted(out))
+
+
 def _in_subset(ep: Endpoint, labels: Mapping[str, str]) -> bool:
     have = dict(ep.labels)
     return all(have.get(k) == v for k, v in labels.items())
@@ -731,11 +803,15 @@ class Clusters:
         self._clusters: dict[str, Cluster] = {}
 
     def update(self, *, services: Any, endpoints: Any, pods: Any = (),
-               destination_rules: Any = (), workload_entries: Any = ()) -> None:
+               destination_rules: Any = (), workload_entries: Any = (),
+               service_entries: Any = (),
+               resolved: Mapping[str, tuple[str, ...]] | None = None) -> None:
         """Rebuild from the current objects (each a list or a mapping of key -> object).
 
         A Service's endpoints are its Endpoints object's and the WorkloadEntries its
-        selector selects (:func:`workload_entry_endpoints`)."""
+        selector selects (:func:`workload_entry_endpoints`). Every host of a
+        ServiceEntry gets a cluster per HTTP port (:func:`service_entry_endpoints`;
+        ``resolved``: DNS names -> IPs), with the DestinationRule for that host."""
         eps = {key_of(e): e for e in _values(endpoints)}
         entries = _values(workload_entries)
         pod_map = {key_of(p): p for p in _values(pods)}
@@ -759,19 +835,43 @@ class Clusters:
                     all_eps = tuple(sorted([*all_eps, *(e for e in extra
                                                         if e.key not in have)],
                                            key=lambda e: e.key))
-                for subset, labels in subsets:
-                    cname = cluster_name(host=host, port=int(sp.port), subset=subset)
-                    members = tuple(e for e in all_eps if _in_subset(e, labels))
-                    policy = resolve_policy(rule, port=int(sp.port), subset=subset)
-                    old = self._clusters.get(cname)
-                    if old is not None:
-                        old._reconfigure(endpoints=members, policy=policy)
-                        fresh[cname] = old
-                    else:
-                        fresh[cname] = Cluster(name=cname, host=host, port=int(sp.port),
-                                               subset=subset, endpoints=members, policy=policy,
-                                               clock=self._clock, rng=self._rng)
+                self._build(fresh, host=host, port=int(sp.port), rule=rule,
+                            subsets=subsets, all_eps=all_eps)
+        for se in sorted(_values(service_entries), key=key_of):
+            ns = se.metadata.namespace
+            for raw in se.spec.hosts:
+                host = raw.lower().rstrip(".")
+                if host.startswith("*"):
+                    continue
+                rule = find_rule(rules, host=host, namespace=ns, root_namespace=self._root,
+                                 domain=self._domain)
+                subsets = [("", {})]
+                if rule is not None:
+                    subsets += [(s.name, s.labels) for s in rule.spec.subsets if s.name]
+                for sep in http_entry_ports(se):
+                    if cluster_name(host=host, port=int(sep.number)) in fresh:
+                        continue  # a Service (or an older ServiceEntry) has this host:port
+                    self._build(fresh, host=host, port=int(sep.number), rule=rule,
+                                subsets=subsets, all_eps=service_entry_endpoints(
+                                    se, sep, host, resolved=resolved or {},
+                                    workload_entries=entries))
         self._clusters = fresh
+
+    def _build(self, fresh: dict[str, Cluster], *, host: str, port: int,
+               rule: pb.DestinationRule | None, subsets: list[tuple[str, Mapping[str, str]]],
+               all_eps: tuple[Endpoint, ...]) -> None:
+        for subset, labels in subsets:
+            cname = cluster_name(host=host, port=port, subset=subset)
+            members = tuple(e for e in all_eps if _in_subset(e, labels))
+            policy = resolve_policy(rule, port=port, subset=subset)
+            old = self._clusters.get(cname)
+            if old is not None:
+                old._reconfigure(endpoints=members, policy=policy)
+                fresh[cname] = old
+            else:
+                fresh[cname] = Cluster(name=cname, host=host, port=port, subset=subset,
+                                       endpoints=members, policy=policy, clock=self._clock,
+                                       rng=self._rng)
 
     def get(self, host: str, port: int, subset: str = "") -> Cluster | None:
         """The cluster of a service host (FQDN ``name.ns.svc.<domain>``), port and subset."""

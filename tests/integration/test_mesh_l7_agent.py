@@ -12,7 +12,7 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from meshagent.daemon import MeshAgent, MeshConfig, http_ports
+from meshagent.daemon import MeshAgent, MeshConfig, http_ports, service_entry_http_ports
 from meshagent.routing import Address
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
@@ -228,6 +228,108 @@ async def test_a_service_selecting_a_workload_entry_reaches_it_through_the_engin
                 reply = await asyncio.wait_for(r.read(), 5)
                 w.close()
                 assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"/from-a-pod")
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    backend.close()
+
+
+def test_service_entry_http_ports_by_address_and_resolution() -> None:
+    def entry(name: str, doc: str) -> pb.ServiceEntry:
+        se = pb.ServiceEntry()
+        json_format.ParseDict({"metadata": {"name": name, "namespace": "default"},
+                               "spec": yaml.safe_load(doc)}, se)
+        return se
+    got = service_entry_http_ports([
+        entry("vip", "hosts: [a.example.com]\naddresses: [10.99.0.5, 10.99.1.0/24]\n"
+                     "resolution: STATIC\nendpoints: [{address: 203.0.113.7}]\n"
+                     "ports: [{number: 80, name: http, protocol: HTTP}, "
+                     "{number: 443, name: tls, protocol: TLS}]"),
+        entry("static", "hosts: [b.example.com]\nresolution: STATIC\n"
+                        "endpoints: [{address: 203.0.113.8}]\n"
+                        "ports: [{number: 8080, name: grpc, protocol: GRPC}]"),
+        entry("dns", "hosts: [c.example.com, d.example.com]\nresolution: DNS\n"
+                     "ports: [{number: 80, name: http, protocol: HTTP}]"),
+        entry("none", "hosts: [e.example.com]\nresolution: NONE\n"
+                      "ports: [{number: 80, name: http, protocol: HTTP}]"),
+    ], {"c.example.com": ("198.51.100.1",), "d.example.com": ("198.51.100.2",)})
+    assert {dst: svc.host for dst, svc in got.items()} == {
+        ("10.99.0.5", 80): "a.example.com",       # the VIP (the CIDR stays L4), not TLS
+        ("203.0.113.8", 8080): "b.example.com",   # no VIP: the endpoint itself
+        ("198.51.100.1", 80): "c.example.com",    # DNS: each host's own addresses
+        ("198.51.100.2", 80): "d.example.com",
+    }                                             # NONE without addresses: L4
+
+
+async def test_egress_http_to_a_service_entry_goes_through_the_engine_with_retries(
+        api: InProcessAPIServer) -> None:
+    calls: list[bytes] = []
+
+    async def flaky(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        line = await r.readline()
+        while (await r.readline()).strip():
+            pass
+        calls.append(line)
+        status = b"503 Service Unavailable" if len(calls) == 1 else b"200 OK"
+        w.write(b"HTTP/1.1 %s\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok" % status)
+        await w.drain()
+        w.close()
+
+    backend = await asyncio.start_server(flaky, "127.0.0.5", 0)
+    port = backend.sockets[0].getsockname()[1]
+    async with api.client() as c:
+        for kind, name, doc in (
+                (pb.ServiceEntry, "api", f"""
+hosts: [api.example.com]
+addresses: [10.99.0.5]
+location: MESH_EXTERNAL
+resolution: STATIC
+ports: [{{number: 80, name: http, protocol: HTTP}}]
+endpoints: [{{address: 127.0.0.5, ports: {{http: {port}}}}}]
+"""),
+                (pb.VirtualService, "api", """
+hosts: [api.example.com]
+http:
+- route: [{destination: {host: api.example.com}}]
+  retries: {attempts: 2, retryOn: 5xx}
+  timeout: 5s
+  headers: {response: {set: {x-routed: egress}}}
+""")):
+            obj = kind()
+            json_format.ParseDict({"metadata": {"name": name, "namespace": "default"},
+                                   "spec": yaml.safe_load(doc)}, obj)
+            await c.create(obj)
+        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
+                         inbound_port=0, dns_port=0, tunnel_port=0,
+                         metrics_listen="127.0.0.1:0", admin_listen="",
+                         pod_cidr="10.244.0.0/16", outbound_traffic_policy="REGISTRY_ONLY")
+        async with api.client() as agent_client:
+            agent = MeshAgent(cfg, agent_client)
+            agent.outbound.original_dst = lambda _s: ("10.99.0.5", 80)
+            await agent.start()
+            task = asyncio.create_task(agent.run())
+            try:
+                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+
+                async def known() -> bool:
+                    return agent.http_service(("10.99.0.5", 80)) is not None and \
+                        agent.l7_routes().virtual_service("api.example.com") is not None
+                await eventually("the ServiceEntry's HTTP port known", known)
+                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+                w.write(b"GET /v1/x HTTP/1.1\r\nhost: api.example.com\r\n"
+                        b"connection: close\r\n\r\n")
+                reply = await asyncio.wait_for(r.read(), 5)
+                w.close()
+                assert reply.startswith(b"HTTP/1.1 200"), reply
+                assert b"x-routed: egress" in reply
+                assert len(calls) == 2  # the 503 was retried
+                counted = [(s.labels["reporter"], s.labels["response_code"],
+                            s.labels["response_flags"], s.value)
+                           for m in agent.registry.collect() if m.name == "istio_requests"
+                           for s in m.samples if s.name == "istio_requests_total"
+                           and s.labels["destination_service"] == "api.example.com"]
+                assert counted == [("source", "200", "-", 1.0)]  # the mesh's telemetry
             finally:
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):

@@ -572,3 +572,73 @@ def test_selected_workload_entries_join_the_pods_with_their_labels_for_subsets()
     cs.update(services=[service()], endpoints=[], workload_entries=entries)
     c = cs.get(HOST, 9080)
     assert c is not None and c.endpoints == ()
+
+
+def service_entry(resolution: str, *, hosts: tuple[str, ...] = ("api.example.com",),
+                  addresses: tuple[str, ...] = (), protocol: str = "HTTP",
+                  endpoints: tuple[tuple[str, dict[str, int], dict[str, str]], ...] = (),
+                  selector: dict[str, str] | None = None) -> pb.ServiceEntry:
+    se = pb.ServiceEntry()
+    se.metadata.name, se.metadata.namespace = "api", "default"
+    se.spec.hosts.extend(hosts)
+    se.spec.addresses.extend(addresses)
+    se.spec.resolution = resolution
+    se.spec.ports.add(number=80, name="http", protocol=protocol)
+    se.spec.ports.add(number=5432, name="tcp-db", protocol="TCP")
+    for address, ports, labels in endpoints:
+        ep = se.spec.endpoints.add(address=address)
+        ep.ports.update(ports)
+        ep.labels.update(labels)
+    if selector:
+        se.spec.workload_selector.labels.update(selector)
+    return se
+
+
+EXT = "api.example.com"
+
+
+@pytest.mark.parametrize(("se", "resolved", "want"), [
+    (service_entry("STATIC", endpoints=(("203.0.113.7", {"http": 8080}, {}),
+                                        ("203.0.113.8", {}, {}), ("db.example.com", {}, {}))),
+     {}, [("203.0.113.7", 8080), ("203.0.113.8", 80)]),
+    (service_entry("DNS"), {EXT: ("198.51.100.1", "198.51.100.2")},
+     [("198.51.100.1", 80), ("198.51.100.2", 80)]),
+    (service_entry("DNS", endpoints=(("eu.example.com", {}, {}), ("203.0.113.9", {}, {}))),
+     {"eu.example.com": ("198.51.100.3",), EXT: ("198.51.100.1",)},
+     [("198.51.100.3", 80), ("203.0.113.9", 80)]),
+    (service_entry("DNS"), {}, []),  # not resolved (yet): no endpoint, 503 UH
+    (service_entry("NONE", addresses=("192.0.2.10", "192.0.2.0/24")), {},
+     [("192.0.2.10", 80)]),  # the original destination; a CIDR is no endpoint
+])
+def test_service_entry_http_ports_get_clusters_by_resolution(
+        se: pb.ServiceEntry, resolved: dict[str, tuple[str, ...]],
+        want: list[tuple[str, int]]) -> None:
+    cs = Clusters()
+    cs.update(services=[], endpoints=[], service_entries=[se], resolved=resolved)
+    c = cs.get(EXT, 80)
+    assert c is not None and c.name == f"outbound|80||{EXT}"
+    assert [(e.ip, e.port) for e in c.endpoints] == want
+    assert cs.get(EXT, 5432) is None  # a TCP port stays L4
+
+
+def test_service_entry_clusters_take_their_destination_rule_and_subsets() -> None:
+    rule = pb.DestinationRule()
+    rule.metadata.name, rule.metadata.namespace = "api", "default"
+    json_format.ParseDict({"host": EXT, "trafficPolicy": {"loadBalancer": {"simple":
+                           "ROUND_ROBIN"}}, "subsets": [{"name": "eu", "labels":
+                                                         {"region": "eu"}}]}, rule.spec)
+    se = service_entry("STATIC", endpoints=(("203.0.113.7", {}, {"region": "eu"}),
+                                            ("203.0.113.8", {}, {"region": "us"})),
+                       selector={"app": "api"})
+    vm = workload_entry("vm", "192.168.50.9", {"app": "api", "region": "eu"},
+                        ports={"http": 8000})
+    cs = Clusters()
+    cs.update(services=[], endpoints=[], service_entries=[se], destination_rules=[rule],
+              workload_entries=[vm])
+    c = cs.get(EXT, 80)
+    assert c is not None and c.policy.load_balancer.policy == ROUND_ROBIN
+    assert c.policy.rule == "default/api"
+    eu = cs.get(EXT, 80, "eu")
+    assert eu is not None
+    assert [(e.ip, e.port) for e in eu.endpoints] == [("192.168.50.9", 8000),
+                                                      ("203.0.113.7", 80)]
