@@ -41,7 +41,7 @@ from meshagent.l7 import telemetry
 from meshagent.l7 import upstream as l7upstream
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
-from shoal import errors, meshprotocol, sdnotify, spiffe
+from shoal import errors, meshnames, meshprotocol, sdnotify, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.api.traffic.v1 import traffic_pb2
@@ -108,11 +108,7 @@ def service_account(pod: core_pb2.Pod) -> str:
 
 
 def workload_name(pod: core_pb2.Pod) -> str:
-    labels = pod.metadata.labels
-    for key in ("app.kubernetes.io/name", "app"):
-        if labels.get(key):
-            return str(labels[key])
-    return str(pod.metadata.name)
+    return meshnames.workload_name(pod.metadata.labels, pod.metadata.name)
 
 
 class MeshAgent:

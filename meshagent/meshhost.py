@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from meshagent.routing import Address, Route
+from shoal import meshnames
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2
 from shoal.informer import key_of
@@ -45,11 +46,7 @@ def service_account_of(we: WorkloadEntry) -> str:
 
 
 def workload_name_of(we: WorkloadEntry) -> str:
-    labels = we.spec.labels
-    for key in ("app.kubernetes.io/name", "app"):
-        if labels.get(key):
-            return str(labels[key])
-    return str(we.metadata.name)
+    return meshnames.workload_name(we.spec.labels, we.metadata.name)
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

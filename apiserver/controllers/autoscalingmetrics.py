@@ -35,7 +35,7 @@ from typing import Protocol
 from prometheus_client.parser import text_string_to_metric_families
 
 from apiserver.nodedialing import internal_ip
-from shoal import autoscaling, quantity
+from shoal import autoscaling, meshnames, quantity
 from shoal.api.core.v1 import core_pb2
 from shoal.client import AsyncClient
 
@@ -61,11 +61,7 @@ class MetricsSource(Protocol):
 
 def workload_name(pod: core_pb2.Pod) -> str:
     """The mesh's destination_workload for a pod (as the meshagent names it)."""
-    labels = pod.metadata.labels
-    for key in ("app.kubernetes.io/name", "app"):
-        if labels.get(key):
-            return str(labels[key])
-    return str(pod.metadata.name)
+    return meshnames.workload_name(pod.metadata.labels, pod.metadata.name)
 
 
 class APIResourceUsage:
