@@ -628,6 +628,15 @@ class Engine:
             out.flags += exhausted if resp.status >= 500 else []
             return
 
+    def mode_to(self, dst: Pod | None, source: Peer) -> str:
+        """How a request reaches ``dst``: LOCAL (this agent is its server side too),
+        MTLS (through the tunnel to its node's agent) or PLAINTEXT."""
+        if dst is not None and dst.node_local:
+            return LOCAL
+        if dst is not None and dst.meshed and source.meshed and self.open_tunnel:
+            return MTLS
+        return PLAINTEXT
+
     async def _try(self, ep: upstream.Endpoint, head: Head, *,
                    headers: list[tuple[str, str]], path: str, body: Body, source: Peer,
                    timeout: float | None, out: Outcome | None = None
@@ -636,11 +645,7 @@ class Engine:
         dst = self.pod(ep.ip)
         if out is not None:
             out.pod = dst  # for the request's telemetry: looked up once
-        mode = PLAINTEXT
-        if dst is not None and dst.node_local:
-            mode = LOCAL
-        elif dst is not None and dst.meshed and source.meshed and self.open_tunnel:
-            mode = MTLS
+        mode = self.mode_to(dst, source)
         server: _ServerHalf | None = None
         if mode == LOCAL:
             assert dst is not None

@@ -59,7 +59,6 @@ from meshagent.l7 import routes, telemetry, upstream
 from meshagent.l7.engine import (
     LOCAL,
     MTLS,
-    PLAINTEXT,
     Engine,
     HttpRequest,
     Peer,
@@ -524,11 +523,7 @@ class H2Proxy:
                            source: Peer) -> tuple[H2Connection, int, _ServerSide | None]:
         e = self.engine
         dst = e.pod(ep.ip)
-        mode = PLAINTEXT
-        if dst is not None and dst.node_local:
-            mode = LOCAL
-        elif dst is not None and dst.meshed and source.meshed and e.open_tunnel:
-            mode = MTLS
+        mode = e.mode_to(dst, source)
         server: _ServerSide | None = None
         if mode == LOCAL:
             assert dst is not None
