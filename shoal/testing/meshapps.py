@@ -74,7 +74,7 @@ header $h"
   fi
   query=""
   case "$target" in *\?*) query=${target#*\?};; esac
-  status=200 delay=""
+  status=${STATUS:-200} delay=${DELAY:-}
   case "&$query&" in *"&status="*) status=${query#*status=}; status=${status%%&*};; esac
   case "&$query&" in *"&delay="*) delay=${query#*delay=}; delay=${delay%%&*};; esac
   [ -n "$delay" ] && sleep "$delay"
@@ -112,12 +112,16 @@ def _template(spec: core_pb2.PodSpec, *, app: str, version: str, port: int, sa: 
 
 def app_pod(name: str, namespace: str, *, app: str, version: str = "v1", node: str = "",
             sa: str = "", port: int = APP_PORT,
-            labels: Mapping[str, str] | None = None) -> core_pb2.Pod:
-    """One app pod labelled ``app``/``version`` (plus ``labels``)."""
+            labels: Mapping[str, str] | None = None,
+            env: Mapping[str, str] | None = None) -> core_pb2.Pod:
+    """One app pod labelled ``app``/``version`` (plus ``labels``). ``env`` may set
+    STATUS and DELAY: the answer's status and delay when the query names none."""
     p = core_pb2.Pod()
     p.metadata.name, p.metadata.namespace = name, namespace
     p.metadata.labels.update({"app": app, "version": version, **(labels or {})})
     _template(p.spec, app=app, version=version, port=port, sa=sa, node=node)
+    for key, value in (env or {}).items():
+        p.spec.containers[0].env.add(name=key, value=value)
     return p
 
 

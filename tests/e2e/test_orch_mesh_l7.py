@@ -50,17 +50,8 @@ SUBSETS = """\
 
 def _slow_pod(name: str, node: str) -> core_pb2.Pod:
     """The app, answering every request after 3 s."""
-    pod = meshapps.app_pod(name, NS, app="lag", version="slow", node=node)
-    default = 'status=200 delay=""'
-    assert default in meshapps.HANDLER
-    handler = meshapps.HANDLER.replace(default, 'status=200 delay="${DELAY:-}"')
-    c = pod.spec.containers[0]
-    del c.command[:]
-    c.command.extend(["sh", "-c", f"cat > /handler <<'SHOAL_EOF'\n{handler}SHOAL_EOF\n"
-                                  f"chmod +x /handler && exec nc -ll -p {meshapps.APP_PORT} "
-                                  "-e /handler"])
-    c.env.add(name="DELAY", value="3")
-    return pod
+    return meshapps.app_pod(name, NS, app="lag", version="slow", node=node,
+                            env={"DELAY": "3"})
 
 
 def _running(cluster: Cluster, name: str) -> core_pb2.Pod | None:

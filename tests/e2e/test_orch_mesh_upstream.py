@@ -40,21 +40,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
 
 NS = "mesh-upstream"
 Cluster = Any
-DEFAULT_STATUS = 'status=200 delay=""'
 
 
 def _failing_pod(name: str, node: str) -> core_pb2.Pod:
     """The app, answering 500 unless the request asks for another status."""
-    pod = meshapps.app_pod(name, NS, app="flaky", version="bad", node=node)
-    assert DEFAULT_STATUS in meshapps.HANDLER
-    handler = meshapps.HANDLER.replace(DEFAULT_STATUS, 'status=${STATUS:-200} delay=""')
-    c = pod.spec.containers[0]
-    del c.command[:]
-    c.command.extend(["sh", "-c", f"cat > /handler <<'SHOAL_EOF'\n{handler}SHOAL_EOF\n"
-                                  f"chmod +x /handler && exec nc -ll -p {meshapps.APP_PORT} "
-                                  "-e /handler"])
-    c.env.add(name="STATUS", value="500")
-    return pod
+    return meshapps.app_pod(name, NS, app="flaky", version="bad", node=node,
+                            env={"STATUS": "500"})
 
 
 def _running(cluster: Cluster, name: str) -> core_pb2.Pod | None:
