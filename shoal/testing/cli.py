@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
@@ -22,6 +24,17 @@ class Result:
     code: int
     out: str
     err: str
+
+
+def shoal_process(*args: str, config: Path | None = None, timeout: float = 120
+                  ) -> subprocess.CompletedProcess[str]:
+    """Run ``shoal *args`` as its own process (for tests against a lab), with
+    ``SHOAL_CONFIG`` set to ``config`` when given; never raises on a failure."""
+    env = dict(os.environ)
+    if config is not None:
+        env["SHOAL_CONFIG"] = str(config)
+    return subprocess.run([sys.executable, "-m", "shoal.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 async def run_shoal(config_path: Path | str, capsys: Any, monkeypatch: Any, *args: str,

@@ -45,6 +45,7 @@ from shoal.api.meta.v1 import meta_pb2
 from shoal.client import Client
 from shoal.lab.topology import Node, plan
 from shoal.testing import podnet
+from shoal.testing.cli import shoal_process
 from shoal.testing.waiting import wait_for
 
 HERE = Path(__file__).parent
@@ -68,11 +69,7 @@ FIGURES: dict[str, dict[str, Any]] = {}
 
 def cli(*args: str, config: Path | None = None, timeout: float = 300
         ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if config is not None:
-        env["SHOAL_CONFIG"] = str(config)
-    return subprocess.run([sys.executable, "-m", "shoal.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return shoal_process(*args, config=config, timeout=timeout)
 
 
 @dataclass

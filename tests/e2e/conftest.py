@@ -26,6 +26,7 @@ import pytest
 
 from shoal import config as configmod
 from shoal.client import Client
+from shoal.testing.cli import shoal_process
 
 NODES = ("node-1", "node-2", "node-3")
 IMAGE = "docker.io/library/busybox:1.36"
@@ -37,11 +38,7 @@ HPA_SYNC = 3
 
 def shoal_cli(*args: str, config: Path | None = None, timeout: float = 120
               ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if config is not None:
-        env["SHOAL_CONFIG"] = str(config)
-    return subprocess.run([sys.executable, "-m", "shoal.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return shoal_process(*args, config=config, timeout=timeout)
 
 
 @dataclass

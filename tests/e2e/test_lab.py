@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.client import Client
 from shoal.lab.state import ProcessRecord
 from shoal.lab.supervising import alive, http_ok
+from shoal.testing.cli import shoal_process
 from shoal.testing.waiting import wait_for as until
 
 pytestmark = pytest.mark.e2e
@@ -49,11 +49,7 @@ IMAGE = "docker.io/library/busybox:1.36"
 
 def run(*args: str, config: Path | None = None, timeout: float = 120
         ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if config is not None:
-        env["SHOAL_CONFIG"] = str(config)
-    return subprocess.run([sys.executable, "-m", "shoal.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return shoal_process(*args, config=config, timeout=timeout)
 
 
 @dataclass

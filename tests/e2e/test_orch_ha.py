@@ -38,6 +38,7 @@ from shoal.api.coordination.v1 import coordination_pb2
 from shoal.api.core.v1 import core_pb2
 from shoal.api.meta.v1 import meta_pb2
 from shoal.client import Client
+from shoal.testing.cli import shoal_process
 from shoal.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_lab]
@@ -51,11 +52,7 @@ WRITES_BETWEEN_FAULTS = 15
 
 def _cli(*args: str, config: Path | None = None, timeout: float = 300
          ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if config is not None:
-        env["SHOAL_CONFIG"] = str(config)
-    return subprocess.run([sys.executable, "-m", "shoal.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return shoal_process(*args, config=config, timeout=timeout)
 
 
 @dataclass
