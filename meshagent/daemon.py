@@ -84,6 +84,7 @@ class MeshConfig:
     # One JSON line per L7 request on the logger "meshagent.access". Off by default,
     # as Istio's default profile (meshConfig.accessLogFile empty); the lab turns it on.
     access_log: bool = False
+    trace_sampling: float = 100.0  # percent of new traces sampled (the CLI's default: 1)
     # meshagent.egress: ALLOW_ANY or REGISTRY_ONLY (a namespace label overrides it)
     outbound_traffic_policy: str = egress.ALLOW_ANY
     egress_capture: bool = True  # capture pods' TCP to any address, not only the CIDRs
@@ -173,7 +174,8 @@ class MeshAgent:
         # collector is configured (the engine records through self.telemetry).
         self.tracer = (telemetry.Tracer(config.zipkin_endpoint,
                                         local_service=f"meshagent.{config.node_name}",
-                                        registry=self.registry)
+                                        registry=self.registry,
+                                        sampling=config.trace_sampling)
                        if config.zipkin_endpoint else None)
         self.telemetry = telemetry.RequestTelemetry(self.registry, tracer=self.tracer,
                                                     access_log=config.access_log)

@@ -2,6 +2,7 @@
 
     python -m meshagent.gateway run --node-name N --config node.conf \\
         --pod istio-system/istio-ingressgateway [--zipkin-endpoint URL]
+        [--trace-sampling PERCENT] [--event-loop uvloop|asyncio]
 
 Shape (Istio's ingress gateway; see docs/ARCHITECTURE.md, "Ingress gateway"):
 the gateway runs as the workload of a pod (``--pod``): its labels are what
@@ -62,7 +63,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from prometheus_client import CollectorRegistry, Counter
@@ -71,7 +72,7 @@ from meshagent import identity, tunnel
 from meshagent.l7 import routes, telemetry, upstream
 from meshagent.l7.routes import RouteTable
 from shoal import config as configmod
-from shoal import errors, logs, spiffe
+from shoal import errors, eventloop, logs, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as tpb
 from shoal.client import AsyncClient
@@ -463,8 +464,8 @@ class _SocketReader(asyncio.Protocol):
         self.error = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed_data(data)
@@ -678,7 +679,7 @@ class Gateway:
         authority = headers.get("host", "")
         host = bare_host(authority)
         incoming = telemetry.TraceContext.from_headers(headers)
-        span = incoming.child() if incoming is not None else telemetry.TraceContext.new_root()
+        span = telemetry.hop_context(incoming, self.tracer)
         request_id = headers.get("x-request-id") or str(uuid.uuid4())
         rec = telemetry.RequestRecord(
             reporter="source", source_workload=self.me.workload,
@@ -951,6 +952,7 @@ class GatewayConfig:
     listen_host: str = "0.0.0.0"
     metrics_listen: str = "0.0.0.0:15021"
     zipkin_endpoint: str = ""
+    trace_sampling: float = 100.0  # percent of new traces sampled (the CLI's default: 1)
     tunnel_port: int = tunnel.TUNNEL_PORT
 
 
@@ -969,7 +971,8 @@ class GatewayAgent:
             signer=identity.GrpcSigner(client.channel), trust_domain=config.trust_domain)
         self.tracer = (telemetry.Tracer(config.zipkin_endpoint,
                                         local_service=f"{me.workload}.{me.namespace}",
-                                        registry=self.registry)
+                                        registry=self.registry,
+                                        sampling=config.trace_sampling)
                        if config.zipkin_endpoint else None)
         self.gateway = Gateway(me=me, trust_domain=config.trust_domain,
                                listen_host=config.listen_host, pool=None,
@@ -1091,6 +1094,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics-listen", default="0.0.0.0:15021")
     r.add_argument("--zipkin-endpoint", default="",
                    help="http://HOST:PORT of a Zipkin v2 collector (empty: no spans)")
+    r.add_argument("--trace-sampling", type=telemetry.sampling_percent, default=1.0,
+                   metavar="PERCENT", help="the share of new traces sampled, in percent "
+                   "(default 1, as Istio)")
+    r.add_argument("--event-loop", choices=eventloop.LOOPS, default=eventloop.DEFAULT)
     r.add_argument("--log-level", default="info")
     r.add_argument("--log-format", choices=["json", "text"], default="json")
     return p
@@ -1111,9 +1118,10 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig(node_name=ns.node_name, pod=ns.pod, client_config=ns.config,
                            trust_domain=ns.trust_domain, listen_host=ns.listen_host,
                            metrics_listen=ns.metrics_listen,
-                           zipkin_endpoint=ns.zipkin_endpoint)
+                           zipkin_endpoint=ns.zipkin_endpoint,
+                           trace_sampling=ns.trace_sampling)
     try:
-        asyncio.run(until_stopped(run(config)))
+        eventloop.run(until_stopped(run(config)), ns.event_loop)
     except (errors.ShoalError, OSError) as e:
         print(f"meshagent.gateway: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@
         [--capture --dns-ip NODE_IP] [--pod-cidr 10.244.0.0/16]
         [--service-cidr 10.96.0.0/16] [--cluster-domain cluster.local]
         [--upstream-dns IP] [--metrics-listen 0.0.0.0:15020] [--zipkin-endpoint URL]
+        [--trace-sampling PERCENT] [--access-log] [--event-loop uvloop|asyncio]
         [--outbound-traffic-policy ALLOW_ANY|REGISTRY_ONLY] [--no-egress-capture]
         [--mesh-host]   a mesh-only host: see meshagent.meshhost
     shoal-meshagent cleanup [--iptables BINARY]   remove the capture rules
@@ -18,7 +19,8 @@ import sys
 from pathlib import Path
 
 from meshagent import capture
-from shoal import errors, logs
+from meshagent.l7 import telemetry
+from shoal import errors, eventloop, logs
 from shoal.signals import until_stopped
 
 
@@ -63,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--zipkin-endpoint", default="", metavar="URL",
                    help="send a span per delivered HTTP request to this Zipkin v2 "
                    "collector (http://HOST:PORT[/api/v2/spans]); empty: no tracing")
+    r.add_argument("--trace-sampling", type=telemetry.sampling_percent, default=1.0,
+                   metavar="PERCENT",
+                   help="the share of new traces sampled, in percent (default 1, as "
+                   "Istio's meshConfig tracing.sampling; a request that carries a "
+                   "trace context keeps its decision)")
+    r.add_argument("--event-loop", choices=eventloop.LOOPS, default=eventloop.DEFAULT,
+                   help="the event loop the agent runs on (default uvloop)")
     r.add_argument("--access-log", action="store_true",
                    help="log one JSON line per HTTP request (logger meshagent.access, "
                    "Envoy's fields); off by default, as Istio's default profile")
@@ -98,7 +107,6 @@ def _seconds(text: str) -> float:
 
 def _run(ns: argparse.Namespace) -> int:
     from meshagent.daemon import MeshConfig, run
-    from meshagent.l7.telemetry import parse_endpoint
 
     logs.setup(level=ns.log_level, fmt=ns.log_format)
     try:
@@ -113,11 +121,11 @@ def _run(ns: argparse.Namespace) -> int:
             dns_ip=ns.dns_ip, upstream_dns=ns.upstream_dns, capture=ns.capture,
             iptables=ns.iptables, keep_rules_on_exit=ns.keep_rules_on_exit,
             reconcile_interval=ns.reconcile_interval, zipkin_endpoint=ns.zipkin_endpoint,
-            access_log=ns.access_log,
+            trace_sampling=ns.trace_sampling, access_log=ns.access_log,
             outbound_traffic_policy=ns.outbound_traffic_policy,
             egress_capture=not ns.no_egress_capture, mesh_host=ns.mesh_host)
         if ns.zipkin_endpoint:
-            parse_endpoint(ns.zipkin_endpoint)  # validates, before anything starts
+            telemetry.parse_endpoint(ns.zipkin_endpoint)  # validates, before anything starts
         capture.CaptureConfig(pod_cidr=ns.pod_cidr, service_cidr=ns.service_cidr,
                               dns_ip=ns.dns_ip)  # validates, before anything starts
     except errors.ShoalError as e:
@@ -125,7 +133,7 @@ def _run(ns: argparse.Namespace) -> int:
         return 2
 
     try:
-        asyncio.run(until_stopped(run(config)))
+        eventloop.run(until_stopped(run(config)), ns.event_loop)
     except (errors.ShoalError, OSError) as e:
         print(f"shoal-meshagent: {e}", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 EARLY_LIMIT = 64 * 1024  # bytes an end keeps before the relay starts, then pauses
 
@@ -136,8 +136,8 @@ class SocketEnd(asyncio.Protocol):
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
+        self.transport = cast(asyncio.Transport, transport)
         if self._on_connected is not None:
             self._on_connected(self)
 

@@ -42,6 +42,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -331,14 +332,14 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
+        self.transport = cast(asyncio.Transport, transport)
         try:
             self.tls = tls_info(transport.get_extra_info("ssl_object"), self.local)
         except identity.PeerIdentityError as e:
             self.failed = str(e)
             self.closed = True
-            transport.abort()
+            self.transport.abort()
             return
         self.h2.initiate_connection()
         self.h2.update_settings({
@@ -750,10 +751,12 @@ class Server:
         async def on_request(s: Stream) -> None:
             await self._stream(s.conn, s, dst_ip)
 
+        conn = Connection(client=False, local=local, on_request=on_request)
         try:
-            _, conn = await loop.connect_accepted_socket(
-                lambda: Connection(client=False, local=local, on_request=on_request),
-                sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout)
+            # The protocol is the one made here, not the returned one: with ssl,
+            # uvloop returns its own TLS protocol in place of the application's.
+            await loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             self.metrics.handshakes.labels("inbound", "tls_failed").inc()
             log.info("tunnel from %s to %s: TLS handshake failed: %s", peer, dst_ip, e)

@@ -941,7 +941,7 @@ class _ServerHalf:
             lower[k.lower()] = v
         self.lower = lower
         parent = telemetry.TraceContext.from_headers(lower)
-        self.ctx = parent.child() if parent is not None else telemetry.TraceContext.new_root()
+        self.ctx = telemetry.hop_context(parent, engine.tracer)
         injected: dict[str, str] = {}
         self.ctx.inject(injected)
         names = {k for k in injected} | {"b3", "x-b3-flags", "x-b3-parentspanid"}

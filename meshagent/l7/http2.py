@@ -748,7 +748,7 @@ class _ServerSide:
         self.grpc = _is_grpc(headers)
         self.lower: Mapping[str, str] = {k: v for k, v in headers if not k.startswith(":")}
         parent = telemetry.TraceContext.from_headers(self.lower)
-        self.ctx = parent.child() if parent is not None else telemetry.TraceContext.new_root()
+        self.ctx = telemetry.hop_context(parent, engine.tracer)
         injected: dict[str, str] = {}
         self.ctx.inject(injected)
         drop = set(injected) | {"b3", "x-b3-flags", "x-b3-parentspanid"}

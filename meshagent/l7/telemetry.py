@@ -45,6 +45,7 @@ stops. Only ``http://`` collectors are supported (the lab's is on loopback).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -352,6 +353,14 @@ def _new_id(nbytes: int) -> str:
             return f"{value:0{nbytes * 2}x}"
 
 
+def hop_context(parent: TraceContext | None, tracer: Tracer | None) -> TraceContext:
+    """This hop's span: a child of the request's context, else the root of a new
+    trace, sampled as the tracer says (always, without a tracer)."""
+    if parent is not None:
+        return parent.child()
+    return TraceContext.new_root(sampled=tracer.sample() if tracer is not None else True)
+
+
 @dataclass(frozen=True)
 class TraceContext:
     trace_id: str  # 32 lower-case hex digits
@@ -506,6 +515,17 @@ def zipkin_span(ctx: TraceContext, *, name: str, kind: str, start: float, durati
     return span
 
 
+def sampling_percent(text: str) -> float:
+    """``--trace-sampling``: a percentage, 0 to 100 (argparse's type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"{value:g}: must be between 0 and 100 (percent)")
+    return value
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int, str]:
     """(host, port, path of the spans API) of an http:// collector URL.
 
@@ -527,8 +547,12 @@ class Tracer:
     def __init__(self, endpoint: str, *, local_service: str,
                  registry: CollectorRegistry | None = None, max_queue: int = 2048,
                  batch_size: int = 256, interval: float = 1.0, timeout: float = 2.0,
-                 sender: Sender | None = None) -> None:
+                 sender: Sender | None = None, sampling: float = 100.0) -> None:
         self.host, self.port, self.path = parse_endpoint(endpoint)
+        if not 0.0 <= sampling <= 100.0:
+            raise errors.Invalid(f"trace sampling {sampling:g}: must be a percentage, "
+                                 "0 to 100")
+        self.sampling = sampling  # percent of new traces sampled (Istio's tracing.sampling)
         self.endpoint = endpoint
         self.local_service = local_service
         self._queue: deque[dict[str, Any]] = deque()
@@ -551,6 +575,11 @@ class Tracer:
                 "failed", ("reason",), registry=registry)
 
     # -- the data path side: never blocks, never raises
+
+    def sample(self) -> bool:
+        """Whether a trace started here is sampled (the decision of the first hop;
+        a request that carries a context keeps its own)."""
+        return self.sampling >= 100.0 or _ids.random() * 100.0 < self.sampling
 
     def finish(self, ctx: TraceContext, *, name: str, kind: str, start: float,
                duration_s: float, tags: Mapping[str, str], service: str = "") -> None:

@@ -169,6 +169,8 @@ class NodeSpec:
     zipkin_endpoint: str = ""
     # The mesh agent's JSON access log (--access-log; off by default, as Istio).
     access_log: bool = False
+    # The share of new traces the mesh agent samples, in percent (Istio's default 1).
+    trace_sampling: float = 1.0
     # A mesh-only host (a VM or bare-metal machine outside the cluster): joins like
     # a node, then runs only the mesh agent with --mesh-host (no node agent, no
     # containerd, no Node object); its workloads are the WorkloadEntries labelled
@@ -318,6 +320,7 @@ def _node_command(node: NodeSpec, component: str, *, python: str) -> Command:
         "--metrics-listen", node.mesh_metrics,
         *(("--zipkin-endpoint", node.zipkin_endpoint) if node.zipkin_endpoint else ()),
         *(("--access-log",) if node.access_log else ()),
+        "--trace-sampling", f"{node.trace_sampling:g}",
     ), ready_url=f"http://{node.mesh_metrics}/readyz")  # fmt: skip
 
 

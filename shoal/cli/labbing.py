@@ -57,6 +57,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--mesh", action="store_true",
                    help="also run a capturing meshagent on every node: pods' traffic "
                         "between nodes goes over mTLS, with the mesh's DNS and policy")
+    p.add_argument("--mesh-profile", choices=["demo", "default"], default="demo",
+                   help="with --mesh: the telemetry of Istio's install profile of that "
+                        "name: demo (the default here) logs every request and samples "
+                        "every trace; default logs none and samples 1%% of traces")
     p.add_argument("--mesh-hosts", type=int, default=0, metavar="N",
                    help="with --mesh: N mesh-only hosts, each a network namespace with "
                         "only a meshagent and a plain process (busybox httpd), no node "
@@ -101,7 +105,7 @@ def run_lab(ns: argparse.Namespace, *, out: TextIO | None = None,
             case "up":
                 return lab.up(nodes=ns.nodes, apiserver_args=tuple(ns.apiserver_arg),
                               mesh=ns.mesh, control_planes=ns.control_planes,
-                              mesh_hosts=ns.mesh_hosts)
+                              mesh_hosts=ns.mesh_hosts, mesh_profile=ns.mesh_profile)
             case "meshhost":
                 return lab.add_mesh_host()
             case "down":

@@ -105,11 +105,13 @@ def route_to(ip: str, via: str) -> None:
                    capture_output=True, text=True)
 
 
-def argv(*, python: str, node: str, node_config: Path, zipkin: str) -> list[str]:
+def argv(*, python: str, node: str, node_config: Path, zipkin: str,
+         sampling: float = 100.0) -> list[str]:
     return [python, "-P", "-m", "meshagent.gateway", "run", "--node-name", node,
             "--pod", f"{NAMESPACE}/{NAME}", "--config", str(node_config),
             "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
-            *(["--zipkin-endpoint", zipkin] if zipkin else [])]
+            *(["--zipkin-endpoint", zipkin] if zipkin else []),
+            "--trace-sampling", f"{sampling:g}"]
 
 
 def address(client: Client) -> str:

@@ -131,6 +131,10 @@ LEASE_NAMESPACE = "kube-node-lease"
 # Node agents renew their Lease this often (kube's 10 s assumes a 40 s grace period;
 # e2e labs shorten the grace period to a few seconds).
 LEASE_RENEW_INTERVAL = 2.0
+# The mesh's telemetry after Istio's install profiles: (access log, percent of
+# traces sampled). "demo", the lab's default, logs every request and samples
+# every trace (the e2e tests read both); "default" is Istio's default profile.
+MESH_PROFILES: dict[str, tuple[bool, float]] = {"demo": (True, 100.0), "default": (False, 1.0)}
 TOKEN_TTL = dt.timedelta(hours=1)
 START_TIMEOUT = 60.0
 READY_TIMEOUT = 120.0
@@ -199,6 +203,7 @@ class Lab:
         # Extra `shoal-apiserver serve` flags for this up (e.g. shorter timeouts).
         self.apiserver_args: tuple[str, ...] = ()
         self.mesh = False
+        self.mesh_profile = "demo"  # a key of MESH_PROFILES
         self.mesh_hosts = 0  # `up --mesh-hosts N`
         self.control_planes = 1
         self._control_plane: bootstrap.Spec | None = None
@@ -260,7 +265,10 @@ class Lab:
     # -- up ----------------------------------------------------------------------
 
     def up(self, *, nodes: int, apiserver_args: tuple[str, ...] = (), mesh: bool = False,
-           control_planes: int = 1, mesh_hosts: int = 0) -> int:
+           control_planes: int = 1, mesh_hosts: int = 0, mesh_profile: str = "demo") -> int:
+        if mesh_profile not in MESH_PROFILES:
+            raise errors.BadRequest(f"--mesh-profile {mesh_profile!r}: want one of "
+                                    f"{', '.join(MESH_PROFILES)}")
         if mesh_hosts and not mesh:
             raise errors.BadRequest("--mesh-hosts needs --mesh (a mesh-only host joins "
                                     "the mesh)")
@@ -272,6 +280,7 @@ class Lab:
         control_plane_members(topo, control_planes)  # a wrong count is refused first
         self.apiserver_args = apiserver_args
         self.mesh = mesh
+        self.mesh_profile = mesh_profile
         self.control_planes = control_planes
         existing = self.file.load()
         if existing is not None and existing.phase == UP:
@@ -504,8 +513,8 @@ class Lab:
             # Often enough for the shortened --node-monitor-grace-period labs use.
             lease_renew_interval=LEASE_RENEW_INTERVAL, sandbox_image=SANDBOX_IMAGE,
             zipkin_endpoint=zipkin_url(topo) if self.mesh else "",
-            # The e2e tests read the agents' access-log lines.
-            access_log=self.mesh))
+            access_log=self.mesh and MESH_PROFILES[self.mesh_profile][0],
+            trace_sampling=MESH_PROFILES[self.mesh_profile][1]))
 
     def _member_specs(self, topo: Topology) -> list[tuple[ControlPlaneMember, bootstrap.Spec]]:
         """One bootstrap spec per control-plane member (one member: the single
@@ -645,7 +654,8 @@ class Lab:
         assert node is not None
         zipkin = zipkin_url(topo) if ZIPKIN in state.processes else ""
         record = self._spawn(state, ingress.PROCESS, ingress.argv(
-            python=self.python, node=n.name, node_config=node.node_config, zipkin=zipkin),
+            python=self.python, node=n.name, node_config=node.node_config, zipkin=zipkin,
+            sampling=node.trace_sampling),
             log=topo.logs_dir / "ingressgateway.log", netns=ingress.pod_netns(ip),
             supervised=True)
         self.sup.wait_until(f"{ingress.PROCESS} /readyz",

@@ -62,6 +62,15 @@ def test_the_mesh_agent_uses_the_nodes_config_and_captures() -> None:
     assert "--capture" in got and got[got.index("--dns-ip") + 1] == "192.168.56.11"
 
 
+def test_the_mesh_agent_samples_traces_as_the_node_says() -> None:
+    got = argv(Spec(node=VM_NODE), bootstrap.MESHAGENT)
+    assert got[got.index("--trace-sampling") + 1] == "1"  # Istio's default
+    assert "--access-log" not in got
+    demo = NodeSpec(**{**VM_NODE.__dict__, "trace_sampling": 100.0, "access_log": True})
+    got = argv(Spec(node=demo), bootstrap.MESHAGENT)
+    assert got[got.index("--trace-sampling") + 1] == "100" and "--access-log" in got
+
+
 def test_a_mesh_only_hosts_agent_runs_with_mesh_host_and_its_own_name() -> None:
     got = argv(Spec(node=MESH_HOST), bootstrap.MESHAGENT)
     assert got[got.index("--node-name") + 1] == "meshhost-1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -17,9 +18,11 @@ from meshagent.l7.telemetry import (
     RequestTelemetry,
     TraceContext,
     Tracer,
+    hop_context,
     parse_b3_single,
     parse_endpoint,
     parse_traceparent,
+    sampling_percent,
     workload_labels,
 )
 from shoal import errors
@@ -395,3 +398,33 @@ def test_parse_endpoint(url: str, want: tuple[str, int, str]) -> None:
 def test_parse_endpoint_rejects(url: str) -> None:
     with pytest.raises(errors.Invalid, match="zipkin endpoint"):
         parse_endpoint(url)
+
+
+def test_new_traces_are_sampled_at_the_tracers_percentage() -> None:
+    def share(percent: float) -> float:
+        tracer = Tracer("http://127.0.0.1:9411", local_service="a", sampling=percent)
+        return sum(hop_context(None, tracer).sampled for _ in range(20_000)) / 20_000
+
+    assert share(100.0) == 1.0 and share(0.0) == 0.0
+    assert 0.005 < share(1.0) < 0.015  # Istio's default, 1 %
+    assert 0.45 < share(50.0) < 0.55
+
+
+def test_a_request_that_carries_a_trace_keeps_its_decision() -> None:
+    never = Tracer("http://127.0.0.1:9411", local_service="a", sampling=0.0)
+    parent = TraceContext(trace_id=TRACE, span_id=SPAN)  # sampled upstream
+    child = hop_context(parent, never)
+    assert child.sampled and child.trace_id == TRACE and child.parent_id == SPAN
+    unsampled = TraceContext(trace_id=TRACE, span_id=SPAN, sampled=False)
+    always = Tracer("http://127.0.0.1:9411", local_service="a", sampling=100.0)
+    assert not hop_context(unsampled, always).sampled
+    assert hop_context(None, None).sampled  # no tracer: headers still propagate
+
+
+@pytest.mark.parametrize("text", ["-1", "100.5", "abc", "nan"])
+def test_trace_sampling_must_be_a_percentage(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        sampling_percent(text)
+    with pytest.raises(errors.Invalid, match="trace sampling"):
+        Tracer("http://127.0.0.1:9411", local_service="a", sampling=float("inf"))
+    assert sampling_percent("0.5") == 0.5
