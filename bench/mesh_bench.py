@@ -9,9 +9,10 @@ http`` (issue 7): HTTP/1.1 through the agents' L7 path, against HAProxy in
 
 Needs root and Debian's ``haproxy`` (``apt-get install haproxy``). The script
 takes ``/tmp/shoal-e2e.lock`` itself for the whole run (do not wrap it in
-``flock``), brings up its own ``shoal lab up --nodes 3 --mesh`` and takes it down
-(``--purge``) at the end, also on an error or Ctrl-C; the haproxy, echo and load
-processes it starts are stopped by their PIDs.
+``flock``), brings up its own ``shoal lab up --nodes 3 --mesh --mesh-profile
+default`` (``--mesh-profile``) and takes it down (``--purge``) at the end, also on
+an error or Ctrl-C; the haproxy, echo and load processes it starts are stopped by
+their PIDs.
 
 Pods (namespace ``mesh-bench``; the containers only ``sleep``; the echo server
 and the load generator, ``bench/meshload.py``, run with this Python inside the
@@ -449,7 +450,9 @@ def run_load(started: Started, setup: Setup, mode: str, *, args: argparse.Namesp
         sys.executable, str(LOAD), "load", "--target", target, "--rate", str(args.rate),
         "--connections", str(args.connections), "--size", str(args.size),
         "--warmup", str(warmup), "--duration", str(duration),
-        *(["--http", "--host-header", host_header] if http else [])])
+        *(["--http", "--host-header", host_header] if http else []),
+        *(["--trace", str(args.trace_dir / f"{mode}-{time.time():.0f}.txt")]
+          if args.trace_dir else [])])
     p = started.spawn(f"load/{mode}", argv, log=setup.logs / "load.log",
                       stdout=subprocess.PIPE)
     assert p.stdout is not None
@@ -632,11 +635,12 @@ def machine_info() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def lab(lab_dir: Path) -> Iterator[None]:
-    say(f"shoal lab up --nodes 3 --mesh --dir {lab_dir}")
+def lab(lab_dir: Path, profile: str) -> Iterator[None]:
+    say(f"shoal lab up --nodes 3 --mesh --mesh-profile {profile} --dir {lab_dir}")
     t0 = time.monotonic()
     try:
-        up = shoal("lab", "up", "--nodes", "3", "--mesh", "--dir", str(lab_dir))
+        up = shoal("lab", "up", "--nodes", "3", "--mesh", "--mesh-profile", profile,
+                   "--dir", str(lab_dir))
         if up.returncode != 0:
             raise RuntimeError(f"lab up failed:\n{up.stdout}\n{up.stderr}")
         say(f"lab up in {time.monotonic() - t0:.1f} s")
@@ -885,6 +889,12 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="request (and echo) bytes")
     p.add_argument("--lab-dir", type=Path, default=Path("/tmp/shoal-bench-lab"))
     p.add_argument("--json", type=Path, help="write every run and the summary here")
+    p.add_argument("--mesh-profile", choices=("default", "demo"), default="default",
+                   help="the lab's mesh telemetry (shoal lab up --mesh-profile): Istio's "
+                        "default profile (no access log, 1%% of traces sampled; the "
+                        "default here) or demo (every request logged and traced)")
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="keep each run's per-request times and latencies here")
     p.add_argument("--profile", action="store_true",
                    help="then one extra mesh run with py-spy on both meshagents")
     args = p.parse_args()
@@ -910,7 +920,7 @@ def main() -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         started = Started()
         try:
-            with lab(args.lab_dir):
+            with lab(args.lab_dir, args.mesh_profile):
                 try:
                     out = bench(args, started)
                 finally:

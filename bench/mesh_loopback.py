@@ -163,6 +163,8 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--nodelay-everywhere", action="store_true")
     p.add_argument("--http", action="store_true", help="HTTP/1.1 through the L7 path")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the event loop the agents run on")
     p.add_argument("--cprofile", help="write a cProfile of the agents' process here")
     p.add_argument("--setup-samples", type=int, default=0, metavar="N",
                    help="instead of the load: time N tunnel stream opens on a fresh "
@@ -170,7 +172,11 @@ def main() -> int:
     args = p.parse_args()
     if args.nodelay_everywhere:
         nodelay_everywhere()
-    r = asyncio.run(run(args))
+    if args.loop == "uvloop":
+        import uvloop
+        r = uvloop.run(run(args))
+    else:
+        r = asyncio.run(run(args))
     if args.setup_samples:
         print(json.dumps(r))
         return 0

@@ -61,6 +61,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 CLOCK_MONOTONIC = 1
 TFD_NONBLOCK = os.O_NONBLOCK
@@ -103,8 +104,8 @@ def periodic_timerfd(start_ns: int, period_ns: int) -> int:
 
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
@@ -190,8 +191,8 @@ class HttpEcho(asyncio.Protocol):
         self.parser = HttpParser()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -224,6 +225,7 @@ class Stats:
         self.measure_from, self.measure_to = measure_from, measure_to
         self.window = window
         self.latencies = array("d")
+        self.scheduled = array("d")  # each measured request's scheduled time (--trace)
         self.completed_in_window = 0
         self.completed_measured = 0
         self.mismatches = 0
@@ -242,8 +244,8 @@ class Conn(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -269,6 +271,7 @@ class Conn(asyncio.Protocol):
             k, scheduled = self.pending.popleft()
             if st.measure_from <= k < st.measure_to:
                 st.latencies.append(now - scheduled)
+                st.scheduled.append(scheduled)
                 st.completed_measured += 1
             if st.window[0] <= now < st.window[1]:
                 st.completed_in_window += 1
@@ -324,6 +327,7 @@ class HttpConn(Conn):
             k, scheduled = self.pending.popleft()
             if st.measure_from <= k < st.measure_to:
                 st.latencies.append(now - scheduled)
+                st.scheduled.append(scheduled)
                 st.completed_measured += 1
             if st.window[0] <= now < st.window[1]:
                 st.completed_in_window += 1
@@ -347,7 +351,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 async def load(*, host: str, port: int, rate: float, connections: int, size: int,
                warmup: float, duration: float, drain: float, source: str = "",
-               http: bool = False, host_header: str = "") -> dict[str, object]:
+               http: bool = False, host_header: str = "", trace: str = ""
+               ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     with open("/dev/urandom", "rb") as f:
         payload = f.read(size)
@@ -414,6 +419,10 @@ async def load(*, host: str, port: int, rate: float, connections: int, size: int
     for c in conns:
         if c.transport is not None:
             c.transport.close()
+    if trace:  # one line per measured request: when it was due (CLOCK_MONOTONIC), latency (ms)
+        with open(trace, "w") as out:
+            for at, latency in zip(stats.scheduled, stats.latencies, strict=True):
+                out.write(f"{at:.6f} {latency * 1e3:.3f}\n")
     lat = sorted(x * 1e3 for x in stats.latencies)
     lag = sorted(x * 1e3 for x in lags)
     measured = measure_to - measure_from
@@ -490,6 +499,8 @@ def main() -> int:
     g.add_argument("--source", default="", help="local address to connect from")
     g.add_argument("--http", action="store_true", help="HTTP/1.1 keep-alive requests")
     g.add_argument("--host-header", default="", help="Host of the HTTP requests")
+    g.add_argument("--trace", default="", metavar="FILE",
+                   help="write each measured request's time and latency here")
     pr = sub.add_parser("probe")
     pr.add_argument("--target", required=True, metavar="IP:PORT")
     pr.add_argument("--interval", type=float, default=0.002)
@@ -514,7 +525,7 @@ def main() -> int:
     result = asyncio.run(load(host=host, port=int(port), rate=ns.rate,
                               connections=ns.connections, size=ns.size, warmup=ns.warmup,
                               duration=ns.duration, drain=ns.drain, source=ns.source,
-                              http=ns.http, host_header=ns.host_header))
+                              http=ns.http, host_header=ns.host_header, trace=ns.trace))
     print(json.dumps(result), flush=True)
     return 0
 
