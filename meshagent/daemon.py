@@ -34,10 +34,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 
 from meshagent import admin, capture, dns, egress, identity, meshhost, policy, proxy, relay, tunnel
+from meshagent.l7 import destservice, telemetry
 from meshagent.l7 import engine as l7engine
 from meshagent.l7 import http2 as l7http2
 from meshagent.l7 import routes as l7routes
-from meshagent.l7 import telemetry
 from meshagent.l7 import upstream as l7upstream
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
@@ -157,6 +157,9 @@ class MeshAgent:
                                             domain=config.cluster_domain)
         self._http_services: dict[Address, l7engine.Service] = {}
         self._http_pod_ports: set[Address] = set()
+        # (pod IP, target port) -> its Services: the destination reporter's
+        # destination_service (l7 destservice).
+        self._dest_services = destservice.Index()
         self._l7_dirty = True
         self._rng = random.Random()
         l7_sources: list[Informer[Any]] = [self.services, self.endpoints,
@@ -186,7 +189,8 @@ class MeshAgent:
                                       clusters=self.l7_clusters, pod=self.l7_pod,
                                       record=self.telemetry.record,
                                       open_tunnel=self._open_tunnel,
-                                      authorize=self.authorize_http, tracer=self.tracer)
+                                      authorize=self.authorize_http, tracer=self.tracer,
+                                      service_of=self.destination_service)
         # HTTP/1.1 to the engine, HTTP/2 (h2c, gRPC) to its HTTP/2 proxy, by the first bytes.
         self.http = l7http2.Dispatch(self.engine)
         self.path = proxy.DataPath(node=config.node_name, trust_domain=config.trust_domain,
@@ -296,6 +300,9 @@ class MeshAgent:
             workload_entries=entries)
         for dst, svc in service_entry_http_ports(ses, self._resolved, entries).items():
             self._http_services.setdefault(dst, svc)
+        self._dest_services = destservice.build_index(
+            services, endpoints, domain=self.config.cluster_domain, service_entries=ses,
+            workload_entries=entries)
 
     def l7_routes(self) -> l7routes.RouteTable:
         self._l7_rebuild()
@@ -313,6 +320,15 @@ class MeshAgent:
     def http_pod_port(self, dst: Address) -> bool:
         self._l7_rebuild()
         return dst in self._http_pod_ports
+
+    def destination_service(self, *, dst: l7engine.Pod, port: int, host: str,
+                            source_namespace: str) -> destservice.ServiceName:
+        """The Service a request to local pod ``dst``:``port`` was for (the
+        destination reporter's destination_service)."""
+        self._l7_rebuild()
+        return destservice.resolve(self._dest_services, ip=dst.ip, port=port,
+                                   namespace=dst.namespace, host=host,
+                                   source_namespace=source_namespace)
 
     def tcp_pick(self, route: Route, dst: Address, src: proxy.Workload | None
                  ) -> Address | None:

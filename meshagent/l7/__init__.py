@@ -7,4 +7,6 @@
     engine      the request engine: route -> cluster -> fault -> pick -> upstream
                 connection pool -> response, with timeouts, retries and mirroring
     telemetry   istio_requests_total & co, the access log, trace context, spans
+    destservice which Service a request to a local pod was for (the destination
+                reporter's destination_service): an index by pod IP:port (pure)
 """

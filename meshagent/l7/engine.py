@@ -33,7 +33,8 @@ HTTP port of a local pod; also the local half of a local->local request)::
           -> trace: a child of the incoming context (or a new root), injected
              into the request the pod gets; this agent's SERVER span
           -> the pod (one connection per inbound connection) -> response back
-          -> record (reporter=destination) and the span
+          -> record (reporter=destination; destination_service from the Host and
+             the pod's Services: ``service_of``, see destservice) and the span
 
 Request bodies up to ``RETRY_BUFFER`` bytes are kept so that a retry or a mirror
 can send them again; a longer body streams through and is not retried (as
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshagent import relay
-from meshagent.l7 import http1, routes, telemetry, upstream
+from meshagent.l7 import destservice, http1, routes, telemetry, upstream
 from meshagent.l7.http1 import END, Channel, ChannelClosed, Head, HttpError, Reader
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,20 @@ def allow_all(*, source: Peer, dst: Pod, port: int, mtls: bool,
 OpenTunnel = Callable[[Peer, Pod, int], Awaitable[relay.End]]
 Connect = Callable[[str, int], Awaitable[relay.End]]
 PodLookup = Callable[[str], "Pod | None"]
+
+
+class ServiceOf(Protocol):
+    """The Service a request to local pod ``dst``:``port`` with this Host /
+    :authority was for (the destination reporter's destination_service; see
+    :mod:`meshagent.l7.destservice`)."""
+
+    def __call__(self, *, dst: Pod, port: int, host: str,
+                 source_namespace: str) -> destservice.ServiceName: ...
+
+
+def service_unknown(*, dst: Pod, port: int, host: str,
+                    source_namespace: str) -> destservice.ServiceName:
+    return destservice.UNKNOWN
 
 
 class ClusterLike(Protocol):
@@ -368,7 +383,8 @@ class Engine:
                  open_tunnel: OpenTunnel | None = None, connect: Connect | None = None,
                  authorize: Authorize = allow_all, tracer: telemetry.Tracer | None = None,
                  rng: random.Random | None = None, connect_timeout: float = 5.0,
-                 idle_timeout: float = 3600.0) -> None:
+                 idle_timeout: float = 3600.0, service_of: ServiceOf = service_unknown
+                 ) -> None:
         self.node = node
         self.route_table = route_table
         self.clusters = clusters
@@ -377,6 +393,7 @@ class Engine:
         self.open_tunnel = open_tunnel
         self.connect = connect or self._tcp
         self.authorize = authorize
+        self.service_of = service_of  # the destination reporter's destination_service
         self.tracer = tracer
         self.rng = rng or random.Random()
         self.connect_timeout = connect_timeout
@@ -965,11 +982,15 @@ class _ServerHalf:
         self._done = True
         e, s, d = self.engine, self.source, self.dst
         duration = time.monotonic() - self.t0
+        svc = e.service_of(dst=d, port=self.port, host=self.lower.get("host", ""),
+                           source_namespace=s.namespace)
         rec = telemetry.RequestRecord(
             reporter="destination", source_workload=s.workload,
             source_workload_namespace=s.namespace, source_principal=s.principal,
             destination_workload=d.workload, destination_workload_namespace=d.namespace,
-            destination_principal=d.principal, response_code=status, response_flags=flag,
+            destination_principal=d.principal, destination_service=svc.host,
+            destination_service_name=svc.name, destination_service_namespace=svc.namespace,
+            response_code=status, response_flags=flag,
             connection_security_policy="mutual_tls" if self.mtls else "none",
             method=self.head.method, path=self.path, authority=self.lower.get("host", ""),
             duration_s=duration, request_bytes=request_bytes, response_bytes=response_bytes,

@@ -770,11 +770,15 @@ class _ServerSide:
         self._done = True
         e, s, d = self.engine, self.source, self.dst
         duration = time.monotonic() - self.t0
+        svc = e.service_of(dst=d, port=self.port,
+                           host=self.authority or self.lower.get("host", ""),
+                           source_namespace=s.namespace)
         e.record(telemetry.RequestRecord(
             reporter="destination", source_workload=s.workload,
             source_workload_namespace=s.namespace, source_principal=s.principal,
             destination_workload=d.workload, destination_workload_namespace=d.namespace,
-            destination_principal=d.principal,
+            destination_principal=d.principal, destination_service=svc.host,
+            destination_service_name=svc.name, destination_service_namespace=svc.namespace,
             request_protocol="grpc" if self.grpc else "http", response_code=status,
             response_flags=flag, grpc_response_status=grpc_status,
             connection_security_policy="mutual_tls" if self.mtls else "none",
