@@ -193,12 +193,14 @@ def test_istio_requests_total_counts_every_request_at_both_reporters(
                   source_principal=f"cluster.local/ns/{NS}/sa/client",
                   destination_principal=f"cluster.local/ns/{NS}/sa/web",
                   request_protocol="http", response_flags="-")
+    # Both name the Service: the destination reporter by the request's Host (web.NS).
+    service = dict(destination_service=SERVICE, destination_service_name="web",
+                   destination_service_namespace=NS)
     assert _requests(apps["node2"], reporter="destination", response_code="200",
-                     connection_security_policy="mutual_tls", **labels) == want[
+                     connection_security_policy="mutual_tls", **service, **labels) == want[
         ("destination", "200")]
     assert _requests(apps["node1"], reporter="source", response_code="404",
-                     destination_service=SERVICE, destination_service_name="web",
-                     destination_service_namespace=NS, **labels) == want[("source", "404")]
+                     **service, **labels) == want[("source", "404")]
     text = scrape(f"http://{apps['node2']}:15020/metrics")
     assert metric_total(text, "istio_request_duration_milliseconds_count",
                         reporter="destination", destination_workload="web",
