@@ -27,20 +27,29 @@ What it serves (``plan()``, pure)::
       -> a bad server (unknown protocol, no credential, a port already used
          with another protocol) is left out alone and reported
 
-Per request (one request per client connection; the reply says
-``Connection: close``)::
+Per client connection: the L7 engine's client side (meshagent.l7.engine,
+``Engine.outbound`` with this gateway as its ``front``), so keep-alive, and per
+request everything the agents' client side does after routing. The gateway
+routes (``decide``, then ``_route``)::
 
     Host (port dropped) matches a server's hosts (exact, "*", "*.suffix")?
       no -> 404 NR
+    the server says httpsRedirect and this is not TLS -> 301 to https://
     the VirtualService bound to that Gateway (``gateways: [ns/name]``) for the
     host, routed by meshagent.l7.routes (the agents' own routing code)
-      none / no route matched -> 404 NR;  redirect -> 301;  fault abort -> FI
-    destination (weighted) -> cluster (meshagent.l7.upstream: subsets, LB,
-    connection pool, outlier reports) -> endpoint -> mTLS tunnel stream to the
-    endpoint's agent as the gateway's identity (plain TCP to a pod outside the
-    mesh) -> request with the trace context of the gateway's own SERVER span
-    (a child of the incoming one, else a new root), x-request-id,
-    x-forwarded-for/-proto -> response relayed back
+      none / no route matched -> 404 NR;  redirect -> 301
+    the destination (weighted) chosen; the gateway's SERVER span (a child of
+    the incoming context, else a new root) injected; x-forwarded-for appended
+
+and the engine carries it out: fault delay/abort, connection pool (503 UO),
+mirror, tries with retries/perTryTimeout within the route timeout, the
+cluster's endpoint (meshagent.l7.upstream: subsets, LB, outlier detection),
+pooled keep-alive upstream connections over mTLS tunnel streams to the
+endpoint's agent as the gateway's identity (plain TCP to a pod outside the
+mesh), x-forwarded-proto and x-request-id, the response streamed back, and the
+request's record (reporter=source, source workload istio-ingressgateway), which
+the gateway completes with its span (``_finish``) before it is kept. Local
+replies name their response flag in ``x-shoal-response-flags``.
 
 TLS for the listeners is the ``ssl`` module's; nothing here loads
 ``cryptography`` (a unit test guards the process's imports).
@@ -51,6 +60,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -59,17 +69,15 @@ import socket
 import ssl
 import sys
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import httptools
 from prometheus_client import CollectorRegistry, Counter
 
-from meshagent import identity, tunnel
-from meshagent.l7 import routes, telemetry, upstream
+from meshagent import identity, relay, tunnel
+from meshagent.l7 import engine, routes, telemetry, upstream
 from meshagent.l7.routes import RouteTable
 from shoal import config as configmod
 from shoal import errors, eventloop, logs, spiffe
@@ -84,13 +92,8 @@ log = logging.getLogger(__name__)
 
 HTTP, HTTPS = "HTTP", "HTTPS"
 SIMPLE = "SIMPLE"
-MAX_HEAD = 64 * 1024  # request/response head limit (431 / 502 beyond)
 TLS_SECRET_TYPE = "kubernetes.io/tls"
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade",
-                        "trailer", "proxy-authenticate", "proxy-authorization"})
-REASONS = {200: "OK", 301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
-           431: "Request Header Fields Too Large", 502: "Bad Gateway",
-           503: "Service Unavailable", 504: "Gateway Timeout"}
+FLAGS_HEADER = "x-shoal-response-flags"  # a local reply's response flag, for the client
 
 
 # --------------------------------------------------------------------------- the plan (pure)
@@ -316,204 +319,71 @@ class Credentials:
         return found[1] if found is not None else None
 
 
-# --------------------------------------------------------------------------- HTTP heads
+# --------------------------------------------------------------------------- what goes upstream
+
+TRACE_HEADERS = frozenset({"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+                           "x-b3-sampled", "x-b3-flags", "b3"})
 
 
-@dataclass
-class Head:
-    """A parsed request or response head; ``headers`` keep their order and case."""
-
-    method: str = ""
-    target: str = ""
-    status: int = 0
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    complete: bool = False  # the whole message (head and body) was parsed
-
-    def get(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for n, v in self.headers if n.lower() == name), None)
-
-    def lower(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for n, v in self.headers:
-            out[n.lower()] = f"{out[n.lower()]},{v}" if n.lower() in out else v
-        return out
-
-
-class _Parsing:
-    """httptools callbacks filling a :class:`Head` (and counting body bytes)."""
-
-    def __init__(self, head: Head) -> None:
-        self.head = head
-        self.url = bytearray()
-        self._name = bytearray()
-        self._value = bytearray()
-        self._in_value = False
-        self.headers_done = False
-        self.body_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body_bytes += len(body)
-
-    def on_message_complete(self) -> None:
-        self.head.complete = True
-
-
-def parse_request_head(data: bytes) -> tuple[Head, Any, _Parsing]:
-    """The request head in ``data`` (which ends at its blank line) and the parser,
-    to be fed the body; ValueError when it is not HTTP/1.x."""
-    head = Head()
-    cb = _Parsing(head)
-    parser = httptools.HttpRequestParser(cb)
-    try:
-        parser.feed_data(data)
-    except httptools.HttpParserError as e:
-        raise ValueError(f"malformed request: {e}") from None
-    if not cb.headers_done:
-        raise ValueError("incomplete request head")
-    head.method = parser.get_method().decode("latin-1")
-    head.target = cb.url.decode("latin-1")
-    return head, parser, cb
-
-
-def render_request(head: Head) -> bytes:
-    lines = [f"{head.method} {head.target} HTTP/1.1"]
-    lines += [f"{n}: {v}" for n, v in head.headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def simple_response(status: int, body: str, *, flag: str = "",
-                    headers: Iterable[tuple[str, str]] = ()) -> bytes:
-    data = body.encode()
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
-             "content-type: text/plain", f"content-length: {len(data)}",
-             "server: istio-envoy", "connection: close", *(f"{n}: {v}" for n, v in headers)]
-    if flag:
-        lines.append(f"x-shoal-response-flags: {flag}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
-
-
-def forwarded_headers(head: Head, *, authority: str, client_ip: str, scheme: str,
-                      ctx: telemetry.TraceContext, request_id: str) -> list[tuple[str, str]]:
-    """The request's headers as the gateway sends them on: hop-by-hop ones (and
-    those ``Connection`` names) dropped, ``host`` the (rewritten) authority,
-    ``connection: close``, x-forwarded-for/-proto, x-request-id, and the trace
-    context of the gateway's span (pure)."""
-    named = {t.strip().lower() for t in (head.get("connection") or "").split(",") if t.strip()}
-    drop = HOP_BY_HOP | named | {"host", "x-forwarded-proto", "x-request-id"}
-    out = [(n, v) for n, v in head.headers if n.lower() not in drop]
-    trace: dict[str, str] = {n.lower(): v for n, v in out}
+def forwarded_headers(headers: Iterable[tuple[str, str]], *, client_ip: str,
+                      ctx: telemetry.TraceContext) -> list[tuple[str, str]]:
+    """The gateway's additions to the headers the engine sends on (pure): the
+    trace context of the gateway's span in place of the incoming one, and the
+    client's address appended to x-forwarded-for."""
+    trace: dict[str, str] = {}
     ctx.inject(trace)
-    trace_names = {"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-                   "x-b3-sampled", "x-b3-flags", "b3"}
-    out = [(n, v) for n, v in out if n.lower() not in trace_names]
-    out += [(n, trace[n]) for n in sorted(trace) if n in trace_names]
-    xff = head.get("x-forwarded-for")
-    out = [(n, v) for n, v in out if n.lower() != "x-forwarded-for"]
-    out.insert(0, ("host", authority))
-    out += [("x-forwarded-for", f"{xff}, {client_ip}" if xff else client_ip),
-            ("x-forwarded-proto", scheme), ("x-request-id", request_id),
-            ("connection", "close")]
+    xff = ""
+    out: list[tuple[str, str]] = []
+    for n, v in headers:
+        low = n.lower()
+        if low == "x-forwarded-for":
+            xff = f"{xff}, {v}" if xff else v
+        elif low not in TRACE_HEADERS:
+            out.append((n, v))
+    out += trace.items()
+    out.append(("x-forwarded-for", f"{xff}, {client_ip}" if xff else client_ip))
     return out
 
 
+def destination_service(dest: routes.Destination) -> engine.Service:
+    """The service a destination names, for telemetry (name and namespace of a
+    cluster Service's FQDN ``name.ns.svc.<domain>``)."""
+    parts = dest.host.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return engine.Service(host=dest.host, port=dest.port, name=parts[0],
+                              namespace=parts[1])
+    return engine.Service(host=dest.host, port=dest.port)
+
+
+def engine_pods(pods: Iterable[core_pb2.Pod], *, trust_domain: str) -> dict[str, engine.Pod]:
+    """The pods requests may go to, by IP, as the engine sees them (a running
+    pod wins over a finished one with its IP); none is local: the gateway is
+    nobody's server side."""
+    out: dict[str, engine.Pod] = {}
+    for p in pods:
+        ip = p.status.pod_ip
+        if not ip or (ip in out and p.status.phase in ("Succeeded", "Failed")):
+            continue
+        ns, labels = p.metadata.namespace, dict(p.metadata.labels)
+        out[ip] = engine.Pod(
+            ip=ip, name=p.metadata.name, namespace=ns,
+            workload=labels.get("app") or p.metadata.name,
+            principal=f"{trust_domain}/ns/{ns}/sa/{p.spec.service_account_name or 'default'}",
+            node_local=False, meshed=_meshed(p), labels=labels)
+    return out
+
+
+def _meshed(pod: core_pb2.Pod) -> bool:
+    labels = pod.metadata.labels
+    return labels.get("shoal.dev/mesh") != "disabled" and \
+        labels.get("istio.io/dataplane-mode") != "none"
+
+
+def _no_route(why: str) -> routes.Action:
+    return routes.Action(origin=why, destinations=(), retries=routes.NO_RETRIES)
+
+
 # --------------------------------------------------------------------------- the data path
-
-
-class _StreamReader:
-    """A tunnel stream's incoming bytes as an ``asyncio.StreamReader`` (the
-    stream calls us as its relay)."""
-
-    def __init__(self) -> None:
-        self.reader = asyncio.StreamReader(limit=MAX_HEAD)
-        self.error = ""
-
-    def data(self, side: int, data: bytes) -> None:
-        self.reader.feed_data(data)
-
-    def eof(self, side: int) -> None:
-        if not self.reader.at_eof():
-            self.reader.feed_eof()
-
-    def lost(self, side: int, why: str) -> None:
-        self.error = why
-        self.eof(side)
-
-    def full(self, side: int) -> None:
-        pass  # our writes wait on stream.flushed()
-
-    def drained(self, side: int) -> None:
-        pass
-
-
-class _SocketReader(asyncio.Protocol):
-    """A plain TCP upstream (a pod outside the mesh) as reader + writer."""
-
-    def __init__(self) -> None:
-        self.reader = asyncio.StreamReader(limit=MAX_HEAD)
-        self.transport: asyncio.Transport | None = None
-        self.error = ""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed_data(data)
-
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self.error = str(exc)
-        if not self.reader.at_eof():
-            self.reader.feed_eof()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-@dataclass
-class Upstream:
-    reader: asyncio.StreamReader
-    write: Any  # Callable[[bytes], None]
-    close: Any  # Callable[[], None]
-    mtls: bool
-    peer: str  # the destination's principal ("" plaintext)
-
-
-@dataclass
-class _Call:
-    """One request in flight at the gateway."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    port: int
-    head: Head
-    headers: dict[str, str]  # lower-case names
-    parser: Any  # httptools.HttpRequestParser, fed the body
-    parsing: _Parsing
-    rec: telemetry.RequestRecord
-    span: telemetry.TraceContext
-    request_id: str
-    client_ip: str
-    tls: bool
 
 
 @dataclass(frozen=True)
@@ -531,22 +401,34 @@ class Workload:
         return self.labels.get("app") or self.labels.get("istio") or self.name
 
 
+class _TlsClientEnd(relay.SocketEnd):
+    """A client's TLS connection as an End: asyncio's TLS transport cannot keep
+    a half-closed connection open (and warns when asked), so the client's EOF
+    ends it."""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.tunnel = tunnel.Metrics(registry)
         self.rejected = Counter("shoal_gateway_rejected_connections",
-                                "client connections closed before a request: TLS "
-                                "handshake failed, no credential, malformed request",
-                                ("port", "reason"), registry=registry)
+                                "client TLS handshakes refused: no credential for the "
+                                "server the name picks", ("port", "reason"),
+                                registry=registry)
 
 
 class Gateway:
-    """Listeners per the plan, and the request path; see the module docstring."""
+    """Listeners per the plan; each client connection is served by the L7
+    engine's client side, with :meth:`decide` routing its requests (see the
+    module docstring)."""
 
     def __init__(self, *, me: Workload, trust_domain: str, listen_host: str,
                  pool: tunnel.Pool | None, registry: CollectorRegistry,
                  tracer: telemetry.Tracer | None = None, connect_timeout: float = 5.0,
-                 request_timeout: float = 60.0, rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None) -> None:
         self.me = me
         self.trust_domain = trust_domain
         self.listen_host = listen_host
@@ -554,15 +436,19 @@ class Gateway:
         self.tracer = tracer
         self.telemetry = telemetry.RequestTelemetry(registry)  # spans: self.tracer
         self.metrics = Metrics(registry)
-        self.connect_timeout = connect_timeout
-        self.request_timeout = request_timeout
         self.rng = rng or random.Random()
         self.plan = Plan()
         self.routes = RouteTable()
         self.clusters = upstream.Clusters()
-        self.pods: dict[str, core_pb2.Pod] = {}  # namespace/name
         self.credentials = Credentials(me.namespace)
+        self._pods: dict[str, engine.Pod] = {}  # by IP
+        self.engine = engine.Engine(
+            node=f"router~{me.ip}~{me.name}.{me.namespace}", route_table=lambda: self.routes,
+            clusters=lambda: self.clusters, pod=self._pods_get, record=self.telemetry.record,
+            open_tunnel=self._open_tunnel, rng=self.rng, connect_timeout=connect_timeout)
+        self.engine.flags_header = FLAGS_HEADER
         self._servers: dict[int, tuple[str, asyncio.Server]] = {}  # port -> (protocol, srv)
+        self._connections: set[asyncio.Task[None]] = set()
 
     # -- configuration --
 
@@ -576,11 +462,12 @@ class Gateway:
         for why in set(new.rejected) - set(self.plan.rejected):
             log.warning("gateway: %s", why)
         self.plan = new
-        svcs = list(services)
-        self.pods = {key_of(p): p for p in pods}
+        svcs, pod_list = list(services), list(pods)
         self.routes.update(list(virtual_services), svcs)
         self.clusters.update(services=svcs, endpoints=list(endpoints),
-                             pods=self.pods, destination_rules=list(destination_rules))
+                             pods={key_of(p): p for p in pod_list},
+                             destination_rules=list(destination_rules))
+        self._pods = engine_pods(pod_list, trust_domain=self.trust_domain)
         self.credentials.update(secrets, (c for lst in new.listeners.values()
                                           for c in lst.credentials))
 
@@ -592,14 +479,17 @@ class Gateway:
                 srv.close()
                 del self._servers[port]
                 log.info("gateway: listener %d closed", port)
+        loop = asyncio.get_running_loop()
         for port, protocol in want.items():
             if port in self._servers:
                 continue
+            end = _TlsClientEnd if protocol == HTTPS else relay.SocketEnd
             try:
-                srv = await asyncio.start_server(
-                    functools.partial(self._serve, port=port), self.listen_host, port,
+                srv = await loop.create_server(
+                    functools.partial(end, functools.partial(self._accepted, port=port)),
+                    self.listen_host, port,
                     ssl=self._tls_for(port) if protocol == HTTPS else None,
-                    limit=MAX_HEAD, reuse_address=True)
+                    reuse_address=True)
             except OSError as e:
                 log.error("gateway: cannot listen on %s:%d: %s", self.listen_host, port, e)
                 continue
@@ -638,306 +528,118 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 2)
         self._servers.clear()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.engine.close()
 
-    # -- one client connection: one request --
+    # -- the engine's views --
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                     port: int) -> None:
+    def _pods_get(self, ip: str) -> engine.Pod | None:
+        return self._pods.get(ip)
+
+    async def _open_tunnel(self, source: engine.Peer, dst: engine.Pod, port: int
+                           ) -> relay.End:
+        """A tunnel stream to ``dst``'s agent, as the gateway's identity."""
+        if self.pool is None:
+            raise tunnel.TunnelError("no tunnel pool (the gateway has no identity)")
+        return await self.pool.open(source=(source.namespace, source.service_account),
+                                    destination=(dst.ip, port),
+                                    expected=spiffe.parse(spiffe.SCHEME + dst.principal),
+                                    source_ip=self.me.ip)
+
+    # -- client connections: keep-alive, each request routed by decide() --
+
+    def _accepted(self, end: relay.SocketEnd, *, port: int) -> None:
+        task = asyncio.ensure_future(self._serve(end, port))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, end: relay.SocketEnd, port: int) -> None:
+        t = end.transport
+        peer = t.get_extra_info("peername") if t is not None else None
+        client_ip = str(peer[0]) if peer else ""
+        tls = t is not None and t.get_extra_info("ssl_object") is not None
+        source = engine.Peer(ip=client_ip, workload=self.me.workload,
+                             namespace=self.me.namespace, principal=self._principal(),
+                             service_account=self.me.service_account, labels=self.me.labels,
+                             meshed=True)
+        front = functools.partial(self._route, port=port, tls=tls, client_ip=client_ip)
         try:
-            await self._request(reader, writer, port)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
+            await self.engine.outbound(end, source=source, front=front,
+                                       service=engine.Service(host="", port=port))
         except Exception:
-            log.exception("gateway: request on port %d failed", port)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       port: int) -> None:
-        started, wall = time.monotonic(), time.time()
-        peer = writer.get_extra_info("peername") or ("", 0)
-        client_ip = str(peer[0])
-        tls = writer.get_extra_info("ssl_object") is not None
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            writer.write(simple_response(431, "request head too large\n"))
-            self.metrics.rejected.labels(str(port), "head_too_large").inc()
-            return
-        except asyncio.IncompleteReadError:
-            self.metrics.rejected.labels(str(port), "no_request").inc()
-            return
-        try:
-            head, parser, parsing = parse_request_head(raw)
-        except ValueError as e:
-            writer.write(simple_response(400, f"{e}\n"))
-            self.metrics.rejected.labels(str(port), "malformed").inc()
-            return
-        headers = head.lower()
-        authority = headers.get("host", "")
-        host = bare_host(authority)
-        incoming = telemetry.TraceContext.from_headers(headers)
-        span = telemetry.hop_context(incoming, self.tracer)
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
-        rec = telemetry.RequestRecord(
-            reporter="source", source_workload=self.me.workload,
-            source_workload_namespace=self.me.namespace,
-            source_principal=self._principal(), method=head.method, path=head.target,
-            authority=authority, start_time=wall, trace_id=span.trace_id,
-            span_id=span.span_id, request_id=request_id,
-            user_agent=headers.get("user-agent", ""), downstream_remote_address=client_ip,
-            source_app=self.me.labels.get("app", telemetry.UNKNOWN))
-        call = _Call(reader=reader, writer=writer, port=port, head=head, headers=headers,
-                     parser=parser, parsing=parsing, rec=rec, span=span,
-                     request_id=request_id, client_ip=client_ip, tls=tls)
-        try:
-            status, flag = await asyncio.wait_for(self._route_and_forward(call),
-                                                  self.request_timeout)
-        except TimeoutError:
-            status, flag = 504, "UT"
-            writer.write(simple_response(504, "upstream request timeout\n", flag=flag))
-        rec.response_code, rec.response_flags = status, flag
-        rec.duration_s = time.monotonic() - started
-        self.telemetry.record(rec)
-        if self.tracer is not None:
-            tags = {"http.method": head.method, "http.url": f"{'https' if tls else 'http'}://"
-                    f"{authority}{head.target}", "http.status_code": str(status),
-                    "response_flags": flag or "-", "istio.canonical_service": self.me.workload,
-                    "istio.namespace": self.me.namespace, "guid:x-request-id": request_id,
-                    "upstream_cluster": rec.upstream_cluster or "-",
-                    "node_id": f"router~{self.me.ip}~{self.me.name}.{self.me.namespace}"}
-            self.tracer.finish(span, name=f"{host}:{port}{head.target.partition('?')[0]}",
-                               kind="SERVER", start=wall, duration_s=rec.duration_s,
-                               tags=tags, service=f"{self.me.workload}.{self.me.namespace}")
+            log.exception("gateway: a client connection on port %d failed", port)
+            end.close()
 
     def _principal(self) -> str:
         return f"{self.trust_domain}/ns/{self.me.namespace}/sa/{self.me.service_account}"
 
-    def decide(self, *, port: int, head: Head, headers: Mapping[str, str], tls: bool,
-               r: float) -> tuple[routes.Action | None, routes.Destination | None, str]:
-        """Which route and destination a request takes: (action, destination,
-        why-not); no action means 404 NR (pure but for the tables)."""
-        lst = self.plan.listeners.get(port)
-        host = bare_host(headers.get("host", ""))
+    def decide(self, req: routes.Request, *, r: float) -> routes.Action:
+        """The route a request to listener ``req.port`` takes, its destination
+        chosen by ``r`` (the one left in ``destinations``); none left means 404
+        NR, and ``origin`` says why (pure but for the tables)."""
+        lst = self.plan.listeners.get(req.port)
+        host = bare_host(req.authority)
         found = lst.server_for(host) if lst is not None else None
         if found is None:
-            return None, None, f"no server of port {port} serves host {host!r}"
+            return _no_route(f"no server of port {req.port} serves host {host!r}")
         server, server_host = found
+        if server.https_redirect and req.scheme != "https":
+            return routes.Action(origin=f"{server.label} httpsRedirect", destinations=(),
+                                 redirect=routes.Redirect(scheme="https", authority=host),
+                                 retries=routes.NO_RETRIES)
         vs = self.routes.virtual_service(host, gateway=server.gateway)
         if vs is None or not server_host.admits(vs.namespace):
-            return None, None, f"no VirtualService bound to {server.gateway} for {host!r}"
-        req = routes.Request(method=head.method, path=head.target,
-                             authority=headers.get("host", ""), headers=headers, port=port,
-                             source_labels=self.me.labels, source_namespace=self.me.namespace,
-                             scheme="https" if tls else "http")
-        action = self.routes.route(req, host, port, gateway=server.gateway)
+            return _no_route(f"no VirtualService bound to {server.gateway} for {host!r}")
+        action = self.routes.route(req, host, req.port, gateway=server.gateway)
         if action.redirect is not None:
-            return action, None, ""
+            return action
         dest = action.choose(r)
-        if dest is None:
-            return action, None, f"{action.origin}"
-        return action, dest, ""
+        return dataclasses.replace(action, destinations=(dest,) if dest is not None else ())
 
-    async def _route_and_forward(self, call: _Call) -> tuple[int, str]:
-        writer, port, head, headers = call.writer, call.port, call.head, call.headers
-        tls, rec = call.tls, call.rec
-        lst = self.plan.listeners.get(port)
-        host = bare_host(headers.get("host", ""))
-        found = lst.server_for(host) if lst is not None else None
-        if found is not None and found[0].https_redirect and not tls:
-            loc = f"https://{host}{head.target}"
-            writer.write(simple_response(301, "", headers=[("location", loc)]))
-            return 301, ""
-        action, dest, why = self.decide(port=port, head=head, headers=headers, tls=tls,
-                                        r=self.rng.random())
-        if action is not None:
-            rec.route = action.origin
-        if action is not None and action.redirect is not None:
-            loc = action.redirect.location(scheme="https" if tls else "http",
-                                           authority=headers.get("host", ""),
-                                           path=head.target)
-            code = action.redirect.code
-            writer.write(simple_response(code, "", headers=[("location", loc)]))
-            return code, ""
-        if dest is None:
-            log.info("gateway: %s %s%s: 404 NR (%s)", head.method, host, head.target, why)
-            writer.write(simple_response(404, "", flag="NR"))
-            return 404, "NR"
-        assert action is not None
-        fault = action.fault
-        if fault is not None and fault.delay and self.rng.random() * 100 < fault.delay_percent:
-            await asyncio.sleep(fault.delay)
-        if fault is not None and fault.abort_status and \
-                self.rng.random() * 100 < fault.abort_percent:
-            writer.write(simple_response(fault.abort_status, "fault filter abort", flag="FI"))
-            return fault.abort_status, "FI"
-        rec.destination_service = dest.host
-        parts = dest.host.split(".")
-        if len(parts) >= 3 and parts[2] == "svc":
-            rec.destination_service_name, rec.destination_service_namespace = parts[0], parts[1]
-        cluster = self.clusters.get(dest.host, dest.port, dest.subset)
-        rec.upstream_cluster = upstream.cluster_name(host=dest.host, port=dest.port,
-                                                     subset=dest.subset)
-        if cluster is None:
-            writer.write(simple_response(503, "no healthy upstream", flag="UH"))
-            return 503, "UH"
-        try:
-            ticket = await cluster.acquire()
-        except upstream.Overflow:
-            writer.write(simple_response(503, "upstream connect error or disconnect/reset "
-                                              "before headers. reset reason: overflow",
-                                         flag="UO"))
-            return 503, "UO"
-        with ticket:
-            return await self._forward(call, action, dest, cluster)
+    def _route(self, req: routes.Request, headers: list[tuple[str, str]], *, port: int,
+               tls: bool, client_ip: str) -> engine.Routed:
+        """The engine's front: route by :meth:`decide`, open the gateway's span
+        (a child of the incoming context, else a new root), and add the
+        forwarding headers."""
+        if tls:
+            req = dataclasses.replace(req, scheme="https")
+        action = self.decide(req, r=self.rng.random())
+        dest = action.destinations[0] if action.destinations else None
+        if dest is None and action.redirect is None:
+            log.info("gateway: %s %s%s: 404 NR (%s)", req.method, req.authority, req.path,
+                     action.origin)
+        span = telemetry.hop_context(telemetry.TraceContext.from_headers(req.headers),
+                                     self.tracer)
+        return engine.Routed(
+            request=req, action=action,
+            service=destination_service(dest) if dest is not None else
+            engine.Service(host="", port=port),
+            headers=forwarded_headers(headers, client_ip=client_ip, ctx=span),
+            finish=functools.partial(self._finish, span=span, port=port, scheme=req.scheme))
 
-    async def _forward(self, call: _Call, action: routes.Action, dest: routes.Destination,
-                       cluster: upstream.Cluster) -> tuple[int, str]:
-        writer, head, headers, rec = call.writer, call.head, call.headers, call.rec
-        tried: list[upstream.Endpoint] = []
-        up: Upstream | None = None
-        ep: upstream.Endpoint | None = None
-        for _ in range(1 + max(0, action.retries.attempts)):
-            ep = cluster.pick(headers=headers, source_ip=call.client_ip, exclude=tried,
-                              path=head.target)
-            if ep is None:
-                writer.write(simple_response(503, "no healthy upstream", flag="UH"))
-                return 503, "UH"
-            tried.append(ep)
-            try:
-                up = await self._connect(ep)
-                break
-            except (tunnel.TunnelError, OSError, TimeoutError, errors.ShoalError) as e:
-                log.info("gateway: connect to %s (%s) failed: %s", ep.address, ep.pod, e)
-                cluster.report(ep, status=None)
-                if not action.retries.retriable(None):
-                    break
-        if up is None or ep is None:
-            writer.write(simple_response(503, "upstream connect error or disconnect/reset "
-                                              "before headers. reset reason: connection "
-                                              "failure", flag="UF"))
-            return 503, "UF"
-        rec.upstream = ep.address
-        rec.connection_security_policy = "mutual_tls" if up.mtls else "none"
-        rec.destination_principal = up.peer
-        pod = self.pods.get(ep.pod)
-        if pod is not None:
-            rec.destination_workload = pod.metadata.labels.get("app") or pod.metadata.name
-            rec.destination_workload_namespace = pod.metadata.namespace
-            rec.destination_app = pod.metadata.labels.get("app", telemetry.UNKNOWN)
-            rec.destination_version = pod.metadata.labels.get("version", telemetry.UNKNOWN)
-        cluster.started(ep)
-        try:
-            status, flag = await self._exchange(call, action, dest, up)
-            cluster.report(ep, status=None if flag else status)  # UC, UT: gateway errors
-            return status, flag
-        finally:
-            cluster.finished(ep)
-            up.close()
-
-    async def _connect(self, ep: upstream.Endpoint) -> Upstream:
-        pod = self.pods.get(ep.pod)
-        meshed = pod is not None and _meshed(pod)
-        if meshed and self.pool is not None and pod is not None:
-            expected = spiffe.SpiffeId(self.trust_domain, pod.metadata.namespace,
-                                       pod.spec.service_account_name or "default")
-            stream = await self.pool.open(
-                source=(self.me.namespace, self.me.service_account),
-                destination=(ep.ip, ep.port), expected=expected, source_ip=self.me.ip)
-            sr = _StreamReader()
-            stream.start(sr, 1)  # type: ignore[arg-type]
-            return Upstream(reader=sr.reader, write=stream.write, close=stream.close,
-                            mtls=True, peer=stream.tls.peer.removeprefix(spiffe.SCHEME))
-        loop = asyncio.get_running_loop()
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(_SocketReader, ep.ip, ep.port), self.connect_timeout)
-        return Upstream(reader=proto.reader, write=proto.write, close=proto.close,
-                        mtls=False, peer="")
-
-    async def _exchange(self, call: _Call, action: routes.Action, dest: routes.Destination,
-                        up: Upstream) -> tuple[int, str]:
-        """Send the request, relay the response: (status, response flag). The
-        route's timeout covers the wait for the response head (504 UT)."""
-        writer, head, rec, parsing = call.writer, call.head, call.rec, call.parsing
-        authority = head.get("host") or ""
-        out = Head(method=head.method, target=head.target, headers=list(head.headers))
-        if action.rewrite is not None:
-            out.target = action.rewrite.path(head.target)
-            if action.rewrite.authority:
-                authority = action.rewrite.authority
-        out.headers = forwarded_headers(out, authority=authority, client_ip=call.client_ip,
-                                        scheme="https" if call.tls else "http", ctx=call.span,
-                                        request_id=call.request_id)
-        ops = action.request_headers.merged(dest.request_headers)
-        if ops:
-            out.headers = ops.apply(out.headers)
-        up.write(render_request(out))
-        # The body, as it came (its framing headers were kept): until the parser
-        # says the message is complete.
-        while not parsing.head.complete:
-            chunk = await call.reader.read(65536)
-            if not chunk:
-                break
-            try:
-                call.parser.feed_data(chunk)
-            except httptools.HttpParserError:
-                break
-            up.write(chunk)
-        rec.request_bytes = parsing.body_bytes
-        # The response: its head (response header ops, hop-by-hop handled), then
-        # its body as it comes, until complete or the upstream closes.
-        try:
-            async with asyncio.timeout(action.timeout):
-                raw = await up.reader.readuntil(b"\r\n\r\n")
-        except TimeoutError:
-            writer.write(simple_response(504, "upstream request timeout", flag="UT"))
-            return 504, "UT"
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.write(simple_response(503, "upstream connect error or disconnect/reset "
-                                              "before headers. reset reason: connection "
-                                              "termination", flag="UC"))
-            return 503, "UC"
-        resp = Head()
-        rcb = _Parsing(resp)
-        rparser = httptools.HttpResponseParser(rcb)
-        if head.method == "HEAD":
-            rcb.head.complete = True
-        try:
-            rparser.feed_data(raw)
-            resp.status = int(rparser.get_status_code())
-        except httptools.HttpParserError:
-            writer.write(simple_response(503, "malformed upstream response\n", flag="UC"))
-            return 503, "UC"
-        resp_ops = action.response_headers.merged(dest.response_headers)
-        resp_headers = [(n, v) for n, v in resp.headers if n.lower() not in HOP_BY_HOP]
-        if resp_ops:
-            resp_headers = resp_ops.apply(resp_headers)
-        resp_headers.append(("connection", "close"))
-        reason = raw.split(b"\r\n", 1)[0].split(b" ", 2)[2:] or [b""]
-        status_line = f"HTTP/1.1 {resp.status} {reason[0].decode('latin-1')}".rstrip()
-        writer.write((status_line + "\r\n" + "".join(f"{n}: {v}\r\n" for n, v in resp_headers)
-                      + "\r\n").encode("latin-1"))
-        while not resp.complete and resp.status not in (204, 304):
-            chunk = await up.reader.read(65536)
-            if not chunk:
-                break
-            try:
-                rparser.feed_data(chunk)
-            except httptools.HttpParserError:
-                break
-            writer.write(chunk)
-            await writer.drain()
-        rec.response_bytes = rcb.body_bytes
-        await writer.drain()
-        return resp.status, ""
-
-
-def _meshed(pod: core_pb2.Pod) -> bool:
-    labels = pod.metadata.labels
-    return labels.get("shoal.dev/mesh") != "disabled" and \
-        labels.get("istio.io/dataplane-mode") != "none"
+    def _finish(self, rec: telemetry.RequestRecord, *, span: telemetry.TraceContext,
+                port: int, scheme: str) -> None:
+        """A request's record, completed with the gateway's span (then sent)."""
+        rec.trace_id, rec.span_id = span.trace_id, span.span_id
+        rec.source_app = self.me.labels.get("app", telemetry.UNKNOWN)
+        dst = self._pods.get(rec.upstream.rsplit(":", 1)[0]) if rec.upstream else None
+        if dst is not None:
+            rec.destination_app = dst.labels.get("app", telemetry.UNKNOWN)
+            rec.destination_version = dst.labels.get("version", telemetry.UNKNOWN)
+        if self.tracer is None:
+            return
+        tags = {"http.method": rec.method, "http.url": f"{scheme}://{rec.authority}{rec.path}",
+                "http.status_code": str(rec.response_code),
+                "response_flags": rec.response_flags or "-",
+                "istio.canonical_service": self.me.workload,
+                "istio.namespace": self.me.namespace, "guid:x-request-id": rec.request_id,
+                "upstream_cluster": rec.upstream_cluster or "-", "node_id": self.engine.node}
+        self.tracer.finish(span, name=f"{bare_host(rec.authority)}:{port}"
+                           f"{rec.path.partition('?')[0]}", kind="SERVER",
+                           start=rec.start_time, duration_s=rec.duration_s, tags=tags,
+                           service=f"{self.me.workload}.{self.me.namespace}")
 
 
 # --------------------------------------------------------------------------- the daemon

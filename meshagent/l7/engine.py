@@ -26,6 +26,11 @@ request on the connection (keep-alive; one at a time, as HTTP/1.1 has them)::
       the response streams back          header ops; exhausted retries: flag URX
     record the request (reporter=source)
 
+The ingress gateway serves its clients with this client side too, as the
+``front`` of ``outbound``: it routes each request itself (its Gateway servers and
+the VirtualServices bound to them, ``Routed``) in place of the route table, and
+completes the request's record with its own span; the rest is as above.
+
 Server side (the inbound agent, a tunnel stream or a plaintext connection to an
 HTTP port of a local pod; also the local half of a local->local request)::
 
@@ -169,6 +174,26 @@ class ClusterLike(Protocol):
 
 class ClustersLike(Protocol):
     def get(self, host: str, port: int, subset: str = "") -> ClusterLike | None: ...
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A request routed in front of the engine (the ingress gateway's: its own
+    servers and the VirtualServices bound to them); the engine carries it out
+    from there as any client request: faults, pool, mirror, tries, response."""
+
+    request: routes.Request
+    action: routes.Action
+    service: Service  # the destination service (telemetry's destination_service)
+    headers: list[tuple[str, str]]  # the request's headers as they go upstream
+    finish: Callable[[telemetry.RequestRecord], None]  # sees the record before it is kept
+
+
+class Front(Protocol):
+    """Routes a client request in the engine's place (``Engine.outbound(front=)``):
+    ``req`` as the engine parsed it, ``headers`` the ones it would send."""
+
+    def __call__(self, req: routes.Request, headers: list[tuple[str, str]]) -> Routed: ...
 
 
 # --------------------------------------------------------------------------- upstreams
@@ -377,6 +402,10 @@ class Engine:
     """See the module docstring. One per agent; everything it reads of the cluster
     comes through the callables it is given (the agent's informer views)."""
 
+    # When set, local replies (404 NR, 503 UO/UH, 504 UT, ...) name their response
+    # flag in this header: the ingress gateway's, for clients outside the mesh.
+    flags_header = ""
+
     def __init__(self, *, node: str, route_table: Callable[[], routes.RouteTable],
                  clusters: Callable[[], ClustersLike], pod: PodLookup,
                  record: Callable[[telemetry.RequestRecord], None],
@@ -421,8 +450,11 @@ class Engine:
 
     # ================================================================ client side
 
-    async def outbound(self, client: relay.End, *, source: Peer, service: Service) -> None:
-        """Serve one client connection to an HTTP service port until it closes."""
+    async def outbound(self, client: relay.End, *, source: Peer, service: Service,
+                       front: Front | None = None) -> None:
+        """Serve one client connection to an HTTP service port until it closes;
+        with ``front``, each request is routed by it (a gateway's listener port
+        as ``service``) instead of by the route table."""
         ch = Channel(client)
         reader = Reader(ch, request=True)
         try:
@@ -437,7 +469,8 @@ class Engine:
                     return
                 if not isinstance(ev, Head):
                     return
-                if not await self._client_request(ch, reader, ev, source, service):
+                if not await self._client_request(ch, reader, ev, source, service,
+                                                  front=front):
                     return
         except (ChannelClosed, TimeoutError, HttpError):
             return
@@ -447,7 +480,7 @@ class Engine:
             ch.close()
 
     async def _client_request(self, ch: Channel, reader: Reader, head: Head, source: Peer,
-                              service: Service) -> bool:
+                              service: Service, *, front: Front | None = None) -> bool:
         """One request; False when the client connection must close."""
         started, t0 = time.time(), time.monotonic()
         lower = head.lower()
@@ -463,7 +496,12 @@ class Engine:
         req = routes.Request(method=head.method, path=head.target, authority=authority,
                              headers=lower, port=service.port, source_labels=source.labels,
                              source_namespace=source.namespace)
-        action = self.route_table().route(req, service.host, service.port)
+        routed = front(req, headers) if front is not None else None
+        if routed is not None:
+            req, action, service, headers = (routed.request, routed.action, routed.service,
+                                             routed.headers)
+        else:
+            action = self.route_table().route(req, service.host, service.port)
         body = await Body.read(reader, head)
         out = Outcome()
         try:
@@ -498,6 +536,8 @@ class Engine:
                     rec.destination_principal = dst.principal
                     rec.connection_security_policy = \
                         "mutual_tls" if dst.meshed and source.meshed else "none"
+            if routed is not None:
+                routed.finish(rec)
             self.record(rec)
         if not body.replayable:  # what the client sent is not all read: cannot go on
             return False
@@ -514,6 +554,8 @@ class Engine:
             ops = action.response_headers
             hdrs = ops.apply([("content-type", "text/plain"),
                               ("content-length", str(len(text)))] + (extra or []))
+            if flag and self.flags_header:
+                hdrs.append((self.flags_header, flag))
             if not head.keep_alive:
                 hdrs.append(("connection", "close"))
             ch.write(http1.status_line(status, http1.reason(status), hdrs)
@@ -521,7 +563,7 @@ class Engine:
             out.response_bytes = len(text)
 
         if action.redirect is not None:
-            loc = action.redirect.location(scheme="http", authority=req.authority,
+            loc = action.redirect.location(scheme=req.scheme, authority=req.authority,
                                            path=req.path)
             respond(action.redirect.code, b"", extra=[("location", loc)])
             return
@@ -548,7 +590,7 @@ class Engine:
             path = action.rewrite.path(path)
             if action.rewrite.authority:
                 headers = _with_header(headers, "host", action.rewrite.authority)
-        headers = _with_header(headers, "x-forwarded-proto", "http")
+        headers = _with_header(headers, "x-forwarded-proto", req.scheme)
         try:
             ticket = await cluster.acquire()
         except upstream.Overflow:

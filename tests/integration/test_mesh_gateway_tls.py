@@ -1,7 +1,8 @@
 """The ingress gateway on loopback: an HTTPS listener terminating TLS with the
 certificate of a kubernetes.io/tls Secret (SNI picks it), requests routed by
 the VirtualService bound to the Gateway to a plain HTTP backend (a workload
-outside the mesh: no tunnel), the trace context and forwarding headers added."""
+outside the mesh: no tunnel), the trace context and forwarding headers added;
+the L7 engine carries them: keep-alive client connections, retries."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from dataclasses import dataclass
 import pytest
 import yaml
 from google.protobuf import json_format
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from apiserver.pki import CertificateAuthority, cert_pem, key_pem, new_key
 from meshagent import gateway as gw
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
+from shoal.testing.metrics import metric_total
 
-LABELS = {"istio": "ingressgateway"}
+LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 HOST = "bookinfo.example.com"
 
 
@@ -47,6 +49,7 @@ class Setup:
     http: int
     ca_pem: bytes
     seen: list[dict[str, str]]
+    registry: CollectorRegistry
 
 
 async def _backend(seen: list[dict[str, str]]) -> tuple[asyncio.Server, int]:
@@ -61,9 +64,13 @@ async def _backend(seen: list[dict[str, str]]) -> tuple[asyncio.Server, int]:
         seen.append({"request-line": lines[0], "body": body.decode(), **headers})
         if lines[0].startswith("GET /slow"):
             await asyncio.sleep(2)
+        status = b"200 OK"
+        if lines[0].startswith("GET /flaky") and \
+                sum(x["request-line"].startswith("GET /flaky") for x in seen) == 1:
+            status = b"500 Internal Server Error"  # the first try fails
         out = json.dumps({"line": lines[0], "headers": headers}).encode()
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nx-app: web\r\n\r\n%s" % (len(out), out))
+        w.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nx-app: web\r\n\r\n%s" % (status, len(out), out))
         await w.drain()
         w.close()
 
@@ -99,6 +106,9 @@ gateways: ["istio-system/bookinfo-gateway"]
 http:
 - match: [{{uri: {{prefix: /old/}}}}]
   redirect: {{uri: /new/}}
+- match: [{{uri: {{prefix: /flaky}}}}]
+  retries: {{attempts: 2, retryOn: 5xx}}
+  route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
 - match: [{{uri: {{prefix: /slow}}}}]
   timeout: 0.2s
   route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
@@ -115,34 +125,49 @@ http:
     subset = eps.subsets.add()
     subset.addresses.add(ip="127.0.0.1")
     subset.ports.add(name="http", port=backend_port)
+    registry = CollectorRegistry()
     me = gw.Workload(namespace="istio-system", name="istio-ingressgateway",
                      service_account="istio-ingressgateway", ip="127.0.0.1", labels=LABELS)
     g = gw.Gateway(me=me, trust_domain="cluster.local", listen_host="127.0.0.1", pool=None,
-                   registry=CollectorRegistry(), rng=random.Random(7))
+                   registry=registry, rng=random.Random(7))
     g.update(gateways=[gateway], virtual_services=[vs], destination_rules=[],  # type: ignore[list-item]
              services=[svc], endpoints=[eps], pods=[],
              secrets={"istio-system/bookinfo-cert": secret})
     await g.apply()
     assert g.listening() == {https: "HTTPS", http: "HTTP"}
     try:
-        yield Setup(gateway=g, https=https, http=http, ca_pem=cert_pem(ca.cert), seen=seen)
+        yield Setup(gateway=g, https=https, http=http, ca_pem=cert_pem(ca.cert), seen=seen,
+                    registry=registry)
     finally:
         await g.close()
         backend.close()
 
 
-async def _get(port: int, path: str, *, host: str = HOST, ctx: ssl.SSLContext | None = None,
-               extra: str = "") -> tuple[str, dict[str, str], str]:
-    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                         server_hostname=host if ctx else None)
+Response = tuple[str, dict[str, str], str]  # status line, headers, body
+
+
+async def _send(r: asyncio.StreamReader, w: asyncio.StreamWriter, path: str, *, host: str,
+                extra: str = "") -> Response:
+    """One request on an open connection; its response, read by Content-Length."""
     w.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n{extra}\r\n".encode())
     await w.drain()
-    data = await asyncio.wait_for(r.read(), 10)
-    w.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    lines = head.split("\r\n")
+    head = (await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)).decode()
+    lines = head.rstrip("\r\n").split("\r\n")
     headers = {k.lower(): v for k, _, v in (x.partition(": ") for x in lines[1:])}
-    return lines[0], headers, body
+    n = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(r.readexactly(n), 10) if n else b""
+    return lines[0], headers, body.decode()
+
+
+async def _get(port: int, path: str, *, host: str = HOST, ctx: ssl.SSLContext | None = None,
+               extra: str = "") -> Response:
+    """One request on a connection of its own (``Connection: close``)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                         server_hostname=host if ctx else None)
+    try:
+        return await _send(r, w, path, host=host, extra=f"Connection: close\r\n{extra}")
+    finally:
+        w.close()
 
 
 def _client(ca_pem: bytes) -> ssl.SSLContext:
@@ -219,3 +244,30 @@ async def test_the_route_timeout_cuts_a_slow_answer_with_504_ut(setup: Setup) ->
     assert headers["x-shoal-response-flags"] == "UT"
     _, _, body = await _get(setup.http, "/api/fast")  # the gateway goes on serving
     assert json.loads(body)["line"] == "GET /fast HTTP/1.1"
+
+
+async def test_one_client_connection_carries_several_requests(setup: Setup) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", setup.https, ssl=_client(setup.ca_pem),
+                                         server_hostname=HOST)
+    try:
+        first = await _send(r, w, "/api/one", host=HOST)
+        second = await _send(r, w, "/two", host=HOST)
+    finally:
+        w.close()
+    assert first[0] == second[0] == "HTTP/1.1 200 OK"
+    assert "connection" not in first[1]  # kept alive
+    assert json.loads(first[2])["line"] == "GET /one HTTP/1.1"
+    assert json.loads(second[2])["line"] == "GET /two HTTP/1.1"
+    assert [x["x-forwarded-proto"] for x in setup.seen] == ["https", "https"]
+
+
+async def test_a_retry_on_5xx_recovers_from_a_failing_first_try(setup: Setup) -> None:
+    status, _, body = await _get(setup.http, "/flaky")
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body)["line"] == "GET /flaky HTTP/1.1"
+    assert [x["request-line"] for x in setup.seen] == ["GET /flaky HTTP/1.1"] * 2
+    # One request, recorded once as the gateway's (the retry is inside it).
+    metrics = generate_latest(setup.registry).decode()
+    assert metric_total(metrics, "istio_requests_total", reporter="source",
+                        source_workload="istio-ingressgateway", response_code="200",
+                        destination_service="web.bookinfo.svc.cluster.local") == 1

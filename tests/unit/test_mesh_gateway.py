@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
 from meshagent import gateway as gw
-from meshagent.l7 import telemetry
+from meshagent.l7 import routes, telemetry
 from shoal import errors
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
@@ -200,6 +200,17 @@ http:
 """
 
 
+def _req(host: str, path: str = "/", *, port: int = 80,
+         scheme: str = "http") -> routes.Request:
+    return routes.Request(method="GET", path=path, authority=host, headers={"host": host},
+                          port=port, source_labels=LABELS, source_namespace="istio-system",
+                          scheme=scheme)
+
+
+def _dest(action: routes.Action) -> routes.Destination | None:
+    return action.destinations[0] if action.destinations else None
+
+
 @pytest.mark.parametrize(("host", "path", "want"), [
     ("bookinfo.example.com", "/productpage", "productpage.bookinfo.svc.cluster.local"),
     ("bookinfo.example.com:8080", "/reviews/0", "reviews.bookinfo.svc.cluster.local"),
@@ -211,9 +222,9 @@ def test_requests_follow_the_virtual_service_bound_to_the_gateway(
     g = _gateway_with(vss=[_vs(BOUND)], gateways=[_gateway(
         "selector: {istio: ingressgateway}\nservers: "
         "[{port: {number: 8080, protocol: HTTP}, hosts: ['*.example.com']}]")])
-    head = gw.Head(method="GET", target=path, headers=[("Host", host)])
-    _, dest, why = g.decide(port=8080, head=head, headers=head.lower(), tls=False, r=0.5)
-    assert (dest.host if dest else None) == want, why
+    action = g.decide(_req(host, path, port=8080), r=0.5)
+    dest = _dest(action)
+    assert (dest.host if dest else None) == want, action.origin
 
 
 def test_a_mesh_only_virtual_service_does_not_apply_at_the_gateway() -> None:
@@ -221,18 +232,15 @@ def test_a_mesh_only_virtual_service_does_not_apply_at_the_gateway() -> None:
                     "http: [{route: [{destination: {host: productpage}}]}]")
     g = _gateway_with(vss=[mesh_only], gateways=[_gateway(
         "servers: [{port: {number: 80, protocol: HTTP}, hosts: ['*']}]")])
-    head = gw.Head(method="GET", target="/", headers=[("host", "bookinfo.example.com")])
-    action, dest, why = g.decide(port=80, head=head, headers=head.lower(), tls=False, r=0.5)
-    assert action is None and dest is None
-    assert "no VirtualService bound to istio-system/gw" in why
+    action = g.decide(_req("bookinfo.example.com"), r=0.5)
+    assert _dest(action) is None and action.redirect is None
+    assert "no VirtualService bound to istio-system/gw" in action.origin
 
 
 def test_a_server_host_namespace_limits_which_virtual_services_bind() -> None:
     g = _gateway_with(vss=[_vs(BOUND, namespace="bookinfo")], gateways=[_gateway(
         "servers: [{port: {number: 80, protocol: HTTP}, hosts: ['other-ns/*']}]")])
-    head = gw.Head(method="GET", target="/", headers=[("host", "bookinfo.example.com")])
-    _, dest, _ = g.decide(port=80, head=head, headers=head.lower(), tls=False, r=0.5)
-    assert dest is None
+    assert _dest(g.decide(_req("bookinfo.example.com"), r=0.5)) is None
 
 
 def test_weights_split_requests_at_the_gateway() -> None:
@@ -246,51 +254,65 @@ http:
 """)
     g = _gateway_with(vss=[split], gateways=[_gateway(
         "servers: [{port: {number: 80, protocol: HTTP}, hosts: ['*']}]")])
-    head = gw.Head(method="GET", target="/", headers=[("host", "bookinfo.example.com")])
-    subsets = [g.decide(port=80, head=head, headers=head.lower(), tls=False, r=r / 100)[1]
-               for r in range(100)]
+    subsets = [_dest(g.decide(_req("bookinfo.example.com"), r=r / 100)) for r in range(100)]
     assert [d.subset if d else None for d in subsets].count("v2") == 10
+
+
+@pytest.mark.parametrize(("scheme", "redirected"), [("http", True), ("https", False)])
+def test_an_https_redirect_server_sends_plain_http_to_https(scheme: str,
+                                                            redirected: bool) -> None:
+    g = _gateway_with(vss=[_vs(BOUND)], gateways=[_gateway(
+        "servers: [{port: {number: 80, protocol: HTTP}, hosts: ['*'], "
+        "tls: {httpsRedirect: true}}]")])
+    action = g.decide(_req("bookinfo.example.com", "/productpage?x=1", scheme=scheme), r=0.5)
+    if redirected:
+        assert action.redirect is not None
+        assert action.redirect.location(scheme=scheme, authority="bookinfo.example.com",
+                                         path="/productpage?x=1") == \
+            "https://bookinfo.example.com/productpage?x=1"
+    else:
+        assert action.redirect is None and _dest(action) is not None
 
 
 # -- what goes upstream ---------------------------------------------------------------------
 
 
-def test_forwarded_headers_carry_the_gateways_span_and_drop_hop_by_hop_ones() -> None:
-    head = gw.Head(method="GET", target="/", headers=[
-        ("Host", "bookinfo.example.com"), ("Connection", "keep-alive, X-Secret-Hop"),
-        ("X-Secret-Hop", "1"), ("Keep-Alive", "timeout=5"), ("User-Agent", "curl"),
-        ("traceparent", "00-0123456789abcdef0123456789abcdef-00000000000000aa-01"),
-        ("X-Forwarded-For", "192.0.2.1")])
-    incoming = telemetry.TraceContext.from_headers(head.lower())
+def test_forwarded_headers_carry_the_gateways_span_and_the_client_address() -> None:
+    headers = [("Host", "bookinfo.example.com"), ("User-Agent", "curl"),
+               ("traceparent", "00-0123456789abcdef0123456789abcdef-00000000000000aa-01"),
+               ("b3", "0123456789abcdef0123456789abcdef-00000000000000aa-1"),
+               ("X-Forwarded-For", "192.0.2.1")]
+    incoming = telemetry.TraceContext.from_headers(dict(headers))
     assert incoming is not None
     span = incoming.child()
-    out = gw.forwarded_headers(head, authority="productpage:9080", client_ip="10.77.0.1",
-                               scheme="https", ctx=span, request_id="rid-1")
+    out = gw.forwarded_headers(headers, client_ip="10.77.0.1", ctx=span)
     got = dict((n.lower(), v) for n, v in out)
-    assert got["host"] == "productpage:9080"
-    assert "x-secret-hop" not in got and "keep-alive" not in got
-    assert got["connection"] == "close"
-    assert got["user-agent"] == "curl"
+    assert len(got) == len(out)  # one of each: the incoming context is replaced
+    assert got["host"] == "bookinfo.example.com" and got["user-agent"] == "curl"
     assert got["traceparent"] == f"00-{incoming.trace_id}-{span.span_id}-01"
     assert got["x-b3-traceid"] == incoming.trace_id
     assert got["x-b3-parentspanid"] == incoming.span_id
+    assert "b3" not in got
     assert got["x-forwarded-for"] == "192.0.2.1, 10.77.0.1"
-    assert got["x-forwarded-proto"] == "https"
-    assert got["x-request-id"] == "rid-1"
 
 
-def test_request_head_parsing_and_rendering_round_trip() -> None:
-    raw = b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n"
-    head, _, parsing = gw.parse_request_head(raw)
-    assert (head.method, head.target) == ("POST", "/a?b=1")
-    assert head.get("content-length") == "3"
-    assert not parsing.head.complete  # the body is still to come
-    assert gw.render_request(head) == raw
-
-
-def test_a_malformed_request_is_refused() -> None:
-    with pytest.raises(ValueError, match="malformed"):
-        gw.parse_request_head(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+def test_pods_by_ip_for_the_engine_none_local_and_running_ones_first() -> None:
+    def pod(name: str, ip: str, phase: str, labels: dict[str, str]) -> core_pb2.Pod:
+        p = core_pb2.Pod()
+        p.metadata.name, p.metadata.namespace = name, "bookinfo"
+        p.metadata.labels.update(labels)
+        p.spec.service_account_name = "bookinfo-reviews"
+        p.status.pod_ip, p.status.phase = ip, phase
+        return p
+    pods = gw.engine_pods([pod("old", "10.244.1.5", "Succeeded", {}),
+                           pod("reviews-v2", "10.244.1.5", "Running", {"app": "reviews"}),
+                           pod("done", "10.244.1.5", "Failed", {}),
+                           pod("outside", "10.244.1.6", "Running",
+                               {"shoal.dev/mesh": "disabled"})], trust_domain="cluster.local")
+    r = pods["10.244.1.5"]
+    assert (r.name, r.workload, r.node_local, r.meshed) == ("reviews-v2", "reviews", False, True)
+    assert r.principal == "cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+    assert not pods["10.244.1.6"].meshed
 
 
 def test_a_tls_secret_without_a_key_is_refused_by_name() -> None:
