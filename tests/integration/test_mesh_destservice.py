@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -57,18 +57,28 @@ def _services(targets: dict[str, int]) -> list[core_pb2.Service | core_pb2.Endpo
     return out
 
 
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 @asynccontextmanager
 async def _mesh(tmp: Path, port_name: str) -> AsyncIterator[tuple[MeshAgent, MeshAgent]]:
     """n1 (the client pod's node) and n2 (web's), n1's outbound connections going
-    to web's ``port_name`` port."""
+    to web's ``port_name`` port. Each part is stopped, last first, however far
+    the start got."""
     http_port, grpc_port = free_port(), free_port()
-    http = await asyncio.start_server(_web, SERVER_IP, http_port)
-    app = grpc.aio.server()
-    app.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(_say)}),))
-    app.add_insecure_port(f"{SERVER_IP}:{grpc_port}")
-    await app.start()
-    async with InProcessAPIServer(tmp) as api, api.client() as c:
+    async with AsyncExitStack() as stack:
+        http = await asyncio.start_server(_web, SERVER_IP, http_port)
+        stack.callback(http.close)
+        app = grpc.aio.server()
+        app.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(_say)}),))
+        app.add_insecure_port(f"{SERVER_IP}:{grpc_port}")
+        await app.start()
+        stack.push_async_callback(app.stop, None)
+        api = await stack.enter_async_context(InProcessAPIServer(tmp))
+        c = await stack.enter_async_context(api.client())
         await _pod(c, "default", "sleep", node="n1", ip=CLIENT_IP, sa="sleep", app="sleep")
         await _pod(c, "default", "web", node="n2", ip=SERVER_IP, sa="web", app="web")
         cluster_ip = ""
@@ -78,23 +88,20 @@ async def _mesh(tmp: Path, port_name: str) -> AsyncIterator[tuple[MeshAgent, Mes
                 cluster_ip = str(created.spec.cluster_ip)
         vip = (cluster_ip, PORTS[port_name])
         tunnel_port = free_port()
-        n1, c1, t1 = await _agent(api, "n1", CLIENT_IP, tunnel_port, vip)
-        n2, c2, t2 = await _agent(api, "n2", SERVER_IP, tunnel_port, vip)
-        try:
-            async def ready() -> bool:
-                route = n1.routes().get(vip)
-                return (n1.captured_ips() == [CLIENT_IP] and n2.captured_ips() == [SERVER_IP]
-                        and bool(route and route.endpoints))
-            await eventually("both agents ready", ready)
-            yield n1, n2
-        finally:
-            for t in (t1, t2):
-                t.cancel()
-                await asyncio.gather(t, return_exceptions=True)
-            for cl in (c1, c2):
-                await cl.close()
-            http.close()
-            await app.stop(None)
+        agents = []
+        for node, ip in (("n1", CLIENT_IP), ("n2", SERVER_IP)):
+            agent, client, task = await _agent(api, node, ip, tunnel_port, vip)
+            stack.push_async_callback(client.close)
+            stack.push_async_callback(_stopped, task)
+            agents.append(agent)
+        n1, n2 = agents
+
+        async def ready() -> bool:
+            route = n1.routes().get(vip)
+            return (n1.captured_ips() == [CLIENT_IP] and n2.captured_ips() == [SERVER_IP]
+                    and bool(route and route.endpoints))
+        await eventually("both agents ready", ready)
+        yield n1, n2
 
 
 async def _counted(agent: MeshAgent, reporter: str,
