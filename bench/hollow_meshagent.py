@@ -10,11 +10,12 @@ apiserver, with a node's credentials, agent ``i`` taking ``--config`` number
 ``i % len(configs)``), its ten informers (Pods, Services, Endpoints, Namespaces,
 PeerAuthentications, AuthorizationPolicies, ServiceEntries, WorkloadEntries,
 VirtualServices, DestinationRules) listing and watching as the agent's do, and its
-handlers marking the L4 and L7 views dirty. On every VirtualService event the
-hollow agent then does what the real one does on its next request: the L7 rebuild
-(``MeshAgent.l7_routes()``: ``RouteTable.update`` and ``Clusters.update`` over the
-caches, the HTTP service ports) and a route lookup for ``--host``:``--port``; it
-prints
+handlers scheduling the L4 and L7 rebuilds as the agent's do (``meshagent.rebuilding``:
+one rebuild per burst, ``rebuild_delay`` after its first event; the L7 one is
+``RouteTable.update`` and ``Clusters.update`` over the caches, the HTTP service
+ports). When an L7 rebuild that follows a VirtualService event has run, the hollow
+agent looks the route up for ``--host``:``--port`` (what the real agent's next
+request reads) and prints
 
     APPLIED <agent> <VirtualService resourceVersion> <subsets routed to> <CLOCK_MONOTONIC s>
 
@@ -56,17 +57,23 @@ class Hollow:
         self.agent = MeshAgent(MeshConfig(node_name=f"hollow-{index}", client_config=config,
                                           admin_listen="", metrics_listen="127.0.0.1:0"),
                                self.client)
-        # After the agent's own handlers (they mark the L7 views dirty).
+        # After the agent's own handlers (they schedule the L7 rebuild).
         vs = self.agent.virtual_services
         vs.add_handlers(on_add=self._changed, on_update=lambda _o, n: self._changed(n),
                         on_delete=self._changed)
+        self.agent.l7_tables.on_built(self._rebuilt)
         self.request = l7routes.Request(method="GET", path="/", authority=host, port=port)
+        self._seen: object | None = None  # the last VirtualService event not yet rebuilt
 
     def _changed(self, obj: object) -> None:
-        if not self.agent.synced.is_set():
+        if self.agent.synced.is_set():
+            self._seen = obj
+
+    def _rebuilt(self) -> None:
+        obj, self._seen = self._seen, None
+        if obj is None:
             return
         table = self.agent.l7_routes()
-        self.agent.l7_clusters()
         action = table.route(self.request, self.host, self.port)
         subsets = ",".join(f"{d.subset or '-'}:{d.weight}" for d in action.destinations)
         rv = getattr(getattr(obj, "metadata", None), "resource_version", "") or "0"
@@ -78,8 +85,7 @@ class Hollow:
                 tg.create_task(inf.run())
             for inf in self.agent.informers():
                 await inf.synced.wait()
-            self.agent.synced.set()
-            self.agent.l7_routes()
+            self.agent.mark_synced()  # the first rebuild; later ones as events come
             say(f"SYNCED {self.index}")
 
 

@@ -33,7 +33,19 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from meshagent import admin, capture, dns, egress, identity, meshhost, policy, proxy, relay, tunnel
+from meshagent import (
+    admin,
+    capture,
+    dns,
+    egress,
+    identity,
+    meshhost,
+    policy,
+    proxy,
+    rebuilding,
+    relay,
+    tunnel,
+)
 from meshagent.l7 import destservice, telemetry
 from meshagent.l7 import engine as l7engine
 from meshagent.l7 import http2 as l7http2
@@ -91,6 +103,10 @@ class MeshConfig:
     # A mesh-only host (meshagent.meshhost): no pods; its workloads are the
     # WorkloadEntries labelled shoal.dev/mesh-host: <node_name>.
     mesh_host: bool = False
+    # After a change of what the routing tables derive from, they are rebuilt this
+    # much later, once for a burst of changes (meshagent.rebuilding); a connection
+    # meanwhile reads the previous tables, never older than this.
+    rebuild_delay: float = 0.005
 
 
 def captured(pod: core_pb2.Pod, namespaces: Mapping[str, core_pb2.Namespace]) -> bool:
@@ -115,7 +131,8 @@ def workload_name(pod: core_pb2.Pod) -> str:
 class MeshAgent:
     def __init__(self, config: MeshConfig, client: AsyncClient, *,
                  signer: identity.Signer | None = None,
-                 original_dst: proxy.OriginalDst = proxy.original_dst) -> None:
+                 original_dst: proxy.OriginalDst = proxy.original_dst,
+                 rebuild_timer: rebuilding.Timer | None = None) -> None:
         self.config = config
         self.client = client
         self.registry = CollectorRegistry()
@@ -143,13 +160,14 @@ class MeshAgent:
                                 on_update=lambda _old, new: self._check_policy(new))
         self._routes: dict[Address, Route] = {}
         self._names: dict[str, tuple[str, ...]] = {}
-        self._dirty = True
+        self.l4_tables = rebuilding.Rebuilder(self._rebuild, delay=config.rebuild_delay,
+                                              timer=rebuild_timer, name="L4 routes")
         for inf in (self.services, self.endpoints, self.service_entries,
                     self.workload_entries):
             inf.add_handlers(on_add=self._changed, on_update=self._changed2,
                              on_delete=self._changed)
         # L7: VirtualServices (routes), DestinationRules (clusters), and which
-        # service and pod ports speak HTTP; rebuilt lazily after a change.
+        # service and pod ports speak HTTP; rebuilt soon after a change.
         self.virtual_services = Informer(client, traffic_pb2.VirtualService)
         self.destination_rules = Informer(client, traffic_pb2.DestinationRule)
         self.route_table = l7routes.RouteTable(domain=config.cluster_domain)
@@ -160,7 +178,8 @@ class MeshAgent:
         # (pod IP, target port) -> its Services: the destination reporter's
         # destination_service (l7 destservice).
         self._dest_services = destservice.Index()
-        self._l7_dirty = True
+        self.l7_tables = rebuilding.Rebuilder(self._l7_rebuild, delay=config.rebuild_delay,
+                                              timer=rebuild_timer, name="L7 tables")
         self._rng = random.Random()
         l7_sources: list[Informer[Any]] = [self.services, self.endpoints,
                                            self.service_entries, self.pods,
@@ -246,44 +265,49 @@ class MeshAgent:
             inf.add_handlers(on_add=self._applied, on_update=lambda _a, _b: self._applied(_a),
                              on_delete=self._applied)
 
-    # -- views for the data path (rebuilt lazily after a change) ----------------
+    # -- views for the data path ---------------------------------------------
+    # Informer handlers mark them dirty; meshagent.rebuilding rebuilds them once per
+    # burst of changes, off the connection path, which reads what is built.
+
+    def mark_synced(self) -> None:
+        """Every informer has listed: build the tables, rebuild them as changes come
+        from now on, and let the data path decide."""
+        self.l4_tables.start()
+        self.l7_tables.start()
+        self.synced.set()
 
     def _changed(self, _obj: object) -> None:
-        self._dirty = True
+        self.l4_tables.mark()
 
     def _changed2(self, _old: object, _new: object) -> None:
-        self._dirty = True
+        self.l4_tables.mark()
 
     def _rebuild(self) -> None:
-        if self._dirty:
-            self._dirty = False
-            eps = {key_of(e): e for e in self.endpoints.list()}
-            services = self.services.list()
-            self._routes = meshhost.with_workload_entries(
-                build_routes(services, eps), services, self.workload_entries.list())
-            self._names = dns.build_names(services, eps, domain=self.config.cluster_domain)
-            ses = self.service_entries.list()
-            for host, ips in egress.service_entry_names(ses).items():
-                self._names.setdefault(host, ips)
-            self._registry = egress.build_registry(ses, self._resolved,
-                                                   self.workload_entries.list())
+        eps = {key_of(e): e for e in self.endpoints.list()}
+        services = self.services.list()
+        self._routes = meshhost.with_workload_entries(
+            build_routes(services, eps), services, self.workload_entries.list())
+        names = dns.build_names(services, eps, domain=self.config.cluster_domain)
+        ses = self.service_entries.list()
+        for host, ips in egress.service_entry_names(ses).items():
+            names.setdefault(host, ips)
+        self._names = names
+        self._registry = egress.build_registry(ses, self._resolved,
+                                               self.workload_entries.list())
 
     def routes(self) -> dict[Address, Route]:
-        self._rebuild()
+        self.l4_tables.current()
         return self._routes
 
     # -- the L7 views --
 
     def _l7_changed(self, _obj: object) -> None:
-        self._l7_dirty = True
+        self.l7_tables.mark()
 
     def _l7_changed2(self, _old: object, _new: object) -> None:
-        self._l7_dirty = True
+        self.l7_tables.mark()
 
     def _l7_rebuild(self) -> None:
-        if not self._l7_dirty:
-            return
-        self._l7_dirty = False
         services = self.services.list()
         endpoints = self.endpoints.list()
         self.route_table.update(self.virtual_services.list(), services,
@@ -295,37 +319,38 @@ class MeshAgent:
                              destination_rules=self.destination_rules.list(),
                              workload_entries=entries, service_entries=ses,
                              resolved=self._resolved)
-        self._http_services, self._http_pod_ports = http_ports(
+        http_services, self._http_pod_ports = http_ports(
             services, endpoints, domain=self.config.cluster_domain,
             workload_entries=entries)
         for dst, svc in service_entry_http_ports(ses, self._resolved, entries).items():
-            self._http_services.setdefault(dst, svc)
+            http_services.setdefault(dst, svc)
+        self._http_services = http_services
         self._dest_services = destservice.build_index(
             services, endpoints, domain=self.config.cluster_domain, service_entries=ses,
             workload_entries=entries)
 
     def l7_routes(self) -> l7routes.RouteTable:
-        self._l7_rebuild()
+        self.l7_tables.current()
         return self.route_table
 
     def l7_clusters(self) -> l7upstream.Clusters:
-        self._l7_rebuild()
+        self.l7_tables.current()
         return self.clusters
 
     def http_service(self, dst: Address) -> l7engine.Service | None:
         """The HTTP service port (HTTP/1.1, HTTP/2 or gRPC) at ClusterIP:port."""
-        self._l7_rebuild()
+        self.l7_tables.current()
         return self._http_services.get(dst)
 
     def http_pod_port(self, dst: Address) -> bool:
-        self._l7_rebuild()
+        self.l7_tables.current()
         return dst in self._http_pod_ports
 
     def destination_service(self, *, dst: l7engine.Pod, port: int, host: str,
                             source_namespace: str) -> destservice.ServiceName:
         """The Service a request to local pod ``dst``:``port`` was for (the
         destination reporter's destination_service)."""
-        self._l7_rebuild()
+        self.l7_tables.current()
         return destservice.resolve(self._dest_services, ip=dst.ip, port=port,
                                    namespace=dst.namespace, host=host,
                                    source_namespace=source_namespace)
@@ -384,13 +409,13 @@ class MeshAgent:
         return False, reason
 
     def names(self) -> dict[str, tuple[str, ...]]:
-        self._rebuild()
+        self.l4_tables.current()
         return self._names
 
     def egress(self, src: proxy.Workload | None, dst: Address) -> egress.Egress:
         """A connection out of the cluster: a ServiceEntry's, or the outbound
         traffic policy of the source's namespace decides."""
-        self._rebuild()
+        self.l4_tables.current()
         if self._entry_by_ip(dst[0]) is not None:  # a WorkloadEntry: in the mesh
             return egress.Egress(True, dst)
         mode = self.config.outbound_traffic_policy
@@ -406,7 +431,8 @@ class MeshAgent:
             resolved = await egress.resolve(hosts, upstream=self.config.upstream_dns)
             if resolved != self._resolved:
                 self._resolved = resolved
-                self._dirty = self._l7_dirty = True
+                self.l4_tables.mark()
+                self.l7_tables.mark()
             await asyncio.sleep(30.0)
 
     def _pod_by_ip(self, ip: str) -> core_pb2.Pod | None:
@@ -469,8 +495,9 @@ class MeshAgent:
 
     @staticmethod
     def _check_policy(p: security_pb2.AuthorizationPolicy) -> None:
-        for gap in policy.l4_gaps(p):
-            log.warning("AuthorizationPolicy %s: %s", key_of(p), gap)
+        for note in policy.enforcement_notes(p):
+            (log.warning if note.warning else log.info)(
+                "AuthorizationPolicy %s: %s", key_of(p), note.text)
 
     def local_entries(self) -> list[traffic_pb2.WorkloadEntry]:
         """On a mesh-only host: the WorkloadEntries naming it."""
@@ -500,9 +527,10 @@ class MeshAgent:
         self._applied_at = time.time()
 
     def generations(self) -> admin.Generations:
-        """Config is applied as it arrives (routes and policy are read from the
-        caches per connection; capture follows pod events), so an informer's
-        resourceVersion is what this agent has applied of that resource."""
+        """Config is applied as it arrives (policy is read from the caches per
+        connection, the routing tables are rebuilt within ``rebuild_delay`` of a
+        change; capture follows pod events), so an informer's resourceVersion is
+        what this agent has applied of that resource."""
         return admin.generations_from(
             {self._resources[inf]: inf.resource_version for inf in self.informers()},
             applied_at=self._applied_at)
@@ -628,7 +656,7 @@ class MeshAgent:
                     tg.create_task(inf.run(), name=f"informer-{inf.kind.__name__}")
                 for inf in self.informers():
                     await inf.synced.wait()
-                self.synced.set()
+                self.mark_synced()
                 self.readiness.set("informers")
                 # What is loaded by now (modules, the informers' first lists) lives as
                 # long as the agent: kept out of the collector's scans, so that a full

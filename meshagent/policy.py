@@ -5,6 +5,7 @@
         -> Verdict(allowed, policy, reason)
     l4_gaps(policy) -> what of an AuthorizationPolicy cannot be enforced at L4
     l7_gaps(policy) -> what of it cannot be enforced on an HTTP request
+    enforcement_notes(policy) -> Note(warning, text)...: what the agent logs
 
 No I/O and no clock: the callers (the meshagent's inbound path) pass the
 policies from their informer caches and act on the answer.
@@ -501,7 +502,8 @@ def authorize(policies: Iterable[AuthorizationPolicy], peer: Peer, target: Targe
 
 
 def l4_gaps(policy: AuthorizationPolicy) -> tuple[str, ...]:
-    """What of this policy the meshagent does not enforce, one sentence each (for logs)."""
+    """What of this policy cannot be enforced at L4 (on a TCP port), one sentence each.
+    The agent logs ``enforcement_notes`` instead: it checks HTTP ports at L7."""
     spec = policy.spec
     if spec.HasField("target_ref") or spec.target_refs:
         return ("targetRefs are for waypoints and gateways; the policy is ignored at L4",)
@@ -519,21 +521,71 @@ def l4_gaps(policy: AuthorizationPolicy) -> tuple[str, ...]:
     return tuple(gaps)
 
 
-def l7_gaps(policy: AuthorizationPolicy) -> tuple[str, ...]:
-    """What of this policy is not enforced on HTTP requests, one sentence each (for logs)."""
+def _ignored(policy: AuthorizationPolicy) -> str | None:
+    """Why the whole policy is ignored on every port, or None."""
     spec = policy.spec
     if spec.HasField("target_ref") or spec.target_refs:
-        return ("targetRefs are for waypoints and gateways; the policy is ignored",)
+        return "targetRefs are for waypoints and gateways; the policy is ignored"
     if spec.action in ("CUSTOM", "AUDIT"):
-        return (f"action {spec.action} is not supported; the policy is ignored",)
-    allow = spec.action in ("", ALLOW)
-    gaps = []
-    for i, rule in enumerate(spec.rules):
-        unsupported = _unsupported_at_l7(rule)
-        if unsupported:
-            effect = ("the rule never matches" if allow
-                      else "the rule is enforced as for a request without a JWT, and "
-                      "without the other attributes (more restrictive)")
-            gaps.append(f"rules[{i}]: {', '.join(unsupported)} cannot be checked (no JWT "
-                        f"validation; unknown keys); {effect}")
-    return tuple(gaps)
+        return f"action {spec.action} is not supported; the policy is ignored"
+    return None
+
+
+def _l7_gap(i: int, rule: security_pb2.Rule, *, allow: bool) -> str | None:
+    unsupported = _unsupported_at_l7(rule)
+    if not unsupported:
+        return None
+    effect = ("the rule never matches" if allow
+              else "the rule is enforced as for a request without a JWT, and "
+              "without the other attributes (more restrictive)")
+    return (f"rules[{i}]: {', '.join(unsupported)} cannot be checked (no JWT "
+            f"validation; unknown keys); {effect}")
+
+
+def l7_gaps(policy: AuthorizationPolicy) -> tuple[str, ...]:
+    """What of this policy is not enforced on HTTP requests, one sentence each (for logs)."""
+    if (why := _ignored(policy)) is not None:
+        return (why,)
+    allow = policy.spec.action in ("", ALLOW)
+    return tuple(gap for i, rule in enumerate(policy.spec.rules)
+                 if (gap := _l7_gap(i, rule, allow=allow)) is not None)
+
+
+@dataclass(frozen=True)
+class Note:
+    """One sentence on how the meshagent enforces a policy, for its log."""
+
+    warning: bool  # True: part of the policy is enforced on no port at all
+    text: str
+
+
+def enforcement_notes(policy: AuthorizationPolicy) -> tuple[Note, ...]:
+    """What the agent logs about a policy (pure). The agent checks HTTP attributes on
+    its workloads' HTTP ports (L7) and handles them as ztunnel does on TCP ports (L4;
+    see the module doc), so such a rule is enforced on both, and only an information
+    says how. A warning is kept for what no port enforces (``l7_gaps``): an ignored
+    policy, JWT attributes, unknown ``when`` keys."""
+    if (why := _ignored(policy)) is not None:
+        return (Note(True, why),)
+    allow = policy.spec.action in ("", ALLOW)
+    notes: list[Note] = []
+    for i, rule in enumerate(policy.spec.rules):
+        gap = _l7_gap(i, rule, allow=allow)
+        if gap is not None:
+            notes.append(Note(True, gap))
+            if allow:
+                continue  # it never matches, on any port: the warning says all
+        unsupported = set(_unsupported_at_l7(rule))
+        checked = [a for a in _http_in_rule(rule) if a not in unsupported]
+        if not checked:
+            continue
+        if allow:
+            at_l4 = "an ALLOW rule with them never matches there"
+        else:
+            at_l4 = "the DENY rule is enforced without them there (more restrictive)"
+            if not any(t.operation.ports for t in rule.to):
+                at_l4 += "; set to.operation.ports to keep it to the HTTP ports"
+        notes.append(Note(False, f"rules[{i}]: {', '.join(checked)} are checked on "
+                                 f"requests to the target's HTTP ports (L7); on its TCP "
+                                 f"ports (L4) they cannot be, and {at_l4}"))
+    return tuple(notes)

@@ -17,6 +17,7 @@ from meshagent.routing import Address
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
 from shoal.testing.apiserver import InProcessAPIServer
+from shoal.testing.timers import FakeTimer
 from shoal.testing.waiting import eventually
 
 
@@ -330,6 +331,85 @@ http:
                            for s in m.samples if s.name == "istio_requests_total"
                            and s.labels["destination_service"] == "api.example.com"]
                 assert counted == [("source", "200", "-", 1.0)]  # the mesh's telemetry
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    backend.close()
+
+
+async def test_a_burst_of_changes_is_one_rebuild_and_the_next_request_sees_it(
+        api: InProcessAPIServer) -> None:
+    """The L7 tables are rebuilt off the connection path: a burst of VirtualService
+    updates is one rebuild, scheduled by the informer handlers (here on a fake
+    timer); the request after it reads the current tables, and a request once the
+    rebuild is overdue (a busy loop) rebuilds inline."""
+    backend = await asyncio.start_server(_http, "127.0.0.1", 0)
+    svc, ep = _service("web", "http-web", "10.96.0.70", 80,
+                       backend.sockets[0].getsockname()[1])
+
+    def routed_by(version: int) -> pb.VirtualService:
+        vs = pb.VirtualService()
+        json_format.ParseDict({"metadata": {"name": "web", "namespace": "default"},
+                               "spec": {"hosts": ["web"], "http": [{
+                                   "headers": {"response": {"set": {
+                                       "x-routed": f"v{version}"}}},
+                                   "route": [{"destination": {"host": "web"}}]}]}}, vs)
+        return vs
+
+    async def routed() -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+        w.write(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+        reply = await asyncio.wait_for(r.read(), 5)
+        w.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        return reply.split(b"x-routed: ")[1].split(b"\r\n")[0]
+
+    async with api.client() as c:
+        for obj in (svc, ep):
+            await c.create(obj)
+        vs = await c.create(routed_by(0))
+        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
+                         inbound_port=0, dns_port=0, tunnel_port=0,
+                         metrics_listen="127.0.0.1:0", admin_listen="",
+                         pod_cidr="127.0.0.0/8")
+        timer = FakeTimer()
+        delay = cfg.rebuild_delay
+        async with api.client() as agent_client:
+            agent = MeshAgent(cfg, agent_client, rebuild_timer=timer)
+            agent.outbound.original_dst = lambda _s: ("10.96.0.70", 80)
+            await agent.start()
+            task = asyncio.create_task(agent.run())
+            try:
+                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+                assert agent.l7_tables.builds == 1  # every informer's list: one build
+                assert await routed() == b"v0"
+                for version in range(1, 11):  # a burst of ten updates
+                    vs = await c.update(pb.VirtualService(
+                        metadata=vs.metadata, spec=routed_by(version).spec))
+
+                async def all_seen() -> bool:
+                    got = agent.virtual_services.get("default", "web")
+                    return got is not None and \
+                        got.metadata.resource_version == vs.metadata.resource_version
+                await eventually("the agent's informer has the last update", all_seen)
+                assert agent.l7_tables.builds == 1  # none on the informer's path
+                assert timer.pending == 1  # one rebuild scheduled for the burst
+                assert await routed() == b"v0"  # within the debounce: the last tables
+                assert agent.l7_tables.builds == 1
+                timer.advance(delay)  # the scheduled rebuild runs
+                assert agent.l7_tables.builds == 2
+                assert await routed() == b"v10"
+                assert agent.l7_tables.builds == 2  # the request rebuilt nothing
+
+                vs = await c.update(pb.VirtualService(metadata=vs.metadata,
+                                                      spec=routed_by(11).spec))
+                await eventually("the agent's informer has the update", all_seen)
+                timer.advance(delay, run=False)  # due, but the loop has not run it
+                assert await routed() == b"v11"  # rebuilt inline, once
+                assert agent.l7_tables.builds == 3
+                timer.run_due()
+                assert agent.l7_tables.builds == 3
             finally:
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
