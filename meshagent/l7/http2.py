@@ -9,13 +9,31 @@ arguments as the engine's, so the agent hands a connection to an HTTP/2 port (ap
 
     client side, per stream of the client's connection:
       route (VirtualService) -> redirect 301 / no route 404 NR / no cluster 503 NC
-      fault delay (DI) and abort (FI) -> acquire (connectionPool: Overflow 503 UO)
-      -> pick (no healthy endpoint: 503 UH) -> a stream on the endpoint's pooled HTTP/2
-      connection (a tunnel stream to a meshed pod elsewhere, else TCP; a local pod: this
-      agent does the server side too) -- connect failures are retried on another endpoint
-      up to ``retries.attempts`` (nothing was sent yet), anything later is not (a stream's
-      body is not buffered) -> request body, response head, body and trailers relayed as
-      they come, both ways at once -> report(status) to the cluster, record (source)
+      fault delay (DI) -> acquire (connectionPool: Overflow 503 UO)
+      mirror (mirrorPercentage): a copy to the mirror cluster once the body is all here
+        and kept, authority "<host>-shadow", its answer dropped (fire and forget)
+      tries: 1 + retries.attempts, within the route timeout (504 UT):
+        fault abort (FI; per try, as the HTTP/1.1 engine) -> pick, excluding endpoints
+        tried (none healthy: 503 UH) -> a stream on the endpoint's pooled HTTP/2
+        connection (a tunnel stream to a meshed pod elsewhere, else TCP; a local pod:
+        this agent does the server side too) -> the request body goes up as it comes
+        while the response head is awaited, within the per-try timeout:
+          connect failure UF, reset before the head UC, per-try timeout UT: report(None);
+          tried again when retryOn says so (Retries.retriable)
+          the head: report(status); tried again when retryOn says so for its :status or
+          its grpc-status (Retries.retriable_grpc: cancelled, deadline-exceeded, internal,
+          resource-exhausted, unavailable)
+        -> the answer is relayed (head, body, trailers as they come); exhausted: URX
+      record (source)
+
+    A try can be followed by another only while the request body is replayable: every
+    byte the client sent is kept, up to RETRY_BUFFER (Envoy's per-request buffer limit);
+    past it, or after a client reset, the body streams through once. A retry sends what
+    is kept and goes on with what the client still sends. Nothing is tried again once
+    the response head went to the client: for a gRPC request that may still be retried
+    (retryOn names a gRPC status) a head without grpc-status is held until the next
+    event, so that trailers right after it decide too (a gRPC error after initial
+    metadata); the first message, the end, or the try's timeout sends it on.
 
     server side, per stream: authorize -> 403 (gRPC: ``grpc-status: 7``) or the pod, over one
     HTTP/2 connection per inbound connection, with the trace context of this agent's span
@@ -26,7 +44,8 @@ A request whose ``content-type`` starts with ``application/grpc`` is recorded as
 its trailers-only head). Replies the mesh makes itself to a gRPC request are trailers-only
 (``:status`` 200 and ``grpc-status``, HTTP status mapped as gRPC's HTTP mapping does: 403 -> 7,
 404 -> 12, 429/502/503/504 -> 14, else 2), as Envoy sends them; the metric's response_code is
-the HTTP status the mesh decided. The route timeout runs until the response head.
+the HTTP status the mesh decided. The route and per-try timeouts run until the response
+head (a held head: until it is sent on).
 
 :class:`Dispatch` puts both behind the engine's signatures: it looks at a connection's first
 bytes (:class:`Sniffed`) and hands it to :class:`H2Proxy` when they are the HTTP/2 preface,
@@ -76,6 +95,10 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfe
 GRPC_FOR_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14",
                  504: "14"}
 WINDOW = 1 << 20
+# Request bytes kept per stream so that a retry or a mirror can send them again (Envoy's
+# per-request buffer limit); past it the body streams through once and is not retried.
+RETRY_BUFFER = 64 * 1024
+MIRROR_TIMEOUT = 10.0  # a mirrored request, from its stream opening to its answer's end
 
 Headers = list[tuple[str, str]]
 
@@ -254,9 +277,12 @@ class H2Connection:
         self._flush()
 
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Reset stream ``sid``; whoever waits on its events sees ("reset", code)."""
         s = self.streams.get(sid)
-        if s is not None:
+        if s is not None and not s.closed:
             s.closed = True
+            s.events.put_nowait(("reset", code))
+            s.window.set()
         with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
             self.h2.reset_stream(sid, error_code=code)
         self._flush()
@@ -317,11 +343,136 @@ class _Result:
     status: int = 0
     flags: list[str] = field(default_factory=list)
     grpc_status: str = ""
-    request_bytes: int = 0
     response_bytes: int = 0
     upstream: str = ""
     cluster: str = ""
     details: str = ""
+
+
+class _RequestBody:
+    """A client stream's request body as the tries send it.
+
+    Everything the client sent is kept while it fits ``limit`` (``RETRY_BUFFER``), so that
+    a retry or a mirror can send it again (``replayable``); past the limit, or once the
+    client reset its stream, the body only streams through and the request is not tried
+    again. Only one :meth:`send` reads the client at a time: a try's is stopped before the
+    next try starts (a mirror's only replays, after the body ``ended``)."""
+
+    def __init__(self, conn: H2Connection, sid: int, *, limit: int) -> None:
+        self.conn, self.sid, self.limit = conn, sid, limit
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.trailers: Headers | None = None
+        self.ended = False  # the client's END_STREAM (or its trailers) came
+        self.lost = False  # the client reset its stream
+        self.replayable = limit > 0
+        self.settled = asyncio.Event()  # ended, or not replayable any more (or no one reads)
+
+    @property
+    def complete(self) -> bool:
+        """The whole body is here, and kept."""
+        return self.ended and self.replayable
+
+    def _unkeep(self) -> None:
+        self.replayable = False
+        self.kept.clear()
+        self.settled.set()
+
+    async def send(self, up: H2Connection, usid: int) -> None:
+        """What is kept, then the rest as the client sends it, then the end (or the
+        client's trailers), to ``up``'s stream ``usid``."""
+        for piece in self.kept:
+            await up.send_data(usid, piece)
+        while not self.ended:
+            kind, value = await self.conn.next_event(self.sid)
+            if kind == "data":
+                self.size += len(value)
+                if self.replayable and self.size <= self.limit:
+                    self.kept.append(value)
+                elif self.replayable:
+                    self._unkeep()
+                await up.send_data(usid, value)
+            elif kind in ("trailers", "end"):
+                self.trailers = value if kind == "trailers" else None
+                self.ended = True
+                self.settled.set()
+            else:
+                self.lost = True
+                self._unkeep()
+                up.reset(usid)
+                raise StreamReset("client reset")
+        if self.trailers is not None:
+            up.send_headers(usid, self.trailers, end_stream=True)
+        else:
+            up.end_stream(usid)
+
+
+@dataclass
+class _Answer:
+    """A try's response as far as it was read before the try was judged: its head and,
+    after a held gRPC head, the event that came next."""
+
+    up: H2Connection
+    usid: int
+    head: Headers
+    pump: asyncio.Future[None]  # the request body going up
+    server: _ServerSide | None
+    pending: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        return int(_get(self.head, ":status") or 0)
+
+    @property
+    def grpc_status(self) -> str:
+        for kind, value in self.pending:
+            if kind == "trailers":
+                return _get(value, "grpc-status")
+        return _get(self.head, "grpc-status")
+
+
+def _try_timeout(per_try: float | None, deadline: float | None) -> float | None:
+    """How long a try may take: the per-try timeout, cut to what is left of the route's
+    (zero or less: nothing is)."""
+    if deadline is None:
+        return per_try
+    left = deadline - time.monotonic()
+    return min(per_try, left) if per_try else left
+
+
+async def _stopped(task: asyncio.Future[None]) -> None:
+    """``task`` cancelled unless done, and over; how it ended is seen elsewhere."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
+
+
+async def _abandon(opened: tuple[H2Connection, int, _ServerSide | None] | None,
+                   pump: asyncio.Future[None] | None, *, status: int, flag: str,
+                   grpc_status: str = "") -> None:
+    """A try given up (failed, timed out, or answered and retried): its upstream stream
+    reset, its pump stopped, and for a local pod the server side recorded."""
+    if opened is None:
+        return
+    up, usid, server = opened
+    up.reset(usid)
+    if pump is not None:
+        await _stopped(pump)
+    up.forget(usid)
+    if server is not None:
+        server.done(status, flag, 0, grpc_status=grpc_status)
+
+
+async def _reply(conn: H2Connection, sid: int, status: int, text: str, *,
+                 grpc: bool) -> int:
+    """A reply the mesh makes itself on the server side; the body's length."""
+    head, body = local_reply(status, text, grpc=grpc)
+    conn.send_headers(sid, head, end_stream=not body)
+    if body:
+        await conn.send_data(sid, body, end_stream=True)
+    return len(body)
 
 
 class H2Proxy:
@@ -330,8 +481,12 @@ class H2Proxy:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._pool: dict[tuple[str, ...], H2Connection] = {}
+        self._mirrors: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        for t in list(self._mirrors):
+            t.cancel()
+        await asyncio.gather(*self._mirrors, return_exceptions=True)
         for c in list(self._pool.values()):
             c.close()
         self._pool.clear()
@@ -369,14 +524,16 @@ class H2Proxy:
                              port=service.port, source_labels=source.labels,
                              source_namespace=source.namespace)
         action = self.engine.route_table().route(req, service.host, service.port)
+        body = _RequestBody(conn, sid, limit=RETRY_BUFFER)
         res = _Result()
         try:
             await self._carry_out(conn, sid, headers=headers, req=req, action=action,
-                                  source=source, res=res, grpc=grpc)
+                                  source=source, res=res, grpc=grpc, body=body)
         except (StreamReset, ChannelClosed) as err:
             res.flags.append("DC" if not res.status else "UC")
             res.details = f"stream reset: {err}"
         finally:
+            body.settled.set()  # a mirror still waiting for the body gives up
             conn.forget(sid)
             e = self.engine
             rec = telemetry.RequestRecord(
@@ -388,7 +545,7 @@ class H2Proxy:
                 response_flags=",".join(res.flags), grpc_response_status=res.grpc_status,
                 connection_security_policy="unknown", method=method, path=path,
                 authority=authority, duration_s=time.monotonic() - t0,
-                request_bytes=res.request_bytes, response_bytes=res.response_bytes,
+                request_bytes=body.size, response_bytes=res.response_bytes,
                 upstream=res.upstream, route=action.origin, start_time=started,
                 protocol="HTTP/2", request_id=lower.get("x-request-id", ""),
                 user_agent=lower.get("user-agent", ""), downstream_remote_address=source.ip,
@@ -408,20 +565,20 @@ class H2Proxy:
 
     async def _carry_out(self, conn: H2Connection, sid: int, *, headers: Headers,
                          req: routes.Request, action: routes.Action, source: Peer,
-                         res: _Result, grpc: bool) -> None:
+                         res: _Result, grpc: bool, body: _RequestBody) -> None:
         def respond(status: int, text: str, flag: str = "",
                     extra: Headers | None = None) -> None:
             res.status = status
             if flag:
                 res.flags.append(flag)
-            head, body = local_reply(status, text, grpc=grpc, extra=extra)
+            head, payload = local_reply(status, text, grpc=grpc, extra=extra)
             if grpc:
                 res.grpc_status = _get(head, "grpc-status")
-            conn.send_headers(sid, action.response_headers.apply(head), end_stream=not body)
-            if body:
-                conn.h2.send_data(sid, body, end_stream=True)
+            conn.send_headers(sid, action.response_headers.apply(head), end_stream=not payload)
+            if payload:
+                conn.h2.send_data(sid, payload, end_stream=True)
                 conn._flush()
-            res.response_bytes = len(body)
+            res.response_bytes = len(payload)
 
         e = self.engine
         if action.redirect is not None:
@@ -444,11 +601,6 @@ class H2Proxy:
         if fault is not None and fault.delay and e.rng.random() * 100 < fault.delay_percent:
             res.flags.append("DI")
             await asyncio.sleep(fault.delay)
-        if fault is not None and fault.abort_status and \
-                e.rng.random() * 100 < fault.abort_percent:
-            res.details = "fault_filter_abort"
-            respond(fault.abort_status, "fault filter abort", "FI")
-            return
         out = self._upstream_headers(headers, action, dest)
         try:
             ticket = await cluster.acquire()
@@ -458,8 +610,14 @@ class H2Proxy:
                          "reset reason: overflow", "UO")
             return
         try:
+            if action.mirror is not None and e.rng.random() * 100 < action.mirror_percent:
+                task = asyncio.ensure_future(self._mirror(action.mirror, out, body=body,
+                                                          source=source))
+                self._mirrors.add(task)
+                task.add_done_callback(self._mirrors.discard)
             await self._forward(conn, sid, out=out, req=req, action=action, cluster=cluster,
-                                source=source, res=res, respond=respond, grpc=grpc)
+                                source=source, res=res, respond=respond, grpc=grpc,
+                                body=body)
         finally:
             ticket.release()
 
@@ -479,13 +637,26 @@ class H2Proxy:
         return pseudo + [(k.lower(), v) for k, v in regular]
 
     async def _forward(self, conn: H2Connection, sid: int, *, out: Headers,
-                       req: routes.Request, action: routes.Action,
-                       cluster: Any, source: Peer, res: _Result, respond: Any,
-                       grpc: bool) -> None:
-        tries = 1 + action.retries.attempts
+                       req: routes.Request, action: routes.Action, cluster: Any,
+                       source: Peer, res: _Result, respond: Any, grpc: bool,
+                       body: _RequestBody) -> None:
+        """The tries (see the module docstring); the first answer not to be tried again
+        goes to the client."""
+        retries, fault, e = action.retries, action.fault, self.engine
+        tries = 1 + retries.attempts
         tried: list[upstream.Endpoint] = []
         deadline = (time.monotonic() + action.timeout) if action.timeout else None
         for n in range(tries):
+            left = n < tries - 1  # a retry is left, if the body allows one
+            urx = ["URX"] if n and not left else []  # retries exhausted
+            if fault is not None and fault.abort_status and \
+                    e.rng.random() * 100 < fault.abort_percent:
+                if left and retries.retriable(fault.abort_status):
+                    continue
+                res.details = "fault_filter_abort"
+                respond(fault.abort_status, "fault filter abort", "FI")
+                res.flags += urx
+                return
             ep = cluster.pick(headers=req.headers, source_ip=source.ip, exclude=tuple(tried),
                               path=req.path)
             if ep is None:
@@ -494,30 +665,83 @@ class H2Proxy:
                 return
             tried.append(ep)
             res.upstream = ep.address
+            timeout = _try_timeout(retries.per_try_timeout, deadline)
+            if timeout is not None and timeout <= 0:
+                respond(504, "upstream request timeout", "UT")
+                return
+            cluster.started(ep)
             try:
-                up, usid, server = await self._open_stream(ep, out, source)
+                answer = await self._try(ep, out, source=source, body=body, timeout=timeout,
+                                         hold=grpc and left and retries.on_grpc)
             except _Denied as d:
+                cluster.finished(ep)
                 res.details = f"rbac_access_denied: {d}"
                 respond(403, "RBAC: access denied")
                 return
             except TryFailed as f:
                 cluster.report(ep, status=None)
-                if n < tries - 1 and action.retries.retriable(None):
+                cluster.finished(ep)
+                if left and body.replayable and retries.retriable(None):
                     continue
                 res.details = str(f)
-                respond(f.status, f"upstream connect error or disconnect/reset before "
-                                  f"headers. reset reason: {f}", f.flag)
-                if n > 0:
-                    res.flags.append("URX")
+                if f.flag == "UT" or (deadline is not None and
+                                      time.monotonic() >= deadline - 0.001):
+                    respond(504, "upstream request timeout", "UT")
+                else:
+                    respond(f.status, f"upstream connect error or disconnect/reset before "
+                                      f"headers. reset reason: {f}", f.flag)
+                res.flags += urx
                 return
-            cluster.started(ep)
+            except BaseException:
+                cluster.finished(ep)
+                raise
+            cluster.report(ep, status=answer.status)
+            again = retries.retriable(answer.status) or (
+                grpc and retries.retriable_grpc(answer.grpc_status))
+            if again and left and body.replayable:
+                cluster.finished(ep)
+                await _abandon((answer.up, answer.usid, answer.server), answer.pump,
+                               status=answer.status, flag="", grpc_status=answer.grpc_status)
+                continue
             try:
-                await self._exchange(conn, sid, up, usid, res=res, cluster=cluster, ep=ep,
-                                     deadline=deadline, respond=respond, server=server)
+                await self._relay(conn, sid, answer, res=res, body=body)
             finally:
                 cluster.finished(ep)
-                up.forget(usid)
+            res.flags += urx if again else []
             return
+
+    async def _try(self, ep: upstream.Endpoint, headers: Headers, *, source: Peer,
+                   body: _RequestBody, timeout: float | None, hold: bool) -> _Answer:
+        """One try at ``ep``: a stream opened, the request sent (its body by a pump, as it
+        comes), the response head read, all within ``timeout``. With ``hold`` (a gRPC
+        request that may be tried again) a head without ``grpc-status`` is held until the
+        next event, so that trailers right after it (no message) decide too; once the head
+        is in, the timeout no longer fails the try. TryFailed: UF, UC or UT."""
+        opened: tuple[H2Connection, int, _ServerSide | None] | None = None
+        pump: asyncio.Future[None] | None = None
+        answer: _Answer | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                opened = up, usid, server = await self._open_stream(ep, headers, source)
+                pump = asyncio.ensure_future(body.send(up, usid))
+                kind, head = await up.next_event(usid)
+                if kind != "headers":
+                    raise TryFailed("UC", "remote reset")
+                answer = _Answer(up, usid, head, pump, server)
+                if hold and not _get(head, "grpc-status"):
+                    answer.pending.append(await up.next_event(usid))
+        except TimeoutError:
+            if answer is not None:
+                return answer
+            await _abandon(opened, pump, status=504, flag="UT")
+            raise TryFailed("UT", "per-try timeout", status=504) from None
+        except BaseException:
+            await _abandon(opened, pump, status=503, flag="UC")
+            raise
+        if answer.pending and answer.pending[0][0] == "reset":
+            await _abandon(opened, pump, status=503, flag="UC")
+            raise TryFailed("UC", "remote reset after the response head")
+        return answer
 
     async def _open_stream(self, ep: upstream.Endpoint, headers: Headers,
                            source: Peer) -> tuple[H2Connection, int, _ServerSide | None]:
@@ -560,88 +784,77 @@ class H2Proxy:
             raise TryFailed("UC", f"connection termination: {err}") from None
         return up, usid, server
 
-    async def _exchange(self, conn: H2Connection, sid: int, up: H2Connection, usid: int, *,
-                        res: _Result, cluster: Any, ep: upstream.Endpoint,
-                        deadline: float | None, respond: Any,
-                        server: _ServerSide | None) -> None:
-        """Relay the request body up and the response down, at once."""
-        async def request_body() -> None:
-            while True:
-                kind, value = await conn.next_event(sid)
-                if kind == "data":
-                    res.request_bytes += len(value)
-                    await up.send_data(usid, value)
-                elif kind == "trailers":
-                    up.send_headers(usid, value, end_stream=True)
-                    return
-                elif kind == "end":
-                    up.end_stream(usid)
-                    return
-                else:  # the client reset its stream
-                    up.reset(usid)
-                    raise StreamReset("client reset")
-
-        pump = asyncio.ensure_future(request_body())
-        status = 0
+    async def _relay(self, conn: H2Connection, sid: int, answer: _Answer, *, res: _Result,
+                     body: _RequestBody) -> None:
+        """The answer to the client stream ``sid``: its head, what was read after it, then
+        the rest as it comes, trailers included; then the try's stream is done with."""
+        up, usid = answer.up, answer.usid
+        res.status, res.details = answer.status, "via_upstream"
+        res.grpc_status = _get(answer.head, "grpc-status")
+        head: Headers | None = _forward(answer.head)
+        pending = answer.pending
         try:
-            try:
-                async with asyncio.timeout(None if deadline is None
-                                           else max(0.0, deadline - time.monotonic())):
-                    kind, value = await up.next_event(usid)
-            except TimeoutError:
-                up.reset(usid)
-                cluster.report(ep, status=None)
-                res.details = "upstream_response_timeout"
-                respond(504, "upstream request timeout", "UT")
-                if server is not None:
-                    server.done(504, "UT", 0)
-                return
-            if kind != "headers":
-                cluster.report(ep, status=None)
-                res.details = "upstream_reset_before_response_started"
-                respond(503, "upstream connect error or disconnect/reset before headers. "
-                             "reset reason: remote reset", "UC")
-                if server is not None:
-                    server.done(503, "UC", 0)
-                return
-            status = int(_get(value, ":status") or 0)
-            cluster.report(ep, status=status)
-            res.status = status
-            res.details = "via_upstream"
-            res.grpc_status = _get(value, "grpc-status")
-            head: Headers | None = _forward(value)
             while True:
-                kind2, value2 = await up.next_event(usid)
-                if kind2 == "end" and head is not None:
+                kind, value = pending.pop(0) if pending else await up.next_event(usid)
+                if kind == "end" and head is not None:
                     conn.send_headers(sid, head, end_stream=True)
-                    head = None
                     break
                 if head is not None:
                     conn.send_headers(sid, head)
                     head = None
-                if kind2 == "data":
-                    res.response_bytes += len(value2)
-                    await conn.send_data(sid, value2)
-                elif kind2 == "trailers":
-                    res.grpc_status = _get(value2, "grpc-status") or res.grpc_status
-                    conn.send_headers(sid, value2, end_stream=True)
-                    await up.next_event(usid)   # its "end"
+                if kind == "data":
+                    res.response_bytes += len(value)
+                    await conn.send_data(sid, value)
+                elif kind == "trailers":
+                    res.grpc_status = _get(value, "grpc-status") or res.grpc_status
+                    conn.send_headers(sid, value, end_stream=True)
                     break
-                elif kind2 == "end":
+                elif kind == "end":
                     conn.end_stream(sid)
                     break
                 else:
-                    res.flags.append("UC")
+                    res.flags.append("DC" if body.lost else "UC")
                     conn.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
                     break
-            if server is not None:
-                server.done(status, "UC" if "UC" in res.flags else "", res.response_bytes,
-                            grpc_status=res.grpc_status, request_bytes=res.request_bytes)
+            if answer.server is not None:
+                answer.server.done(res.status, "UC" if "UC" in res.flags else "",
+                                   res.response_bytes, grpc_status=res.grpc_status,
+                                   request_bytes=body.size)
         finally:
-            if not pump.done():
-                pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StreamReset, ChannelClosed):
-                await pump
+            if not answer.pump.done():  # the answer ended before the request
+                up.reset(usid)
+            await _stopped(answer.pump)
+            up.forget(usid)
+
+    async def _mirror(self, dest: routes.Destination, headers: Headers, *,
+                      body: _RequestBody, source: Peer) -> None:
+        """A copy of the request to the mirror destination, its authority suffixed
+        ``-shadow``, once the client's body is all here and kept (else none is sent); its
+        answer is read and dropped. The request itself never waits for it."""
+        cluster = self.engine.clusters().get(dest.host, dest.port, dest.subset)
+        ep = None if cluster is None else cluster.pick(headers={}, source_ip=source.ip)
+        if ep is None:
+            return
+        await body.settled.wait()
+        if not body.complete:
+            log.debug("mirror to %s: the request body was not kept", ep.address)
+            return
+        headers = [(k, routes.shadow_authority(v) if k in (":authority", "host") else v)
+                   for k, v in headers]
+        opened: tuple[H2Connection, int, _ServerSide | None] | None = None
+        status, grpc_status = 0, ""
+        try:
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                opened = up, usid, _ = await self._open_stream(ep, headers, source)
+                await body.send(up, usid)
+                while (ev := await up.next_event(usid))[0] not in ("end", "reset"):
+                    if ev[0] in ("headers", "trailers"):
+                        status = status or int(_get(ev[1], ":status") or 0)
+                        grpc_status = _get(ev[1], "grpc-status") or grpc_status
+        except (TryFailed, StreamReset, ChannelClosed, TimeoutError) as err:
+            log.debug("mirror to %s: %s", ep.address, err or type(err).__name__)
+        finally:
+            await _abandon(opened, None, status=status, flag="", grpc_status=grpc_status)
 
     # ================================================================ server side
 
@@ -682,14 +895,12 @@ class H2Proxy:
         server = _ServerSide(self.engine, source=source, dst=dst, port=port, mtls=mtls,
                              headers=headers)
         res = _Result()
+        body = _RequestBody(conn, sid, limit=0)  # one try: nothing kept
         try:
             why = server.check()
             if why is not None:
-                head, body = local_reply(403, "RBAC: access denied", grpc=grpc)
-                conn.send_headers(sid, head, end_stream=not body)
-                if body:
-                    await conn.send_data(sid, body, end_stream=True)
-                server.done(403, "DENY", len(body), grpc_status="7" if grpc else "",
+                sent = await _reply(conn, sid, 403, "RBAC: access denied", grpc=grpc)
+                server.done(403, "DENY", sent, grpc_status="7" if grpc else "",
                             details="rbac_access_denied")
                 return
             try:
@@ -697,32 +908,26 @@ class H2Proxy:
                 usid = pod.open_stream()
                 pod.send_headers(usid, server.headers)
             except (OSError, TimeoutError, StreamReset) as err:
-                head, body = local_reply(503, f"upstream connect error: {err}", grpc=grpc)
-                conn.send_headers(sid, head, end_stream=not body)
-                if body:
-                    await conn.send_data(sid, body, end_stream=True)
-                server.done(503, "UF", len(body), grpc_status=_get(head, "grpc-status")
-                            if grpc else "")
+                sent = await _reply(conn, sid, 503, f"upstream connect error: {err}",
+                                    grpc=grpc)
+                server.done(503, "UF", sent, grpc_status=GRPC_FOR_HTTP[503] if grpc else "")
                 return
-
-            class _Nop:
-                def report(self, ep: Any, *, status: int | None) -> None:
-                    pass
-
-            def respond(status: int, text: str, flag: str = "",
-                        extra: Headers | None = None) -> None:
-                res.status = status
-                if flag:
-                    res.flags.append(flag)
-                head, _ = local_reply(status, text, grpc=grpc, extra=extra)
-                conn.send_headers(sid, head, end_stream=True)
-
+            pump = asyncio.ensure_future(body.send(pod, usid))
             try:
-                await self._exchange(conn, sid, pod, usid, res=res, cluster=_Nop(),
-                                     ep=upstream.Endpoint(ip=dst.ip, port=port),
-                                     deadline=None, respond=respond, server=server)
-            finally:
-                pod.forget(usid)
+                kind, head = await pod.next_event(usid)
+            except BaseException:  # cancelled: the inbound connection is closing
+                await _abandon((pod, usid, None), pump, status=0, flag="")
+                raise
+            if kind != "headers":
+                await _abandon((pod, usid, None), pump, status=503, flag="UC")
+                sent = await _reply(conn, sid, 503, "upstream connect error or disconnect/"
+                                    "reset before headers. reset reason: remote reset",
+                                    grpc=grpc)
+                server.done(503, "UC", sent, grpc_status=GRPC_FOR_HTTP[503] if grpc else "",
+                            request_bytes=body.size)
+                return
+            await self._relay(conn, sid, _Answer(pod, usid, head, pump, server), res=res,
+                              body=body)
         except (StreamReset, ChannelClosed) as err:
             server.done(res.status or 0, "UC", res.response_bytes, grpc_status=res.grpc_status,
                         details=f"stream reset: {err}")

@@ -38,7 +38,7 @@ from shoal.api.traffic.v1 import traffic_pb2 as pb
 from shoal.trafficrules import parse_duration
 
 __all__ = ["Action", "Destination", "Fault", "HeaderOps", "Redirect", "Request", "Retries",
-           "Rewrite", "RouteTable", "fqdn"]
+           "Rewrite", "RouteTable", "fqdn", "shadow_authority"]
 
 DEFAULT_DOMAIN = "cluster.local"
 MESH = "mesh"
@@ -46,6 +46,16 @@ MESH = "mesh"
 # these conditions, 503 being the retriable status code.
 DEFAULT_RETRY_ON = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled",
                               "retriable-status-codes"})
+# retryOn's gRPC conditions (Envoy's retry_grpc_on), by the grpc-status code each names.
+GRPC_RETRY_ON = {"1": "cancelled", "4": "deadline-exceeded", "8": "resource-exhausted",
+                 "13": "internal", "14": "unavailable"}
+
+
+def shadow_authority(authority: str) -> str:
+    """The authority of a mirrored request, as Envoy writes it: the host suffixed
+    ``-shadow``, the port kept."""
+    name, sep, port = authority.partition(":")
+    return f"{name}-shadow{sep}{port}"
 
 
 def fqdn(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str:
@@ -158,6 +168,15 @@ class Retries:
             return True
         return status in self.status_codes and ("retriable-status-codes" in on
                                                 or str(status) in on)
+
+    @property
+    def on_grpc(self) -> bool:
+        """Whether some gRPC status is retried (retryOn names one of GRPC_RETRY_ON)."""
+        return not self.retry_on.isdisjoint(GRPC_RETRY_ON.values())
+
+    def retriable_grpc(self, grpc_status: str) -> bool:
+        """Whether a gRPC response with this ``grpc-status`` is tried again."""
+        return GRPC_RETRY_ON.get(grpc_status, "") in self.retry_on
 
 
 NO_RETRIES = Retries(attempts=0, retry_on=frozenset(), status_codes=frozenset())

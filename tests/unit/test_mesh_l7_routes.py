@@ -6,7 +6,15 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from meshagent.l7.routes import Action, Destination, Request, Rewrite, RouteTable, fqdn
+from meshagent.l7.routes import (
+    Action,
+    Destination,
+    Request,
+    Rewrite,
+    RouteTable,
+    fqdn,
+    shadow_authority,
+)
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
 
@@ -261,6 +269,34 @@ def test_retry_on(retry_on: str, status: int | None, retried: bool) -> None:
     vs = _vs(f"hosts: [reviews]\nhttp: [{{retries: {{attempts: 1, retryOn: '{retry_on}'}}, "
              "route: [{destination: {host: reviews}}]}]")
     assert _table(vs).route(_req(), SVC, 9080).retries.retriable(status) is retried
+
+
+@pytest.mark.parametrize(("retry_on", "grpc_status", "retried"), [
+    ("unavailable", "14", True), ("cancelled", "1", True), ("deadline-exceeded", "4", True),
+    ("internal", "13", True), ("resource-exhausted", "8", True),
+    ("unavailable", "13", False), ("5xx", "14", False), ("unavailable", "0", False),
+    ("unavailable", "", False), ("5xx,internal", "13", True),
+])
+def test_retry_on_grpc_status(retry_on: str, grpc_status: str, retried: bool) -> None:
+    vs = _vs(f"hosts: [reviews]\nhttp: [{{retries: {{attempts: 1, retryOn: '{retry_on}'}}, "
+             "route: [{destination: {host: reviews}}]}]")
+    retries = _table(vs).route(_req(), SVC, 9080).retries
+    assert retries.retriable_grpc(grpc_status) is retried
+    assert retries.on_grpc is (retry_on != "5xx")
+
+
+def test_default_retries_cover_grpc_unavailable_and_cancelled() -> None:
+    retries = _table().route(_req(), SVC, 9080).retries
+    assert retries.on_grpc and retries.retriable_grpc("14") and retries.retriable_grpc("1")
+    assert not retries.retriable_grpc("13")
+
+
+@pytest.mark.parametrize(("authority", "want"), [
+    ("reviews", "reviews-shadow"), ("reviews:9080", "reviews-shadow:9080"),
+    ("reviews.default.svc.cluster.local", "reviews.default.svc.cluster.local-shadow"),
+])
+def test_shadow_authority(authority: str, want: str) -> None:
+    assert shadow_authority(authority) == want
 
 
 def test_tcp_routes_with_weights() -> None:
