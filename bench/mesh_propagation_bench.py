@@ -3,10 +3,11 @@ change until every agent enforces it.
 
     python bench/mesh_propagation_bench.py [--changes 60] [--warmup-changes 1] [--hollow 97]
         [--per-process 25] [--lab-dir /tmp/shoal-prop-lab] [--json FILE]
+        [--mesh-profile demo|default]
 
 Needs root. Takes ``/tmp/shoal-e2e.lock`` itself (as ``bench/mesh_bench.py``, whose
-lab and process plumbing it uses), brings up ``shoal lab up --nodes 3 --mesh`` and
-takes it down (``--purge``) at the end.
+lab and process plumbing it uses), brings up ``shoal lab up --nodes 3 --mesh
+--mesh-profile demo`` (``--mesh-profile``) and takes it down (``--purge``) at the end.
 
 Agents: the lab's 3 real meshagents, plus ``--hollow`` hollow ones
 (``bench/hollow_meshagent.py``: the real ``MeshAgent``'s informers and L7
@@ -358,6 +359,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per change")
     p.add_argument("--lab-dir", type=Path, default=Path("/tmp/shoal-prop-lab"))
     p.add_argument("--json", type=Path)
+    p.add_argument("--mesh-profile", choices=("default", "demo"), default="demo",
+                   help="the lab's mesh telemetry (shoal lab up --mesh-profile); demo, "
+                        "the lab's default, is what the recorded runs had")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (the lab, network namespaces)", file=sys.stderr)
@@ -375,7 +379,7 @@ def main() -> int:
         signal.signal(signal.SIGTERM, mb._interrupt)
         started = mb.Started()
         try:
-            with mb.lab(args.lab_dir):
+            with mb.lab(args.lab_dir, args.mesh_profile):
                 try:
                     out = bench(args, started)
                 finally:
