@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,11 @@ class Backend:
 
     async def _stream(self, conn: H2Connection, sid: int) -> None:
         _, head = await conn.next_event(sid)
+        if self.script[:1] == ["503-early"]:  # answers before reading the body
+            self.script.pop(0)
+            self.seen.append((dict(head), b""))
+            conn.send_headers(sid, [(":status", "503")], end_stream=True)
+            return
         body = b""
         while (ev := await conn.next_event(sid))[0] == "data":
             body += ev[1]
@@ -179,8 +184,11 @@ async def _say(world: World, message: bytes = b"hi") -> bytes:
         return answer
 
 
-async def _h2c_post(world: World, body: bytes) -> tuple[int, bytes]:
-    """A plain (not gRPC) HTTP/2 request with prior knowledge: its status and body."""
+async def _h2c_post(world: World, *parts: bytes,
+                    between: Callable[[], Awaitable[None]] | None = None
+                    ) -> tuple[int, bytes]:
+    """A plain (not gRPC) HTTP/2 request with prior knowledge, its body sent in ``parts``
+    (``between`` awaited after each but the last): the answer's status and body."""
     _, end = await asyncio.get_running_loop().create_connection(
         relay.SocketEnd, "127.0.0.1", world.port)
     conn = H2Connection(end, client=True)
@@ -188,7 +196,10 @@ async def _h2c_post(world: World, body: bytes) -> tuple[int, bytes]:
         sid = conn.open_stream()
         conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/up"),
                                 (":authority", "greeter")])
-        await conn.send_data(sid, body, end_stream=True)
+        for i, part in enumerate(parts):
+            await conn.send_data(sid, part, end_stream=i == len(parts) - 1)
+            if between is not None and i < len(parts) - 1:
+                await between()
         head: Headers = []
         got = b""
         async with asyncio.timeout(10):
@@ -248,6 +259,21 @@ async def test_h2c_request_body_is_sent_again_on_retry(world: World) -> None:
     status, _ = await _h2c_post(world, body)
     assert status == 200
     assert [seen[1] for seen in world.backends["v1"].seen] == [body, body]
+
+
+async def test_a_retry_replays_the_kept_body_and_goes_on_with_the_rest(world: World) -> None:
+    world.apply(_retries("attempts: 1, retryOn: 5xx"))
+    v1 = world.backends["v1"]
+    v1.script = ["503-early"]
+
+    async def first_try_answered() -> None:
+        async with asyncio.timeout(5):
+            while not v1.seen:
+                await asyncio.sleep(0.01)
+
+    status, _ = await _h2c_post(world, b"a" * 1000, b"b" * 1000, between=first_try_answered)
+    assert status == 200
+    assert [seen[1] for seen in v1.seen] == [b"", b"a" * 1000 + b"b" * 1000]
 
 
 @pytest.mark.parametrize("client", ["grpc", "h2c"])
