@@ -70,8 +70,10 @@ async def _scenario(tmp: Path) -> dict[str, object]:
         try:
             async def ready() -> bool:
                 route = n1.routes().get((cluster_ip, 80))
+                web, sleep = n1.workload(SERVER_IP), n2.workload(CLIENT_IP)
                 return (n1.captured_ips() == [CLIENT_IP] and n2.captured_ips() == [SERVER_IP]
-                        and bool(route and route.endpoints))
+                        and bool(route and route.endpoints) and web is not None
+                        and web.meshed and sleep is not None and sleep.meshed)
             await eventually("both agents ready", ready)
             r, w = await asyncio.open_connection(n1.outbound.host, n1.outbound.port,
                                                  local_addr=(CLIENT_IP, 0))
