@@ -207,6 +207,10 @@ class MeshCounts:
     requests: float = 0        # L7: istio_requests_total, any reporter
     requests_source_ok: float = 0       # reporter=source, 200, mutual_tls
     requests_destination_ok: float = 0  # reporter=destination, 200, mutual_tls
+    # L7: requests the agent itself saw take over 5 / 100 ms (its duration histogram),
+    # to tell where a slow request spent its time
+    over_5ms: float = 0
+    over_100ms: float = 0
 
     @staticmethod
     def read(ip: str) -> MeshCounts:
@@ -226,7 +230,11 @@ class MeshCounts:
                                     reporter="destination",
                                     connection_security_policy="mutual_tls"),
             handshakes_ok=metric_total(t, "shoal_mesh_tls_handshakes_total", direction="outbound",
-                                 result="ok"))
+                                 result="ok"),
+            over_5ms=metric_total(t, "istio_request_duration_milliseconds_count") - metric_total(
+                t, "istio_request_duration_milliseconds_bucket", le="5.0"),
+            over_100ms=metric_total(t, "istio_request_duration_milliseconds_count") - metric_total(
+                t, "istio_request_duration_milliseconds_bucket", le="100.0"))
 
 
 def pod(name: str, node: str, *, meshed: bool) -> core_pb2.Pod:
@@ -503,9 +511,9 @@ def run_load(started: Started, setup: Setup, mode: str, *, args: argparse.Namesp
     if http:
         sent = result["sent_total"]
         r1 = {k: getattr(after["node-1"], k) - getattr(before["node-1"], k)
-              for k in ("requests", "requests_source_ok")}
+              for k in ("requests", "requests_source_ok", "over_5ms", "over_100ms")}
         r2 = {k: getattr(after["node-2"], k) - getattr(before["node-2"], k)
-              for k in ("requests", "requests_destination_ok")}
+              for k in ("requests", "requests_destination_ok", "over_5ms", "over_100ms")}
         result["mesh_metrics"].update({"requests_node-1": r1, "requests_node-2": r2,
                                        "sent": sent})
         if mode == "mesh":
@@ -798,6 +806,12 @@ def bench(args: argparse.Namespace, started: Started) -> dict[str, Any]:
                 f"p99 {r['p99_ms']:.3f}  max {r['max_ms']:.2f} ms  achieved "
                 f"{r['achieved_rps']:.1f}/s  send lag p99 {r['send_lag_p99_ms']:.3f} ms  "
                 f"CPU s/1000 [{cpu}]  {'; '.join(r['problems']) or 'ok'}")
+            mm = r["mesh_metrics"]
+            if mode == "mesh" and "requests_node-1" in mm:
+                src, dst = mm["requests_node-1"], mm["requests_node-2"]
+                say(f"      the agents' own durations over 5 / 100 ms: source (node-1) "
+                    f"{src['over_5ms']:.0f} / {src['over_100ms']:.0f}, destination (node-2) "
+                    f"{dst['over_5ms']:.0f} / {dst['over_100ms']:.0f}")
             results.append(r)
     final_rss = {k: rss_mb(pid) for m in ("mesh", "haproxy")
                  for k, pid in setup.proxies[m].items()}
