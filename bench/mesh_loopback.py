@@ -38,7 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod, _web_service  # noqa: E402
+from test_mesh_tunnel import (  # noqa: E402
+    CLIENT_IP,
+    SERVER_IP,
+    _pair,
+    _pair_ready,
+    _pod,
+    _web_service,
+)
 
 from meshagent.daemon import MeshAgent  # noqa: E402
 from shoal import spiffe  # noqa: E402
@@ -107,15 +114,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 ep = await client.get(core_pb2.Endpoints, "web", namespace=ns)
                 ep.subsets[0].ports[0].name = "http"
                 await client.update(ep)
-            tunnel_port = free_port()
-            n1, c1, t1 = await _agent(api, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
-            n2, c2, t2 = await _agent(api, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))
+            (n1, c1, t1), (n2, c2, t2) = await _pair(api, cluster_ip)
             try:
                 async def ready() -> bool:
-                    route = n1.routes().get((cluster_ip, 80))
-                    return (n1.captured_ips() == [CLIENT_IP]
-                            and n2.captured_ips() == [SERVER_IP]
-                            and bool(route and route.endpoints))
+                    return _pair_ready(n1, n2, cluster_ip)
                 await eventually("both agents ready", ready)
                 if args.setup_samples:
                     return await setup_times(n1, echo_port, args.setup_samples)

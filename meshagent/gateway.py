@@ -79,8 +79,8 @@ from prometheus_client import CollectorRegistry, Counter
 from meshagent import identity, relay, tunnel
 from meshagent.l7 import engine, routes, telemetry, upstream
 from meshagent.l7.routes import RouteTable
+from shoal import argtypes, errors, eventloop, logs, spiffe
 from shoal import config as configmod
-from shoal import errors, eventloop, logs, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as tpb
 from shoal.client import AsyncClient
@@ -796,7 +796,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics-listen", default="0.0.0.0:15021")
     r.add_argument("--zipkin-endpoint", default="",
                    help="http://HOST:PORT of a Zipkin v2 collector (empty: no spans)")
-    r.add_argument("--trace-sampling", type=telemetry.sampling_percent, default=1.0,
+    r.add_argument("--trace-sampling", type=argtypes.percent, default=1.0,
                    metavar="PERCENT", help="the share of new traces sampled, in percent "
                    "(default 1, as Istio)")
     r.add_argument("--event-loop", choices=eventloop.LOOPS, default=eventloop.DEFAULT)

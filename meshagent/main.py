@@ -20,7 +20,7 @@ from pathlib import Path
 
 from meshagent import capture
 from meshagent.l7 import telemetry
-from shoal import errors, eventloop, logs
+from shoal import argtypes, errors, eventloop, logs
 from shoal.signals import until_stopped
 
 
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--zipkin-endpoint", default="", metavar="URL",
                    help="send a span per delivered HTTP request to this Zipkin v2 "
                    "collector (http://HOST:PORT[/api/v2/spans]); empty: no tracing")
-    r.add_argument("--trace-sampling", type=telemetry.sampling_percent, default=1.0,
+    r.add_argument("--trace-sampling", type=argtypes.percent, default=1.0,
                    metavar="PERCENT",
                    help="the share of new traces sampled, in percent (default 1, as "
                    "Istio's meshConfig tracing.sampling; a request that carries a "
@@ -95,14 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{value:g}s: must be between 0.1 and 3600 seconds")
-    return value
+_seconds = argtypes.number_between(0.1, 3600, what="a number of seconds", unit="seconds")
 
 
 def _run(ns: argparse.Namespace) -> int:

@@ -45,7 +45,6 @@ stops. Only ``http://`` collectors are supported (the lab's is on loopback).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -513,17 +512,6 @@ def zipkin_span(ctx: TraceContext, *, name: str, kind: str, start: float, durati
     if kind.upper() in SPAN_KINDS:
         span["kind"] = kind.upper()
     return span
-
-
-def sampling_percent(text: str) -> float:
-    """``--trace-sampling``: a percentage, 0 to 100 (argparse's type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"{value:g}: must be between 0 and 100 (percent)")
-    return value
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int, str]:

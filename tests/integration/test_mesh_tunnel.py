@@ -94,6 +94,25 @@ async def _agent(api: InProcessAPIServer, node: str, host: str, tunnel_port: int
     return agent, client, task
 
 
+Started = tuple[MeshAgent, AsyncClient, "asyncio.Task[None]"]
+
+
+async def _pair(api: InProcessAPIServer, cluster_ip: str) -> tuple[Started, Started]:
+    """Agents n1 (pod CLIENT_IP) and n2 (pod SERVER_IP) sharing a tunnel port, their
+    outbound original destination ``cluster_ip``:80."""
+    tunnel_port = free_port()
+    a = await _agent(api, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
+    b = await _agent(api, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))
+    return a, b
+
+
+def _pair_ready(n1: MeshAgent, n2: MeshAgent, cluster_ip: str) -> bool:
+    """Each agent captures its pod and n1 routes ``cluster_ip``:80 to an endpoint."""
+    route = n1.routes().get((cluster_ip, 80))
+    return (n1.captured_ips() == [CLIENT_IP] and n2.captured_ips() == [SERVER_IP]
+            and bool(route and route.endpoints))
+
+
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     # An apiserver of its own: pod IPs are reused from test to test.
@@ -122,14 +141,10 @@ async def _mesh(apiserver: InProcessAPIServer, client: AsyncClient,
     await _pod(client, namespace, "web", node="n2", ip=SERVER_IP, sa="web", app="web")
     cluster_ip = await _web_service(client, namespace, port)
 
-    tunnel_port = free_port()
-    n1, c1, t1 = await _agent(apiserver, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
-    n2, c2, t2 = await _agent(apiserver, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))
+    (n1, c1, t1), (n2, c2, t2) = await _pair(apiserver, cluster_ip)
     try:
         async def ready() -> bool:
-            return (n1.captured_ips() == [CLIENT_IP] and n2.captured_ips() == [SERVER_IP]
-                    and bool(n1.routes().get((cluster_ip, 80), None)
-                             and n1.routes()[(cluster_ip, 80)].endpoints))
+            return _pair_ready(n1, n2, cluster_ip)
         await eventually("both agents hold their pods' certificates and the route", ready)
         yield Mesh(apiserver, client, namespace, n1, n2, port, seen)
     finally:

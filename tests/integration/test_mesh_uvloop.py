@@ -34,7 +34,7 @@ def test_an_http_request_crosses_two_agents_on_uvloop() -> None:
 
 
 async def _scenario(tmp: Path) -> dict[str, object]:
-    from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _agent, _pod
+    from test_mesh_tunnel import CLIENT_IP, SERVER_IP, _pair, _pair_ready, _pod
 
     from shoal.api.core.v1 import core_pb2
     from shoal.testing.apiserver import InProcessAPIServer, free_port
@@ -64,16 +64,12 @@ async def _scenario(tmp: Path) -> dict[str, object]:
         sub.addresses.add(ip=SERVER_IP)
         sub.ports.add(name="http", port=port, protocol="TCP")
         await c.create(ep)
-        tunnel_port = free_port()
-        n1, c1, t1 = await _agent(api, "n1", CLIENT_IP, tunnel_port, (cluster_ip, 80))
-        n2, c2, t2 = await _agent(api, "n2", SERVER_IP, tunnel_port, (cluster_ip, 80))
+        (n1, c1, t1), (n2, c2, t2) = await _pair(api, cluster_ip)
         try:
             async def ready() -> bool:
-                route = n1.routes().get((cluster_ip, 80))
                 web, sleep = n1.workload(SERVER_IP), n2.workload(CLIENT_IP)
-                return (n1.captured_ips() == [CLIENT_IP] and n2.captured_ips() == [SERVER_IP]
-                        and bool(route and route.endpoints) and web is not None
-                        and web.meshed and sleep is not None and sleep.meshed)
+                return (_pair_ready(n1, n2, cluster_ip) and web is not None and web.meshed
+                        and sleep is not None and sleep.meshed)
             await eventually("both agents ready", ready)
             r, w = await asyncio.open_connection(n1.outbound.host, n1.outbound.port,
                                                  local_addr=(CLIENT_IP, 0))
