@@ -660,7 +660,7 @@ class Engine:
             except TryFailed as e:
                 cluster.report(ep, status=None)
                 cluster.finished(ep)
-                if not last and retries.retriable(None) and body.replayable:
+                if not last and retries.retriable_failure(e.flag) and body.replayable:
                     continue
                 out.details = str(e)
                 overall = deadline is not None and time.monotonic() >= deadline - 0.001

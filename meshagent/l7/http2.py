@@ -681,7 +681,7 @@ class H2Proxy:
             except TryFailed as f:
                 cluster.report(ep, status=None)
                 cluster.finished(ep)
-                if left and body.replayable and retries.retriable(None):
+                if left and body.replayable and retries.retriable_failure(f.flag):
                     continue
                 res.details = str(f)
                 if f.flag == "UT" or (deadline is not None and

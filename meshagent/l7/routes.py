@@ -153,13 +153,9 @@ class Retries:
     retry_on: frozenset[str] = DEFAULT_RETRY_ON
     status_codes: frozenset[int] = frozenset({503})  # retriable-status-codes and "503"
 
-    def retriable(self, status: int | None) -> bool:
-        """Whether a try that ended so (``None``: connect failure, reset or
-        timeout) is tried again."""
+    def retriable(self, status: int) -> bool:
+        """Whether a try answered with ``status`` is tried again."""
         on = self.retry_on
-        if status is None:
-            return bool(on & {"5xx", "gateway-error", "connect-failure", "reset",
-                              "refused-stream"})
         if status >= 500 and "5xx" in on:
             return True
         if status in (502, 503, 504) and "gateway-error" in on:
@@ -168,6 +164,18 @@ class Retries:
             return True
         return status in self.status_codes and ("retriable-status-codes" in on
                                                 or str(status) in on)
+
+    def retriable_failure(self, flag: str) -> bool:
+        """Whether a try that got no response is tried again, by how it ended
+        (``flag``: UF the connect failed, UC reset, UT per-try timeout). As Envoy:
+        5xx, gateway-error and reset cover all three; connect-failure only UF;
+        refused-stream a reset (the peer refused the stream)."""
+        on = self.retry_on
+        if on & {"5xx", "gateway-error", "reset"}:
+            return True
+        if flag == "UF":
+            return "connect-failure" in on
+        return flag == "UC" and "refused-stream" in on
 
     @property
     def on_grpc(self) -> bool:

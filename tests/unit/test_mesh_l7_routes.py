@@ -10,6 +10,7 @@ from meshagent.l7.routes import (
     Action,
     Destination,
     Request,
+    Retries,
     Rewrite,
     RouteTable,
     fqdn,
@@ -241,7 +242,7 @@ def test_rewrite_redirect_timeout_retries_fault() -> None:
     a = t.route(_req("/slow"), SVC, 9080)
     assert a.timeout == 2.0
     assert (a.retries.attempts, a.retries.per_try_timeout) == (3, 0.5)
-    assert a.retries.retriable(500) and a.retries.retriable(None)
+    assert a.retries.retriable(500) and a.retries.retriable_failure("UF")
     assert not a.retries.retriable(404)
     assert a.fault is not None
     assert (a.fault.delay, a.fault.delay_percent) == (1.0, 10.0)
@@ -259,13 +260,13 @@ def test_header_ops_and_mirror() -> None:
 
 
 @pytest.mark.parametrize(("retry_on", "status", "retried"), [
-    ("5xx", 500, True), ("5xx", 503, True), ("5xx", None, True), ("5xx", 404, False),
+    ("5xx", 500, True), ("5xx", 503, True), ("5xx", 404, False),
     ("gateway-error", 502, True), ("gateway-error", 500, False),
-    ("connect-failure", None, True), ("connect-failure", 503, False),
-    ("reset", None, True), ("retriable-4xx", 409, True), ("retriable-4xx", 404, False),
+    ("connect-failure", 503, False), ("reset", 503, False),
+    ("retriable-4xx", 409, True), ("retriable-4xx", 404, False),
     ("503", 503, True), ("503", 500, False),
 ])
-def test_retry_on(retry_on: str, status: int | None, retried: bool) -> None:
+def test_retry_on(retry_on: str, status: int, retried: bool) -> None:
     vs = _vs(f"hosts: [reviews]\nhttp: [{{retries: {{attempts: 1, retryOn: '{retry_on}'}}, "
              "route: [{destination: {host: reviews}}]}]")
     assert _table(vs).route(_req(), SVC, 9080).retries.retriable(status) is retried
@@ -327,3 +328,19 @@ def test_a_bad_virtual_service_is_left_out_alone() -> None:
 ])
 def test_fqdn(host: str, ns: str, want: str) -> None:
     assert fqdn(host, ns) == want
+
+
+@pytest.mark.parametrize("retry_on, retried", [
+    # how the try ended: connect failure (UF), reset (UC), per-try timeout (UT)
+    ("5xx", {"UF", "UC", "UT"}),
+    ("gateway-error", {"UF", "UC", "UT"}),
+    ("reset", {"UF", "UC", "UT"}),
+    ("connect-failure", {"UF"}),  # a timed-out try is not a connect failure (Envoy)
+    ("refused-stream", {"UC"}),
+    ("retriable-4xx", set()),
+    ("503", set()),
+])
+def test_a_try_without_response_is_retried_as_envoy_does(retry_on: str, retried: set[str]
+                                                         ) -> None:
+    r = Retries(attempts=2, retry_on=frozenset({retry_on}))
+    assert {f for f in ("UF", "UC", "UT") if r.retriable_failure(f)} == retried
