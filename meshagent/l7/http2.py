@@ -617,7 +617,9 @@ class H2Proxy:
                 task.add_done_callback(self._mirrors.discard)
             await self._forward(conn, sid, out=out, req=req, action=action, cluster=cluster,
                                 source=source, res=res, respond=respond, grpc=grpc,
-                                body=body)
+                                body=body,
+                                response_ops=action.response_headers.merged(
+                                    dest.response_headers))
         finally:
             ticket.release()
 
@@ -639,9 +641,9 @@ class H2Proxy:
     async def _forward(self, conn: H2Connection, sid: int, *, out: Headers,
                        req: routes.Request, action: routes.Action, cluster: Any,
                        source: Peer, res: _Result, respond: Any, grpc: bool,
-                       body: _RequestBody) -> None:
+                       body: _RequestBody, response_ops: routes.HeaderOps) -> None:
         """The tries (see the module docstring); the first answer not to be tried again
-        goes to the client."""
+        goes to the client, with the route's response header operations done."""
         retries, fault, e = action.retries, action.fault, self.engine
         tries = 1 + retries.attempts
         tried: list[upstream.Endpoint] = []
@@ -704,7 +706,7 @@ class H2Proxy:
                                status=answer.status, flag="", grpc_status=answer.grpc_status)
                 continue
             try:
-                await self._relay(conn, sid, answer, res=res, body=body)
+                await self._relay(conn, sid, answer, res=res, body=body, ops=response_ops)
             finally:
                 cluster.finished(ep)
             res.flags += urx if again else []
@@ -785,13 +787,19 @@ class H2Proxy:
         return up, usid, server
 
     async def _relay(self, conn: H2Connection, sid: int, answer: _Answer, *, res: _Result,
-                     body: _RequestBody) -> None:
-        """The answer to the client stream ``sid``: its head, what was read after it, then
-        the rest as it comes, trailers included; then the try's stream is done with."""
+                     body: _RequestBody, ops: routes.HeaderOps | None = None) -> None:
+        """The answer to the client stream ``sid``: its head (with ``ops``, the route's
+        response header operations, done), what was read after it, then the rest as it
+        comes, trailers included; then the try's stream is done with."""
         up, usid = answer.up, answer.usid
         res.status, res.details = answer.status, "via_upstream"
         res.grpc_status = _get(answer.head, "grpc-status")
-        head: Headers | None = _forward(answer.head)
+        forwarded = _forward(answer.head)
+        if ops:
+            forwarded = [(k, v) for k, v in forwarded if k.startswith(":")] + [
+                (k.lower(), v) for k, v in ops.apply(
+                    [(k, v) for k, v in forwarded if not k.startswith(":")])]
+        head: Headers | None = forwarded
         pending = answer.pending
         try:
             while True:

@@ -185,10 +185,11 @@ async def _say(world: World, message: bytes = b"hi") -> bytes:
 
 
 async def _h2c_post(world: World, *parts: bytes,
-                    between: Callable[[], Awaitable[None]] | None = None
-                    ) -> tuple[int, bytes]:
+                    between: Callable[[], Awaitable[None]] | None = None,
+                    heads: list[Headers] | None = None) -> tuple[int, bytes]:
     """A plain (not gRPC) HTTP/2 request with prior knowledge, its body sent in ``parts``
-    (``between`` awaited after each but the last): the answer's status and body."""
+    (``between`` awaited after each but the last): the answer's status and body (its
+    head appended to ``heads``)."""
     _, end = await asyncio.get_running_loop().create_connection(
         relay.SocketEnd, "127.0.0.1", world.port)
     conn = H2Connection(end, client=True)
@@ -208,6 +209,8 @@ async def _h2c_post(world: World, *parts: bytes,
                     head = ev[1]
                 elif ev[0] == "data":
                     got += ev[1]
+        if heads is not None:
+            heads.append(head)
         return int(dict(head)[":status"]), got
     finally:
         conn.close()
@@ -216,6 +219,27 @@ async def _h2c_post(world: World, *parts: bytes,
 def _retries(retries: str, *, extra: str = "") -> str:
     return f"hosts: [greeter]\nhttp: [{{retries: {{{retries}}}, {extra}" \
            "route: [{destination: {host: greeter, subset: v1}}]}]"
+
+
+# -- response headers ----------------------------------------------------------------------
+
+
+async def test_the_routes_response_header_operations_apply_to_upstream_answers(
+        world: World) -> None:
+    world.apply("""
+hosts: [greeter]
+http:
+- headers: {response: {set: {x-route: r}, add: {x-added: a}, remove: [content-type]}}
+  route:
+  - destination: {host: greeter, subset: v1}
+    headers: {response: {set: {x-dest: d}}}
+""")
+    heads: list[Headers] = []
+    status, _ = await _h2c_post(world, b"hello", heads=heads)
+    got = dict(heads[0])
+    assert status == 200 and got[":status"] == "200"
+    assert (got.get("x-route"), got.get("x-added"), got.get("x-dest")) == ("r", "a", "d")
+    assert "content-type" not in got  # the backend sends it; the route removes it
 
 
 # -- retries -------------------------------------------------------------------------------
