@@ -310,11 +310,10 @@ class MeshAgent:
     def _l7_rebuild(self) -> None:
         services = self.services.list()
         endpoints = self.endpoints.list()
-        self.route_table.update(self.virtual_services.list(), services,
-                                self.service_entries.list())
+        entries, ses = self.workload_entries.list(), self.service_entries.list()
+        self.route_table.update(self.virtual_services.list(), services, ses)
         for key, why in self.route_table.errors.items():
             log.warning("VirtualService %s left out: %s", key, why)
-        entries, ses = self.workload_entries.list(), self.service_entries.list()
         self.clusters.update(services=services, endpoints=endpoints, pods=self.pods.list(),
                              destination_rules=self.destination_rules.list(),
                              workload_entries=entries, service_entries=ses,

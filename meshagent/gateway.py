@@ -79,7 +79,7 @@ from prometheus_client import CollectorRegistry, Counter
 from meshagent import identity, relay, tunnel
 from meshagent.l7 import engine, routes, telemetry, upstream
 from meshagent.l7.routes import RouteTable
-from shoal import argtypes, errors, eventloop, logs, spiffe
+from shoal import argtypes, errors, eventloop, logs, meshnames, spiffe
 from shoal import config as configmod
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as tpb
@@ -321,26 +321,20 @@ class Credentials:
 
 # --------------------------------------------------------------------------- what goes upstream
 
-TRACE_HEADERS = frozenset({"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-                           "x-b3-sampled", "x-b3-flags", "b3"})
-
 
 def forwarded_headers(headers: Iterable[tuple[str, str]], *, client_ip: str,
                       ctx: telemetry.TraceContext) -> list[tuple[str, str]]:
     """The gateway's additions to the headers the engine sends on (pure): the
     trace context of the gateway's span in place of the incoming one, and the
     client's address appended to x-forwarded-for."""
-    trace: dict[str, str] = {}
-    ctx.inject(trace)
     xff = ""
-    out: list[tuple[str, str]] = []
+    rest: list[tuple[str, str]] = []
     for n, v in headers:
-        low = n.lower()
-        if low == "x-forwarded-for":
+        if n.lower() == "x-forwarded-for":
             xff = f"{xff}, {v}" if xff else v
-        elif low not in TRACE_HEADERS:
-            out.append((n, v))
-    out += trace.items()
+        else:
+            rest.append((n, v))
+    out = telemetry.with_trace(rest, ctx)
     out.append(("x-forwarded-for", f"{xff}, {client_ip}" if xff else client_ip))
     return out
 
@@ -367,7 +361,7 @@ def engine_pods(pods: Iterable[core_pb2.Pod], *, trust_domain: str) -> dict[str,
         ns, labels = p.metadata.namespace, dict(p.metadata.labels)
         out[ip] = engine.Pod(
             ip=ip, name=p.metadata.name, namespace=ns,
-            workload=labels.get("app") or p.metadata.name,
+            workload=meshnames.workload_name(labels, p.metadata.name),
             principal=f"{trust_domain}/ns/{ns}/sa/{p.spec.service_account_name or 'default'}",
             node_local=False, meshed=_meshed(p), labels=labels)
     return out

@@ -368,6 +368,15 @@ class Outcome:
     pod: Pod | None = None  # the pod behind ``upstream`` as the last try looked it up
 
 
+def try_timeout(per_try: float | None, deadline: float | None) -> float | None:
+    """How long a try may take: the per-try timeout, cut to what is left of the route's
+    (zero or less: nothing is)."""
+    if deadline is None:
+        return per_try
+    left = deadline - time.monotonic()
+    return min(per_try, left) if per_try else left
+
+
 def _framing(head: Head, client_version: str) -> tuple[list[tuple[str, str]], bool, bool]:
     """Response headers to send, whether to chunk the body, and whether the
     connection must close after it (an HTTP/1.0 client and no length)."""
@@ -638,13 +647,10 @@ class Engine:
                 return
             tried.append(ep)
             out.upstream = ep.address
-            timeout = retries.per_try_timeout
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    respond(504, b"upstream request timeout", "UT")
-                    return
-                timeout = min(timeout, left) if timeout else left
+            timeout = try_timeout(retries.per_try_timeout, deadline)
+            if timeout is not None and timeout <= 0:
+                respond(504, b"upstream request timeout", "UT")
+                return
             cluster.started(ep)
             try:
                 got = await self._try(ep, head, headers=headers, path=path, body=body,
@@ -748,14 +754,15 @@ class Engine:
             raise
         raise TryFailed("UC", "connection termination")
 
-    async def _open(self, key: tuple[str, ...], mode: str, ep: upstream.Endpoint,
-                    dst: Pod | None, source: Peer) -> Upstream:
+    async def open_end(self, mode: str, ep: upstream.Endpoint, dst: Pod | None,
+                       source: Peer) -> relay.End:
+        """A new connection to ``ep`` the way ``mode`` says (a tunnel stream for MTLS,
+        else TCP); TryFailed (UF, or the tunnel's flag) or _Denied (403) if none."""
         try:
             if mode == MTLS:
                 assert self.open_tunnel is not None and dst is not None
-                end = await self.open_tunnel(source, dst, ep.port)
-            else:
-                end = await self.connect(ep.ip, ep.port)
+                return await self.open_tunnel(source, dst, ep.port)
+            return await self.connect(ep.ip, ep.port)
         except (OSError, TimeoutError) as e:
             raise TryFailed("UF", f"connect to {ep.address}: {e or type(e).__name__}"
                             ) from None
@@ -764,6 +771,10 @@ class Engine:
             if status == 403:
                 raise _Denied(str(e)) from None
             raise TryFailed(getattr(e, "flag", "UF"), str(e)) from None
+
+    async def _open(self, key: tuple[str, ...], mode: str, ep: upstream.Endpoint,
+                    dst: Pod | None, source: Peer) -> Upstream:
+        end = await self.open_end(mode, ep, dst, source)
         self.pool.opened += 1
         return Upstream(key, end)
 
@@ -1001,11 +1012,7 @@ class _ServerHalf:
         self.lower = lower
         parent = telemetry.TraceContext.from_headers(lower)
         self.ctx = telemetry.hop_context(parent, engine.tracer)
-        injected: dict[str, str] = {}
-        self.ctx.inject(injected)
-        names = {k for k in injected} | {"b3", "x-b3-flags", "x-b3-parentspanid"}
-        self.headers = [(k, v) for k, v in headers if k.lower() not in names] + \
-            list(injected.items())
+        self.headers = telemetry.with_trace(headers, self.ctx)
         self.upstream: Upstream | None = None
         self._done = False
 

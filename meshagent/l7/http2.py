@@ -77,13 +77,13 @@ from meshagent import relay
 from meshagent.l7 import routes, telemetry, upstream
 from meshagent.l7.engine import (
     LOCAL,
-    MTLS,
     Engine,
     HttpRequest,
     Peer,
     Pod,
     Service,
     TryFailed,
+    try_timeout,
 )
 from meshagent.l7.http1 import Channel, ChannelClosed
 
@@ -431,15 +431,6 @@ class _Answer:
         return _get(self.head, "grpc-status")
 
 
-def _try_timeout(per_try: float | None, deadline: float | None) -> float | None:
-    """How long a try may take: the per-try timeout, cut to what is left of the route's
-    (zero or less: nothing is)."""
-    if deadline is None:
-        return per_try
-    left = deadline - time.monotonic()
-    return min(per_try, left) if per_try else left
-
-
 async def _stopped(task: asyncio.Future[None]) -> None:
     """``task`` cancelled unless done, and over; how it ended is seen elsewhere."""
     if not task.done():
@@ -667,7 +658,7 @@ class H2Proxy:
                 return
             tried.append(ep)
             res.upstream = ep.address
-            timeout = _try_timeout(retries.per_try_timeout, deadline)
+            timeout = try_timeout(retries.per_try_timeout, deadline)
             if timeout is not None and timeout <= 0:
                 respond(504, "upstream request timeout", "UT")
                 return
@@ -763,20 +754,7 @@ class H2Proxy:
         key = (mode, source.namespace, source.service_account, ep.ip, str(ep.port))
         up = self._pool.get(key)
         if up is None or not up.usable:
-            try:
-                if mode == MTLS:
-                    assert e.open_tunnel is not None and dst is not None
-                    end = await e.open_tunnel(source, dst, ep.port)
-                else:
-                    end = await e.connect(ep.ip, ep.port)
-            except (OSError, TimeoutError) as err:
-                raise TryFailed("UF", f"connect to {ep.address}: "
-                                      f"{err or type(err).__name__}") from None
-            except Exception as err:  # tunnel refusals
-                if int(getattr(err, "status", 0) or 0) == 403:
-                    raise _Denied(str(err)) from None
-                raise TryFailed(getattr(err, "flag", "UF"), str(err)) from None
-            up = H2Connection(end, client=True)
+            up = H2Connection(await e.open_end(mode, ep, dst, source), client=True)
             self._pool[key] = up
         try:
             usid = up.open_stream()
@@ -962,10 +940,7 @@ class _ServerSide:
         self.lower: Mapping[str, str] = {k: v for k, v in headers if not k.startswith(":")}
         parent = telemetry.TraceContext.from_headers(self.lower)
         self.ctx = telemetry.hop_context(parent, engine.tracer)
-        injected: dict[str, str] = {}
-        self.ctx.inject(injected)
-        drop = set(injected) | {"b3", "x-b3-flags", "x-b3-parentspanid"}
-        self.headers = [(k, v) for k, v in headers if k not in drop] + list(injected.items())
+        self.headers = telemetry.with_trace(headers, self.ctx)
         self._done = False
 
     def check(self) -> str | None:

@@ -55,7 +55,7 @@ import secrets
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,7 +399,7 @@ class TraceContext:
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
         """Write this context as traceparent and x-b3-* (and b3, if the request had one)."""
-        for key in [k for k in headers if k.lower() in _B3_KEYS]:
+        for key in [k for k in headers if k.lower() in TRACE_HEADERS]:
             del headers[key]
         headers["traceparent"] = self.traceparent()
         headers["x-b3-traceid"] = self.trace_id
@@ -409,8 +409,19 @@ class TraceContext:
         headers["x-b3-sampled"] = "1" if self.sampled else "0"
 
 
-_B3_KEYS = frozenset({"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-                      "x-b3-sampled", "x-b3-flags", "b3"})
+# Every header that carries a trace context (W3C and B3), lower-case.
+TRACE_HEADERS = frozenset({"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+                           "x-b3-sampled", "x-b3-flags", "b3"})
+
+
+def with_trace(headers: Iterable[tuple[str, str]], ctx: TraceContext
+               ) -> list[tuple[str, str]]:
+    """``headers`` without any trace context of their own, then ``ctx`` as
+    traceparent and x-b3-* (what a hop sends on in its span's name)."""
+    injected: dict[str, str] = {}
+    ctx.inject(injected)
+    return [(k, v) for k, v in headers if k.lower() not in TRACE_HEADERS] + \
+        list(injected.items())
 
 
 def parse_traceparent(value: str) -> TraceContext | None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 from google.protobuf import json_format
+from test_mesh_agent import running_agent
 
-from meshagent.daemon import MeshAgent, MeshConfig, http_ports, service_entry_http_ports
+from meshagent.daemon import MeshConfig, http_ports, service_entry_http_ports
 from meshagent.routing import Address
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
@@ -81,40 +82,26 @@ http:
 - route: [{destination: {host: web}}]
 """)}, vs)
         await c.create(vs)
-        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
-                         inbound_port=0, dns_port=0, tunnel_port=0,
-                         metrics_listen="127.0.0.1:0", admin_listen="",
-                         pod_cidr="127.0.0.0/8")
-        async with api.client() as agent_client:
-            agent = MeshAgent(cfg, agent_client)
-            dst: list[Address] = [("10.96.0.60", 80)]
-            agent.outbound.original_dst = lambda _s: dst[0]
-            await agent.start()
-            task = asyncio.create_task(agent.run())
-            try:
-                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+        dst: list[Address] = [("10.96.0.60", 80)]
+        async with running_agent(api, lambda _s: dst[0]) as agent:
 
-                async def vs_known() -> bool:
-                    return agent.l7_routes().virtual_service(
-                        "web.default.svc.cluster.local") is not None
-                await eventually("the VirtualService known", vs_known)
-                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
-                w.write(b"GET /old/x HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
-                reply = await asyncio.wait_for(r.read(), 5)
-                w.close()
-                assert reply.startswith(b"HTTP/1.1 200")
-                assert b"x-routed: rewrite" in reply and reply.endswith(b"/new/x")
-                # The TCP port: bytes relayed as they are.
-                dst[0] = ("10.96.0.61", 9000)
-                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
-                w.write(b"not http at all")
-                w.write_eof()
-                assert await asyncio.wait_for(r.read(), 5) == b"not http at all"
-                w.close()
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+            async def vs_known() -> bool:
+                return agent.l7_routes().virtual_service(
+                    "web.default.svc.cluster.local") is not None
+            await eventually("the VirtualService known", vs_known)
+            r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+            w.write(b"GET /old/x HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+            reply = await asyncio.wait_for(r.read(), 5)
+            w.close()
+            assert reply.startswith(b"HTTP/1.1 200")
+            assert b"x-routed: rewrite" in reply and reply.endswith(b"/new/x")
+            # The TCP port: bytes relayed as they are.
+            dst[0] = ("10.96.0.61", 9000)
+            r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+            w.write(b"not http at all")
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b"not http at all"
+            w.close()
     web_backend.close()
     tcp_backend.close()
 
@@ -158,35 +145,21 @@ async def test_tcp_routes_pick_by_weight(api: InProcessAPIServer) -> None:
             json_format.ParseDict({"metadata": {"name": "db", "namespace": "default"},
                                    "spec": yaml.safe_load(doc)}, obj)
             await c.create(obj)
-        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
-                         inbound_port=0, dns_port=0, tunnel_port=0,
-                         metrics_listen="127.0.0.1:0", admin_listen="",
-                         pod_cidr="127.0.0.0/8")
-        async with api.client() as agent_client:
-            agent = MeshAgent(cfg, agent_client)
-            agent.outbound.original_dst = lambda _s: ("10.96.0.63", 5432)
-            await agent.start()
-            task = asyncio.create_task(agent.run())
-            try:
-                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+        async with running_agent(api, lambda _s: ("10.96.0.63", 5432)) as agent:
 
-                async def routed() -> bool:
-                    return agent.l7_routes().has_tcp_routes and \
-                        agent.l7_clusters().get("db.default.svc.cluster.local", 5432,
-                                                "b") is not None
-                await eventually("the tcp route known", routed)
-                answers = []
-                for _ in range(6):
-                    r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
-                    w.write(b"hi")
-                    w.write_eof()
-                    answers.append(await asyncio.wait_for(r.read(), 5))
-                    w.close()
-                assert answers == [b"b"] * 6
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+            async def routed() -> bool:
+                return agent.l7_routes().has_tcp_routes and \
+                    agent.l7_clusters().get("db.default.svc.cluster.local", 5432,
+                                            "b") is not None
+            await eventually("the tcp route known", routed)
+            answers = []
+            for _ in range(6):
+                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+                w.write(b"hi")
+                w.write_eof()
+                answers.append(await asyncio.wait_for(r.read(), 5))
+                w.close()
+            assert answers == [b"b"] * 6
     a.close()
     b.close()
 
@@ -207,32 +180,18 @@ async def test_a_service_selecting_a_workload_entry_reaches_it_through_the_engin
                                "spec": {"address": "127.0.0.4", "labels": {"app": "vmweb"},
                                         "ports": {"web": port}}}, we)
         await c.create(we)
-        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
-                         inbound_port=0, dns_port=0, tunnel_port=0,
-                         metrics_listen="127.0.0.1:0", admin_listen="",
-                         pod_cidr="127.0.0.0/8")
-        async with api.client() as agent_client:
-            agent = MeshAgent(cfg, agent_client)
-            agent.outbound.original_dst = lambda _s: ("10.96.0.64", 80)
-            await agent.start()
-            task = asyncio.create_task(agent.run())
-            try:
-                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+        async with running_agent(api, lambda _s: ("10.96.0.64", 80)) as agent:
 
-                async def known() -> bool:
-                    cluster = agent.l7_clusters().get("vmweb.default.svc.cluster.local", 80)
-                    return cluster is not None and bool(cluster.endpoints)
-                await eventually("the WorkloadEntry in the cluster", known)
-                assert agent.http_pod_port(("127.0.0.4", port))  # its inbound side is L7
-                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
-                w.write(b"GET /from-a-pod HTTP/1.1\r\nhost: vmweb\r\nconnection: close\r\n\r\n")
-                reply = await asyncio.wait_for(r.read(), 5)
-                w.close()
-                assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"/from-a-pod")
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+            async def known() -> bool:
+                cluster = agent.l7_clusters().get("vmweb.default.svc.cluster.local", 80)
+                return cluster is not None and bool(cluster.endpoints)
+            await eventually("the WorkloadEntry in the cluster", known)
+            assert agent.http_pod_port(("127.0.0.4", port))  # its inbound side is L7
+            r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+            w.write(b"GET /from-a-pod HTTP/1.1\r\nhost: vmweb\r\nconnection: close\r\n\r\n")
+            reply = await asyncio.wait_for(r.read(), 5)
+            w.close()
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"/from-a-pod")
     backend.close()
 
 
@@ -301,40 +260,27 @@ http:
             json_format.ParseDict({"metadata": {"name": name, "namespace": "default"},
                                    "spec": yaml.safe_load(doc)}, obj)
             await c.create(obj)
-        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
-                         inbound_port=0, dns_port=0, tunnel_port=0,
-                         metrics_listen="127.0.0.1:0", admin_listen="",
-                         pod_cidr="10.244.0.0/16", outbound_traffic_policy="REGISTRY_ONLY")
-        async with api.client() as agent_client:
-            agent = MeshAgent(cfg, agent_client)
-            agent.outbound.original_dst = lambda _s: ("10.99.0.5", 80)
-            await agent.start()
-            task = asyncio.create_task(agent.run())
-            try:
-                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
+        async with running_agent(api, lambda _s: ("10.99.0.5", 80), pod_cidr="10.244.0.0/16",
+                                 outbound_traffic_policy="REGISTRY_ONLY") as agent:
 
-                async def known() -> bool:
-                    return agent.http_service(("10.99.0.5", 80)) is not None and \
-                        agent.l7_routes().virtual_service("api.example.com") is not None
-                await eventually("the ServiceEntry's HTTP port known", known)
-                r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
-                w.write(b"GET /v1/x HTTP/1.1\r\nhost: api.example.com\r\n"
-                        b"connection: close\r\n\r\n")
-                reply = await asyncio.wait_for(r.read(), 5)
-                w.close()
-                assert reply.startswith(b"HTTP/1.1 200"), reply
-                assert b"x-routed: egress" in reply
-                assert len(calls) == 2  # the 503 was retried
-                counted = [(s.labels["reporter"], s.labels["response_code"],
-                            s.labels["response_flags"], s.value)
-                           for m in agent.registry.collect() if m.name == "istio_requests"
-                           for s in m.samples if s.name == "istio_requests_total"
-                           and s.labels["destination_service"] == "api.example.com"]
-                assert counted == [("source", "200", "-", 1.0)]  # the mesh's telemetry
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+            async def known() -> bool:
+                return agent.http_service(("10.99.0.5", 80)) is not None and \
+                    agent.l7_routes().virtual_service("api.example.com") is not None
+            await eventually("the ServiceEntry's HTTP port known", known)
+            r, w = await asyncio.open_connection("127.0.0.1", agent.outbound.port)
+            w.write(b"GET /v1/x HTTP/1.1\r\nhost: api.example.com\r\n"
+                    b"connection: close\r\n\r\n")
+            reply = await asyncio.wait_for(r.read(), 5)
+            w.close()
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+            assert b"x-routed: egress" in reply
+            assert len(calls) == 2  # the 503 was retried
+            counted = [(s.labels["reporter"], s.labels["response_code"],
+                        s.labels["response_flags"], s.value)
+                       for m in agent.registry.collect() if m.name == "istio_requests"
+                       for s in m.samples if s.name == "istio_requests_total"
+                       and s.labels["destination_service"] == "api.example.com"]
+            assert counted == [("source", "200", "-", 1.0)]  # the mesh's telemetry
     backend.close()
 
 
@@ -369,49 +315,36 @@ async def test_a_burst_of_changes_is_one_rebuild_and_the_next_request_sees_it(
         for obj in (svc, ep):
             await c.create(obj)
         vs = await c.create(routed_by(0))
-        cfg = MeshConfig(node_name="n1", listen_host="127.0.0.1", outbound_port=0,
-                         inbound_port=0, dns_port=0, tunnel_port=0,
-                         metrics_listen="127.0.0.1:0", admin_listen="",
-                         pod_cidr="127.0.0.0/8")
         timer = FakeTimer()
-        delay = cfg.rebuild_delay
-        async with api.client() as agent_client:
-            agent = MeshAgent(cfg, agent_client, rebuild_timer=timer)
-            agent.outbound.original_dst = lambda _s: ("10.96.0.70", 80)
-            await agent.start()
-            task = asyncio.create_task(agent.run())
-            try:
-                await asyncio.wait_for(agent.readiness.signal("informers").wait(), 10)
-                assert agent.l7_tables.builds == 1  # every informer's list: one build
-                assert await routed() == b"v0"
-                for version in range(1, 11):  # a burst of ten updates
-                    vs = await c.update(pb.VirtualService(
-                        metadata=vs.metadata, spec=routed_by(version).spec))
+        delay = MeshConfig.rebuild_delay
+        async with running_agent(api, lambda _s: ("10.96.0.70", 80),
+                                 rebuild_timer=timer) as agent:
+            assert agent.l7_tables.builds == 1  # every informer's list: one build
+            assert await routed() == b"v0"
+            for version in range(1, 11):  # a burst of ten updates
+                vs = await c.update(pb.VirtualService(
+                    metadata=vs.metadata, spec=routed_by(version).spec))
 
-                async def all_seen() -> bool:
-                    got = agent.virtual_services.get("default", "web")
-                    return got is not None and \
-                        got.metadata.resource_version == vs.metadata.resource_version
-                await eventually("the agent's informer has the last update", all_seen)
-                assert agent.l7_tables.builds == 1  # none on the informer's path
-                assert timer.pending == 1  # one rebuild scheduled for the burst
-                assert await routed() == b"v0"  # within the debounce: the last tables
-                assert agent.l7_tables.builds == 1
-                timer.advance(delay)  # the scheduled rebuild runs
-                assert agent.l7_tables.builds == 2
-                assert await routed() == b"v10"
-                assert agent.l7_tables.builds == 2  # the request rebuilt nothing
+            async def all_seen() -> bool:
+                got = agent.virtual_services.get("default", "web")
+                return got is not None and \
+                    got.metadata.resource_version == vs.metadata.resource_version
+            await eventually("the agent's informer has the last update", all_seen)
+            assert agent.l7_tables.builds == 1  # none on the informer's path
+            assert timer.pending == 1  # one rebuild scheduled for the burst
+            assert await routed() == b"v0"  # within the debounce: the last tables
+            assert agent.l7_tables.builds == 1
+            timer.advance(delay)  # the scheduled rebuild runs
+            assert agent.l7_tables.builds == 2
+            assert await routed() == b"v10"
+            assert agent.l7_tables.builds == 2  # the request rebuilt nothing
 
-                vs = await c.update(pb.VirtualService(metadata=vs.metadata,
-                                                      spec=routed_by(11).spec))
-                await eventually("the agent's informer has the update", all_seen)
-                timer.advance(delay, run=False)  # due, but the loop has not run it
-                assert await routed() == b"v11"  # rebuilt inline, once
-                assert agent.l7_tables.builds == 3
-                timer.run_due()
-                assert agent.l7_tables.builds == 3
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+            vs = await c.update(pb.VirtualService(metadata=vs.metadata,
+                                                  spec=routed_by(11).spec))
+            await eventually("the agent's informer has the update", all_seen)
+            timer.advance(delay, run=False)  # due, but the loop has not run it
+            assert await routed() == b"v11"  # rebuilt inline, once
+            assert agent.l7_tables.builds == 3
+            timer.run_due()
+            assert agent.l7_tables.builds == 3
     backend.close()
