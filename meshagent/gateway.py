@@ -439,8 +439,8 @@ class Gateway:
         self.engine = engine.Engine(
             node=f"router~{me.ip}~{me.name}.{me.namespace}", route_table=lambda: self.routes,
             clusters=lambda: self.clusters, pod=self._pods_get, record=self.telemetry.record,
-            open_tunnel=self._open_tunnel, rng=self.rng, connect_timeout=connect_timeout)
-        self.engine.flags_header = FLAGS_HEADER
+            open_tunnel=self._open_tunnel, rng=self.rng, connect_timeout=connect_timeout,
+            flags_header=FLAGS_HEADER)
         self._servers: dict[int, tuple[str, asyncio.Server]] = {}  # port -> (protocol, srv)
         self._connections: set[asyncio.Task[None]] = set()
 

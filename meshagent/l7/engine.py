@@ -411,18 +411,14 @@ class Engine:
     """See the module docstring. One per agent; everything it reads of the cluster
     comes through the callables it is given (the agent's informer views)."""
 
-    # When set, local replies (404 NR, 503 UO/UH, 504 UT, ...) name their response
-    # flag in this header: the ingress gateway's, for clients outside the mesh.
-    flags_header = ""
-
     def __init__(self, *, node: str, route_table: Callable[[], routes.RouteTable],
                  clusters: Callable[[], ClustersLike], pod: PodLookup,
                  record: Callable[[telemetry.RequestRecord], None],
                  open_tunnel: OpenTunnel | None = None, connect: Connect | None = None,
                  authorize: Authorize = allow_all, tracer: telemetry.Tracer | None = None,
                  rng: random.Random | None = None, connect_timeout: float = 5.0,
-                 idle_timeout: float = 3600.0, service_of: ServiceOf = service_unknown
-                 ) -> None:
+                 idle_timeout: float = 3600.0, service_of: ServiceOf = service_unknown,
+                 flags_header: str = "") -> None:
         self.node = node
         self.route_table = route_table
         self.clusters = clusters
@@ -432,6 +428,9 @@ class Engine:
         self.connect = connect or self._tcp
         self.authorize = authorize
         self.service_of = service_of  # the destination reporter's destination_service
+        # When set, local replies (404 NR, 503 UO/UH, 504 UT, ...) name their response
+        # flag in this header: the ingress gateway's, for clients outside the mesh.
+        self.flags_header = flags_header
         self.tracer = tracer
         self.rng = rng or random.Random()
         self.connect_timeout = connect_timeout
