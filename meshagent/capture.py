@@ -29,8 +29,10 @@ Opt-out: label ``shoal.dev/mesh: disabled`` (or Istio's
 Applying: one ``iptables-restore -w --noflush`` input declares our chain (which
 flushes it) and writes all its rules: atomic. The jump is then kept first in
 PREROUTING; a reconcile loop reads back ``iptables-save`` and rewrites on drift
-(also when the service proxy put its own jump above ours). ``cleanup`` removes
-the jump and the chain.
+(also when the service proxy put its own jump above ours). On nf_tables the loop
+is woken by the kernel's ruleset change notifications (``netfilter.Changes``)
+instead of polling, so that no ``iptables-save`` is forked while nothing changes.
+``cleanup`` removes the jump and the chain.
 
 Everything above the ``Iptables`` section is pure.
 """
@@ -45,7 +47,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shoal import errors, netfilter
-from shoal.queueing import wait_set
+from shoal.queueing import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -253,14 +255,22 @@ def render_apply(save: str, want: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+# After a change notification, the read-back waits this long (seconds): a burst
+# of changes (another writer's restore, ours) costs one read-back.
+CHANGE_SPACING = 0.2
+
+
 class Capture:
     """Keeps the capture rules for a set of pod IPs; level-triggered."""
 
     def __init__(self, *, config: CaptureConfig, iptables: IptablesNat,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, changes: netfilter.Changes | None = None) -> None:
         self.config = config
         self.iptables = iptables
         self.interval = interval
+        # With nf_tables change notifications, the rules are read back when the
+        # ruleset changes (and every WATCHED_CHECK_PERIOD), not every interval.
+        self.changes = changes
         self.pod_ips: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self.rewrites = 0
@@ -287,11 +297,18 @@ class Capture:
     async def run(self) -> None:
         while True:
             self._wake.clear()
+            if self.changes is not None:
+                self.changes.take()  # before the read-back: a later change wakes us again
             try:
                 await self.sync()
             except errors.ShoalError as e:
                 log.error("mesh capture: %s", e)
-            await wait_set(self._wake, self.interval)
+            if self.changes is None:
+                await wait_set(self._wake, self.interval)
+                continue
+            await wait_any((self._wake, self.changes.changed),
+                           max(self.interval, netfilter.WATCHED_CHECK_PERIOD))
+            await asyncio.sleep(CHANGE_SPACING)  # a burst of changes: one read-back
 
     async def cleanup(self) -> None:
         text = render_cleanup(await self.iptables.save())
@@ -367,8 +384,9 @@ class HostCapture(Capture):
     """Capture on a mesh-only host: ``set_pods`` takes the host's WorkloadEntry IPs."""
 
     def __init__(self, *, config: CaptureConfig, iptables: IptablesNat,
-                 interval: float = 1.0, agent_uid: int) -> None:
-        super().__init__(config=config, iptables=iptables, interval=interval)
+                 interval: float = 1.0, agent_uid: int,
+                 changes: netfilter.Changes | None = None) -> None:
+        super().__init__(config=config, iptables=iptables, interval=interval, changes=changes)
         self.agent_uid = agent_uid
 
     def want(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

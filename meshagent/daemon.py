@@ -53,7 +53,7 @@ from meshagent.l7 import routes as l7routes
 from meshagent.l7 import upstream as l7upstream
 from meshagent.routing import Address, Route, build_routes
 from shoal import config as configmod
-from shoal import errors, meshnames, meshprotocol, sdnotify, spiffe
+from shoal import errors, eventloop, meshnames, meshprotocol, netfilter, sdnotify, spiffe
 from shoal.api.core.v1 import core_pb2
 from shoal.api.security.v1 import security_pb2
 from shoal.api.traffic.v1 import traffic_pb2
@@ -143,6 +143,7 @@ class MeshAgent:
         host, _, port = config.metrics_listen.rpartition(":")
         self.monitoring = MonitoringServer(host=host or "0.0.0.0", port=int(port),
                                            registry=self.registry, readiness=self.readiness)
+        self.pauses = eventloop.PauseMetrics(self.registry)
         self.pods = Informer(client, core_pb2.Pod, indexers={
             "ip": lambda p: [p.status.pod_ip] if p.status.pod_ip else [],
             "node": lambda p: [p.spec.node_name] if p.spec.node_name else []})
@@ -632,7 +633,7 @@ class MeshAgent:
                                          tunnel_port=self.tunnel.port,
                                          egress=cfg.egress_capture),
             iptables=capture.IptablesNat(binary=binary), interval=cfg.reconcile_interval,
-            **extra)
+            changes=await netfilter.watch_changes(binary, what="mesh capture"), **extra)
         cap = self.capture
         self.capture_rewrites.set_function(lambda: float(cap.rewrites))
         loop = asyncio.create_task(self.capture.run())
@@ -647,6 +648,8 @@ class MeshAgent:
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+            if cap.changes is not None:
+                cap.changes.close()
 
     async def run(self) -> None:
         try:
@@ -661,6 +664,7 @@ class MeshAgent:
                 # long as the agent: kept out of the collector's scans, so that a full
                 # collection during traffic stays short (a pause is a latency spike).
                 gc.freeze()
+                self.pauses.start()
                 log.info("mesh agent %s ready: outbound %d, inbound %d, tunnel %d, dns %d",
                          self.config.node_name, self.outbound.port, self.inbound.port,
                          self.tunnel.port, self.dns.port)
@@ -690,6 +694,7 @@ class MeshAgent:
                 await self.tracer.close()
             if self.admin is not None:
                 await self.admin.close()
+            self.pauses.stop()
             await self.monitoring.close()
 
     def _on_pod_changes(self, *events: asyncio.Event) -> None:

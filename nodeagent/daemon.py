@@ -49,6 +49,7 @@ from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.events import EventRecorder
 from shoal.monitoring import MonitoringServer, Readiness
+from shoal.netfilter import Changes, watch_changes
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ class NodeAgentDaemon:
             await self.grpc_server.start()
             log.info("node agent %s: API on %s, metrics on %s", cfg.node_name, cfg.listen,
                      cfg.metrics_listen)
+            watches: list[Changes | None] = []
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(agent.run(), name="agent")
@@ -258,16 +260,22 @@ class NodeAgentDaemon:
                     if cfg.routes:
                         tg.create_task(network.run(), name="pod-network")
                     if cfg.routes and cfg.service_proxy:
-                        tg.create_task(ServiceProxy(client=client).run(), name="service-proxy")
+                        watches.append(await watch_changes("iptables", what="service proxy"))
+                        proxy = ServiceProxy(client=client, changes=watches[-1])
+                        tg.create_task(proxy.run(), name="service-proxy")
                     if cfg.routes and cfg.network_policy:
-                        tg.create_task(NetworkPolicies(client=client,
-                                                       node_name=cfg.node_name).run(),
-                                       name="network-policy")
+                        watches.append(await watch_changes("iptables", what="network policy"))
+                        policies = NetworkPolicies(client=client, node_name=cfg.node_name,
+                                                   changes=watches[-1])
+                        tg.create_task(policies.run(), name="network-policy")
                     if self.containerd is not None:
                         tg.create_task(self._supervise(self.containerd), name="containerd")
                     await agent.synced.wait()
                     self.readiness.set("informer")
             finally:
+                for w in watches:
+                    if w is not None:
+                        w.close()
                 await self.grpc_server.stop(1)
                 await self.monitoring.close()
                 if isinstance(runtime, RuntimeClient):

@@ -50,7 +50,7 @@ from shoal.api.core.v1 import core_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
-from shoal.queueing import wait_set
+from shoal.queueing import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +343,13 @@ class ServiceProxy:
     def __init__(self, *, client: AsyncClient, iptables: Iptables | None = None,
                  check_period: float = 5.0, min_interval: float = 0.5,
                  services: Informer[core_pb2.Service] | None = None,
-                 endpoints: Informer[core_pb2.Endpoints] | None = None) -> None:
+                 endpoints: Informer[core_pb2.Endpoints] | None = None,
+                 changes: netfilter.Changes | None = None) -> None:
         self.iptables: Iptables = iptables or IptablesCommands()
         self.check_period = check_period
+        # nf_tables change notifications: drift is looked for when the ruleset
+        # changes (and every WATCHED_CHECK_PERIOD), not every check_period.
+        self.changes = changes
         self.min_interval = min_interval
         self.services = services or Informer(client, core_pb2.Service)
         self.endpoints = endpoints or Informer(client, core_pb2.Endpoints)
@@ -425,13 +429,19 @@ class ServiceProxy:
                 # A read-back costs ~1 s at 5,000 services on nf_tables: look at
                 # most a tenth of the time, but at least every 30 s.
                 spacing = min(max(self.check_period, 10 * check_cost), MAX_CHECK_SPACING)
-                await wait_set(self._dirty, spacing)
+                if self.changes is None:
+                    await wait_set(self._dirty, spacing)
+                else:
+                    await wait_any((self._dirty, self.changes.changed),
+                                   netfilter.WATCHED_CHECK_PERIOD)
                 try:
                     if self._dirty.is_set():
                         self._dirty.clear()
                         await self.sync()
                         drifted = False
                     else:
+                        if self.changes is not None:
+                            self.changes.take()  # a change after the read-back wakes us again
                         started = time.monotonic()
                         drifted = await self.drifted()
                         check_cost = time.monotonic() - started

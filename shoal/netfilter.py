@@ -3,11 +3,16 @@ proxy and the mesh agent's capture share (the xtables lock: ``-w``)."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 
 from shoal import errors
+
+log = logging.getLogger("shoal.netfilter")
 
 
 async def run(cmd: Sequence[str], *, stdin: bytes | None = None, check: bool = True
@@ -98,3 +103,99 @@ def remove_ours(table: str, ours: Callable[[str], bool], *, binary: str = "iptab
         problem = f"removing our chains from {table}: {done.stderr.strip()}"
         time.sleep(0.1 * (attempt + 1))
     return problem
+
+
+# --------------------------------------------------------------------------- changes
+
+NETLINK_NETFILTER = 12   # linux/netlink.h
+NFNLGRP_NFTABLES = 7     # linux/netfilter/nfnetlink.h: every nf_tables ruleset change
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+
+# With change notifications, our rules are read back on every change of the ruleset
+# and, in case one was missed, at least this often (seconds; kube-proxy's
+# --iptables-sync-period is 30 s).
+WATCHED_CHECK_PERIOD = 60.0
+
+
+class Changes:
+    """The kernel's notifications that the nf_tables ruleset of this network
+    namespace changed: the multicast group ``nft monitor`` listens to. iptables
+    on nf_tables (``iptables-nft``, Debian's default) commits through it, so a
+    flush or an edit by anyone wakes a drift check at once, and the check need
+    not poll: each poll forks ``iptables-save``, whose CPU and page-table copy
+    are a latency spike on a loaded node.
+
+    ``changed`` is set when a notification arrives (or the socket overflowed:
+    then some were lost, which counts as a change). ``take`` reads what is
+    queued and clears it: call it before reading the rules back, so a change
+    after that read sets it again."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def open(cls) -> Changes:
+        """Subscribe in the running loop; OSError when the kernel refuses
+        (no CAP_NET_ADMIN, no nf_tables)."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.setblocking(False)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            changes = cls(sock)
+            changes._loop = asyncio.get_running_loop()
+            changes._loop.add_reader(sock.fileno(), changes._readable)
+        except BaseException:
+            sock.close()
+            raise
+        return changes
+
+    def _drain(self) -> bool:
+        got = False
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    return got
+            except BlockingIOError:
+                return got
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:  # not ours to read any more: say changed
+                    return True
+                # ENOBUFS: the queue overflowed and notifications were lost
+            got = True
+
+    def _readable(self) -> None:
+        if self._drain():
+            self.changed.set()
+
+    def take(self) -> bool:
+        """Whether the ruleset changed since the last ``take``; clears ``changed``."""
+        got = self._drain() or self.changed.is_set()
+        self.changed.clear()
+        return got
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def watch_changes(binary: str, *, what: str) -> Changes | None:
+    """``Changes`` when ``binary`` (an iptables) writes through nf_tables and the
+    kernel lets us listen; None otherwise (iptables-legacy has no notifications:
+    its users poll). ``what`` names the user in the log line."""
+    code, version = await run([binary, "-V"], check=False)
+    if code != 0 or "nf_tables" not in version:
+        log.info("%s: %s is not on nf_tables; looking for drift by polling", what, binary)
+        return None
+    try:
+        changes = Changes.open()
+    except OSError as e:
+        log.warning("%s: no nf_tables change notifications (%s); looking for drift by "
+                    "polling", what, e)
+        return None
+    log.info("%s: woken by nf_tables change notifications", what)
+    return changes

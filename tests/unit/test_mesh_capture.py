@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from meshagent import capture
 from meshagent.capture import CHAIN, CaptureConfig
 from shoal import errors
+from shoal.testing.waiting import eventually
 
 CFG = CaptureConfig(pod_cidr="10.244.0.0/16", service_cidr="10.96.0.0/16", dns_ip="10.77.0.2")
 
@@ -160,3 +164,54 @@ async def test_capture_rewrites_only_on_drift_and_cleans_up() -> None:
     assert nat.prerouting == [f"-A PREROUTING -j {CHAIN}", "-A PREROUTING -j SHOAL-SERVICES"]
     await cap.cleanup()
     assert nat.chain is None and nat.prerouting == ["-A PREROUTING -j SHOAL-SERVICES"]
+
+
+class FakeChanges:
+    """``netfilter.Changes`` without the kernel: the test says when the ruleset changed."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+
+    def take(self) -> bool:
+        got = self.changed.is_set()
+        self.changed.clear()
+        return got
+
+
+class CountingNat(FakeNat):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = 0
+
+    async def save(self) -> str:
+        self.saves += 1
+        return await super().save()
+
+
+@pytest.mark.asyncio
+async def test_with_change_notifications_the_rules_are_read_back_on_a_change_not_by_polling(
+        ) -> None:
+    nat, changes = CountingNat(), FakeChanges()
+    cap = capture.Capture(config=CaptureConfig(), iptables=nat,  # type: ignore[arg-type]
+                          interval=0.01, changes=changes)  # type: ignore[arg-type]
+    cap.set_pods(["10.244.1.5"])
+    loop = asyncio.create_task(cap.run())
+    try:
+        async def first_sync() -> bool:
+            return nat.restores == 1
+
+        async def rewritten() -> bool:
+            return nat.chain is not None and tuple(nat.chain) == WANT
+
+        await eventually("the first sync", first_sync)
+        saves = nat.saves
+        await asyncio.sleep(0.3)  # 30 polling intervals: nothing changed, nothing read
+        assert nat.saves == saves
+        nat.chain = []  # someone flushed our chain: the kernel says the ruleset changed
+        changes.changed.set()
+        await eventually("the flushed chain rewritten", rewritten)
+        assert nat.restores == 2 and not changes.changed.is_set()
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
