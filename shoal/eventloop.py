@@ -43,10 +43,13 @@ class PauseMetrics:
     - ``python_gc_pause_seconds{generation}``: each collection's duration (Go's
       ``go_gc_duration_seconds`` for Python).
 
-    The sampler costs one timer callback per ``interval`` (10 ms: 100 a second).
+    The lag is sampled: one timer every ``interval`` (100 ms), so a hold of the
+    loop shows with the chance that it covers a sample's due time. Every 10 ms
+    would catch more, but each wakeup of an idle agent costs about 0.15 ms of
+    CPU: 1.5 % of a core per idle agent, a disturbance of its own on a small node.
     """
 
-    def __init__(self, registry: Any, *, interval: float = 0.01) -> None:
+    def __init__(self, registry: Any, *, interval: float = 0.1) -> None:
         from prometheus_client import Histogram
 
         self.interval = interval
