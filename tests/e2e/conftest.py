@@ -13,8 +13,11 @@ sort after it (name them ``test_orch_*.py`` / ``test_mesh_*.py``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +55,18 @@ class Cluster:
 
     def shoal(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return shoal_cli(*args, config=self.config, timeout=timeout)
+
+    @contextlib.contextmanager
+    def paused(self, name: str) -> Iterator[int]:
+        """The lab daemon ``name`` (its state-file name, e.g. ``nodeagent/node-1``)
+        stopped with SIGSTOP for the block, continued after; yields its PID."""
+        state = json.loads((self.dir / "state.json").read_text())
+        pid = next(int(p["pid"]) for p in state["processes"].values() if p["name"] == name)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pid
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 LOGS_KEPT = Path(os.environ.get("SHOAL_E2E_LOGS", "/tmp/shoal-e2e-logs"))

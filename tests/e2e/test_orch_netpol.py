@@ -238,8 +238,11 @@ def test_cleanup_removes_our_chains_and_the_agent_restores_them(
 
     apply(cluster, tmp_path, DENY_INGRESS)
     web.settles(reach=set(), refused={"near", "far"})
-    assert serviceproxy.cleanup(netns="shoal-node-1") == []
-    saved = in_netns("node-1", "iptables-save", "-t", "filter").stdout
+    # The node agent hears of every nf_tables change and puts its chains back at
+    # once: paused, so that what cleanup leaves can be read.
+    with cluster.paused("nodeagent/node-1"):
+        assert serviceproxy.cleanup(netns="shoal-node-1") == []
+        saved = in_netns("node-1", "iptables-save", "-t", "filter").stdout
     assert "SHOAL-NETPOL" not in saved and "SHOAL-NP-" not in saved, saved
     wait_for("node-1's policy chains restored", lambda: "SHOAL-NP-I-" in in_netns(
         "node-1", "iptables-save", "-t", "filter").stdout)

@@ -247,10 +247,13 @@ def test_cleanup_removes_every_rule_of_ours_and_the_agent_restores_them(
         cluster: Cluster, web: core_pb2.Service) -> None:
     from nodeagent import serviceproxy
 
-    assert serviceproxy.cleanup(netns="shoal-node-3") == []
-    saved = in_netns("node-3", "iptables-save").stdout
+    # The node agent hears of every nf_tables change and puts its rules back at
+    # once: paused, so that what cleanup leaves can be read.
+    with cluster.paused("nodeagent/node-3"):
+        assert serviceproxy.cleanup(netns="shoal-node-3") == []
+        saved = in_netns("node-3", "iptables-save").stdout
     assert "SHOAL-SVC-" not in saved and "SHOAL-SERVICES" not in saved, saved
-    # The agent is still running: it sees its rules gone and writes them again.
+    # The agent runs again: it sees its rules gone and writes them again.
     wait_for("rules restored on node-3", lambda: web.spec.cluster_ip in in_netns(
         "node-3", "iptables", "-t", "nat", "-S", "SHOAL-SERVICES").stdout, timeout=30)
     got = fetch(cluster, "client-node-3", f"http://{web.spec.cluster_ip}:80/")
