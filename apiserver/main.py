@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between evaluations of each HorizontalPodAutoscaler")
     srv.add_argument("--advertise", action="append", default=[],
                      help="HOST:PORT nodes should use for this apiserver (repeatable)")
-    srv.add_argument("--bookmark-interval", type=float, default=5.0)
+    srv.add_argument("--bookmark-interval", type=float, default=60.0,
+                     help="seconds between BOOKMARK events on every watch (Kubernetes' "
+                          "apiserver sends one about every minute); each round wakes "
+                          "every watcher at once")
     srv.add_argument("--mesh-trust-domain", default="cluster.local",
                      help="SPIFFE trust domain of workload certificates")
     srv.add_argument("--workload-cert-ttl", type=float, default=24 * 3600.0,

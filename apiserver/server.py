@@ -100,7 +100,7 @@ class ServerConfig:
     etcd_servers: tuple[str, ...] = ()
     sqlite_path: str = ""
     metrics_listen: str = "127.0.0.1:9090"
-    bookmark_interval: float = 5.0
+    bookmark_interval: float = 60.0  # as Kubernetes: about one a minute
     history_events: int = 10_000
     history_revisions: int = 20_000
     shutdown_grace: float = 5.0
