@@ -59,9 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--iptables", default="", help="iptables binary (default: detect)")
     r.add_argument("--keep-rules-on-exit", action="store_true")
     r.add_argument("--reconcile-interval", type=_seconds, default=5.0, metavar="SECONDS",
-                   help="how often the capture rules are read back and drift (a flushed "
-                   "chain, a lost jump) repaired (default 5; a change of the captured "
-                   "pods is written at once)")
+                   help="on iptables-legacy, how often the capture rules are read back "
+                   "and drift (a flushed chain, a lost jump) repaired (default 5). On "
+                   "nf_tables they are read back when the kernel says the ruleset "
+                   "changed, and at least every 60 s; a change of the captured pods is "
+                   "written at once")
     r.add_argument("--zipkin-endpoint", default="", metavar="URL",
                    help="send a span per delivered HTTP request to this Zipkin v2 "
                    "collector (http://HOST:PORT[/api/v2/spans]); empty: no tracing")
