@@ -5,8 +5,10 @@ bare-metal host. Istio's semantics:
 
 - a Service's ``selector`` selects WorkloadEntries of its namespace (their
   ``spec.labels``) as well as pods: the agents route the Service's ports to
-  the entries' addresses too, on the entry's port for the Service port's name
-  (``spec.ports``), else the Service's numeric targetPort, else its port;
+  the entries' addresses too, on the entry's port (``spec.ports``) for the
+  targetPort's name, else for the Service port's name, else the Service's
+  numeric targetPort, else its port (``entry_port``: the L4 routes and the L7
+  clusters both use it);
 - a ServiceEntry's ``workloadSelector`` makes matching entries its endpoints;
 - an entry labelled ``shoal.dev/mesh-host: H`` is a meshed workload living on
   the mesh-only host H, with the identity
@@ -53,10 +55,17 @@ def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def _target_port(sp: core_pb2.ServicePort, we: WorkloadEntry) -> int:
-    if sp.name and sp.name in we.spec.ports:
-        return int(we.spec.ports[sp.name])
-    number = sp.target_port.int_val if sp.target_port.WhichOneof("value") == "int_val" else 0
+def entry_port(sp: core_pb2.ServicePort, we: WorkloadEntry) -> int:
+    """The port of a WorkloadEntry a Service port goes to (pure): the entry's
+    ``ports`` entry for the targetPort's name, else for the Service port's name,
+    else the numeric targetPort, else the Service port."""
+    kind = sp.target_port.WhichOneof("value")
+    ports = we.spec.ports
+    if kind == "str_val" and sp.target_port.str_val in ports:
+        return int(ports[sp.target_port.str_val])
+    if sp.name and sp.name in ports:
+        return int(ports[sp.name])
+    number = sp.target_port.int_val if kind == "int_val" else 0
     return int(number or sp.port)
 
 
@@ -80,6 +89,6 @@ def with_workload_entries(routes: Mapping[Address, Route],
             route = out.get(key)
             if route is None or route.service != key_of(svc):
                 continue
-            extra = {(we.spec.address, _target_port(sp, we)) for we in chosen}
+            extra = {(we.spec.address, entry_port(sp, we)) for we in chosen}
             out[key] = replace(route, endpoints=tuple(sorted(set(route.endpoints) | extra)))
     return out

@@ -91,6 +91,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from meshagent import meshhost
 from shoal import meshprotocol
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
@@ -679,35 +680,18 @@ def service_endpoints(svc: core_pb2.Service, port: core_pb2.ServicePort,
     return tuple(out[k] for k in sorted(out))
 
 
-def workload_entry_port(sp: core_pb2.ServicePort, we: pb.WorkloadEntry) -> int:
-    """The port of a WorkloadEntry a Service port goes to (pure): the entry's ``ports``
-    entry for the targetPort's name, else for the Service port's name, else the
-    numeric targetPort, else the Service port."""
-    kind = sp.target_port.WhichOneof("value")
-    ports = we.spec.ports
-    if kind == "str_val" and sp.target_port.str_val in ports:
-        return int(ports[sp.target_port.str_val])
-    if sp.name and sp.name in ports:
-        return int(ports[sp.name])
-    number = sp.target_port.int_val if kind == "int_val" else 0
-    return int(number or sp.port)
-
-
 def workload_entry_endpoints(svc: core_pb2.Service, port: core_pb2.ServicePort,
                              entries: Iterable[pb.WorkloadEntry]) -> tuple[Endpoint, ...]:
     """The WorkloadEntries a Service's selector selects (its namespace, the entries'
     ``spec.labels``) as endpoints of one service port, their labels for subsets, as
     Istio does (pure). ``pod`` is the entry's namespace/name."""
-    selector = dict(svc.spec.selector)
-    if not selector:
-        return ()
     out: dict[_Key, Endpoint] = {}
     for we in entries:
         labels = dict(we.spec.labels)
         if (we.metadata.namespace != svc.metadata.namespace or not we.spec.address
-                or any(labels.get(k) != v for k, v in selector.items())):
+                or not meshhost.selects(svc.spec.selector, labels)):
             continue
-        ep_port = workload_entry_port(port, we)
+        ep_port = meshhost.entry_port(port, we)
         out[(we.spec.address, ep_port)] = Endpoint(
             ip=we.spec.address, port=ep_port, pod=key_of(we),
             labels=tuple(sorted(labels.items())))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshagent import capture, meshhost
+from meshagent.l7 import upstream
 from meshagent.routing import Route, build_routes
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2
@@ -91,3 +92,16 @@ def test_host_rules_apply_and_clean_up() -> None:
     assert cleanup is not None
     assert "-D OUTPUT -j SHOAL-MESH-OUTPUT" in cleanup and "-X SHOAL-MESH-OUTPUT" in cleanup
     assert "-X SHOAL-MESH-PREROUTING" in cleanup
+
+
+def test_an_entry_gets_the_same_port_for_l4_routes_and_l7_clusters() -> None:
+    # targetPort "web" names one of the entry's ports; the Service port is named
+    # "http", another of them. The targetPort's name wins, on both paths (the L4
+    # routes used to take the Service port's name).
+    svc = _svc("named", ip="10.96.0.21", selector={"app": "named"}, port=80, target="web")
+    entry = _we("vm", ip="10.77.0.101", labels={"app": "named"},
+                ports={"web": 8081, "http": 9090})
+    l4 = meshhost.with_workload_entries(build_routes([svc], {}), [svc], [entry])
+    assert l4[("10.96.0.21", 80)].endpoints == (("10.77.0.101", 8081),)
+    l7 = upstream.workload_entry_endpoints(svc, svc.spec.ports[0], [entry])
+    assert [(e.ip, e.port) for e in l7] == [("10.77.0.101", 8081)]
