@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from shoal import errors, spiffe
+from shoal import errors, spawning, spiffe
 from shoal.api.certificates.v1 import workload_pb2 as pb
 from shoal.backoff import Backoff
 from shoal.client import classify
@@ -141,22 +142,20 @@ class HelperKeys:
         self.timeout = timeout
 
     async def _ask(self, request: dict[str, str]) -> dict[str, Any]:
-        proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "meshagent.keygen", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        # Spawned without forking the agent (spawning.spawn says why).
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(json.dumps(request).encode()), self.timeout)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        if proc.returncode != 0:
-            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            done = await spawning.spawn([self.python, "-m", "meshagent.keygen"],
+                                         stdin=json.dumps(request).encode(),
+                                         timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise errors.InternalError(f"meshagent.keygen {request['op']} took more than "
+                                       f"{self.timeout:g}s") from None
+        if done.returncode != 0:
+            last = (done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+                    or ["no output"])
             raise errors.InternalError(
-                f"meshagent.keygen {request['op']} failed ({proc.returncode}): {last[0]}")
-        answer: dict[str, Any] = json.loads(out)
+                f"meshagent.keygen {request['op']} failed ({done.returncode}): {last[0]}")
+        answer: dict[str, Any] = json.loads(done.stdout)
         return answer
 
     async def new(self, ident: spiffe.SpiffeId) -> tuple[bytes, bytes]:

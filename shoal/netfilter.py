@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-from shoal import errors
+from shoal import errors, spawning
 
 log = logging.getLogger("shoal.netfilter")
 
@@ -18,15 +18,13 @@ log = logging.getLogger("shoal.netfilter")
 async def run(cmd: Sequence[str], *, stdin: bytes | None = None, check: bool = True
               ) -> tuple[int, str]:
     """Run ``cmd``; (exit code, stdout). A failure raises ``Unavailable`` when ``check``."""
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await proc.communicate(stdin)
-    code = proc.returncode or 0
+    done = await spawning.spawn(cmd, stdin=stdin)
+    code = done.returncode
     if check and code != 0:
         raise errors.Unavailable(f"{' '.join(cmd[:3])} failed ({code}): "
-                                 f"{err.decode(errors='replace').strip()}", retry_after=1.0)
-    return code, out.decode(errors="replace")
+                                 f"{done.stderr.decode(errors='replace').strip()}",
+                                 retry_after=1.0)
+    return code, done.stdout.decode(errors="replace")
 
 
 class IptablesCommands:

@@ -238,7 +238,9 @@ async def test_in_headless_chromium_a_new_pod_appears_live_and_the_edge_shows_it
                 if float(e.get_attribute("data-rps") or 0) > 0], what="a moving edge")[0]
             assert edge.get_attribute("data-mtls") == "true"
             assert edge.get_attribute("data-source") == "shop/client"
-            edge.find_element(By.TAG_NAME, "line").click()
+            # The edge's group takes the click (its label sits on the line's middle,
+            # where a click on the line would land on the label).
+            edge.click()
             browser.wait_for(d, lambda d: "web-routes" in d.find_element(By.ID, "detail").text,
                              what="the edge's VirtualService in the detail panel")
             shot = browser.artifact_dir() / "dashboard-integration.png"

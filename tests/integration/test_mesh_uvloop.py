@@ -67,9 +67,14 @@ async def _scenario(tmp: Path) -> dict[str, object]:
         (n1, c1, t1), (n2, c2, t2) = await _pair(api, cluster_ip)
         try:
             async def ready() -> bool:
+                # L4 routes, both workloads, and the L7 tables: n1 knows the Service
+                # port speaks HTTP and n2 the pod's port (each set of tables is
+                # rebuilt a few ms after the events that change it).
                 web, sleep = n1.workload(SERVER_IP), n2.workload(CLIENT_IP)
                 return (_pair_ready(n1, n2, cluster_ip) and web is not None and web.meshed
-                        and sleep is not None and sleep.meshed)
+                        and sleep is not None and sleep.meshed
+                        and n1.http_service((cluster_ip, 80)) is not None
+                        and n2.http_pod_port((SERVER_IP, port)))
             await eventually("both agents ready", ready)
             r, w = await asyncio.open_connection(n1.outbound.host, n1.outbound.port,
                                                  local_addr=(CLIENT_IP, 0))
