@@ -47,7 +47,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shoal import errors, netfilter
-from shoal.queueing import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -255,22 +254,17 @@ def render_apply(save: str, want: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-# After a change notification, the read-back waits this long (seconds): a burst
-# of changes (another writer's restore, ours) costs one read-back.
-CHANGE_SPACING = 0.2
-
-
 class Capture:
     """Keeps the capture rules for a set of pod IPs; level-triggered."""
 
     def __init__(self, *, config: CaptureConfig, iptables: IptablesNat,
-                 interval: float = 1.0, changes: netfilter.Changes | None = None) -> None:
+                 interval: float = 1.0, changes: netfilter.Polling | None = None) -> None:
         self.config = config
         self.iptables = iptables
         self.interval = interval
         # With nf_tables change notifications, the rules are read back when the
         # ruleset changes (and every WATCHED_CHECK_PERIOD), not every interval.
-        self.changes = changes
+        self.changes = changes or netfilter.Polling()
         self.pod_ips: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self.rewrites = 0
@@ -297,18 +291,12 @@ class Capture:
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            if self.changes is not None:
-                self.changes.take()  # before the read-back: a later change wakes us again
+            self.changes.take()  # before the read-back: a later change wakes us again
             try:
                 await self.sync()
             except errors.ShoalError as e:
                 log.error("mesh capture: %s", e)
-            if self.changes is None:
-                await wait_set(self._wake, self.interval)
-                continue
-            await wait_any((self._wake, self.changes.changed),
-                           max(self.interval, netfilter.WATCHED_CHECK_PERIOD))
-            await asyncio.sleep(CHANGE_SPACING)  # a burst of changes: one read-back
+            await self.changes.wait(self._wake, self.interval)
 
     async def cleanup(self) -> None:
         text = render_cleanup(await self.iptables.save())
@@ -385,7 +373,7 @@ class HostCapture(Capture):
 
     def __init__(self, *, config: CaptureConfig, iptables: IptablesNat,
                  interval: float = 1.0, agent_uid: int,
-                 changes: netfilter.Changes | None = None) -> None:
+                 changes: netfilter.Polling | None = None) -> None:
         super().__init__(config=config, iptables=iptables, interval=interval, changes=changes)
         self.agent_uid = agent_uid
 

@@ -648,8 +648,7 @@ class MeshAgent:
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
-            if cap.changes is not None:
-                cap.changes.close()
+            cap.changes.close()
 
     async def run(self) -> None:
         try:

@@ -49,7 +49,7 @@ from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.events import EventRecorder
 from shoal.monitoring import MonitoringServer, Readiness
-from shoal.netfilter import Changes, watch_changes
+from shoal.netfilter import Polling, watch_changes
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class NodeAgentDaemon:
             await self.grpc_server.start()
             log.info("node agent %s: API on %s, metrics on %s", cfg.node_name, cfg.listen,
                      cfg.metrics_listen)
-            watches: list[Changes | None] = []
+            watches: list[Polling] = []
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(agent.run(), name="agent")
@@ -274,8 +274,7 @@ class NodeAgentDaemon:
                     self.readiness.set("informer")
             finally:
                 for w in watches:
-                    if w is not None:
-                        w.close()
+                    w.close()
                 await self.grpc_server.stop(1)
                 await self.monitoring.close()
                 if isinstance(runtime, RuntimeClient):

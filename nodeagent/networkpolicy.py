@@ -73,7 +73,6 @@ from shoal.api.networking.v1 import networking_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.informer import Informer
-from shoal.queueing import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -460,13 +459,13 @@ class NetworkPolicies:
                  namespaces: Informer[core_pb2.Namespace] | None = None,
                  policies: Informer[networking_pb2.NetworkPolicy] | None = None,
                  bridge_filtering: Path | None = BRIDGE_FILTERING,
-                 changes: netfilter.Changes | None = None) -> None:
+                 changes: netfilter.Polling | None = None) -> None:
         self.node_name = node_name
         self.iptables: Iptables = iptables or IptablesCommands()
         self.check_period = check_period
         # nf_tables change notifications: drift is looked for when the ruleset
         # changes (and every WATCHED_CHECK_PERIOD), not every check_period.
-        self.changes = changes
+        self.changes = changes or netfilter.Polling()
         self.min_interval = min_interval
         self.bridge_filtering = bridge_filtering
         self.pods = pods or Informer(client, core_pb2.Pod)
@@ -535,18 +534,13 @@ class NetworkPolicies:
                 await synced.wait()
             self._dirty.set()
             while True:
-                if self.changes is None:
-                    await wait_set(self._dirty, self.check_period)
-                else:
-                    await wait_any((self._dirty, self.changes.changed),
-                                   netfilter.WATCHED_CHECK_PERIOD)
+                await self.changes.wait(self._dirty, self.check_period)
                 try:
                     if self._dirty.is_set():
                         self._dirty.clear()
                         await self.sync()
                     else:
-                        if self.changes is not None:
-                            self.changes.take()  # a change after the read-back wakes us again
+                        self.changes.take()  # a change after the read-back wakes us again
                         if await self.drifted():
                             log.warning("network policy: our iptables rules changed under "
                                         "us; putting them back")

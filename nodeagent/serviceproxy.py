@@ -50,7 +50,6 @@ from shoal.api.core.v1 import core_pb2
 from shoal.backoff import Backoff
 from shoal.client import AsyncClient
 from shoal.informer import Informer, key_of
-from shoal.queueing import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -344,12 +343,12 @@ class ServiceProxy:
                  check_period: float = 5.0, min_interval: float = 0.5,
                  services: Informer[core_pb2.Service] | None = None,
                  endpoints: Informer[core_pb2.Endpoints] | None = None,
-                 changes: netfilter.Changes | None = None) -> None:
+                 changes: netfilter.Polling | None = None) -> None:
         self.iptables: Iptables = iptables or IptablesCommands()
         self.check_period = check_period
         # nf_tables change notifications: drift is looked for when the ruleset
         # changes (and every WATCHED_CHECK_PERIOD), not every check_period.
-        self.changes = changes
+        self.changes = changes or netfilter.Polling()
         self.min_interval = min_interval
         self.services = services or Informer(client, core_pb2.Service)
         self.endpoints = endpoints or Informer(client, core_pb2.Endpoints)
@@ -429,19 +428,14 @@ class ServiceProxy:
                 # A read-back costs ~1 s at 5,000 services on nf_tables: look at
                 # most a tenth of the time, but at least every 30 s.
                 spacing = min(max(self.check_period, 10 * check_cost), MAX_CHECK_SPACING)
-                if self.changes is None:
-                    await wait_set(self._dirty, spacing)
-                else:
-                    await wait_any((self._dirty, self.changes.changed),
-                                   netfilter.WATCHED_CHECK_PERIOD)
+                await self.changes.wait(self._dirty, spacing)
                 try:
                     if self._dirty.is_set():
                         self._dirty.clear()
                         await self.sync()
                         drifted = False
                     else:
-                        if self.changes is not None:
-                            self.changes.take()  # a change after the read-back wakes us again
+                        self.changes.take()  # a change after the read-back wakes us again
                         started = time.monotonic()
                         drifted = await self.drifted()
                         check_cost = time.monotonic() - started

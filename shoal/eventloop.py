@@ -10,8 +10,12 @@ and the in-process tests run the agents on it.
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 from collections.abc import Coroutine
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
 
 LOOPS = ("uvloop", "asyncio")
 DEFAULT = "uvloop"
@@ -49,9 +53,7 @@ class PauseMetrics:
     CPU: 1.5 % of a core per idle agent, a disturbance of its own on a small node.
     """
 
-    def __init__(self, registry: Any, *, interval: float = 0.1) -> None:
-        from prometheus_client import Histogram
-
+    def __init__(self, registry: CollectorRegistry, *, interval: float = 0.1) -> None:
         self.interval = interval
         self.lag = Histogram("shoal_event_loop_lag_seconds",
                              "how late the event loop ran a timer (a callback held it)",
@@ -65,16 +67,12 @@ class PauseMetrics:
         self._due = 0.0
 
     def start(self) -> None:
-        import gc
-
         gc.callbacks.append(self._on_gc)
         loop = asyncio.get_running_loop()
         self._due = loop.time() + self.interval
         self._timer = loop.call_at(self._due, self._tick)
 
     def stop(self) -> None:
-        import gc
-
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         if self._timer is not None:
@@ -89,8 +87,6 @@ class PauseMetrics:
         self._timer = loop.call_at(self._due, self._tick)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        import time
-
         if phase == "start":
             self._gc_start = time.perf_counter()
         else:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from shoal import errors, spawning
+from shoal.queueing import wait_any, wait_set
 
 log = logging.getLogger("shoal.netfilter")
 
@@ -116,7 +117,29 @@ NETLINK_ADD_MEMBERSHIP = 1
 WATCHED_CHECK_PERIOD = 60.0
 
 
-class Changes:
+# After a change notification, a drift check waits this long (seconds): a burst
+# of changes (another writer's restore, ours) costs one read-back.
+CHANGE_SPACING = 0.2
+
+
+class Polling:
+    """No change notifications (iptables-legacy, or the kernel refused): drift
+    checks poll, every ``period`` given to ``wait``."""
+
+    async def wait(self, wake: asyncio.Event, period: float) -> None:
+        """Until ``wake`` is set or the next drift check is due."""
+        await wait_set(wake, period)
+
+    def take(self) -> bool:
+        """Whether the ruleset changed since the last ``take`` (call it before a
+        read-back); polling never knows."""
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class Changes(Polling):
     """The kernel's notifications that the nf_tables ruleset of this network
     namespace changed: the multicast group ``nft monitor`` listens to. iptables
     on nf_tables (``iptables-nft``, Debian's default) commits through it, so a
@@ -129,10 +152,11 @@ class Changes:
     queued and clears it: call it before reading the rules back, so a change
     after that read sets it again."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock
         self.changed = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop
+        loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
     def open(cls) -> Changes:
@@ -143,13 +167,17 @@ class Changes:
             sock.setblocking(False)
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-            changes = cls(sock)
-            changes._loop = asyncio.get_running_loop()
-            changes._loop.add_reader(sock.fileno(), changes._readable)
+            return cls(sock, asyncio.get_running_loop())
         except BaseException:
             sock.close()
             raise
-        return changes
+
+    async def wait(self, wake: asyncio.Event, period: float) -> None:
+        """Until ``wake`` is set, the ruleset changed (then CHANGE_SPACING more), or
+        the backstop check is due (at least every WATCHED_CHECK_PERIOD)."""
+        await wait_any((wake, self.changed), max(period, WATCHED_CHECK_PERIOD))
+        if self.changed.is_set() and not wake.is_set():
+            await asyncio.sleep(CHANGE_SPACING)
 
     def _drain(self) -> bool:
         got = False
@@ -170,30 +198,29 @@ class Changes:
             self.changed.set()
 
     def take(self) -> bool:
-        """Whether the ruleset changed since the last ``take``; clears ``changed``."""
         got = self._drain() or self.changed.is_set()
         self.changed.clear()
         return got
 
     def close(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
+        if not self._loop.is_closed():
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
 
-async def watch_changes(binary: str, *, what: str) -> Changes | None:
+async def watch_changes(binary: str, *, what: str) -> Polling:
     """``Changes`` when ``binary`` (an iptables) writes through nf_tables and the
-    kernel lets us listen; None otherwise (iptables-legacy has no notifications:
-    its users poll). ``what`` names the user in the log line."""
+    kernel lets us listen; ``Polling`` otherwise (iptables-legacy has no
+    notifications). ``what`` names the user in the log line."""
     code, version = await run([binary, "-V"], check=False)
     if code != 0 or "nf_tables" not in version:
         log.info("%s: %s is not on nf_tables; looking for drift by polling", what, binary)
-        return None
+        return Polling()
     try:
         changes = Changes.open()
     except OSError as e:
         log.warning("%s: no nf_tables change notifications (%s); looking for drift by "
                     "polling", what, e)
-        return None
+        return Polling()
     log.info("%s: woken by nf_tables change notifications", what)
     return changes

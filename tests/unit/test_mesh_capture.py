@@ -9,7 +9,7 @@ import pytest
 
 from meshagent import capture
 from meshagent.capture import CHAIN, CaptureConfig
-from shoal import errors
+from shoal import errors, netfilter
 from shoal.testing.waiting import eventually
 
 CFG = CaptureConfig(pod_cidr="10.244.0.0/16", service_cidr="10.96.0.0/16", dns_ip="10.77.0.2")
@@ -166,16 +166,17 @@ async def test_capture_rewrites_only_on_drift_and_cleans_up() -> None:
     assert nat.chain is None and nat.prerouting == ["-A PREROUTING -j SHOAL-SERVICES"]
 
 
-class FakeChanges:
+class FakeChanges(netfilter.Changes):
     """``netfilter.Changes`` without the kernel: the test says when the ruleset changed."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # no socket
         self.changed = asyncio.Event()
 
-    def take(self) -> bool:
-        got = self.changed.is_set()
-        self.changed.clear()
-        return got
+    def _drain(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 class CountingNat(FakeNat):
@@ -193,7 +194,7 @@ async def test_with_change_notifications_the_rules_are_read_back_on_a_change_not
         ) -> None:
     nat, changes = CountingNat(), FakeChanges()
     cap = capture.Capture(config=CaptureConfig(), iptables=nat,  # type: ignore[arg-type]
-                          interval=0.01, changes=changes)  # type: ignore[arg-type]
+                          interval=0.01, changes=changes)
     cap.set_pods(["10.244.1.5"])
     loop = asyncio.create_task(cap.run())
     try:
