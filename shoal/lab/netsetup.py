@@ -1,6 +1,7 @@
 """The lab network, made and unmade with ``ip`` and ``iptables``.
 
-    ensure_bridge      shoal0 10.77.0.1/24, up; its alias names the owning lab dir
+    ensure_bridge      shoal0 10.77.0.1/24, up, its MAC pinned; its alias names the
+                       owning lab dir
     ensure_netns       /var/run/netns/shoal-node-i
     ensure_node_link   veth shln-i (host, on shoal0) <-> eth0 (node, 10.77.0.x/24),
                        lo up, net.ipv4.ip_forward=1 inside the node only
@@ -27,6 +28,8 @@ from shoal import errors
 from shoal.lab.topology import NODE_IFACE, DropRule, Node
 
 NETNS_DIR = Path("/var/run/netns")
+SYS_NET = Path("/sys/class/net")
+NET_ADDR_SET = "3"  # addr_assign_type: someone set the address (not random, not stolen)
 BR_NETFILTER = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 ALIAS_PREFIX = "shoal-lab:"
 
@@ -86,10 +89,28 @@ def _addresses(name: str, *, netns: str | None = None) -> set[str]:
 def ensure_bridge(name: str, *, address: str, owner: str) -> None:
     if not link_exists(name):
         run(["ip", "link", "add", name, "type", "bridge"])
+    pin_mac(name)
     run(["ip", "link", "set", "dev", name, "alias", ALIAS_PREFIX + owner])
     if address not in _addresses(name):
         run(["ip", "addr", "add", address, "dev", name])
     run(["ip", "link", "set", "dev", name, "up"])
+
+
+def pin_mac(name: str) -> None:
+    """Make link ``name`` keep the MAC it has now.
+
+    A bridge whose MAC nobody set takes the lowest MAC of its ports, so a node
+    (or a test's fourth node) joining or leaving the lab can change it. The
+    nodes' ARP entries for 10.77.0.1 then point at a MAC that is gone, and every
+    connection to the apiserver stalls until they expire: 30 to 50 s in which no
+    node heartbeats. Setting the address, even to the same value, fixes it.
+    (The CNI bridge plugin does the same for the pods' bridges.)"""
+    if (SYS_NET / name / "addr_assign_type").read_text().strip() == NET_ADDR_SET:
+        return
+    found = link(name)
+    if found is None:
+        raise NetError(f"no link {name} to pin the MAC of")
+    run(["ip", "link", "set", "dev", name, "address", str(found["address"])])
 
 
 def ensure_address(name: str, address: str) -> None:
