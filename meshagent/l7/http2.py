@@ -20,7 +20,8 @@ arguments as the engine's, so the agent hands a connection to an HTTP/2 port (ap
         while the response head is awaited, within the per-try timeout:
           connect failure UF, reset before the head UC, per-try timeout UT: report(None);
           tried again when retryOn says so (Retries.retriable)
-          the head: report(status); tried again when retryOn says so for its :status or
+          the head: report(status; a trailers-only gRPC answer's grpc-status as HTTP,
+          HTTP_FOR_GRPC); tried again when retryOn says so for its :status or
           its grpc-status (Retries.retriable_grpc: cancelled, deadline-exceeded, internal,
           resource-exhausted, unavailable)
         -> the answer is relayed (head, body, trailers as they come); exhausted: URX
@@ -94,6 +95,12 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfe
                         "upgrade", "http2-settings"})
 GRPC_FOR_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14",
                  504: "14"}
+# The HTTP status a gRPC status counts as for outlier detection, as Envoy's router
+# reports a trailers-only gRPC answer (grpc-status in its head): UNAVAILABLE is a 503,
+# INTERNAL a 500, and so on; a code not listed is a 500.
+HTTP_FOR_GRPC = {"0": 200, "1": 499, "2": 500, "3": 400, "4": 504, "5": 404, "6": 409,
+                 "7": 403, "8": 429, "9": 400, "10": 409, "11": 400, "12": 501, "13": 500,
+                 "14": 503, "15": 500, "16": 401}
 WINDOW = 1 << 20
 # Request bytes kept per stream so that a retry or a mirror can send them again (Envoy's
 # per-request buffer limit); past it the body streams through once and is not retried.
@@ -424,6 +431,14 @@ class _Answer:
         return int(_get(self.head, ":status") or 0)
 
     @property
+    def outlier_status(self) -> int:
+        """The status outlier detection counts: a trailers-only gRPC answer's
+        grpc-status as HTTP (HTTP_FOR_GRPC), else ``:status``. A gRPC error in
+        trailers after a 200 head counts as the 200, as in Envoy."""
+        code = _get(self.head, "grpc-status")
+        return HTTP_FOR_GRPC.get(code, 500) if code else self.status
+
+    @property
     def grpc_status(self) -> str:
         for kind, value in self.pending:
             if kind == "trailers":
@@ -688,7 +703,7 @@ class H2Proxy:
             except BaseException:
                 cluster.finished(ep)
                 raise
-            cluster.report(ep, status=answer.status)
+            cluster.report(ep, status=answer.outlier_status)
             again = retries.retriable(answer.status) or (
                 grpc and retries.retriable_grpc(answer.grpc_status))
             if again and left and body.replayable:

@@ -242,6 +242,46 @@ http:
     assert "content-type" not in got  # the backend sends it; the route removes it
 
 
+# -- outlier detection ---------------------------------------------------------------------
+
+
+async def test_outlier_detection_ejects_an_endpoint_answering_grpc_unavailable(
+        world: World) -> None:
+    """A trailers-only UNAVAILABLE counts as a 503 (as Envoy's router reports it), so
+    two in a row eject v1; its answers' :status is 200 all the same."""
+    world.apply("hosts: [greeter]\nhttp: [{retries: {attempts: 0}, "
+                "route: [{destination: {host: greeter}}]}]",
+                SUBSETS + "\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, "
+                "interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}")
+    world.backends["v1"].script = ["unavailable"] * 20
+    failed = 0
+    for _ in range(8):
+        try:
+            await _say(world)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+            failed += 1
+    assert len(world.backends["v1"].seen) == failed == 2  # none after its second
+    cluster = world.clusters.get(HOST, SERVICE_PORT)
+    assert cluster is not None and [ep.ip for ep in cluster.ejected()] == [V1]
+
+
+async def test_a_grpc_error_in_trailers_after_a_head_does_not_eject(world: World) -> None:
+    """As Envoy: outlier detection counts the head's 200; the error in trailers is the
+    request's (telemetry's grpc_response_status), not the endpoint's health."""
+    world.apply("hosts: [greeter]\nhttp: [{retries: {attempts: 0}, "
+                "route: [{destination: {host: greeter, subset: v1}}]}]",
+                SUBSETS + "\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, "
+                "interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}")
+    world.backends["v1"].script = ["unavailable-late"] * 3
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _say(world)
+    assert world.source_record().grpc_response_status == "14"
+    cluster = world.clusters.get(HOST, SERVICE_PORT, "v1")
+    assert cluster is not None and cluster.ejected() == ()
+
+
 # -- retries -------------------------------------------------------------------------------
 
 
