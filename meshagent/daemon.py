@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _KINDS = builtin_kinds()
 DEFAULT_CLIENT_CONFIG = Path("/var/lib/shoal/nodeagent/node.conf")
+WORKLOAD_CACHE = 4096  # addresses whose workload lookups are kept (see MeshAgent)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,15 @@ class MeshAgent:
         self._resolved: dict[str, tuple[str, ...]] = {}
         self.authz.add_handlers(on_add=self._check_policy,
                                 on_update=lambda _old, new: self._check_policy(new))
+        # workload(ip) and l7_pod(ip) are asked for on every connection and request:
+        # kept until a pod, namespace or WorkloadEntry changes (at most
+        # WORKLOAD_CACHE addresses, for the egress traffic's many non-pod ones).
+        self._workloads: dict[str, proxy.Workload | None] = {}
+        self._l7_pods: dict[str, l7engine.Pod | None] = {}
+        for who in (self.pods, self.namespaces, self.workload_entries):
+            who.add_handlers(on_add=self._forget_workloads,
+                             on_update=lambda _old, _new: self._forget_workloads(),
+                             on_delete=self._forget_workloads)
         self._routes: dict[Address, Route] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self.l4_tables = rebuilding.Rebuilder(self._rebuild, delay=config.rebuild_delay,
@@ -372,9 +382,21 @@ class MeshAgent:
         ep = cluster.pick(headers={}, source_ip=src.ip if src else "") if cluster else None
         return (ep.ip, ep.port) if ep is not None else None
 
+    def _forget_workloads(self, _obj: object = None) -> None:
+        self._workloads.clear()
+        self._l7_pods.clear()
+
     def l7_pod(self, ip: str) -> l7engine.Pod | None:
+        try:
+            return self._l7_pods[ip]
+        except KeyError:
+            pass
         w = self.workload(ip)
-        return self.path.pod(w) if w is not None else None
+        pod = self.path.pod(w) if w is not None else None
+        if len(self._l7_pods) >= WORKLOAD_CACHE:
+            self._l7_pods.clear()
+        self._l7_pods[ip] = pod
+        return pod
 
     async def _open_tunnel(self, source: l7engine.Peer, dst: l7engine.Pod,
                            port: int) -> relay.End:
@@ -456,6 +478,17 @@ class MeshAgent:
         return self.namespaces.get("", name)
 
     def workload(self, ip: str) -> proxy.Workload | None:
+        try:
+            return self._workloads[ip]
+        except KeyError:
+            pass
+        found = self._workload(ip)
+        if len(self._workloads) >= WORKLOAD_CACHE:
+            self._workloads.clear()
+        self._workloads[ip] = found
+        return found
+
+    def _workload(self, ip: str) -> proxy.Workload | None:
         pod = self._pod_by_ip(ip)
         if pod is None:
             we = self._entry_by_ip(ip)

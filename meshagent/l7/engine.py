@@ -59,7 +59,6 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -407,6 +406,37 @@ def _with_header(headers: list[tuple[str, str]], name: str,
 # --------------------------------------------------------------------------- the engine
 
 
+class IdleTimer:
+    """Ends a connection left idle between requests for ``timeout`` s: one timer per
+    connection, re-armed only when it fires (asyncio.timeout around each wait for a
+    request made and cancelled a timer per request). Between ``busy()`` and
+    ``idle()`` a request is in: the connection is not idle then, however long."""
+
+    def __init__(self, timeout: float, expire: Callable[[], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.expire = expire
+        self.since: float | None = self.loop.time()  # idle since; None while busy
+        self.handle = self.loop.call_at(self.since + timeout, self._check)
+
+    def busy(self) -> None:
+        self.since = None
+
+    def idle(self) -> None:
+        self.since = self.loop.time()
+
+    def _check(self) -> None:
+        left = self.timeout if self.since is None else \
+            self.since + self.timeout - self.loop.time()
+        if left > 0:
+            self.handle = self.loop.call_later(left, self._check)
+        else:
+            self.expire()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
 class Engine:
     """See the module docstring. One per agent; everything it reads of the cluster
     comes through the callables it is given (the agent's informer views)."""
@@ -465,11 +495,11 @@ class Engine:
         as ``service``) instead of by the route table."""
         ch = Channel(client)
         reader = Reader(ch, request=True)
+        idle = IdleTimer(self.idle_timeout, lambda: ch.lost(0, "idle timeout"))
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        ev = await reader.next()
+                    ev = await reader.next()
                 except HttpError as e:
                     ch.write(_simple(e.status, str(e).encode(), close=True))
                     return
@@ -477,12 +507,15 @@ class Engine:
                     return
                 if not isinstance(ev, Head):
                     return
+                idle.busy()
                 if not await self._client_request(ch, reader, ev, source, service,
                                                   front=front):
                     return
+                idle.idle()
         except (ChannelClosed, TimeoutError, HttpError):
             return
         finally:
+            idle.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ch.drain(), 1.0)
             ch.close()
@@ -497,7 +530,7 @@ class Engine:
             ch.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             headers = [(k, v) for k, v in headers if k.lower() != "expect"]
         if "x-request-id" not in lower:
-            rid = str(uuid.uuid4())
+            rid = telemetry.new_request_id()
             headers.append(("x-request-id", rid))
             lower["x-request-id"] = rid
         authority = lower.get("host", "")
@@ -907,16 +940,18 @@ class Engine:
         ch = Channel(end)
         reader = Reader(ch, request=True)
         pod: Upstream | None = None
+        idle = IdleTimer(self.idle_timeout, lambda: ch.lost(0, "idle timeout"))
         try:
             while True:
+                idle.idle()
                 try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        ev = await reader.next()
+                    ev = await reader.next()
                 except HttpError as e:
                     ch.write(_simple(e.status, str(e).encode(), close=True))
                     return
                 if not isinstance(ev, Head):
                     return
+                idle.busy()
                 head = ev
                 server = _ServerHalf(self, source=source, dst=dst, port=port, mtls=mtls,
                                      head=head, path=head.target,
@@ -980,6 +1015,7 @@ class Engine:
         except (ChannelClosed, TimeoutError, HttpError):
             return
         finally:
+            idle.cancel()
             if pod is not None:
                 pod.close()
             with contextlib.suppress(Exception):

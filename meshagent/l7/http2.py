@@ -62,7 +62,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -521,7 +520,7 @@ class H2Proxy:
         headers: Headers = head
         lower = {k: v for k, v in headers if not k.startswith(":")}
         if "x-request-id" not in lower:
-            lower["x-request-id"] = str(uuid.uuid4())
+            lower["x-request-id"] = telemetry.new_request_id()
             headers = [*headers, ("x-request-id", lower["x-request-id"])]
         method, path = _get(headers, ":method"), _get(headers, ":path")
         authority = _get(headers, ":authority") or lower.get("host", "")

@@ -54,6 +54,7 @@ import random
 import secrets
 import time
 import urllib.parse
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -343,6 +344,12 @@ def _b3_span_id(value: str) -> str | None:
 # Trace and span ids need to be unique, not secret (Envoy draws them from a PRNG
 # too): a generator seeded from the OS, no getrandom() call per id.
 _ids = random.Random(secrets.randbits(128))
+
+
+def new_request_id() -> str:
+    """An x-request-id in UUID version 4 form, drawn from the same generator as the
+    trace ids (uuid.uuid4() asks the kernel for 16 bytes on every request)."""
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
 
 
 def _new_id(nbytes: int) -> str:

@@ -251,17 +251,20 @@ async def test_outlier_detection_ejects_an_endpoint_answering_grpc_unavailable(
     two in a row eject v1; its answers' :status is 200 all the same."""
     world.apply("hosts: [greeter]\nhttp: [{retries: {attempts: 0}, "
                 "route: [{destination: {host: greeter}}]}]",
-                SUBSETS + "\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, "
-                "interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}")
-    world.backends["v1"].script = ["unavailable"] * 20
-    failed = 0
-    for _ in range(8):
-        try:
+                SUBSETS + "\ntrafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, "
+                "outlierDetection: {consecutive5xxErrors: 2, interval: 1s, "
+                "baseEjectionTime: 60s, maxEjectionPercent: 100}}")
+    v1 = world.backends["v1"]
+    v1.script = ["unavailable"] * 20
+    for _ in range(10):  # until v1 has answered twice (every other call)
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await _say(world)
-        except grpc.aio.AioRpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE
-            failed += 1
-    assert len(world.backends["v1"].seen) == failed == 2  # none after its second
+        if len(v1.seen) == 2:
+            break
+    assert len(v1.seen) == 2
+    for _ in range(6):
+        assert await _say(world) == b"v2 got 7"  # v1 ejected: none go to it
+    assert len(v1.seen) == 2
     cluster = world.clusters.get(HOST, SERVICE_PORT)
     assert cluster is not None and [ep.ip for ep in cluster.ejected()] == [V1]
 

@@ -439,3 +439,26 @@ async def test_server_side_keep_alive_with_bodies(world: World) -> None:
     assert [s.target for s in world.backends["v1"].seen] == ["/p0", "/p1", "/p2", "/p3"]
     assert world.backends["v1"].connections == 1
     assert [(r.reporter, r.response_code) for r in world.records] == [("destination", 200)] * 4
+
+
+async def test_an_idle_client_connection_is_closed_but_not_a_slow_request(
+        world: World) -> None:
+    """idle_timeout counts between requests: an answer slower than it still comes
+    back whole, then the connection, idle, is closed by the engine."""
+    world.eng.idle_timeout = 0.3
+    world.apply(vs="hosts: [web]\nhttp: [{route: [{destination: {host: web, subset: v1}}]}]",
+                dr="host: web\nsubsets: [{name: v1, labels: {version: v1}}]")
+    world.backends["v1"].delay = 0.6
+    r, w = await asyncio.open_connection("127.0.0.1", world.listen_port)
+    try:
+        w.write(_get("/slow", close=False))
+        await w.drain()
+        async with asyncio.timeout(10):
+            head = await r.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            assert await r.readexactly(length) == b"v1 got 0"
+        assert _status(head) == 200
+        async with asyncio.timeout(10):
+            assert await r.read() == b""  # closed by the engine, nothing more sent
+    finally:
+        w.close()
