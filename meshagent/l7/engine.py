@@ -294,12 +294,15 @@ class UpstreamPool:
 
 
 class TryFailed(Exception):
-    """A try that got no response: ``flag`` UF (connect), UC (reset), UT (timeout)."""
+    """A try that got no response: ``flag`` UF (connect), UC (reset), UT (timeout);
+    ``refused``: a reset with HTTP/2's REFUSED_STREAM (the request was not processed)."""
 
-    def __init__(self, flag: str, why: str, *, status: int = 503) -> None:
+    def __init__(self, flag: str, why: str, *, status: int = 503,
+                 refused: bool = False) -> None:
         super().__init__(why)
         self.flag = flag
         self.status = status
+        self.refused = refused
 
 
 @dataclass
@@ -698,7 +701,8 @@ class Engine:
             except TryFailed as e:
                 cluster.report(ep, status=None)
                 cluster.finished(ep)
-                if not last and retries.retriable_failure(e.flag) and body.replayable:
+                if not last and retries.retriable_failure(e.flag, refused=e.refused) \
+                        and body.replayable:
                     continue
                 out.details = str(e)
                 overall = deadline is not None and time.monotonic() >= deadline - 0.001

@@ -688,7 +688,8 @@ class H2Proxy:
             except TryFailed as f:
                 cluster.report(ep, status=None)
                 cluster.finished(ep)
-                if left and body.replayable and retries.retriable_failure(f.flag):
+                if left and body.replayable and \
+                        retries.retriable_failure(f.flag, refused=f.refused):
                     continue
                 res.details = str(f)
                 if f.flag == "UT" or (deadline is not None and
@@ -732,6 +733,8 @@ class H2Proxy:
                 opened = up, usid, server = await self._open_stream(ep, headers, source)
                 pump = asyncio.ensure_future(body.send(up, usid))
                 kind, head = await up.next_event(usid)
+                if kind == "reset" and head == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    raise TryFailed("UC", "remote refused stream", refused=True)
                 if kind != "headers":
                     raise TryFailed("UC", "remote reset")
                 answer = _Answer(up, usid, head, pump, server)

@@ -165,17 +165,19 @@ class Retries:
         return status in self.status_codes and ("retriable-status-codes" in on
                                                 or str(status) in on)
 
-    def retriable_failure(self, flag: str) -> bool:
+    def retriable_failure(self, flag: str, *, refused: bool = False) -> bool:
         """Whether a try that got no response is tried again, by how it ended
         (``flag``: UF the connect failed, UC reset, UT per-try timeout). As Envoy:
         5xx, gateway-error and reset cover all three; connect-failure only UF;
-        refused-stream a reset (the peer refused the stream)."""
+        refused-stream only a reset whose code is REFUSED_STREAM (``refused``: the
+        peer says it did not process the request; any other reset may come after
+        the request did something, so it is not retried under refused-stream)."""
         on = self.retry_on
         if on & {"5xx", "gateway-error", "reset"}:
             return True
         if flag == "UF":
             return "connect-failure" in on
-        return flag == "UC" and "refused-stream" in on
+        return flag == "UC" and refused and "refused-stream" in on
 
     @property
     def on_grpc(self) -> bool:

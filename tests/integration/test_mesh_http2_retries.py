@@ -5,8 +5,9 @@ routed by VirtualServices and DestinationRules compiled by the agent's own code.
 
 A backend answers each stream as the next word of its ``script`` says (then "ok"), once it
 has read the whole request: "ok" (a gRPC answer naming the backend and the body's size),
-"503", "reset" (RST_STREAM), "unavailable" (trailers-only grpc-status 14), "unavailable-late"
-(a head, then trailers with grpc-status 14), "slow" (answers after 30 s)."""
+"503", "reset" (RST_STREAM), "refused" (RST_STREAM REFUSED_STREAM), "unavailable"
+(trailers-only grpc-status 14), "unavailable-late" (a head, then trailers with
+grpc-status 14), "slow" (answers after 30 s)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ class Backend:
             await asyncio.sleep(30)
         if how == "reset":
             conn.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        elif how == "refused":
+            conn.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
         elif how == "503":
             conn.send_headers(sid, [(":status", "503"), ("content-length", "4")])
             await conn.send_data(sid, b"busy", end_stream=True)
@@ -296,6 +299,24 @@ async def test_a_failed_first_try_is_retried(world: World, first: str) -> None:
     assert len(world.backends["v1"].seen) == 2
     rec = world.source_record()
     assert (rec.response_code, rec.grpc_response_status, rec.response_flags) == (200, "0", "")
+
+
+async def test_the_default_policy_retries_a_refused_stream_but_not_a_reset(
+        world: World) -> None:
+    """Istio's default retries (2 attempts, retryOn connect-failure,refused-stream,
+    unavailable,cancelled,retriable-status-codes): a stream the backend refused is sent
+    again; one it reset with another code may have done its work and is not."""
+    world.apply("hosts: [greeter]\nhttp: [{route: [{destination: {host: greeter, "
+                "subset: v1}}]}]")
+    world.backends["v1"].script = ["refused"]
+    assert await _say(world) == b"v1 got 7"
+    assert len(world.backends["v1"].seen) == 2
+    world.backends["v1"].script = ["reset"]
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await _say(world)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(world.backends["v1"].seen) == 3  # tried once
+    assert world.source_record().response_flags == "UC"
 
 
 async def test_grpc_status_retried_only_when_retry_on_names_it(world: World) -> None:

@@ -336,7 +336,7 @@ def test_fqdn(host: str, ns: str, want: str) -> None:
     ("gateway-error", {"UF", "UC", "UT"}),
     ("reset", {"UF", "UC", "UT"}),
     ("connect-failure", {"UF"}),  # a timed-out try is not a connect failure (Envoy)
-    ("refused-stream", {"UC"}),
+    ("refused-stream", set()),  # a reset that is not REFUSED_STREAM: see below
     ("retriable-4xx", set()),
     ("503", set()),
 ])
@@ -344,3 +344,11 @@ def test_a_try_without_response_is_retried_as_envoy_does(retry_on: str, retried:
                                                          ) -> None:
     r = Retries(attempts=2, retry_on=frozenset({retry_on}))
     assert {f for f in ("UF", "UC", "UT") if r.retriable_failure(f)} == retried
+
+
+@pytest.mark.parametrize("retry_on, retried", [
+    ("refused-stream", True), ("reset", True), ("5xx", True), ("connect-failure", False)])
+def test_a_refused_stream_is_retried_under_refused_stream(retry_on: str,
+                                                          retried: bool) -> None:
+    r = Retries(attempts=2, retry_on=frozenset({retry_on}))
+    assert r.retriable_failure("UC", refused=True) is retried
