@@ -227,10 +227,10 @@ class MeshAgent:
                                    routes=self.routes, pod_cidr=config.pod_cidr,
                                    workload=self.workload, metrics=self.metrics,
                                    pool=self.pool, admit=self.admit, ready=self.synced,
-                                   egress=self.egress,
+                                   egress=self.egress, cluster_domain=config.cluster_domain,
                                    l7=proxy.L7(engine=self.http, service=self.http_service,
                                                http_port=self.http_pod_port,
-                                               tcp_pick=self.tcp_pick))
+                                               tcp_pick=self.tcp_pick, served=self.served))
         self.outbound = proxy.Listener(direction="outbound", host=config.listen_host,
                                        port=config.outbound_port, path=self.path,
                                        original_dst=original_dst)
@@ -364,6 +364,15 @@ class MeshAgent:
         return destservice.resolve(self._dest_services, ip=dst.ip, port=port,
                                    namespace=dst.namespace, host=host,
                                    source_namespace=source_namespace)
+
+    def served(self, ip: str, port: int, namespace: str, source_namespace: str) -> str:
+        """The Service ("namespace/name") a TCP connection to local pod ``ip``:``port``
+        is for: the L4 destination reporter's destination_service."""
+        self.l7_tables.current()
+        found = destservice.resolve(self._dest_services, ip=ip, port=port,
+                                    namespace=namespace, host="",
+                                    source_namespace=source_namespace)
+        return f"{found.namespace}/{found.name}" if found.host else ""
 
     def tcp_pick(self, route: Route, dst: Address, src: proxy.Workload | None
                  ) -> Address | None:

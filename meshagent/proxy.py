@@ -210,6 +210,20 @@ class L7:
     # a TCP service connection: the endpoint its VirtualService's weighted
     # ``tcp`` route picks (None: no tcp route, the L4 balancer decides)
     tcp_pick: Callable[[Route, Address, Workload | None], Address | None] | None = None
+    # (pod IP, port, the pod's namespace, the client's namespace) -> "namespace/name"
+    # of the Service a connection to it is for ("" when none or unknown): the
+    # destination reporter's destination_service (l7 destservice, without a Host)
+    served: Callable[[str, int, str, str], str] | None = None
+
+
+def service_label(service: str, domain: str) -> str:
+    """destination_service as Istio reports it: a Service's FQDN (the data path keys
+    Services by namespace/name), else as is (a ServiceEntry host,
+    PassthroughCluster, BlackHoleCluster); "unknown" for none."""
+    ns, sep, name = service.partition("/")
+    if sep:
+        return f"{name}.{ns}.svc.{domain}"
+    return service or "unknown"
 
 
 class DataPath:
@@ -220,8 +234,10 @@ class DataPath:
                  admit: Admit = admit_all, balancer: Balancer | None = None,
                  connect_timeout: float = 5.0, idle_timeout: float = 3600.0,
                  ready: asyncio.Event | None = None, ready_timeout: float = 10.0,
-                 egress: EgressDecide | None = None, l7: L7 | None = None) -> None:
+                 egress: EgressDecide | None = None, l7: L7 | None = None,
+                 cluster_domain: str = "cluster.local") -> None:
         self.node = node
+        self.cluster_domain = cluster_domain
         self.trust_domain = trust_domain
         self.routes = routes
         self.pod_cidr = pod_cidr
@@ -259,9 +275,19 @@ class DataPath:
                 "destination_workload": rec.destination_workload or "unknown",
                 "destination_workload_namespace": rec.destination_namespace or "unknown",
                 "destination_principal": dst_principal or "unknown",
-                "destination_service": rec.destination_service or "unknown",
+                "destination_service": service_label(rec.destination_service,
+                                                     self.cluster_domain),
                 "connection_security_policy": "mutual_tls" if rec.mode != PLAINTEXT else "none",
                 "response_flags": flag}
+
+    def _served(self, ip: str, port: int, dst: Workload | None, source_namespace: str
+                ) -> str:
+        """The Service (namespace/name) an inbound connection to a local pod's port
+        is for, as the L7 destination reporter finds it without a Host: the one
+        Service of the pod's namespace with it as an endpoint there ("" if not one)."""
+        if self.l7 is None or self.l7.served is None or dst is None:
+            return ""
+        return self.l7.served(ip, port, dst.namespace, source_namespace)
 
     def _refused(self, labels: dict[str, str]) -> None:
         self.metrics.opened.labels(**labels).inc()
@@ -418,7 +444,7 @@ class DataPath:
         rec = Live(id=next(_ids), direction="inbound", mode=MTLS, source_ip=source_ip,
                    source_workload="", source_namespace=src.namespace,
                    source_principal=principal(peer_id), destination=(ip, port),
-                   destination_service="",
+                   destination_service=self._served(ip, port, dst_wl, src.namespace),
                    destination_workload=dst_wl.workload if dst_wl else "",
                    destination_namespace=dst_wl.namespace if dst_wl else "",
                    peer_principal=principal(peer_id), tls_version=stream.tls.version,
@@ -469,7 +495,8 @@ class DataPath:
         rec = Live(id=next(_ids), direction="inbound", mode=PLAINTEXT, source_ip=peer_ip,
                    source_workload=src.workload if src else "",
                    source_namespace=src.namespace if src else "", source_principal="",
-                   destination=dst, destination_service="",
+                   destination=dst, destination_service=self._served(
+                       dst[0], dst[1], dst_wl, src.namespace if src else ""),
                    destination_workload=dst_wl.workload if dst_wl else "",
                    destination_namespace=dst_wl.namespace if dst_wl else "")
         labels = self._labels("destination", rec, "", "")

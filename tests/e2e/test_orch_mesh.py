@@ -146,12 +146,14 @@ def test_a_pod_reaches_a_service_on_another_node_by_name_over_mutual_tls(
         assert wait_for(f"sleep fetches {url}", partial(_wget, cluster, "sleep", url),
                         timeout=60) == MARKER
     node1, node2 = _node_ip(cluster, "node-1"), _node_ip(cluster, "node-2")
+    service = f"web.{NS}.svc.cluster.local"  # Istio's form: the FQDN, both reporters
     assert _metric(node1, "istio_tcp_connections_opened_total", reporter="source",
-                   destination_service=f"{NS}/web", source_workload="sleep",
+                   destination_service=service, source_workload="sleep",
                    source_principal=f"cluster.local/ns/{NS}/sa/sleep",
                    destination_principal=f"cluster.local/ns/{NS}/sa/web",
                    connection_security_policy="mutual_tls") >= 2
     assert _metric(node2, "istio_tcp_connections_opened_total", reporter="destination",
+                   destination_service=service,
                    destination_workload="web", destination_workload_namespace=NS,
                    source_principal=f"cluster.local/ns/{NS}/sa/sleep",
                    connection_security_policy="mutual_tls") >= 2

@@ -76,7 +76,8 @@ async def test_service_connections_are_balanced_round_robin(backends: list[int])
               "source_workload_namespace": "default",
               "source_principal": "cluster.local/ns/default/sa/default",
               "destination_workload": "client", "destination_workload_namespace": "default",
-              "destination_principal": "unknown", "destination_service": "default/web",
+              "destination_principal": "unknown",
+              "destination_service": "web.default.svc.cluster.local",
               "connection_security_policy": "none", "response_flags": ""}
     assert registry.get_sample_value("istio_tcp_connections_opened_total", labels) == 4
     assert registry.get_sample_value("istio_tcp_connections_closed_total", labels) == 4

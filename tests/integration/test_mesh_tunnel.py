@@ -195,13 +195,14 @@ async def test_a_cross_node_connection_goes_through_mutual_tls(mesh: Mesh) -> No
               "source_principal": f"cluster.local/ns/{ns}/sa/sleep",
               "destination_workload": "web", "destination_workload_namespace": ns,
               "destination_principal": f"cluster.local/ns/{ns}/sa/web",
-              "destination_service": f"{ns}/web",
+              "destination_service": f"web.{ns}.svc.cluster.local",
               "connection_security_policy": "mutual_tls", "response_flags": ""}
     assert _sample(mesh.n1, "istio_tcp_connections_closed_total", source) == 2
     assert _sample(mesh.n1, "istio_tcp_received_bytes_total", source) == len(
         b"remote:hello") + len(b"remote:again")
-    dest = {**source, "reporter": "destination", "source_workload": "unknown",
-            "destination_service": "unknown"}
+    # The destination reporter names the Service too: the one of the pod's
+    # namespace with it as an endpoint on that port (Istio's FQDN form).
+    dest = {**source, "reporter": "destination", "source_workload": "unknown"}
     assert _sample(mesh.n2, "istio_tcp_connections_closed_total", dest) == 2
     # And the config generation each has applied.
     assert _sample(mesh.n1, "shoal_mesh_config_generation", {}) == (
@@ -374,7 +375,7 @@ async def test_large_transfers_flow_through_the_window_both_ways(mesh: Mesh) -> 
         "source_principal": f"cluster.local/ns/{mesh.namespace}/sa/sleep",
         "destination_workload": "web", "destination_workload_namespace": mesh.namespace,
         "destination_principal": f"cluster.local/ns/{mesh.namespace}/sa/web",
-        "destination_service": f"{mesh.namespace}/web",
+        "destination_service": f"web.{mesh.namespace}.svc.cluster.local",
         "connection_security_policy": "mutual_tls", "response_flags": ""}) == len(body)
 
 
