@@ -20,10 +20,13 @@ runs one on node-1 and publishes its listeners to the host.
 What it serves (``plan()``, pure)::
 
     Gateways whose selector matches our pod's labels
-      -> per server port one Listener: HTTP, or HTTPS with TLS mode SIMPLE
-         (the certificate from the Secret ``credentialName``, type
-         kubernetes.io/tls, in the gateway pod's namespace; SNI picks the
-         server when several share the port)
+      -> per server port one Listener: HTTP, or HTTPS with TLS mode SIMPLE,
+         MUTUAL or OPTIONAL_MUTUAL (the certificate from the Secret
+         ``credentialName``, type kubernetes.io/tls, in the gateway pod's
+         namespace; for MUTUAL the client's certificate is checked against
+         the Secret's ``ca.crt``, or that of ``<credentialName>-cacert``, and
+         against ``subjectAltNames`` when given; SNI picks the server when
+         several share the port)
       -> a bad server (unknown protocol, no credential, a port already used
          with another protocol) is left out alone and reported
 
@@ -46,7 +49,9 @@ mirror, tries with retries/perTryTimeout within the route timeout, the
 cluster's endpoint (meshagent.l7.upstream: subsets, LB, outlier detection),
 pooled keep-alive upstream connections over mTLS tunnel streams to the
 endpoint's agent as the gateway's identity (plain TCP to a pod outside the
-mesh), x-forwarded-proto and x-request-id, the response streamed back, and the
+mesh), x-forwarded-proto and x-request-id, x-forwarded-client-cert as Istio's gateways
+set it (SANITIZE_SET: a client's own is dropped; a verified client certificate's
+Hash, Subject, URI and DNS names are set), the response streamed back, and the
 request's record (reporter=source, source workload istio-ingressgateway), which
 the gateway completes with its span (``_finish``) before it is kept. Local
 replies name their response flag in ``x-shoal-response-flags``.
@@ -62,6 +67,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -91,7 +97,9 @@ from shoal.signals import until_stopped
 log = logging.getLogger(__name__)
 
 HTTP, HTTPS = "HTTP", "HTTPS"
-SIMPLE = "SIMPLE"
+SIMPLE, MUTUAL, OPTIONAL_MUTUAL = "SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"
+TLS_MODES = (SIMPLE, MUTUAL, OPTIONAL_MUTUAL)  # what an HTTPS server may say
+XFCC = "x-forwarded-client-cert"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 FLAGS_HEADER = "x-shoal-response-flags"  # a local reply's response flag, for the client
 
@@ -144,6 +152,15 @@ class ServerHost:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """How an HTTPS server's handshakes go: one server context per distinct Tls."""
+
+    credential: str  # the Secret
+    mode: str  # SIMPLE, MUTUAL or OPTIONAL_MUTUAL
+    subject_alt_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Server:
     gateway: str  # namespace/name of the Gateway
     index: int  # position in spec.servers
@@ -153,6 +170,13 @@ class Server:
     hosts: tuple[ServerHost, ...]
     credential: str = ""  # the Secret (HTTPS), in the gateway pod's namespace
     https_redirect: bool = False
+    mode: str = ""  # HTTPS: SIMPLE, MUTUAL or OPTIONAL_MUTUAL
+    subject_alt_names: tuple[str, ...] = ()  # MUTUAL: one must be the client's
+
+    @property
+    def tls(self) -> Tls | None:
+        return Tls(self.credential, self.mode, self.subject_alt_names) \
+            if self.credential else None
 
     @property
     def label(self) -> str:
@@ -181,8 +205,8 @@ class Listener:
         return (best[1], best[2]) if best is not None else None
 
     @property
-    def credentials(self) -> tuple[str, ...]:
-        return tuple(sorted({s.credential for s in self.servers if s.credential}))
+    def credentials(self) -> tuple[Tls, ...]:
+        return tuple(dict.fromkeys(t for s in self.servers if (t := s.tls) is not None))
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,11 @@ def plan(gateways: Iterable[tpb.Gateway], *, labels: Mapping[str, str]) -> Plan:
                             hosts=tuple(ServerHost.parse(h, gw.metadata.namespace)
                                         for h in s.hosts),
                             credential=s.tls.credential_name if s.HasField("tls") else "",
-                            https_redirect=s.HasField("tls") and s.tls.https_redirect)
+                            https_redirect=s.HasField("tls") and s.tls.https_redirect,
+                            mode=(s.tls.mode or SIMPLE).upper()
+                            if protocol == HTTPS and s.HasField("tls") else "",
+                            subject_alt_names=tuple(s.tls.subject_alt_names)
+                            if s.HasField("tls") else ())
             why = _server_problem(s, protocol)
             if why:
                 rejected.append(f"{server.label}: {why}")
@@ -243,8 +271,9 @@ def _server_problem(s: tpb.Server, protocol: str) -> str:
     if protocol != HTTPS:
         return f"protocol {s.port.protocol!r} is not served (HTTP and HTTPS are)"
     mode = (s.tls.mode or SIMPLE).upper() if s.HasField("tls") else ""
-    if mode != SIMPLE:
-        return f"HTTPS with TLS mode {mode or 'unset'} is not served (SIMPLE is)"
+    if mode not in TLS_MODES:
+        return (f"HTTPS with TLS mode {mode or 'unset'} is not served (SIMPLE, MUTUAL "
+                f"and OPTIONAL_MUTUAL are)")
     if not s.tls.credential_name:
         return "HTTPS needs tls.credentialName (a kubernetes.io/tls Secret)"
     return ""
@@ -263,9 +292,12 @@ def _memory_file(data: bytes) -> Iterator[str]:
         os.close(fd)
 
 
-def credential_context(secret: core_pb2.Secret) -> ssl.SSLContext:
+def credential_context(secret: core_pb2.Secret, *, mode: str = SIMPLE,
+                       ca_secret: core_pb2.Secret | None = None) -> ssl.SSLContext:
     """A server TLS context presenting the Secret's ``tls.crt`` (chain) and
-    ``tls.key``; Invalid naming what is wrong with the Secret."""
+    ``tls.key``; for MUTUAL (OPTIONAL_MUTUAL) one that asks for (takes) a client
+    certificate signed by the Secret's ``ca.crt``, else ``ca_secret``'s (Istio's
+    ``<credentialName>-cacert``). Invalid naming what is wrong with the Secret."""
     name = key_of(secret)
     crt, key = secret.data.get("tls.crt", b""), secret.data.get("tls.key", b"")
     if not crt or not key:
@@ -279,63 +311,114 @@ def credential_context(secret: core_pb2.Secret) -> ssl.SSLContext:
     except ssl.SSLError as e:
         raise errors.Invalid(f"secret {name}: tls.crt/tls.key unusable: {e.reason or e}"
                              ) from None
+    if mode in (MUTUAL, OPTIONAL_MUTUAL):
+        ca = bytes(secret.data.get("ca.crt", b"")) or (
+            bytes(ca_secret.data.get("ca.crt", b"")) if ca_secret is not None else b"")
+        if not ca:
+            raise errors.Invalid(f"secret {name}: TLS mode {mode} needs ca.crt (in it, or "
+                                 f"in secret {name}-cacert)")
+        try:
+            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as e:
+            raise errors.Invalid(f"secret {name}: ca.crt unusable: "
+                                 f"{getattr(e, 'reason', None) or e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if mode == MUTUAL else ssl.CERT_OPTIONAL
     return ctx
 
 
 class Credentials:
-    """TLS contexts of the listeners' Secrets, rebuilt when a Secret changes."""
+    """TLS contexts of the listeners' Secrets, one per :class:`Tls`, rebuilt when
+    a Secret (or its ``-cacert``) changes."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self._ctx: dict[str, tuple[str, ssl.SSLContext]] = {}  # name -> (rv, ctx)
+        # Tls -> (the Secrets' resource versions, the context)
+        self._ctx: dict[Tls, tuple[tuple[str, str], ssl.SSLContext]] = {}
+        self._tls: dict[int, Tls] = {}  # id(context) -> what it was made for
         self.problems: dict[str, str] = {}
 
-    def update(self, secrets: Mapping[str, core_pb2.Secret], names: Iterable[str]) -> None:
-        fresh: dict[str, tuple[str, ssl.SSLContext]] = {}
+    def update(self, secrets: Mapping[str, core_pb2.Secret], wanted: Iterable[Tls]) -> None:
+        fresh: dict[Tls, tuple[tuple[str, str], ssl.SSLContext]] = {}
         problems: dict[str, str] = {}
-        for name in sorted(set(names)):
+        for tls in dict.fromkeys(wanted):
+            name = tls.credential
             secret = secrets.get(f"{self.namespace}/{name}")
             if secret is None:
                 problems[name] = f"secret {self.namespace}/{name} not found"
                 continue
-            rv = secret.metadata.resource_version
-            old = self._ctx.get(name)
+            ca_secret = secrets.get(f"{self.namespace}/{name}-cacert") \
+                if tls.mode != SIMPLE else None
+            rv = (secret.metadata.resource_version,
+                  ca_secret.metadata.resource_version if ca_secret is not None else "")
+            old = self._ctx.get(tls)
             if old is not None and old[0] == rv:
-                fresh[name] = old
+                fresh[tls] = old
                 continue
             try:
-                fresh[name] = (rv, credential_context(secret))
+                fresh[tls] = (rv, credential_context(secret, mode=tls.mode,
+                                                     ca_secret=ca_secret))
             except errors.Invalid as e:
                 problems[name] = str(e)
                 if old is not None:  # keep serving the last good certificate
-                    fresh[name] = old
+                    fresh[tls] = old
         for name, why in problems.items():
             if self.problems.get(name) != why:
                 log.warning("gateway credential %s: %s", name, why)
         self._ctx, self.problems = fresh, problems
+        self._tls = {id(ctx): tls for tls, (_, ctx) in fresh.items()}
 
-    def get(self, name: str) -> ssl.SSLContext | None:
-        found = self._ctx.get(name)
+    def get(self, tls: Tls) -> ssl.SSLContext | None:
+        found = self._ctx.get(tls)
         return found[1] if found is not None else None
+
+    def tls_of(self, ctx: ssl.SSLContext) -> Tls | None:
+        """What the context a handshake ended with was made for."""
+        return self._tls.get(id(ctx))
+
+
+def client_cert_details(obj: Any) -> tuple[str, set[str]]:
+    """A TLS connection's verified client certificate (``obj``: its SSLObject or
+    SSLSocket) as Istio's gateways put it in x-forwarded-client-cert (Envoy's
+    Hash, Subject, URI and DNS fields), and its subjectAltNames; ("", set())
+    without one."""
+    der = obj.getpeercert(binary_form=True) if obj is not None else None
+    if not der:
+        return "", set()
+    cert = obj.getpeercert() or {}
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
+    rdns = [f"{short.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    sans = cert.get("subjectAltName", ())
+    parts = [f"Hash={hashlib.sha256(der).hexdigest()}",
+             'Subject="{}"'.format(",".join(reversed(rdns)).replace('"', '\\"'))]
+    parts += [f"URI={v}" for k, v in sans if k == "URI"]
+    parts += [f"DNS={v}" for k, v in sans if k == "DNS"]
+    return ";".join(parts), {str(v) for _, v in sans}
 
 
 # --------------------------------------------------------------------------- what goes upstream
 
 
 def forwarded_headers(headers: Iterable[tuple[str, str]], *, client_ip: str,
-                      ctx: telemetry.TraceContext) -> list[tuple[str, str]]:
+                      ctx: telemetry.TraceContext, client_cert: str = ""
+                      ) -> list[tuple[str, str]]:
     """The gateway's additions to the headers the engine sends on (pure): the
-    trace context of the gateway's span in place of the incoming one, and the
-    client's address appended to x-forwarded-for."""
+    trace context of the gateway's span in place of the incoming one, the
+    client's address appended to x-forwarded-for, and x-forwarded-client-cert
+    sanitized and set (``client_cert``: the client certificate's details, "" for
+    none), as Istio's gateways' SANITIZE_SET."""
     xff = ""
     rest: list[tuple[str, str]] = []
     for n, v in headers:
-        if n.lower() == "x-forwarded-for":
+        low = n.lower()
+        if low == "x-forwarded-for":
             xff = f"{xff}, {v}" if xff else v
-        else:
+        elif low != XFCC:
             rest.append((n, v))
     out = telemetry.with_trace(rest, ctx)
     out.append(("x-forwarded-for", f"{xff}, {client_ip}" if xff else client_ip))
+    if client_cert:
+        out.append((XFCC, client_cert))
     return out
 
 
@@ -442,6 +525,7 @@ class Gateway:
             open_tunnel=self._open_tunnel, rng=self.rng, connect_timeout=connect_timeout,
             flags_header=FLAGS_HEADER)
         self._servers: dict[int, tuple[str, asyncio.Server]] = {}  # port -> (protocol, srv)
+        self._bases: dict[int, ssl.SSLContext] = {}  # HTTPS port -> its listener's context
         self._connections: set[asyncio.Task[None]] = set()
 
     # -- configuration --
@@ -464,6 +548,8 @@ class Gateway:
         self._pods = engine_pods(pod_list, trust_domain=self.trust_domain)
         self.credentials.update(secrets, (c for lst in new.listeners.values()
                                           for c in lst.credentials))
+        for port in self._bases:
+            self._ask_client_certs(port)
 
     async def apply(self) -> None:
         """Bind the plan's listeners that are not bound, close the others."""
@@ -472,6 +558,7 @@ class Gateway:
             if want.get(port) != protocol:
                 srv.close()
                 del self._servers[port]
+                self._bases.pop(port, None)
                 log.info("gateway: listener %d closed", port)
         loop = asyncio.get_running_loop()
         for port, protocol in want.items():
@@ -490,6 +577,14 @@ class Gateway:
             self._servers[port] = (protocol, srv)
             log.info("gateway: listening on %s:%d (%s)", self.listen_host, port, protocol)
 
+    def _ask_client_certs(self, port: int) -> None:
+        base, lst = self._bases.get(port), self.plan.listeners.get(port)
+        if base is None or lst is None:
+            return
+        modes = {s.mode for s in lst.servers}
+        base.verify_mode = ssl.CERT_REQUIRED if modes == {MUTUAL} else \
+            ssl.CERT_OPTIONAL if modes & {MUTUAL, OPTIONAL_MUTUAL} else ssl.CERT_NONE
+
     def listening(self) -> dict[int, str]:
         return {port: protocol for port, (protocol, _) in self._servers.items()}
 
@@ -498,6 +593,12 @@ class Gateway:
         context of the server the name picks (the first server's without SNI)."""
         base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         base.minimum_version = ssl.TLSVersion.TLSv1_2
+        # OpenSSL keeps the verify mode of the context a handshake starts with
+        # (switching contexts by name changes the certificate and the trusted
+        # CAs, not whether a client certificate is asked for): the listener's
+        # asks when a server of its port wants one (see _client_refused).
+        self._bases[port] = base
+        self._ask_client_certs(port)
 
         def pick(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> int | None:
             lst = self.plan.listeners.get(port)
@@ -505,7 +606,8 @@ class Gateway:
                 return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
             found = lst.server_for(name) if name else None
             server = found[0] if found is not None else lst.servers[0]
-            ctx = self.credentials.get(server.credential)
+            tls = server.tls
+            ctx = self.credentials.get(tls) if tls is not None else None
             if ctx is None:
                 self.metrics.rejected.labels(str(port), "no_credential").inc()
                 return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
@@ -553,18 +655,43 @@ class Gateway:
         t = end.transport
         peer = t.get_extra_info("peername") if t is not None else None
         client_ip = str(peer[0]) if peer else ""
-        tls = t is not None and t.get_extra_info("ssl_object") is not None
+        obj = t.get_extra_info("ssl_object") if t is not None else None
+        tls = obj is not None
+        client_cert, names = client_cert_details(obj) if tls else ("", set())
+        why = self._client_refused(obj, client_cert, names) if obj is not None else ""
+        if why:
+            log.info("gateway: a client on port %d refused: %s", port, why)
+            self.metrics.rejected.labels(str(port), why.split(":")[0]).inc()
+            end.close()
+            return
         source = engine.Peer(ip=client_ip, workload=self.me.workload,
                              namespace=self.me.namespace, principal=self._principal(),
                              service_account=self.me.service_account, labels=self.me.labels,
                              meshed=True)
-        front = functools.partial(self._route, port=port, tls=tls, client_ip=client_ip)
+        front = functools.partial(self._route, port=port, tls=tls, client_ip=client_ip,
+                                  client_cert=client_cert)
         try:
             await self.engine.outbound(end, source=source, front=front,
                                        service=engine.Service(host="", port=port))
         except Exception:
             log.exception("gateway: a client connection on port %d failed", port)
             end.close()
+
+    def _client_refused(self, obj: Any, client_cert: str, names: set[str]) -> str:
+        """Why a TLS client must go ("" if not): the server its name picked is
+        MUTUAL and it showed no certificate (when the port also has servers that
+        do not require one, the handshake only asked for it), or none of its
+        names is one of the server's subjectAltNames."""
+        picked = self.credentials.tls_of(obj.context)
+        if picked is None:
+            return ""
+        if picked.mode == MUTUAL and not client_cert:
+            return "no_client_certificate: TLS mode MUTUAL"
+        want = set(picked.subject_alt_names)
+        if want and client_cert and not names & want:
+            return f"subject_alt_names: the client certificate names none of " \
+                   f"{', '.join(sorted(want))}"
+        return ""
 
     def _principal(self) -> str:
         return f"{self.trust_domain}/ns/{self.me.namespace}/sa/{self.me.service_account}"
@@ -593,7 +720,7 @@ class Gateway:
         return dataclasses.replace(action, destinations=(dest,) if dest is not None else ())
 
     def _route(self, req: routes.Request, headers: list[tuple[str, str]], *, port: int,
-               tls: bool, client_ip: str) -> engine.Routed:
+               tls: bool, client_ip: str, client_cert: str = "") -> engine.Routed:
         """The engine's front: route by :meth:`decide`, open the gateway's span
         (a child of the incoming context, else a new root), and add the
         forwarding headers."""
@@ -610,7 +737,8 @@ class Gateway:
             request=req, action=action,
             service=destination_service(dest) if dest is not None else
             engine.Service(host="", port=port),
-            headers=forwarded_headers(headers, client_ip=client_ip, ctx=span),
+            headers=forwarded_headers(headers, client_ip=client_ip, ctx=span,
+                                      client_cert=client_cert),
             finish=functools.partial(self._finish, span=span, port=port, scheme=req.scheme))
 
     def _finish(self, rec: telemetry.RequestRecord, *, span: telemetry.TraceContext,

@@ -7,15 +7,18 @@ the L7 engine carries them: keep-alive client connections, retries."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -27,6 +30,8 @@ from shoal.testing.metrics import metric_total
 
 LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 HOST = "bookinfo.example.com"
+CLIENT_URI = "spiffe://example.org/ns/shop/sa/client"  # the MUTUAL server's subjectAltNames
+OPEN_HOST = "open.example.com"  # a SIMPLE server sharing the MUTUAL server's port
 
 
 def _free_port() -> int:
@@ -50,6 +55,8 @@ class Setup:
     ca_pem: bytes
     seen: list[dict[str, str]]
     registry: CollectorRegistry
+    mtls: int  # HTTPS with TLS mode MUTUAL: client certificates of ``ca``
+    ca: CertificateAuthority
 
 
 async def _backend(seen: list[dict[str, str]]) -> tuple[asyncio.Server, int]:
@@ -90,7 +97,8 @@ async def setup() -> AsyncIterator[Setup]:
     secret.metadata.resource_version = "1"
     secret.data["tls.crt"] = cert_pem(leaf)
     secret.data["tls.key"] = key_pem(key)
-    https, http = _free_port(), _free_port()
+    secret.data["ca.crt"] = cert_pem(ca.cert)  # MUTUAL: client certificates' CA
+    https, http, mtls = _free_port(), _free_port(), _free_port()
     gateway = _obj(pb.Gateway, f"""
 selector: {{istio: ingressgateway}}
 servers:
@@ -99,6 +107,12 @@ servers:
   tls: {{mode: SIMPLE, credentialName: bookinfo-cert}}
 - port: {{number: {http}, name: http, protocol: HTTP}}
   hosts: ["*"]
+- port: {{number: {mtls}, name: https-mtls, protocol: HTTPS}}
+  hosts: ["{HOST}"]
+  tls: {{mode: MUTUAL, credentialName: bookinfo-cert, subjectAltNames: ["{CLIENT_URI}"]}}
+- port: {{number: {mtls}, name: https-open, protocol: HTTPS}}
+  hosts: ["{OPEN_HOST}"]
+  tls: {{mode: SIMPLE, credentialName: bookinfo-cert}}
 """, name="bookinfo-gateway", namespace="istio-system")
     vs = _obj(pb.VirtualService, f"""
 hosts: ["{HOST}"]
@@ -134,10 +148,10 @@ http:
              services=[svc], endpoints=[eps], pods=[],
              secrets={"istio-system/bookinfo-cert": secret})
     await g.apply()
-    assert g.listening() == {https: "HTTPS", http: "HTTP"}
+    assert g.listening() == {https: "HTTPS", http: "HTTP", mtls: "HTTPS"}
     try:
         yield Setup(gateway=g, https=https, http=http, ca_pem=cert_pem(ca.cert), seen=seen,
-                    registry=registry)
+                    registry=registry, mtls=mtls, ca=ca)
     finally:
         await g.close()
         backend.close()
@@ -231,7 +245,8 @@ async def test_a_new_certificate_in_the_secret_is_served_without_a_restart(
     secret.metadata.resource_version = "2"
     secret.data["tls.crt"], secret.data["tls.key"] = cert_pem(leaf), key_pem(key)
     g = setup.gateway
-    g.credentials.update({"istio-system/bookinfo-cert": secret}, ["bookinfo-cert"])
+    g.credentials.update({"istio-system/bookinfo-cert": secret},
+                         [gw.Tls("bookinfo-cert", "SIMPLE")])
     status, _, _ = await _get(setup.https, "/", ctx=_client(cert_pem(ca2.cert)))
     assert status == "HTTP/1.1 200 OK"
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -271,3 +286,69 @@ async def test_a_retry_on_5xx_recovers_from_a_failing_first_try(setup: Setup) ->
     assert metric_total(metrics, "istio_requests_total", reporter="source",
                         source_workload="istio-ingressgateway", response_code="200",
                         destination_service="web.bookinfo.svc.cluster.local") == 1
+
+
+# -- MUTUAL TLS and x-forwarded-client-cert -------------------------------------------------
+
+
+def _client_with_cert(setup: Setup, tmp: Path, *, uri: str) -> tuple[ssl.SSLContext, bytes]:
+    """A client context presenting a certificate of the test CA (CN=client, URI
+    ``uri``); the certificate's DER."""
+    key = new_key()
+    leaf = setup.ca.issue(key.public_key(), common_name="client", uris=[uri], client=True)
+    (tmp / "client.pem").write_bytes(cert_pem(leaf) + key_pem(key))
+    ctx = _client(setup.ca_pem)
+    ctx.load_cert_chain(tmp / "client.pem")
+    return ctx, leaf.public_bytes(serialization.Encoding.DER)
+
+
+async def test_mutual_tls_refuses_a_client_without_a_certificate(setup: Setup) -> None:
+    """The port also serves a SIMPLE host: the handshake only asks for a
+    certificate, and the MUTUAL server's connection without one is closed."""
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await _get(setup.mtls, "/", ctx=_client(setup.ca_pem))
+    assert setup.seen == []  # nothing reached the service
+    # The SIMPLE server of the same port needs no certificate (no route: 404 NR).
+    ctx = _client(setup.ca_pem)
+    ctx.check_hostname = False  # the Secret's certificate names HOST only
+    status, headers, _ = await _get(setup.mtls, "/", host=OPEN_HOST, ctx=ctx)
+    assert status.startswith("HTTP/1.1 404") and headers["x-shoal-response-flags"] == "NR"
+
+
+async def test_mutual_tls_refuses_a_certificate_of_another_ca(setup: Setup,
+                                                              tmp_path: Path) -> None:
+    other = CertificateAuthority.create("someone-else")
+    key = new_key()
+    leaf = other.issue(key.public_key(), common_name="client", client=True)
+    (tmp_path / "c.pem").write_bytes(cert_pem(leaf) + key_pem(key))
+    ctx = _client(setup.ca_pem)
+    ctx.load_cert_chain(tmp_path / "c.pem")
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await _get(setup.mtls, "/", ctx=ctx)
+    assert setup.seen == []
+
+
+async def test_mutual_tls_forwards_the_client_certificate_details(setup: Setup,
+                                                                 tmp_path: Path) -> None:
+    uri = CLIENT_URI
+    ctx, der = _client_with_cert(setup, tmp_path, uri=uri)
+    status, _, body = await _get(setup.mtls, "/", ctx=ctx,
+                                 extra="X-Forwarded-Client-Cert: By=forged\r\n")
+    assert status == "HTTP/1.1 200 OK"
+    xfcc = json.loads(body)["headers"]["x-forwarded-client-cert"]
+    # Istio's gateways' SANITIZE_SET: the client's own header gone, ours set.
+    assert xfcc == f'Hash={hashlib.sha256(der).hexdigest()};Subject="CN=client";URI={uri}'
+
+
+async def test_a_client_sent_x_forwarded_client_cert_is_dropped_without_mtls(
+        setup: Setup) -> None:
+    _, _, body = await _get(setup.http, "/", extra="X-Forwarded-Client-Cert: By=forged\r\n")
+    assert "x-forwarded-client-cert" not in json.loads(body)["headers"]
+
+
+async def test_mutual_tls_refuses_a_certificate_not_in_subject_alt_names(
+        setup: Setup, tmp_path: Path) -> None:
+    ctx, _ = _client_with_cert(setup, tmp_path, uri="spiffe://example.org/ns/shop/sa/other")
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await _get(setup.mtls, "/", ctx=ctx)
+    assert setup.seen == []

@@ -5,6 +5,7 @@ request takes, and the headers it sends on -- no sockets."""
 from __future__ import annotations
 
 import random
+import ssl
 import subprocess
 import sys
 
@@ -88,7 +89,7 @@ def test_a_gateway_selecting_our_labels_gives_one_listener_per_server_port() -> 
     assert {port: lst.protocol for port, lst in p.listeners.items()} == {
         8080: "HTTP", 8443: "HTTPS"}
     https = p.listeners[8443]
-    assert https.credentials == ("bookinfo-cert",)
+    assert https.credentials == (gw.Tls("bookinfo-cert", "SIMPLE"),)
     assert https.servers[0].hosts == (gw.ServerHost("bookinfo", "bookinfo.example.com"),
                                       gw.ServerHost("*", "*.example.com"))
 
@@ -313,6 +314,33 @@ def test_pods_by_ip_for_the_engine_none_local_and_running_ones_first() -> None:
     assert (r.name, r.workload, r.node_local, r.meshed) == ("reviews-v2", "reviews", False, True)
     assert r.principal == "cluster.local/ns/bookinfo/sa/bookinfo-reviews"
     assert not pods["10.244.1.6"].meshed
+
+
+def test_a_mutual_server_keeps_its_mode_and_subject_alt_names() -> None:
+    g = _gateway("selector: {istio: ingressgateway}\nservers:\n"
+                 "- {port: {number: 443, protocol: HTTPS}, hosts: ['*'], tls: {mode: MUTUAL, "
+                 "credentialName: c, subjectAltNames: [spiffe://example.org/client]}}")
+    p = gw.plan([g], labels=LABELS)
+    assert p.rejected == ()
+    assert p.listeners[443].credentials == (
+        gw.Tls("c", "MUTUAL", ("spiffe://example.org/client",)),)
+
+
+def test_a_mutual_secret_without_a_ca_is_refused_by_name() -> None:
+    from apiserver.pki import CertificateAuthority, cert_pem, key_pem, new_key
+    ca = CertificateAuthority.create("t")
+    key = new_key()
+    s = core_pb2.Secret()
+    s.metadata.name, s.metadata.namespace = "bookinfo-cert", "istio-system"
+    s.data["tls.crt"] = cert_pem(ca.issue(key.public_key(), common_name="h", server=True))
+    s.data["tls.key"] = key_pem(key)
+    gw.credential_context(s)  # SIMPLE needs no CA
+    with pytest.raises(errors.Invalid, match="bookinfo-cert: TLS mode MUTUAL needs ca.crt"):
+        gw.credential_context(s, mode="MUTUAL")
+    cacert = core_pb2.Secret()
+    cacert.data["ca.crt"] = cert_pem(ca.cert)
+    ctx = gw.credential_context(s, mode="MUTUAL", ca_secret=cacert)  # <name>-cacert's
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
 
 
 def test_a_tls_secret_without_a_key_is_refused_by_name() -> None:
