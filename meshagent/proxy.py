@@ -459,7 +459,8 @@ class DataPath:
             # Policy is decided per request, with the request's attributes.
             conn.respond(stream, 200)
             src_wl = self.workload(source_ip)
-            peer = l7engine.Peer(ip=source_ip, workload=src_wl.workload if src_wl else "",
+            peer = l7engine.Peer(ip=source_ip, cert_sha256=stream.tls.peer_cert_sha256,
+                                 workload=src_wl.workload if src_wl else "",
                                  namespace=src.namespace, principal=principal(peer_id),
                                  service_account=src.service_account,
                                  labels=src_wl.labels if src_wl else {}, meshed=True)

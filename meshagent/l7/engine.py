@@ -87,6 +87,31 @@ class Peer:
     service_account: str = ""
     labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     meshed: bool = False
+    cert_sha256: str = ""  # the certificate it proved over mTLS (hex), if any
+
+
+XFCC = "x-forwarded-client-cert"
+
+
+def with_client_cert(headers: list[tuple[str, str]], source: Peer, dst: Pod
+                     ) -> list[tuple[str, str]]:
+    """``headers`` with the mTLS client's identity in x-forwarded-client-cert, as
+    Istio's sidecars add it for the app (APPEND_FORWARD: after any the request
+    already had): By our pod's SPIFFE ID, the client certificate's Hash, its
+    URI (the source's SPIFFE ID). Unchanged without a source principal."""
+    if not source.principal:
+        return headers
+    mine = f"By=spiffe://{dst.principal}" + (
+        f";Hash={source.cert_sha256}" if source.cert_sha256 else "") + \
+        f';Subject="";URI=spiffe://{source.principal}'
+    out, seen = [], False
+    for k, v in headers:
+        if not seen and k.lower() == XFCC:
+            v, seen = f"{v},{mine}", True
+        out.append((k, v))
+    if not seen:
+        out.append((XFCC, mine))
+    return out
 
 
 @dataclass(frozen=True)
@@ -1052,6 +1077,8 @@ class _ServerHalf:
         parent = telemetry.TraceContext.from_headers(lower)
         self.ctx = telemetry.hop_context(parent, engine.tracer)
         self.headers = telemetry.with_trace(headers, self.ctx)
+        if mtls:
+            self.headers = with_client_cert(self.headers, source, dst)
         self.upstream: Upstream | None = None
         self._done = False
 

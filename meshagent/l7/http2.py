@@ -84,6 +84,7 @@ from meshagent.l7.engine import (
     Service,
     TryFailed,
     try_timeout,
+    with_client_cert,
 )
 from meshagent.l7.http1 import Channel, ChannelClosed
 
@@ -958,6 +959,8 @@ class _ServerSide:
         parent = telemetry.TraceContext.from_headers(self.lower)
         self.ctx = telemetry.hop_context(parent, engine.tracer)
         self.headers = telemetry.with_trace(headers, self.ctx)
+        if mtls:
+            self.headers = with_client_cert(self.headers, source, dst)
         self._done = False
 
     def check(self) -> str | None:

@@ -7,6 +7,7 @@ HTTP/1.1 and for gRPC (HTTP/2). Loopback, a fake original destination."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -27,16 +28,26 @@ WEB = "web.default.svc.cluster.local"
 PORTS = {"http": 80, "grpc": 50051}  # the Services' port names and numbers
 
 
+# What the apps got in x-forwarded-client-cert, in order (None: no such header).
+XFCC_SEEN: list[str | None] = []
+
+
 async def _web(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     while (line := await r.readline()) and line.strip():
-        while (await r.readline()).strip():
-            pass
+        xfcc = None
+        while (h := await r.readline()).strip():
+            name, _, value = h.decode().partition(":")
+            if name.strip().lower() == "x-forwarded-client-cert":
+                xfcc = value.strip()
+        XFCC_SEEN.append(xfcc)
         w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await w.drain()
     w.close()
 
 
 async def _say(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    XFCC_SEEN.append(dict(context.invocation_metadata() or ()).get(
+        "x-forwarded-client-cert"))
     return request + b"!"
 
 
@@ -143,6 +154,7 @@ async def test_http1_the_host_names_the_service(tmp_path: Path) -> None:
 
 
 async def test_grpc_the_authority_names_the_service(tmp_path: Path) -> None:
+    XFCC_SEEN.clear()
     async with _mesh(tmp_path, "grpc") as (n1, n2):
         r, w = await asyncio.open_connection(n1.outbound.host, n1.outbound.port,
                                              local_addr=(CLIENT_IP, 0))
@@ -171,5 +183,32 @@ async def test_grpc_the_authority_names_the_service(tmp_path: Path) -> None:
             w.write(conn.data_to_send())
         w.close()
         assert trailers.get("grpc-status") == "0" and data.endswith(b"hi!")
+        # The gRPC app sees the caller's identity too (metadata).
+        assert len(XFCC_SEEN) == 1 and XFCC_FORM.fullmatch(XFCC_SEEN[0] or ""), XFCC_SEEN
         await eventually("n2 counted the call", lambda: _counted(
             n2, "destination", {(WEB, "web", "default"): 1.0}))
+
+
+# Istio's sidecar form: the server's own SPIFFE ID, the client certificate's hash,
+# an empty Subject (SPIFFE certificates have none) and the client's SPIFFE ID.
+XFCC_FORM = re.compile(r'By=spiffe://cluster\.local/ns/default/sa/web;Hash=[0-9a-f]{64};'
+                       r'Subject="";URI=spiffe://cluster\.local/ns/default/sa/sleep')
+
+
+async def test_the_app_gets_the_callers_identity_in_x_forwarded_client_cert(
+        tmp_path: Path) -> None:
+    XFCC_SEEN.clear()
+    async with _mesh(tmp_path, "http") as (n1, _):
+        r, w = await asyncio.open_connection(n1.outbound.host, n1.outbound.port,
+                                             local_addr=(CLIENT_IP, 0))
+        for extra in (b"", b"x-forwarded-client-cert: By=upstream\r\n"):
+            w.write(b"GET / HTTP/1.1\r\nhost: web\r\n%s\r\n" % extra)
+            assert (await asyncio.wait_for(r.readline(), 10)).split()[1] == b"200"
+            while (await r.readline()).strip():
+                pass
+            assert await r.readexactly(2) == b"ok"
+        w.close()
+    first, second = XFCC_SEEN
+    assert first is not None and XFCC_FORM.fullmatch(first), first
+    # One the request already had is kept, ours after it (APPEND_FORWARD).
+    assert second == f"By=upstream,{first}"
