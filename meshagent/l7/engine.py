@@ -434,6 +434,10 @@ def _with_header(headers: list[tuple[str, str]], name: str,
 # --------------------------------------------------------------------------- the engine
 
 
+# ``async with`` for a try without a deadline: no Timeout object per request.
+_NO_DEADLINE = contextlib.nullcontext()
+
+
 class IdleTimer:
     """Ends a connection left idle between requests for ``timeout`` s: one timer per
     connection, re-armed only when it fires (asyncio.timeout around each wait for a
@@ -786,7 +790,7 @@ class Engine:
         key = (mode, source.namespace, source.service_account, ep.ip, str(ep.port))
         up: Upstream | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) if timeout is not None else _NO_DEADLINE:
                 for fresh in (False, True):
                     up = None if fresh else self.pool.take(key)
                     reused = up is not None

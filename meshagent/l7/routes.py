@@ -94,12 +94,18 @@ class HeaderOps:
     def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """``headers`` (name, value) pairs with the operations done (names compared
         case-insensitively)."""
+        if not (self.set or self.add or self.remove):
+            return list(headers)  # the common case: nothing to do, per request
         drop = {n.lower() for n in self.remove} | {n.lower() for n, _ in self.set}
         out = [(n, v) for n, v in headers if n.lower() not in drop]
         out += list(self.set) + list(self.add)
         return out
 
     def merged(self, other: HeaderOps) -> HeaderOps:
+        if not other:
+            return self
+        if not self:
+            return other
         return HeaderOps(self.set + other.set, self.add + other.add,
                          self.remove + other.remove)
 
