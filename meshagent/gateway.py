@@ -75,6 +75,7 @@ import socket
 import ssl
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,7 +335,10 @@ class Credentials:
         self.namespace = namespace
         # Tls -> (the Secrets' resource versions, the context)
         self._ctx: dict[Tls, tuple[tuple[str, str], ssl.SSLContext]] = {}
-        self._tls: dict[int, Tls] = {}  # id(context) -> what it was made for
+        # context -> what it was made for; a context replaced by a Secret's update
+        # stays known while a connection still holds it
+        self._tls: weakref.WeakKeyDictionary[ssl.SSLContext, Tls] = \
+            weakref.WeakKeyDictionary()
         self.problems: dict[str, str] = {}
 
     def update(self, secrets: Mapping[str, core_pb2.Secret], wanted: Iterable[Tls]) -> None:
@@ -365,7 +369,8 @@ class Credentials:
             if self.problems.get(name) != why:
                 log.warning("gateway credential %s: %s", name, why)
         self._ctx, self.problems = fresh, problems
-        self._tls = {id(ctx): tls for tls, (_, ctx) in fresh.items()}
+        for tls, (_, ctx) in fresh.items():
+            self._tls[ctx] = tls
 
     def get(self, tls: Tls) -> ssl.SSLContext | None:
         found = self._ctx.get(tls)
@@ -373,7 +378,7 @@ class Credentials:
 
     def tls_of(self, ctx: ssl.SSLContext) -> Tls | None:
         """What the context a handshake ended with was made for."""
-        return self._tls.get(id(ctx))
+        return self._tls.get(ctx)
 
 
 def client_cert_details(obj: Any) -> tuple[str, set[str]]:
