@@ -126,14 +126,17 @@ class PodNetwork:
         self.pod_cidr = cidr
         self.cni_ready.set()
 
-    def sync(self) -> None:
-        """One level-triggered pass over the informer's Nodes."""
+    async def sync(self) -> None:
+        """One level-triggered pass over the informer's Nodes. The routes are read
+        and changed with ``ip`` from a worker thread: the agent's loop does not
+        wait on the child (the Nodes are read here, on the loop)."""
         nodes = self.nodes.list()
         me = next((n for n in nodes if n.metadata.name == self.node_name), None)
         own = self.fixed_pod_cidr or (me.spec.pod_cidr if me is not None else "")
         if own and own != self.pod_cidr:
             self._write_cni(own)
-        done = reconcile_routes(self.routes, plan_routes(nodes, self_name=self.node_name))
+        done = await asyncio.to_thread(reconcile_routes, self.routes,
+                                       plan_routes(nodes, self_name=self.node_name))
         if done:
             log.info("pod routes: %s", ", ".join(done))
 
@@ -143,7 +146,7 @@ class PodNetwork:
             await self.nodes.synced.wait()
             while True:
                 try:
-                    self.sync()
+                    await self.sync()
                 except errors.ShoalError as e:
                     log.warning("pod network: %s", e)
                 self._changed.clear()
