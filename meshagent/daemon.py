@@ -26,10 +26,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -69,6 +69,21 @@ log = logging.getLogger(__name__)
 _KINDS = builtin_kinds()
 DEFAULT_CLIENT_CONFIG = Path("/var/lib/shoal/nodeagent/node.conf")
 WORKLOAD_CACHE = 4096  # addresses whose workload lookups are kept (see MeshAgent)
+_T = TypeVar("_T")
+
+
+def _memo(cache: dict[str, _T], key: str, make: Callable[[str], _T]) -> _T:
+    """``cache[key]``, made by ``make`` the first time (the cache is emptied when
+    it holds WORKLOAD_CACHE keys)."""
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    found = make(key)
+    if len(cache) >= WORKLOAD_CACHE:
+        cache.clear()
+    cache[key] = found
+    return found
 
 
 @dataclass(frozen=True)
@@ -166,8 +181,7 @@ class MeshAgent:
         self._workloads: dict[str, proxy.Workload | None] = {}
         self._l7_pods: dict[str, l7engine.Pod | None] = {}
         for who in (self.pods, self.namespaces, self.workload_entries):
-            who.add_handlers(on_add=self._forget_workloads,
-                             on_update=lambda _old, _new: self._forget_workloads(),
+            who.add_handlers(on_add=self._forget_workloads, on_update=self._forget_workloads,
                              on_delete=self._forget_workloads)
         self._routes: dict[Address, Route] = {}
         self._names: dict[str, tuple[str, ...]] = {}
@@ -391,21 +405,16 @@ class MeshAgent:
         ep = cluster.pick(headers={}, source_ip=src.ip if src else "") if cluster else None
         return (ep.ip, ep.port) if ep is not None else None
 
-    def _forget_workloads(self, _obj: object = None) -> None:
+    def _forget_workloads(self, *_objs: object) -> None:
         self._workloads.clear()
         self._l7_pods.clear()
 
     def l7_pod(self, ip: str) -> l7engine.Pod | None:
-        try:
-            return self._l7_pods[ip]
-        except KeyError:
-            pass
+        return _memo(self._l7_pods, ip, self._l7_pod)
+
+    def _l7_pod(self, ip: str) -> l7engine.Pod | None:
         w = self.workload(ip)
-        pod = self.path.pod(w) if w is not None else None
-        if len(self._l7_pods) >= WORKLOAD_CACHE:
-            self._l7_pods.clear()
-        self._l7_pods[ip] = pod
-        return pod
+        return self.path.pod(w) if w is not None else None
 
     async def _open_tunnel(self, source: l7engine.Peer, dst: l7engine.Pod,
                            port: int) -> relay.End:
@@ -487,15 +496,7 @@ class MeshAgent:
         return self.namespaces.get("", name)
 
     def workload(self, ip: str) -> proxy.Workload | None:
-        try:
-            return self._workloads[ip]
-        except KeyError:
-            pass
-        found = self._workload(ip)
-        if len(self._workloads) >= WORKLOAD_CACHE:
-            self._workloads.clear()
-        self._workloads[ip] = found
-        return found
+        return _memo(self._workloads, ip, self._workload)
 
     def _workload(self, ip: str) -> proxy.Workload | None:
         pod = self._pod_by_ip(ip)

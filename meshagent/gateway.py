@@ -67,7 +67,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import random
@@ -100,7 +99,6 @@ log = logging.getLogger(__name__)
 HTTP, HTTPS = "HTTP", "HTTPS"
 SIMPLE, MUTUAL, OPTIONAL_MUTUAL = "SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"
 TLS_MODES = (SIMPLE, MUTUAL, OPTIONAL_MUTUAL)  # what an HTTPS server may say
-XFCC = "x-forwarded-client-cert"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 FLAGS_HEADER = "x-shoal-response-flags"  # a local reply's response flag, for the client
 
@@ -381,24 +379,25 @@ class Credentials:
         return self._tls.get(ctx)
 
 
+_SHORT_RDN = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+              "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
+
+
 def client_cert_details(obj: Any) -> tuple[str, set[str]]:
     """A TLS connection's verified client certificate (``obj``: its SSLObject or
-    SSLSocket) as Istio's gateways put it in x-forwarded-client-cert (Envoy's
-    Hash, Subject, URI and DNS fields), and its subjectAltNames; ("", set())
-    without one."""
-    der = obj.getpeercert(binary_form=True) if obj is not None else None
-    if not der:
+    SSLSocket, or None) as Istio's gateways put it in x-forwarded-client-cert
+    (Envoy's Hash, Subject, URI and DNS fields), and its subjectAltNames;
+    ("", set()) without one."""
+    cert_hash = identity.peer_cert_sha256(obj) if obj is not None else ""
+    if not cert_hash:
         return "", set()
     cert = obj.getpeercert() or {}
-    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-             "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
-    rdns = [f"{short.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    rdns = [f"{_SHORT_RDN.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
     sans = cert.get("subjectAltName", ())
-    parts = [f"Hash={hashlib.sha256(der).hexdigest()}",
-             'Subject="{}"'.format(",".join(reversed(rdns)).replace('"', '\\"'))]
-    parts += [f"URI={v}" for k, v in sans if k == "URI"]
-    parts += [f"DNS={v}" for k, v in sans if k == "DNS"]
-    return ";".join(parts), {str(v) for _, v in sans}
+    return engine.client_cert_element(
+        cert_hash=cert_hash, subject=",".join(reversed(rdns)),
+        uris=[v for k, v in sans if k == "URI"], dns=[v for k, v in sans if k == "DNS"]
+    ), {str(v) for _, v in sans}
 
 
 # --------------------------------------------------------------------------- what goes upstream
@@ -418,12 +417,12 @@ def forwarded_headers(headers: Iterable[tuple[str, str]], *, client_ip: str,
         low = n.lower()
         if low == "x-forwarded-for":
             xff = f"{xff}, {v}" if xff else v
-        elif low != XFCC:
+        elif low != engine.XFCC:
             rest.append((n, v))
     out = telemetry.with_trace(rest, ctx)
     out.append(("x-forwarded-for", f"{xff}, {client_ip}" if xff else client_ip))
     if client_cert:
-        out.append((XFCC, client_cert))
+        out.append((engine.XFCC, client_cert))
     return out
 
 
@@ -661,19 +660,20 @@ class Gateway:
         peer = t.get_extra_info("peername") if t is not None else None
         client_ip = str(peer[0]) if peer else ""
         obj = t.get_extra_info("ssl_object") if t is not None else None
-        tls = obj is not None
-        client_cert, names = client_cert_details(obj) if tls else ("", set())
-        why = self._client_refused(obj, client_cert, names) if obj is not None else ""
-        if why:
+        client_cert, names = client_cert_details(obj)
+        refused = self._client_refused(obj, client_cert, names)
+        if refused is not None:
+            reason, why = refused
             log.info("gateway: a client on port %d refused: %s", port, why)
-            self.metrics.rejected.labels(str(port), why.split(":")[0]).inc()
+            self.metrics.rejected.labels(str(port), reason).inc()
             end.close()
             return
         source = engine.Peer(ip=client_ip, workload=self.me.workload,
                              namespace=self.me.namespace, principal=self._principal(),
                              service_account=self.me.service_account, labels=self.me.labels,
                              meshed=True)
-        front = functools.partial(self._route, port=port, tls=tls, client_ip=client_ip,
+        front = functools.partial(self._route, port=port, tls=obj is not None,
+                                  client_ip=client_ip,
                                   client_cert=client_cert)
         try:
             await self.engine.outbound(end, source=source, front=front,
@@ -682,21 +682,22 @@ class Gateway:
             log.exception("gateway: a client connection on port %d failed", port)
             end.close()
 
-    def _client_refused(self, obj: Any, client_cert: str, names: set[str]) -> str:
-        """Why a TLS client must go ("" if not): the server its name picked is
-        MUTUAL and it showed no certificate (when the port also has servers that
-        do not require one, the handshake only asked for it), or none of its
-        names is one of the server's subjectAltNames."""
-        picked = self.credentials.tls_of(obj.context)
+    def _client_refused(self, obj: Any, client_cert: str, names: set[str]
+                        ) -> tuple[str, str] | None:
+        """(metric reason, why) a TLS client must go, None if it may stay: the
+        server its name picked is MUTUAL and it showed no certificate (when the
+        port also has servers that do not require one, the handshake only asked
+        for it), or none of its names is one of the server's subjectAltNames."""
+        picked = self.credentials.tls_of(obj.context) if obj is not None else None
         if picked is None:
-            return ""
+            return None
         if picked.mode == MUTUAL and not client_cert:
-            return "no_client_certificate: TLS mode MUTUAL"
+            return "no_client_certificate", "TLS mode MUTUAL and no client certificate"
         want = set(picked.subject_alt_names)
         if want and client_cert and not names & want:
-            return f"subject_alt_names: the client certificate names none of " \
-                   f"{', '.join(sorted(want))}"
-        return ""
+            return "subject_alt_names", ("the client certificate names none of "
+                                         + ", ".join(sorted(want)))
+        return None
 
     def _principal(self) -> str:
         return f"{self.trust_domain}/ns/{self.me.namespace}/sa/{self.me.service_account}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -398,6 +399,13 @@ def tls_context(cert: WorkloadCert, roots_pem: bytes, *, server: bool) -> ssl.SS
 
 class PeerIdentityError(Exception):
     """The peer did not present exactly one valid SPIFFE ID."""
+
+
+def peer_cert_sha256(ssl_object: ssl.SSLObject | ssl.SSLSocket | Any) -> str:
+    """The SHA-256 (hex) of the certificate the peer presented, "" for none: the
+    Hash of x-forwarded-client-cert."""
+    der = ssl_object.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest() if der else ""
 
 
 def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | Any) -> spiffe.SpiffeId:

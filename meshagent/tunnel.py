@@ -89,10 +89,9 @@ class TLSInfo:
 
 def tls_info(ssl_object: ssl.SSLObject, local: spiffe.SpiffeId) -> TLSInfo:
     cipher = ssl_object.cipher()
-    der = ssl_object.getpeercert(binary_form=True) or b""
     return TLSInfo(local=str(local), peer=str(identity.peer_spiffe_id(ssl_object)),
                    version=ssl_object.version() or "", cipher=cipher[0] if cipher else "",
-                   peer_cert_sha256=hashlib.sha256(der).hexdigest() if der else "")
+                   peer_cert_sha256=identity.peer_cert_sha256(ssl_object))
 
 
 class Metrics:

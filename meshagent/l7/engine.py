@@ -59,7 +59,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,6 +93,17 @@ class Peer:
 XFCC = "x-forwarded-client-cert"
 
 
+def client_cert_element(*, by: str = "", cert_hash: str = "", subject: str = "",
+                        uris: Iterable[str] = (), dns: Iterable[str] = ()) -> str:
+    """One element of x-forwarded-client-cert, Envoy's fields in Envoy's order
+    (By and Hash only when known; Subject always, quoted)."""
+    parts = [f"By={by}"] if by else []
+    parts += [f"Hash={cert_hash}"] if cert_hash else []
+    parts.append('Subject="{}"'.format(subject.replace('"', '\\"')))
+    parts += [f"URI={u}" for u in uris] + [f"DNS={d}" for d in dns]
+    return ";".join(parts)
+
+
 def with_client_cert(headers: list[tuple[str, str]], source: Peer, dst: Pod
                      ) -> list[tuple[str, str]]:
     """``headers`` with the mTLS client's identity in x-forwarded-client-cert, as
@@ -101,9 +112,8 @@ def with_client_cert(headers: list[tuple[str, str]], source: Peer, dst: Pod
     URI (the source's SPIFFE ID). Unchanged without a source principal."""
     if not source.principal:
         return headers
-    mine = f"By=spiffe://{dst.principal}" + (
-        f";Hash={source.cert_sha256}" if source.cert_sha256 else "") + \
-        f';Subject="";URI=spiffe://{source.principal}'
+    mine = client_cert_element(by=f"spiffe://{dst.principal}", cert_hash=source.cert_sha256,
+                               uris=[f"spiffe://{source.principal}"])
     out, seen = [], False
     for k, v in headers:
         if not seen and k.lower() == XFCC:
