@@ -20,8 +20,9 @@ runs one on node-1 and publishes its listeners to the host.
 What it serves (``plan()``, pure)::
 
     Gateways whose selector matches our pod's labels
-      -> per server port one Listener: HTTP, or HTTPS with TLS mode SIMPLE,
-         MUTUAL or OPTIONAL_MUTUAL (the certificate from the Secret
+      -> per server port one Listener: HTTP (protocol HTTP, HTTP2 or GRPC), or
+         HTTPS with TLS mode SIMPLE, MUTUAL or OPTIONAL_MUTUAL (ALPN http/1.1,
+         then h2; the certificate from the Secret
          ``credentialName``, type kubernetes.io/tls, in the gateway pod's
          namespace; for MUTUAL the client's certificate is checked against
          the Secret's ``ca.crt``, or that of ``<credentialName>-cacert``, and
@@ -30,10 +31,11 @@ What it serves (``plan()``, pure)::
       -> a bad server (unknown protocol, no credential, a port already used
          with another protocol) is left out alone and reported
 
-Per client connection: the L7 engine's client side (meshagent.l7.engine,
-``Engine.outbound`` with this gateway as its ``front``), so keep-alive, and per
-request everything the agents' client side does after routing. The gateway
-routes (``decide``, then ``_route``)::
+Per client connection: ``http2.Dispatch.outbound`` with this gateway as its
+``front``: HTTP/2 (h2 by ALPN, or h2c with prior knowledge: gRPC clients) to its
+HTTP/2 proxy, per stream, and anything else to the L7 engine's HTTP/1.1 client
+side, so keep-alive, and per request everything the agents' client side does
+after routing. The gateway routes (``decide``, then ``_route``)::
 
     Host (port dropped) matches a server's hosts (exact, "*", "*.suffix")?
       no -> 404 NR
@@ -83,7 +85,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from meshagent import identity, relay, tunnel
-from meshagent.l7 import engine, routes, telemetry, upstream
+from meshagent.l7 import engine, http2, routes, telemetry, upstream
 from meshagent.l7.routes import RouteTable
 from shoal import argtypes, errors, eventloop, logs, meshnames, spiffe
 from shoal import config as configmod
@@ -96,7 +98,15 @@ from shoal.signals import until_stopped
 
 log = logging.getLogger(__name__)
 
-HTTP, HTTPS = "HTTP", "HTTPS"
+HTTP, HTTPS, HTTP2, GRPC = "HTTP", "HTTPS", "HTTP2", "GRPC"
+# Plaintext server protocols, all served by one kind of listener: HTTP/1.1, or HTTP/2
+# with prior knowledge (h2c, as gRPC clients speak it), told apart by the first bytes.
+PLAINTEXT_HTTP = (HTTP, HTTP2, GRPC)
+# What an HTTPS listener offers, in its order of preference: OpenSSL takes the first of
+# ours the client also offers, so browsers and curl (h2 and http/1.1) get HTTP/1.1,
+# which every destination speaks (HTTP/2 streams are not converted to HTTP/1.1
+# upstream), and gRPC clients (h2 alone) get HTTP/2.
+ALPN = ["http/1.1", "h2"]
 SIMPLE, MUTUAL, OPTIONAL_MUTUAL = "SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"
 TLS_MODES = (SIMPLE, MUTUAL, OPTIONAL_MUTUAL)  # what an HTTPS server may say
 TLS_SECRET_TYPE = "kubernetes.io/tls"
@@ -165,7 +175,7 @@ class Server:
     index: int  # position in spec.servers
     name: str
     port: int
-    protocol: str  # HTTP | HTTPS
+    protocol: str  # HTTP (HTTP2 and GRPC servers too) | HTTPS
     hosts: tuple[ServerHost, ...]
     credential: str = ""  # the Secret (HTTPS), in the gateway pod's namespace
     https_redirect: bool = False
@@ -191,7 +201,7 @@ class Server:
 @dataclass(frozen=True)
 class Listener:
     port: int
-    protocol: str  # HTTP | HTTPS
+    protocol: str  # HTTP (HTTP2 and GRPC servers too) | HTTPS
     servers: tuple[Server, ...]
 
     def server_for(self, host: str) -> tuple[Server, ServerHost] | None:
@@ -233,6 +243,8 @@ def plan(gateways: Iterable[tpb.Gateway], *, labels: Mapping[str, str]) -> Plan:
         gkey = key_of(gw)
         for i, s in enumerate(gw.spec.servers):
             protocol = (s.port.protocol or "").upper()
+            if protocol in PLAINTEXT_HTTP:
+                protocol = HTTP  # one listener kind: HTTP/1.1 and h2c alike
             server = Server(gateway=gkey, index=i, name=s.name, port=int(s.port.number),
                             protocol=protocol,
                             hosts=tuple(ServerHost.parse(h, gw.metadata.namespace)
@@ -268,7 +280,8 @@ def _server_problem(s: tpb.Server, protocol: str) -> str:
     if protocol == HTTP:
         return ""
     if protocol != HTTPS:
-        return f"protocol {s.port.protocol!r} is not served (HTTP and HTTPS are)"
+        return (f"protocol {s.port.protocol!r} is not served (HTTP, HTTP2, GRPC and HTTPS "
+                f"are)")
     mode = (s.tls.mode or SIMPLE).upper() if s.HasField("tls") else ""
     if mode not in TLS_MODES:
         return (f"HTTPS with TLS mode {mode or 'unset'} is not served (SIMPLE, MUTUAL "
@@ -303,7 +316,7 @@ def credential_context(secret: core_pb2.Secret, *, mode: str = SIMPLE,
         raise errors.Invalid(f"secret {name}: needs tls.crt and tls.key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(ALPN)
     try:
         with _memory_file(bytes(crt) + b"\n" + bytes(key)) as path:
             ctx.load_cert_chain(path)
@@ -528,6 +541,8 @@ class Gateway:
             clusters=lambda: self.clusters, pod=self._pods_get, record=self.telemetry.record,
             open_tunnel=self._open_tunnel, rng=self.rng, connect_timeout=connect_timeout,
             flags_header=FLAGS_HEADER)
+        # HTTP/1.1 to the engine, HTTP/2 (h2 by ALPN, or h2c) to its HTTP/2 proxy.
+        self.dispatch = http2.Dispatch(self.engine)
         self._servers: dict[int, tuple[str, asyncio.Server]] = {}  # port -> (protocol, srv)
         self._bases: dict[int, ssl.SSLContext] = {}  # HTTPS port -> its listener's context
         self._connections: set[asyncio.Task[None]] = set()
@@ -597,6 +612,7 @@ class Gateway:
         context of the server the name picks (the first server's without SNI)."""
         base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         base.minimum_version = ssl.TLSVersion.TLSv1_2
+        base.set_alpn_protocols(ALPN)  # the same as every credential's context
         # OpenSSL keeps the verify mode of the context a handshake starts with
         # (switching contexts by name changes the certificate and the trusted
         # CAs, not whether a client certificate is asked for): the listener's
@@ -631,7 +647,7 @@ class Gateway:
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
-        await self.engine.close()
+        await self.dispatch.close()
 
     # -- the engine's views --
 
@@ -676,8 +692,8 @@ class Gateway:
                                   client_ip=client_ip,
                                   client_cert=client_cert)
         try:
-            await self.engine.outbound(end, source=source, front=front,
-                                       service=engine.Service(host="", port=port))
+            await self.dispatch.outbound(end, source=source, front=front,
+                                         service=engine.Service(host="", port=port))
         except Exception:
             log.exception("gateway: a client connection on port %d failed", port)
             end.close()

@@ -78,6 +78,7 @@ from meshagent.l7 import routes, telemetry, upstream
 from meshagent.l7.engine import (
     LOCAL,
     Engine,
+    Front,
     HttpRequest,
     Peer,
     Pod,
@@ -499,13 +500,17 @@ class H2Proxy:
 
     # ================================================================ client side
 
-    async def outbound(self, client: relay.End, *, source: Peer, service: Service) -> None:
-        """Serve one client HTTP/2 connection to an HTTP service port until it closes."""
+    async def outbound(self, client: relay.End, *, source: Peer, service: Service,
+                       front: Front | None = None) -> None:
+        """Serve one client HTTP/2 connection to an HTTP service port until it closes;
+        with ``front`` (the ingress gateway's), each stream is routed by it instead of
+        by the route table, as ``Engine.outbound`` does for HTTP/1.1."""
         conn = H2Connection(client, client=False)
         tasks: set[asyncio.Task[None]] = set()
         try:
             while (sid := await conn.incoming.get()) is not None:
-                t = asyncio.ensure_future(self._client_stream(conn, sid, source, service))
+                t = asyncio.ensure_future(self._client_stream(conn, sid, source, service,
+                                                              front))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         finally:
@@ -515,7 +520,7 @@ class H2Proxy:
             conn.close()
 
     async def _client_stream(self, conn: H2Connection, sid: int, source: Peer,
-                             service: Service) -> None:
+                             service: Service, front: Front | None = None) -> None:
         started, t0 = time.time(), time.monotonic()
         _, head = await conn.next_event(sid)
         headers: Headers = head
@@ -528,8 +533,16 @@ class H2Proxy:
         grpc = _is_grpc(headers)
         req = routes.Request(method=method, path=path, authority=authority, headers=lower,
                              port=service.port, source_labels=source.labels,
-                             source_namespace=source.namespace)
-        action = self.engine.route_table().route(req, service.host, service.port)
+                             source_namespace=source.namespace,
+                             scheme=_get(headers, ":scheme") or "http")
+        routed = None
+        if front is not None:
+            pseudo = [(k, v) for k, v in headers if k.startswith(":")]
+            routed = front(req, [(k, v) for k, v in headers if not k.startswith(":")])
+            req, action, service = routed.request, routed.action, routed.service
+            headers = pseudo + [(k.lower(), v) for k, v in routed.headers]
+        else:
+            action = self.engine.route_table().route(req, service.host, service.port)
         body = _RequestBody(conn, sid, limit=RETRY_BUFFER)
         res = _Result()
         try:
@@ -567,6 +580,8 @@ class H2Proxy:
                     rec.destination_principal = dst.principal
                     rec.connection_security_policy = \
                         "mutual_tls" if dst.meshed and source.meshed else "none"
+            if routed is not None:
+                routed.finish(rec)
             e.record(rec)
 
     async def _carry_out(self, conn: H2Connection, sid: int, *, headers: Headers,
@@ -577,6 +592,8 @@ class H2Proxy:
             res.status = status
             if flag:
                 res.flags.append(flag)
+            if flag and self.engine.flags_header:
+                extra = [*(extra or []), (self.engine.flags_header, flag)]
             head, payload = local_reply(status, text, grpc=grpc, extra=extra)
             if grpc:
                 res.grpc_status = _get(head, "grpc-status")
@@ -588,7 +605,7 @@ class H2Proxy:
 
         e = self.engine
         if action.redirect is not None:
-            loc = action.redirect.location(scheme="http", authority=req.authority,
+            loc = action.redirect.location(scheme=req.scheme, authority=req.authority,
                                            path=req.path)
             respond(action.redirect.code, "", extra=[("location", loc)])
             return
@@ -607,7 +624,7 @@ class H2Proxy:
         if fault is not None and fault.delay and e.rng.random() * 100 < fault.delay_percent:
             res.flags.append("DI")
             await asyncio.sleep(fault.delay)
-        out = self._upstream_headers(headers, action, dest)
+        out = self._upstream_headers(headers, action, dest, scheme=req.scheme)
         try:
             ticket = await cluster.acquire()
         except upstream.Overflow:
@@ -631,10 +648,14 @@ class H2Proxy:
 
     @staticmethod
     def _upstream_headers(headers: Headers, action: routes.Action,
-                          dest: routes.Destination) -> Headers:
+                          dest: routes.Destination, *, scheme: str) -> Headers:
+        """The request's headers as the upstream gets them: header operations, rewrite,
+        and x-forwarded-proto (the client's scheme), as the HTTP/1.1 engine sends."""
         pseudo = [(k, v) for k, v in headers if k.startswith(":")]
         regular = action.request_headers.merged(dest.request_headers).apply(
             _forward([(k, v) for k, v in headers if not k.startswith(":")]))
+        regular = [(k, v) for k, v in regular if k.lower() != "x-forwarded-proto"] + \
+            [("x-forwarded-proto", scheme)]
         path = _get(pseudo, ":path")
         if action.rewrite is not None:
             path = action.rewrite.path(path)
@@ -1117,7 +1138,8 @@ class Dispatch:
         self.engine = engine
         self.h2 = H2Proxy(engine)
 
-    async def outbound(self, client: relay.End, *, source: Peer, service: Service) -> None:
+    async def outbound(self, client: relay.End, *, source: Peer, service: Service,
+                       front: Front | None = None) -> None:
         end = Sniffed(client)
         try:  # a client may open a connection well before its first request
             h2c = await end.is_h2(timeout=self.engine.idle_timeout)
@@ -1125,9 +1147,9 @@ class Dispatch:
             end.close()
             return
         if h2c:
-            await self.h2.outbound(end, source=source, service=service)
+            await self.h2.outbound(end, source=source, service=service, front=front)
         else:
-            await self.engine.outbound(end, source=source, service=service)
+            await self.engine.outbound(end, source=source, service=service, front=front)
 
     async def inbound(self, end: relay.End, *, source: Peer, dst: Pod, port: int,
                       mtls: bool) -> None:

@@ -144,6 +144,19 @@ def test_a_port_held_by_another_protocol_goes_to_the_older_gateway() -> None:
                           "HTTP (Gateway istio-system/old servers[0])",)
 
 
+def test_grpc_and_http2_servers_share_a_plaintext_http_listener() -> None:
+    """Istio's GRPC and HTTP2 server protocols are HTTP listeners that also take h2c:
+    such servers and an HTTP one on the same port make one listener, no conflict."""
+    g = _gateway("servers: [{port: {number: 8080, protocol: GRPC}, hosts: ['a.example.com']}, "
+                 "{port: {number: 8080, protocol: HTTP}, hosts: ['b.example.com']}, "
+                 "{port: {number: 8081, protocol: http2}, hosts: ['*']}]")
+    p = gw.plan([g], labels=LABELS)
+    assert p.rejected == ()
+    assert {port: lst.protocol for port, lst in p.listeners.items()} == {
+        8080: "HTTP", 8081: "HTTP"}
+    assert len(p.listeners[8080].servers) == 2
+
+
 SNI = """
 selector: {istio: ingressgateway}
 servers:
