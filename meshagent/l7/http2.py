@@ -533,8 +533,7 @@ class H2Proxy:
         grpc = _is_grpc(headers)
         req = routes.Request(method=method, path=path, authority=authority, headers=lower,
                              port=service.port, source_labels=source.labels,
-                             source_namespace=source.namespace,
-                             scheme=_get(headers, ":scheme") or "http")
+                             source_namespace=source.namespace)
         routed = None
         if front is not None:
             pseudo = [(k, v) for k, v in headers if k.startswith(":")]

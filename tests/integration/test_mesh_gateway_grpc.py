@@ -212,17 +212,16 @@ async def test_a_client_offering_h2_and_http11_gets_http11(setup: Setup) -> None
     assert status.startswith("HTTP/1.1 ")
 
 
-async def test_a_redirect_over_h2_keeps_the_clients_scheme(setup: Setup) -> None:
-    """A VirtualService redirect without a scheme answers an HTTP/2 client over TLS
-    with an https:// Location (the HTTP/2 path used to say http:// whatever came)."""
-    ctx = ssl.create_default_context(cadata=setup.ca_pem.decode())
-    ctx.set_alpn_protocols(["h2"])
-    r, w = await asyncio.open_connection("127.0.0.1", setup.tls, ssl=ctx,
-                                         server_hostname=HOST)
+
+async def _h2_head(port: int, path: str, *, scheme: str, tls: ssl.SSLContext | None
+                   ) -> dict[bytes, bytes]:
+    """One HTTP/2 GET (h2 by ALPN over ``tls``, else h2c); the response head."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                         server_hostname=HOST if tls else None)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", HOST),
-                          (":path", "/old/page")], end_stream=True)
+    conn.send_headers(1, [(":method", "GET"), (":scheme", scheme), (":authority", HOST),
+                          (":path", path)], end_stream=True)
     w.write(conn.data_to_send())
     head: dict[bytes, bytes] = {}
     try:
@@ -236,5 +235,18 @@ async def test_a_redirect_over_h2_keeps_the_clients_scheme(setup: Setup) -> None
                 w.write(conn.data_to_send())
     finally:
         w.close()
+    return head
+
+
+async def test_a_redirect_over_h2_says_the_connections_scheme(setup: Setup) -> None:
+    """A VirtualService redirect without a scheme: https:// to a client over TLS (the
+    HTTP/2 path used to say http:// whatever came), and http:// over h2c even when
+    the client's :scheme claims https (the connection decides, as for HTTP/1.1)."""
+    ctx = ssl.create_default_context(cadata=setup.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    head = await _h2_head(setup.tls, "/old/page", scheme="https", tls=ctx)
     assert head[b":status"] == b"301"
     assert head[b"location"] == f"https://{HOST}/new/".encode()
+    head = await _h2_head(setup.h2c, "/old/page", scheme="https", tls=None)
+    assert head[b":status"] == b"301"
+    assert head[b"location"] == f"http://{HOST}/new/".encode()
