@@ -8,12 +8,9 @@ call as gRPC; HTTP/1.1 on the same HTTPS port still works."""
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -21,32 +18,17 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-import yaml
-from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, generate_latest
 
-from apiserver.pki import CertificateAuthority, cert_pem, key_pem, new_key
-from meshagent import gateway as gw
-from shoal.api.core.v1 import core_pb2
+from apiserver.pki import CertificateAuthority, cert_pem
 from shoal.api.traffic.v1 import traffic_pb2 as pb
+from shoal.testing import grpcecho
+from shoal.testing.apiserver import free_port
+from shoal.testing.istio import loopback_gateway, loopback_service, spec_object, tls_secret
 from shoal.testing.metrics import metric_total
 
 LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 HOST = "greeter.example.com"
-Context = grpc.aio.ServicerContext[bytes, bytes]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _obj(cls: type, text: str, *, name: str, namespace: str) -> Any:
-    o = cls()
-    json_format.ParseDict({"spec": yaml.safe_load(text)}, o)
-    o.metadata.name, o.metadata.namespace = name, namespace
-    return o
 
 
 @dataclass
@@ -58,44 +40,17 @@ class Setup:
     registry: CollectorRegistry
 
 
-def _handlers(seen: list[dict[str, str]]) -> Any:
-    async def say(request: bytes, context: Context) -> bytes:
-        seen.append({k: v for k, v in context.invocation_metadata() or ()
-                     if isinstance(v, str)})
-        return request + b"!"
-
-    async def missing(request: bytes, context: Context) -> bytes:
-        await context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
-        raise AssertionError("abort returns never")
-
-    async def count(request: bytes, context: Context) -> AsyncIterator[bytes]:
-        for i in range(int(request)):
-            yield str(i).encode() * 1000
-
-    return grpc.method_handlers_generic_handler("test.Echo", {
-        "Say": grpc.unary_unary_rpc_method_handler(say),
-        "Missing": grpc.unary_unary_rpc_method_handler(missing),
-        "Count": grpc.unary_stream_rpc_method_handler(count),
-    })
-
-
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
     seen: list[dict[str, str]] = []
     app = grpc.aio.server()
-    app.add_generic_rpc_handlers((_handlers(seen),))
+    app.add_generic_rpc_handlers((grpcecho.handlers(seen),))
     app_port = app.add_insecure_port("127.0.0.1:0")
     await app.start()
     ca = CertificateAuthority.create("test-grpc-ingress-ca")
-    key = new_key()
-    leaf = ca.issue(key.public_key(), common_name=HOST, dns_names=[HOST], server=True)
-    secret = core_pb2.Secret(type="kubernetes.io/tls")
-    secret.metadata.name, secret.metadata.namespace = "greeter-cert", "istio-system"
-    secret.metadata.resource_version = "1"
-    secret.data["tls.crt"] = cert_pem(leaf)
-    secret.data["tls.key"] = key_pem(key)
-    tls, h2c = _free_port(), _free_port()
-    gateway = _obj(pb.Gateway, f"""
+    secret = tls_secret(ca, host=HOST, name="greeter-cert", namespace="istio-system")
+    tls, h2c = free_port(), free_port()
+    gateway = spec_object(pb.Gateway, f"""
 selector: {{istio: ingressgateway}}
 servers:
 - port: {{number: {tls}, name: https, protocol: HTTPS}}
@@ -104,7 +59,7 @@ servers:
 - port: {{number: {h2c}, name: grpc, protocol: GRPC}}
   hosts: ["*"]
 """, name="grpc-gateway", namespace="istio-system")
-    vs = _obj(pb.VirtualService, f"""
+    vs = spec_object(pb.VirtualService, f"""
 hosts: ["{HOST}"]
 gateways: ["istio-system/grpc-gateway"]
 http:
@@ -112,22 +67,12 @@ http:
   redirect: {{uri: /new/}}
 - route: [{{destination: {{host: greeter, port: {{number: 50051}}}}}}]
 """, name="greeter", namespace="shop")
-    svc = core_pb2.Service()
-    svc.metadata.name, svc.metadata.namespace = "greeter", "shop"
-    svc.spec.ports.add(name="grpc", port=50051)
-    eps = core_pb2.Endpoints()
-    eps.metadata.name, eps.metadata.namespace = "greeter", "shop"
-    subset = eps.subsets.add()
-    subset.addresses.add(ip="127.0.0.1")
-    subset.ports.add(name="grpc", port=app_port)
+    svc, eps = loopback_service("greeter", "shop", port_name="grpc", port=50051,
+                                target_port=app_port)
     registry = CollectorRegistry()
-    me = gw.Workload(namespace="istio-system", name="istio-ingressgateway",
-                     service_account="istio-ingressgateway", ip="127.0.0.1", labels=LABELS)
-    g = gw.Gateway(me=me, trust_domain="cluster.local", listen_host="127.0.0.1", pool=None,
-                   registry=registry, rng=random.Random(7))
-    g.update(gateways=[gateway], virtual_services=[vs], destination_rules=[],
-             services=[svc], endpoints=[eps], pods=[],
-             secrets={"istio-system/greeter-cert": secret})
+    g = loopback_gateway(registry, labels=LABELS, gateways=[gateway], virtual_services=[vs],
+                         services=[svc], endpoints=[eps],
+                         secrets={"istio-system/greeter-cert": secret})
     try:
         await g.apply()
         assert g.listening() == {tls: "HTTPS", h2c: "HTTP"}

@@ -9,42 +9,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from cryptography.hazmat.primitives import serialization
-from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, generate_latest
 
 from apiserver.pki import CertificateAuthority, cert_pem, key_pem, new_key
 from meshagent import gateway as gw
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2 as pb
+from shoal.testing.apiserver import free_port
+from shoal.testing.istio import loopback_gateway, loopback_service, spec_object, tls_secret
 from shoal.testing.metrics import metric_total
 
 LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 HOST = "bookinfo.example.com"
 CLIENT_URI = "spiffe://example.org/ns/shop/sa/client"  # the MUTUAL server's subjectAltNames
 OPEN_HOST = "open.example.com"  # a SIMPLE server sharing the MUTUAL server's port
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _obj(cls: type, text: str, *, name: str, namespace: str) -> object:
-    o = cls()
-    json_format.ParseDict({"spec": yaml.safe_load(text)}, o)
-    o.metadata.name, o.metadata.namespace = name, namespace
-    return o
 
 
 @dataclass
@@ -90,16 +75,11 @@ async def setup() -> AsyncIterator[Setup]:
     seen: list[dict[str, str]] = []
     backend, backend_port = await _backend(seen)
     ca = CertificateAuthority.create("test-ingress-ca")
-    key = new_key()
-    leaf = ca.issue(key.public_key(), common_name=HOST, dns_names=[HOST], server=True)
-    secret = core_pb2.Secret(type="kubernetes.io/tls")
-    secret.metadata.name, secret.metadata.namespace = "bookinfo-cert", "istio-system"
-    secret.metadata.resource_version = "1"
-    secret.data["tls.crt"] = cert_pem(leaf)
-    secret.data["tls.key"] = key_pem(key)
-    secret.data["ca.crt"] = cert_pem(ca.cert)  # MUTUAL: client certificates' CA
-    https, http, mtls = _free_port(), _free_port(), _free_port()
-    gateway = _obj(pb.Gateway, f"""
+    # ca.crt: the MUTUAL server's client certificates' CA
+    secret = tls_secret(ca, host=HOST, name="bookinfo-cert", namespace="istio-system",
+                        with_ca=True)
+    https, http, mtls = free_port(), free_port(), free_port()
+    gateway = spec_object(pb.Gateway, f"""
 selector: {{istio: ingressgateway}}
 servers:
 - port: {{number: {https}, name: https, protocol: HTTPS}}
@@ -114,7 +94,7 @@ servers:
   hosts: ["{OPEN_HOST}"]
   tls: {{mode: SIMPLE, credentialName: bookinfo-cert}}
 """, name="bookinfo-gateway", namespace="istio-system")
-    vs = _obj(pb.VirtualService, f"""
+    vs = spec_object(pb.VirtualService, f"""
 hosts: ["{HOST}"]
 gateways: ["istio-system/bookinfo-gateway"]
 http:
@@ -131,22 +111,12 @@ http:
   route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
 - route: [{{destination: {{host: web, port: {{number: 80}}}}}}]
 """, name="bookinfo", namespace="bookinfo")
-    svc = core_pb2.Service()
-    svc.metadata.name, svc.metadata.namespace = "web", "bookinfo"
-    svc.spec.ports.add(name="http", port=80)
-    eps = core_pb2.Endpoints()
-    eps.metadata.name, eps.metadata.namespace = "web", "bookinfo"
-    subset = eps.subsets.add()
-    subset.addresses.add(ip="127.0.0.1")
-    subset.ports.add(name="http", port=backend_port)
+    svc, eps = loopback_service("web", "bookinfo", port_name="http", port=80,
+                                target_port=backend_port)
     registry = CollectorRegistry()
-    me = gw.Workload(namespace="istio-system", name="istio-ingressgateway",
-                     service_account="istio-ingressgateway", ip="127.0.0.1", labels=LABELS)
-    g = gw.Gateway(me=me, trust_domain="cluster.local", listen_host="127.0.0.1", pool=None,
-                   registry=registry, rng=random.Random(7))
-    g.update(gateways=[gateway], virtual_services=[vs], destination_rules=[],  # type: ignore[list-item]
-             services=[svc], endpoints=[eps], pods=[],
-             secrets={"istio-system/bookinfo-cert": secret})
+    g = loopback_gateway(registry, labels=LABELS, gateways=[gateway], virtual_services=[vs],
+                         services=[svc], endpoints=[eps],
+                         secrets={"istio-system/bookinfo-cert": secret})
     await g.apply()
     assert g.listening() == {https: "HTTPS", http: "HTTP", mtls: "HTTPS"}
     try:

@@ -21,41 +21,10 @@ from meshagent.l7.engine import Engine, HttpRequest, Peer, Pod, Service
 from meshagent.l7.http2 import Dispatch
 from shoal.api.core.v1 import core_pb2
 from shoal.api.traffic.v1 import traffic_pb2
+from shoal.testing import grpcecho
 
-Context = grpc.aio.ServicerContext[bytes, bytes]
 HOST = "greeter.default.svc.cluster.local"
 SERVICE_PORT = 50051
-
-
-async def _say(request: bytes, context: Context) -> bytes:
-    return request + b"!"
-
-
-async def _missing(request: bytes, context: Context) -> bytes:
-    await context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
-    raise AssertionError("abort returns never")
-
-
-async def _count(request: bytes, context: Context) -> AsyncIterator[bytes]:
-    for i in range(int(request)):
-        yield str(i).encode() * 1000
-
-
-async def _sum(requests: AsyncIterator[bytes], context: Context) -> bytes:
-    total = 0
-    async for r in requests:
-        total += len(r)
-    return str(total).encode()
-
-
-def _handlers() -> Any:
-    return grpc.method_handlers_generic_handler("test.Echo", {
-        "Say": grpc.unary_unary_rpc_method_handler(_say),
-        "Missing": grpc.unary_unary_rpc_method_handler(_missing),
-        "Forbidden": grpc.unary_unary_rpc_method_handler(_say),
-        "Count": grpc.unary_stream_rpc_method_handler(_count),
-        "Sum": grpc.stream_unary_rpc_method_handler(_sum),
-    })
 
 
 def _clusters(port: int) -> upstream.Clusters:
@@ -88,7 +57,7 @@ class Mesh:
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
     app = grpc.aio.server()
-    app.add_generic_rpc_handlers((_handlers(),))
+    app.add_generic_rpc_handlers((grpcecho.handlers(),))
     app_port = app.add_insecure_port("127.0.0.1:0")
     await app.start()
     records: list[telemetry.RequestRecord] = []
