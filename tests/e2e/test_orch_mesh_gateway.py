@@ -28,11 +28,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from apiserver.pki import CertificateAuthority, cert_pem, key_pem, new_key
+from apiserver.pki import CertificateAuthority, cert_pem
 from shoal.api.core.v1 import core_pb2
 from shoal.lab import ingress
+from shoal.testing import podnet
+from shoal.testing.istio import tls_secret
 from shoal.testing.metrics import metric_total, scrape
 from shoal.testing.waiting import wait_for
 
@@ -68,6 +71,61 @@ spec:
 """
 
 
+GRPC_HOST = "greeter.example.com"
+GRPC_PORT = 8090  # the gateway's GRPC server (h2c)
+GREETER = f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: greeter, namespace: {NS}, labels: {{app: greeter}}}}
+spec:
+  containers:
+  - {{name: app, image: "docker.io/library/busybox:1.36", command: [sleep, "3600"]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: greeter, namespace: {NS}}}
+spec:
+  selector: {{app: greeter}}
+  ports: [{{name: grpc, port: 50051}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: grpc-gateway, namespace: {NS}}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {GRPC_PORT}, name: grpc, protocol: GRPC}}
+    hosts: ["{GRPC_HOST}"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: greeter-entry, namespace: {NS}}}
+spec:
+  hosts: ["{GRPC_HOST}"]
+  gateways: [grpc-gateway]
+  http:
+  - route:
+    - destination: {{host: greeter, port: {{number: 50051}}}}
+"""
+# The greeter pod's app: the gRPC echo service (shoal.testing.grpcecho) run in the
+# pod's network namespace by this Python (the pod's container only sleeps).
+GREETER_APP = """
+    import asyncio
+    import grpc.aio
+    from shoal.testing import grpcecho
+
+    async def main():
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpcecho.handlers(),))
+        server.add_insecure_port("0.0.0.0:50051")
+        await server.start()
+        print("serving", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+"""
+
+
 @dataclass
 class Reply:
     status: int
@@ -86,21 +144,13 @@ def _apply(cluster: Cluster, path: Path, *flags: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def _tls_secret(ca: CertificateAuthority) -> core_pb2.Secret:
-    key = new_key()
-    leaf = ca.issue(key.public_key(), common_name=HOST, dns_names=[HOST], server=True)
-    s = core_pb2.Secret(type="kubernetes.io/tls")
-    s.metadata.name, s.metadata.namespace = "bookinfo-credential", ingress.NAMESPACE
-    s.data["tls.crt"], s.data["tls.key"] = cert_pem(leaf), key_pem(key)
-    return s
-
-
 @pytest.fixture(scope="module")
 def bookinfo(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Bookinfo]:
     tmp = tmp_path_factory.mktemp("bookinfo")
     ca = CertificateAuthority.create("bookinfo-e2e-ca")
-    cluster.client.create(_tls_secret(ca))
+    cluster.client.create(tls_secret(ca, host=HOST, name="bookinfo-credential",
+                                     namespace=ingress.NAMESPACE))
     _apply(cluster, EXAMPLES / "bookinfo.yaml")
     _apply(cluster, EXAMPLES / "bookinfo-canary.yaml")
     _apply(cluster, EXAMPLES / "bookinfo-gateway.yaml")
@@ -255,3 +305,60 @@ def test_the_bookinfo_canary_through_the_gateway(cluster: Cluster, bookinfo: Boo
     r = cluster.shoal("mesh", "explain", pod, "reviews:9080", "-n", NS)
     assert r.returncode == 0, r.stderr
     assert f"VirtualService {NS}/reviews" in r.stdout, r.stdout
+
+
+@pytest.fixture(scope="module")
+def greeter(cluster: Cluster, bookinfo: Bookinfo, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[str]:
+    """A meshed pod serving gRPC (port 50051, named grpc) behind the gateway's GRPC
+    server on port GRPC_PORT; the pod's IP."""
+    manifest = tmp_path_factory.mktemp("greeter") / "greeter.yaml"
+    manifest.write_text(GREETER)
+    _apply(cluster, manifest)
+    app = None
+    try:
+        def running() -> str | None:
+            pod = cluster.client.get(core_pb2.Pod, "greeter", namespace=NS)
+            return pod.status.pod_ip if pod.status.phase == "Running" else None
+
+        ip = wait_for("the greeter pod running", running, timeout=120)
+        app = podnet.start_in_netns(podnet.pod_netns(ip), GREETER_APP)
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "serving"
+        yield ip
+    finally:
+        if app is not None:
+            app.terminate()
+            app.wait(10)
+        cluster.shoal("delete", "-f", str(manifest))
+
+
+def test_grpc_from_the_host_through_the_gateway_and_the_tunnel(
+        cluster: Cluster, bookinfo: Bookinfo, greeter: str) -> None:
+    """A grpcio client on the host speaks h2c to the gateway's GRPC server; the gateway
+    routes by its VirtualService and goes to the pod's agent over the mTLS tunnel, whose
+    HTTP/2 server side hands the calls to the pod's gRPC server."""
+    target = f"{bookinfo.gateway_ip}:{GRPC_PORT}"
+    options = [("grpc.default_authority", GRPC_HOST)]
+
+    def say() -> bytes | None:
+        with grpc.insecure_channel(target, options=options) as ch:
+            try:
+                reply: bytes = ch.unary_unary("/test.Echo/Say")(b"hi", timeout=5)
+            except grpc.RpcError:
+                return None  # the gateway or the agent has not seen the objects yet
+            return reply
+
+    assert wait_for("a gRPC call through the gateway", say, timeout=60) == b"hi!"
+    with grpc.insecure_channel(target, options=options) as ch:
+        pieces = list(ch.unary_stream("/test.Echo/Count")(b"20", timeout=10))
+        assert pieces == [str(i).encode() * 1000 for i in range(20)]
+        with pytest.raises(grpc.RpcError) as missing:
+            ch.unary_unary("/test.Echo/Missing")(b"", timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    metrics = scrape(f"http://{bookinfo.gateway_ip}:{ingress.METRICS_PORT}/metrics")
+    assert metric_total(metrics, "istio_requests_total", reporter="source",
+                        request_protocol="grpc", grpc_response_status="5",
+                        destination_service=f"greeter.{NS}.svc.cluster.local",
+                        destination_workload="greeter",
+                        connection_security_policy="mutual_tls") == 1
