@@ -6,6 +6,8 @@ of the mesh's and the gateway's HTTP/2 paths with a real grpcio server:
     Missing       -> aborts NOT_FOUND "no such greeting"
     Count(b"N")   -> N messages, the i-th str(i) repeated 1,000 times (server streaming)
     Sum(stream)   -> the total length of what the client streamed, as text
+
+``start(address)`` runs it on a grpcio server of its own.
 """
 
 from __future__ import annotations
@@ -50,3 +52,14 @@ def handlers(seen: list[dict[str, str]] | None = None) -> Any:
         "Count": grpc.unary_stream_rpc_method_handler(count),
         "Sum": grpc.stream_unary_rpc_method_handler(total),
     })
+
+
+async def start(address: str, seen: list[dict[str, str]] | None = None
+                ) -> tuple[grpc.aio.Server, int]:
+    """A started grpcio server of the service, without TLS, on ``address`` (host:port,
+    port 0 for any); the server (``stop`` it) and the port it took."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handlers(seen),))
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port

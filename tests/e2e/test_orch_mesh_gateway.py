@@ -49,26 +49,37 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ZIPKIN = "http://10.77.0.1:9411"  # the lab's collector (shoal.lab.lab.zipkin_url)
 Cluster = Any
 
-TRACE_GATEWAY = f"""
+
+def _entry(gateway: str, entry: str, host: str, *, port: int, protocol: str,
+           destination: str) -> str:
+    """The Gateway ``gateway`` with one server (``port``, ``protocol``) for ``host``,
+    and the VirtualService ``entry`` bound to it, routing every request of ``host``
+    to ``destination`` (a route destination in YAML flow style)."""
+    return f"""
 apiVersion: networking.istio.io/v1
 kind: Gateway
-metadata: {{name: trace-gateway, namespace: {NS}}}
+metadata: {{name: {gateway}, namespace: {NS}}}
 spec:
   selector: {{istio: ingressgateway}}
   servers:
-  - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: ["{TRACE_HOST}"]
+  - port: {{number: {port}, name: {protocol.lower()}, protocol: {protocol}}}
+    hosts: ["{host}"]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: reviews-entry, namespace: {NS}}}
+metadata: {{name: {entry}, namespace: {NS}}}
 spec:
-  hosts: ["{TRACE_HOST}"]
-  gateways: [trace-gateway]
+  hosts: ["{host}"]
+  gateways: [{gateway}]
   http:
   - route:
-    - destination: {{host: reviews, subset: v2, port: {{number: 9080}}}}
+    - destination: {destination}
 """
+
+
+# reviews.example.com -> reviews v2 (which calls ratings): the 3-hop trace.
+TRACE_GATEWAY = _entry("trace-gateway", "reviews-entry", TRACE_HOST, port=80, protocol="HTTP",
+                       destination="{host: reviews, subset: v2, port: {number: 9080}}")
 
 
 GRPC_HOST = "greeter.example.com"
@@ -88,37 +99,16 @@ spec:
   selector: {{app: greeter}}
   ports: [{{name: grpc, port: 50051}}]
 ---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: grpc-gateway, namespace: {NS}}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: {GRPC_PORT}, name: grpc, protocol: GRPC}}
-    hosts: ["{GRPC_HOST}"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: greeter-entry, namespace: {NS}}}
-spec:
-  hosts: ["{GRPC_HOST}"]
-  gateways: [grpc-gateway]
-  http:
-  - route:
-    - destination: {{host: greeter, port: {{number: 50051}}}}
-"""
+""" + _entry("grpc-gateway", "greeter-entry", GRPC_HOST, port=GRPC_PORT, protocol="GRPC",
+             destination="{host: greeter, port: {number: 50051}}")
 # The greeter pod's app: the gRPC echo service (shoal.testing.grpcecho) run in the
 # pod's network namespace by this Python (the pod's container only sleeps).
 GREETER_APP = """
     import asyncio
-    import grpc.aio
     from shoal.testing import grpcecho
 
     async def main():
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpcecho.handlers(),))
-        server.add_insecure_port("0.0.0.0:50051")
-        await server.start()
+        server, _ = await grpcecho.start("0.0.0.0:50051")
         print("serving", flush=True)
         await server.wait_for_termination()
 

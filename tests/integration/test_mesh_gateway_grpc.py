@@ -43,10 +43,7 @@ class Setup:
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
     seen: list[dict[str, str]] = []
-    app = grpc.aio.server()
-    app.add_generic_rpc_handlers((grpcecho.handlers(seen),))
-    app_port = app.add_insecure_port("127.0.0.1:0")
-    await app.start()
+    app, app_port = await grpcecho.start("127.0.0.1:0", seen)
     ca = CertificateAuthority.create("test-grpc-ingress-ca")
     secret = tls_secret(ca, host=HOST, name="greeter-cert", namespace="istio-system")
     tls, h2c = free_port(), free_port()

@@ -56,10 +56,7 @@ class Mesh:
 
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
-    app = grpc.aio.server()
-    app.add_generic_rpc_handlers((grpcecho.handlers(),))
-    app_port = app.add_insecure_port("127.0.0.1:0")
-    await app.start()
+    app, app_port = await grpcecho.start("127.0.0.1:0")
     records: list[telemetry.RequestRecord] = []
     tasks: set[asyncio.Task[None]] = set()
 
