@@ -238,6 +238,19 @@ async def test_in_headless_chromium_a_new_pod_appears_live_and_the_edge_shows_it
                 if float(e.get_attribute("data-rps") or 0) > 0], what="a moving edge")[0]
             assert edge.get_attribute("data-mtls") == "true"
             assert edge.get_attribute("data-source") == "shop/client"
+            # The force layout moves the edge for a few seconds after it appears: a
+            # click aimed at where it was can land on the bare SVG. Click once it is
+            # at rest, as a user would (its ends in whole pixels unchanged between
+            # two polls, 0.2 s apart).
+            ends: list[tuple[int, ...]] = []
+
+            def at_rest(d: Any) -> bool:
+                line = edge.find_element(By.TAG_NAME, "line")
+                ends.append(tuple(round(float(line.get_attribute(a) or 0))
+                                  for a in ("x1", "y1", "x2", "y2")))
+                return len(ends) > 1 and ends[-1] == ends[-2]
+
+            browser.wait_for(d, at_rest, what="the edge at rest")
             # The edge's group takes the click (its label sits on the line's middle,
             # where a click on the line would land on the label).
             edge.click()
